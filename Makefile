@@ -1,0 +1,49 @@
+# One command to run the service from nothing, one to run the tests. See README.md.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+DATA ?= data
+APPS ?= catalogs/default_games.json
+DEMO_STRATEGIES ?= SimpleS16,ComplexS16,SimpleB16,ComplexB16
+
+.PHONY: demo serve index banners test lint bench clean-venv check-online
+
+# -- environments ---------------------------------------------------------------------------------
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# -- the whole pipeline: banners of the default games, weights, index, service ---------------------
+check-online:
+	@$(PYTHON) scripts/check_online.py
+
+demo: check-online $(VENV)/.runtime
+	$(PY) scripts/download_banners.py --apps $(APPS) --out $(DATA)/banners
+	$(PY) scripts/build_index.py --images $(DATA)/banners --out $(DATA)/index --apps $(APPS) --strategies $(DEMO_STRATEGIES)
+	@echo "Serving on http://127.0.0.1:$(PORT)/ (Ctrl-C to stop)"
+	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+serve: $(VENV)/.runtime
+	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+# -- checks ---------------------------------------------------------------------------------------
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.dev
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,121 @@
+"""The games of the index: lookup by appid, links, and name search.
+
+Name search is case- and accent-insensitive ("pokemon" finds "Pokémon",
+"STAR WARS" finds "Star Wars™") and ranked: exact name, then names starting
+with the query, then names with a word starting with it, then names
+containing it, then names containing every word of it; shorter names first
+within a rank. An all-digit query also finds the game with that appid.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from .steam import banner_url as cdn_banner_url
+from .steam import store_url
+
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+def fold(text: str) -> str:
+    """Lower-case, accent-free, punctuation-free text with single spaces."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(_NON_WORD.sub(" ", stripped.casefold()).split())
+
+
+@dataclass(frozen=True)
+class Game:
+    row: int
+    appid: int
+    name: str
+
+
+class Catalog:
+    """The index's apps, in row order, with what the API needs to describe each one."""
+
+    def __init__(self, apps: list[dict], banners_dir: Path | None, cdn_url: str) -> None:
+        self.games = [Game(i, int(a["appid"]), a["name"]) for i, a in enumerate(apps)]
+        self.by_appid = {g.appid: g for g in self.games}
+        self._folded = [fold(g.name) for g in self.games]
+        self._words = [f.split() for f in self._folded]
+        self.cdn_url = cdn_url
+        self.banners_dir = banners_dir
+        self.local_banners = _scan_banners(banners_dir)
+
+    def __len__(self) -> int:
+        return len(self.games)
+
+    def get(self, appid: int) -> Game | None:
+        return self.by_appid.get(appid)
+
+    def banner_url(self, appid: int, host_url: str) -> str:
+        """Our own copy when the banner folder has it (fast, same origin), else the Steam CDN."""
+        if appid in self.local_banners:
+            return f"{host_url}banners/{appid}.jpg"
+        return cdn_banner_url(appid, self.cdn_url)
+
+    def describe(self, appid: int, name: str, host_url: str) -> dict:
+        return {
+            "appid": appid,
+            "name": name,
+            "store_url": store_url(appid),
+            "banner_url": self.banner_url(appid, host_url),
+        }
+
+    def search(self, query: str, limit: int) -> list[Game]:
+        q = fold(query)
+        if not q:
+            return []
+        terms = q.split()
+        ranked: list[tuple[int, int, int, Game]] = []
+        for game, name, words in zip(self.games, self._folded, self._words, strict=True):
+            if q not in name and not all(t in name for t in terms):
+                continue
+            if name == q:
+                rank = 0
+            elif name.startswith(q):
+                rank = 1
+            elif any(w.startswith(terms[0]) for w in words) and q in name:
+                rank = 2
+            elif q in name:
+                rank = 3
+            else:
+                rank = 4
+            ranked.append((rank, len(name), game.appid, game))
+        if query.strip().isdigit():
+            exact = self.by_appid.get(int(query.strip()))
+            if exact is not None:
+                ranked.append((-1, 0, exact.appid, exact))
+        ranked.sort(key=lambda r: r[:3])
+        out, seen = [], set()
+        for *_, game in ranked:
+            if game.appid not in seen:
+                seen.add(game.appid)
+                out.append(game)
+                if len(out) == limit:
+                    break
+        return out
+
+
+def _scan_banners(folder: Path | None) -> set[int]:
+    """Appids with a banner in the folder (scanned once at start; restart to pick up new files)."""
+    if folder is None or not folder.is_dir():
+        return set()
+    out = set()
+    for entry in folder.iterdir():
+        stem, dot, ext = entry.name.partition(".")
+        if dot and stem.isdigit() and ext.lower() in ("jpg", "jpeg", "png", "webp"):
+            out.add(int(stem))
+    return out
+
+
+def find_banner_file(folder: Path, appid: int) -> Path | None:
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        path = folder / f"{appid}.{ext}"
+        if path.is_file():
+            return path
+    return None

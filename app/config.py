@@ -1,0 +1,132 @@
+"""Service settings, read once from environment variables (see the README's Configuration table).
+
+Every value is parsed and checked at start-up: a typo in the environment stops
+the service with a message naming the variable, rather than surfacing later as
+a wrong answer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .steam import DEFAULT_CDN_URL
+
+
+class ConfigError(ValueError):
+    """A bad environment variable; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value}: expected {lo}..{hi}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value}: expected {lo}..{hi}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    return [v.strip() for v in env.get(name, "").split(",") if v.strip()]
+
+
+def _rate(env: Mapping[str, str], name: str) -> tuple[int, float] | None:
+    """'10/minute' -> (10, 60.0); empty -> None (no limit)."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    periods = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+    count, _, period = raw.partition("/")
+    try:
+        n = int(count)
+        seconds = periods[period.rstrip("s")]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{name}={raw!r}: expected N/second, N/minute or N/hour") from None
+    if n < 1:
+        raise ConfigError(f"{name}={raw!r}: N must be at least 1")
+    return n, seconds
+
+
+@dataclass(frozen=True)
+class Settings:
+    index_dir: Path = Path("data/index")
+    banners_dir: Path = Path("data/banners")
+    default_strategy: str | None = None  # None: ComplexB16 if built, else the index's first strategy
+    max_upload_mb: float = 8.0
+    max_image_pixels: int = 40_000_000
+    cors_origins: list[str] = field(default_factory=list)
+    torch_threads: int | None = None
+    index_verify: str = "full"
+    preload_models: list[str] = field(default_factory=list)
+    allow_weights_download: bool = True
+    weights_retry_seconds: float = 60.0
+    cdn_url: str = DEFAULT_CDN_URL
+    fallback_fetch: bool = False
+    fallback_timeout: float = 5.0
+    fallback_max_mb: float = 5.0
+    fallback_cache_size: int = 1024
+    upload_rate_limit: tuple[int, float] | None = None
+    proxy_hops: int = 0
+    max_k: int | None = None  # None: the width of the tables
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        verify = env.get("INDEX_VERIFY", "full").strip() or "full"
+        if verify not in ("full", "quick"):
+            raise ConfigError(f"INDEX_VERIFY={verify!r}: expected full or quick")
+        threads = _int(env, "TORCH_THREADS", 0, 0, 256)
+        cdn = env.get("STEAM_CDN_URL", "").strip() or DEFAULT_CDN_URL
+        if not cdn.startswith(("https://", "http://")):
+            raise ConfigError(f"STEAM_CDN_URL={cdn!r}: expected an http(s) URL")
+        return cls(
+            index_dir=Path(env.get("INDEX_DIR", "").strip() or "data/index"),
+            banners_dir=Path(env.get("BANNERS_DIR", "").strip() or "data/banners"),
+            default_strategy=env.get("DEFAULT_STRATEGY", "").strip() or None,
+            max_upload_mb=_float(env, "MAX_UPLOAD_MB", 8.0, 0.01, 1024),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, 1, 1_000_000_000),
+            cors_origins=_list(env, "CORS_ORIGINS"),
+            torch_threads=threads or None,
+            index_verify=verify,
+            preload_models=_list(env, "PRELOAD_MODELS"),
+            allow_weights_download=_bool(env, "ALLOW_WEIGHTS_DOWNLOAD", True),
+            weights_retry_seconds=_float(env, "WEIGHTS_RETRY_SECONDS", 60.0, 0, 86400),
+            cdn_url=cdn.rstrip("/"),
+            fallback_fetch=_bool(env, "FALLBACK_FETCH", False),
+            fallback_timeout=_float(env, "FALLBACK_TIMEOUT", 5.0, 0.1, 60),
+            fallback_max_mb=_float(env, "FALLBACK_MAX_MB", 5.0, 0.01, 100),
+            fallback_cache_size=_int(env, "FALLBACK_CACHE_SIZE", 1024, 0, 1_000_000),
+            upload_rate_limit=_rate(env, "UPLOAD_RATE_LIMIT"),
+            proxy_hops=_int(env, "PROXY_HOPS", 0, 0, 10),
+            max_k=_int(env, "MAX_K", 0, 0, 100_000) or None,
+        )

@@ -1,0 +1,215 @@
+"""Embedding images for a set of strategies, one image or many, with one code path.
+
+Strategies are grouped by (backbone, preprocessing): each group costs one
+forward pass per input scale, whatever the number of strategies reading it
+(Simple and Complex of a backbone share one pass, so the eight original
+strategies cost four). Each image is decoded once for all requested
+strategies; the preprocessings it needs are computed from that one decode.
+
+For folders, decoding and preprocessing run in DataLoader workers while the
+main process runs the model under ``torch.inference_mode``. An unreadable file
+never stops the run: it is reported with its reason and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
+from .preprocess import Preprocessing
+from .strategies import Needs, Strategy
+from .weights import MODELS, LoadedBackbone, ModelCache
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_batch_size(device: str) -> int:
+    """Measured on a 2-core AVX-512 machine (bench/extract.py): larger CPU batches only add cache misses."""
+    return 128 if str(device).startswith("cuda") else 16
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Use one intra-op thread per core (or ``threads``); returns the number set."""
+    torch.set_num_threads(max(1, threads or cpu_cores()))
+    return torch.get_num_threads()
+
+
+@dataclass
+class Batch:
+    """Results for a slice of the input: rows for ``indices``, and the inputs that failed, with why."""
+
+    indices: list[int]
+    features: dict[str, np.ndarray]
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], transforms: list[Callable], max_pixels: int) -> None:
+        self.paths = list(paths)
+        self.transforms = transforms
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = open_image(self.paths[i], max_pixels=self.max_pixels)
+            return i, [t(img) for t in self.transforms], None
+        except ImageRejected as e:
+            return i, None, f"{e.code}: {e.message}"
+        except OSError as e:
+            return i, None, f"unreadable: {e}"
+
+
+def _collate(items):
+    ok = [it for it in items if it[1] is not None]
+    failures = [(it[0], it[2]) for it in items if it[1] is None]
+    tensors = [torch.stack([it[1][j] for it in ok]) for j in range(len(ok[0][1]))] if ok else None
+    return [it[0] for it in ok], tensors, failures
+
+
+class Extractor:
+    """Embeds images for a fixed set of strategies on one device.
+
+    Models come from a process-wide cache, so an Extractor is cheap to create
+    and several share one model per backbone. ``checkpoints`` maps backbone
+    codes to explicit checkpoint paths; ``expected_sha256`` maps them to the
+    sha256 the caller requires (the index's), refusing any other weights.
+    """
+
+    def __init__(
+        self,
+        strategies: Sequence[Strategy],
+        *,
+        device: str | None = None,
+        precision: str = "fp32",
+        checkpoints: dict[str, str | os.PathLike] | None = None,
+        expected_sha256: dict[str, str] | None = None,
+        url_override: str | None = None,
+        download: bool = True,
+        progress: bool = False,
+        models: ModelCache = MODELS,
+    ) -> None:
+        if not strategies:
+            raise ValueError("no strategy to extract")
+        self.device = torch.device(device or default_device())
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"{precision} autocast is only supported on CUDA; use fp32 on {self.device.type}")
+        if self.device.type == "cuda" and precision == "fp32":
+            # Exact fp32: no TF32 in matmuls or in the patch-embedding convolution.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.precision = precision
+        self.strategies = list(strategies)
+        self.groups: dict[tuple[str, Preprocessing], list[Strategy]] = {}
+        for s in self.strategies:
+            self.groups.setdefault(s.group, []).append(s)
+        self.preprocessings: list[Preprocessing] = list(dict.fromkeys(p for _, p in self.groups))
+        self.transforms = [p.transform() for p in self.preprocessings]
+        checkpoints = checkpoints or {}
+        expected_sha256 = expected_sha256 or {}
+        self.backbones: dict[str, LoadedBackbone] = {}
+        for s in self.strategies:
+            code = s.backbone.code
+            if code not in self.backbones:
+                self.backbones[code] = models.get(
+                    s.backbone,
+                    checkpoints.get(code),
+                    device=self.device,
+                    expected_sha256=expected_sha256.get(code),
+                    url_override=url_override,
+                    download=download,
+                    progress=progress,
+                )
+
+    def _needs(self, strategies: list[Strategy]) -> Needs:
+        needs = strategies[0].needs
+        for s in strategies[1:]:
+            needs = needs.merge(s.needs)
+        return needs
+
+    @torch.inference_mode()
+    def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+        """Features for preprocessed inputs (one (B, 3, H, W) tensor per entry of ``self.preprocessings``)."""
+        by_prep = dict(zip(self.preprocessings, tensors, strict=True))
+        out: dict[str, np.ndarray] = {}
+        autocast_dtype = PRECISIONS[self.precision]
+        for (code, prep), strategies in self.groups.items():
+            model = self.backbones[code].model
+            x = by_prep[prep].to(self.device, non_blocking=True)
+            needs = self._needs(strategies)
+            outputs = {}
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                for scale in needs.scales:
+                    if scale == 1.0:
+                        outputs[scale] = model.forward_features(x, needs.n_last_blocks, needs.patch_tokens)
+                    else:  # as DINO's utils.multi_scale: bilinear resize of the normalised tensor
+                        xs = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                        outputs[scale] = model.forward_features(xs, 1, False)
+            for s in strategies:
+                out[s.name] = s.pool(outputs).cpu().numpy()
+        return out
+
+    def preprocess(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """RGB images to one batch tensor per preprocessing."""
+        return [torch.stack([t(img) for img in images]) for t in self.transforms]
+
+    def embed_images(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """Features of decoded RGB images (the API's path for an upload: a batch of one)."""
+        return self.embed_tensors(self.preprocess(images))
+
+    def iter_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Iterator[Batch]:
+        """Embed image files in order, batch by batch; unreadable files come back as failures."""
+        batch_size = batch_size or default_batch_size(self.device.type)
+        if num_workers is None:
+            num_workers = default_num_workers()
+        dataset = _ImageFiles([Path(p) for p in paths], self.transforms, max_pixels)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if num_workers else None,
+            persistent_workers=False,
+        )
+        for indices, tensors, failures in loader:
+            features = self.embed_tensors(tensors) if indices else {s.name: _empty(s) for s in self.strategies}
+            yield Batch(indices, features, failures)
+
+
+def _empty(s: Strategy) -> np.ndarray:
+    return np.zeros((0, s.dim), dtype=np.float32)
+
+
+def default_num_workers() -> int:
+    """Decoding is a few percent of a forward pass on CPU: one worker is enough there; more on GPUs."""
+    return 1 if not torch.cuda.is_available() else max(1, min(8, cpu_cores() - 1))

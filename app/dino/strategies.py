@@ -1,0 +1,321 @@
+"""Strategies: how a backbone's outputs become one L2-normalised embedding per image.
+
+A strategy name is ``<Style><Backbone>[@<preprocessing>]``, e.g. ``ComplexB16``,
+``SimpleS8@full``, ``GemB16``, ``SimpleS14`` (DINOv2). Styles:
+
+- ``Simple`` (DINO eval_knn.py): the final normed [CLS] token.
+- ``Complex`` (DINO eval_linear.py): the normed [CLS] tokens of the last
+  ``n_last_blocks`` blocks, concatenated, plus with ``avgpool`` the mean of
+  the last block's normed patch tokens, laid out exactly as the official code
+  does (for n=1 it interleaves [CLS] and mean channel by channel).
+  Small backbones: n=4, no avgpool; Base/Large: n=1, avgpool.
+- ``Gem`` (DINO eval_copy_detection.py): the final normed [CLS] token
+  concatenated with the GeM-pooled (p=4) normed patch tokens of the last block.
+- ``MultiScale`` (DINO eval_knn.py with multi-scale): the mean of the Simple
+  features of the image at scales 1, 1/sqrt(2) and 1/2 (bilinear resize of
+  the preprocessed tensor, as DINO's ``utils.multi_scale``).
+
+Every embedding is L2-normalised at the end. A style declares what it needs
+from a forward pass (``Needs``), so that one pass per backbone and scale
+serves every requested strategy. Adding a style is a subclass of ``Style``
+registered in ``STYLES``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import BACKBONES, Backbone, get_backbone
+from .preprocess import DEFAULT_PREPROCESSING, PREPROCESSINGS, Preprocessing, get_preprocessing
+from .vit import BackboneOutput
+
+DEFAULT_STRATEGY = "ComplexB16"
+ORIGINAL_STRATEGIES = (
+    "SimpleS16",
+    "ComplexS16",
+    "SimpleS8",
+    "ComplexS8",
+    "SimpleB16",
+    "ComplexB16",
+    "SimpleB8",
+    "ComplexB8",
+)
+
+
+class UnknownStrategy(ValueError):
+    """A strategy name that does not parse or names something we do not have."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a strategy reads from the backbone.
+
+    At scale 1: the [CLS] tokens of the last ``n_last_blocks`` blocks and, if
+    ``patch_tokens``, the last block's patch tokens. At every other scale in
+    ``scales``: the final [CLS] token only.
+    """
+
+    n_last_blocks: int = 1
+    patch_tokens: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    def merge(self, other: Needs) -> Needs:
+        scales = tuple(sorted(set(self.scales) | set(other.scales), reverse=True))
+        return Needs(max(self.n_last_blocks, other.n_last_blocks), self.patch_tokens or other.patch_tokens, scales)
+
+
+class Style:
+    """A pooling of backbone outputs. Subclasses set ``name``/``summary`` and implement the methods."""
+
+    name = ""
+    summary = ""
+
+    def describe(self, params: dict) -> str:
+        """One line for people: what this style computes with these parameters."""
+        return self.summary
+
+    def default_params(self, backbone: Backbone) -> dict:
+        return {}
+
+    def validate_params(self, params: dict, backbone: Backbone) -> dict:
+        """Parameters from a manifest, checked: same keys and types as the defaults."""
+        expected = self.default_params(backbone)
+        if set(params) != set(expected):
+            raise ValueError(f"{self.name} parameters must be {sorted(expected)}, got {sorted(params)}")
+        out = {}
+        for key, default in expected.items():
+            value = params[key]
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise ValueError(f"{self.name} parameter {key}={value!r} should be like {default!r}")
+            out[key] = value
+        return out
+
+    def needs(self, params: dict) -> Needs:
+        raise NotImplementedError
+
+    def dim(self, backbone: Backbone, params: dict) -> int:
+        raise NotImplementedError
+
+    def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        """(B, dim) features, before L2 normalisation."""
+        raise NotImplementedError
+
+
+class Simple(Style):
+    name = "Simple"
+    summary = "final normed [CLS] token (DINO eval_knn)"
+
+    def needs(self, params: dict) -> Needs:
+        return Needs(1, False)
+
+    def dim(self, backbone: Backbone, params: dict) -> int:
+        return backbone.dim
+
+    def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        return outputs[1.0].cls[:, -1]
+
+
+class Complex(Style):
+    name = "Complex"
+    summary = "[CLS] of the last blocks (+ mean patch token) (DINO eval_linear)"
+
+    def describe(self, params: dict) -> str:
+        n = params["n_last_blocks"]
+        blocks = "the last block" if n == 1 else f"the last {n} blocks"
+        mean = " + mean patch token" if params["avgpool_patchtokens"] else ""
+        return f"[CLS] of {blocks}{mean} (DINO eval_linear)"
+
+    def default_params(self, backbone: Backbone) -> dict:
+        if backbone.arch == "S":
+            return {"n_last_blocks": 4, "avgpool_patchtokens": False}
+        return {"n_last_blocks": 1, "avgpool_patchtokens": True}
+
+    def validate_params(self, params: dict, backbone: Backbone) -> dict:
+        params = super().validate_params(params, backbone)
+        if not 1 <= params["n_last_blocks"] <= backbone.config.depth:
+            raise ValueError(f"n_last_blocks must be in 1..{backbone.config.depth}")
+        return params
+
+    def needs(self, params: dict) -> Needs:
+        return Needs(params["n_last_blocks"], params["avgpool_patchtokens"])
+
+    def dim(self, backbone: Backbone, params: dict) -> int:
+        return backbone.dim * (params["n_last_blocks"] + int(params["avgpool_patchtokens"]))
+
+    def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        out = outputs[1.0]
+        n = params["n_last_blocks"]
+        feats = out.cls[:, -n:].reshape(out.cls.shape[0], -1)  # torch.cat([x[:, 0] for x in layers], -1)
+        if params["avgpool_patchtokens"]:
+            mean = out.patch.mean(dim=1)
+            if n == 1:  # the official layout: channels of [CLS] and mean interleaved
+                feats = torch.stack((feats, mean), dim=-1).reshape(feats.shape[0], -1)
+            else:  # the official code only supports n=1 here; beyond it, a plain concatenation
+                feats = torch.cat((feats, mean), dim=-1)
+        return feats
+
+
+class Gem(Style):
+    name = "Gem"
+    summary = "[CLS] + GeM-pooled patch tokens, p=4 (DINO copy detection)"
+
+    def default_params(self, backbone: Backbone) -> dict:
+        return {"gem_p": 4.0}
+
+    def needs(self, params: dict) -> Needs:
+        return Needs(1, True)
+
+    def dim(self, backbone: Backbone, params: dict) -> int:
+        return 2 * backbone.dim
+
+    def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        out = outputs[1.0]
+        p = params["gem_p"]
+        gem = out.patch.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
+        return torch.cat((out.cls[:, -1], gem), dim=-1)
+
+
+class MultiScale(Style):
+    name = "MultiScale"
+    summary = "mean of Simple features at scales 1, 1/sqrt(2), 1/2 (DINO multi-scale kNN)"
+
+    def default_params(self, backbone: Backbone) -> dict:
+        return {"scales": [1.0, 1 / math.sqrt(2), 0.5]}
+
+    def validate_params(self, params: dict, backbone: Backbone) -> dict:
+        params = super().validate_params(params, backbone)
+        scales = [float(s) for s in params["scales"]]
+        if not scales or any(not 0 < s <= 1 for s in scales) or 1.0 not in scales:
+            raise ValueError("scales must be in (0, 1] and include 1.0")
+        return {"scales": scales}
+
+    def needs(self, params: dict) -> Needs:
+        return Needs(1, False, tuple(params["scales"]))
+
+    def dim(self, backbone: Backbone, params: dict) -> int:
+        return backbone.dim
+
+    def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        feats = [outputs[s].cls[:, -1] for s in params["scales"]]
+        return torch.stack(feats).mean(dim=0)
+
+
+STYLES: dict[str, Style] = {s.name: s for s in (Simple(), Complex(), Gem(), MultiScale())}
+
+_NAME_RE = re.compile(r"^(?P<style>[A-Z][A-Za-z]*?)(?P<backbone>[SBL](?:16|14|8))(?:@(?P<prep>[a-z]+))?$")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    style: Style = field(compare=False)
+    backbone: Backbone
+    preprocessing: Preprocessing
+    params: dict = field(hash=False)
+
+    @property
+    def dim(self) -> int:
+        return self.style.dim(self.backbone, self.params)
+
+    @property
+    def needs(self) -> Needs:
+        return self.style.needs(self.params)
+
+    @property
+    def group(self) -> tuple[str, Preprocessing]:
+        """Strategies of one group share their forward passes: same backbone, same input tensors."""
+        return (self.backbone.code, self.preprocessing)
+
+    def pool(self, outputs: dict[float, BackboneOutput]) -> torch.Tensor:
+        """(B, dim) L2-normalised float32 features."""
+        return F.normalize(self.style.pool(outputs, self.params).float(), dim=-1)
+
+    def describe(self) -> str:
+        prep = "" if self.preprocessing.name == DEFAULT_PREPROCESSING else f", {self.preprocessing.name} preprocessing"
+        return f"{self.backbone.label}, {self.style.describe(self.params)}{prep}"
+
+    def to_manifest(self) -> dict:
+        """Everything needed to embed a query the same way (the builder adds the checkpoint file and sha256)."""
+        return {
+            "style": self.style.name,
+            "backbone": self.backbone.code,
+            "backbone_label": self.backbone.label,
+            "dim": self.dim,
+            "params": dict(self.params),
+            "preprocessing": self.preprocessing.to_manifest(),
+        }
+
+    @classmethod
+    def from_manifest(cls, name: str, entry: dict) -> Strategy:
+        """The strategy exactly as recorded (not as today's defaults would make it); validated."""
+        try:
+            style = STYLES[entry["style"]]
+            backbone = get_backbone(entry["backbone"])
+            params = style.validate_params(dict(entry.get("params", {})), backbone)
+            prep = Preprocessing.from_manifest(entry["preprocessing"])
+        except KeyError as e:
+            raise ValueError(f"strategy {name!r}: manifest entry lacks or has an unknown {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"strategy {name!r}: {e}") from None
+        strategy = cls(name, style, backbone, prep, params)
+        _check_input_size(strategy)
+        if int(entry.get("dim", -1)) != strategy.dim:
+            raise ValueError(f"strategy {name!r}: manifest dim {entry.get('dim')} != {strategy.dim}")
+        return strategy
+
+
+def _check_input_size(s: Strategy) -> None:
+    h, w = s.preprocessing.output_size
+    p = s.backbone.patch_size
+    if h % p or w % p:
+        raise ValueError(f"strategy {s.name!r}: input {w}x{h} is not a multiple of the patch size {p}")
+
+
+def valid_names_hint() -> str:
+    return (
+        f"valid names are <Style><Backbone>[@<preprocessing>] with Style in {', '.join(STYLES)}, "
+        f"Backbone in {', '.join(BACKBONES)}, preprocessing in {', '.join(PREPROCESSINGS)} "
+        f"(default {DEFAULT_PREPROCESSING}); e.g. {', '.join(ORIGINAL_STRATEGIES)}"
+    )
+
+
+def parse_strategy(name: str) -> Strategy:
+    """A strategy from its name, with today's default parameters; UnknownStrategy if invalid."""
+    m = _NAME_RE.match(name or "")
+    if not m or m["style"] not in STYLES or m["backbone"] not in BACKBONES:
+        raise UnknownStrategy(f"unknown strategy {name!r}: {valid_names_hint()}")
+    prep_name = m["prep"] or DEFAULT_PREPROCESSING
+    if prep_name not in PREPROCESSINGS:
+        raise UnknownStrategy(f"unknown preprocessing {prep_name!r} in {name!r}: {valid_names_hint()}")
+    style = STYLES[m["style"]]
+    backbone = BACKBONES[m["backbone"]]
+    canonical = f"{style.name}{backbone.code}" + ("" if prep_name == DEFAULT_PREPROCESSING else f"@{prep_name}")
+    strategy = Strategy(canonical, style, backbone, get_preprocessing(prep_name), style.default_params(backbone))
+    _check_input_size(strategy)
+    return strategy
+
+
+def parse_strategies(spec: str) -> list[Strategy]:
+    """A comma-separated list, or ``all`` for the eight original strategies; duplicates removed."""
+    names = ORIGINAL_STRATEGIES if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UnknownStrategy(f"no strategy given: {valid_names_hint()}")
+    out: dict[str, Strategy] = {}
+    for n in names:
+        s = parse_strategy(n)
+        out.setdefault(s.name, s)
+    return list(out.values())

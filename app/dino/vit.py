@@ -1,0 +1,251 @@
+"""The vision transformer of DINO and DINOv2, in the official checkpoint layout.
+
+One small module, written to be read: parameter names match the official
+state dicts (so checkpoints load with ``strict=True``), and the numerics match
+the official code (LayerNorm eps 1e-6, exact GELU, bicubic position-embedding
+interpolation with the historical +0.1 offset). Attention goes through
+``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest
+kernel available on the device.
+
+Two extras over the official code, both exact reformulations:
+
+- ``forward_features`` returns only what the pooling strategies need (the
+  normed [CLS] tokens of the last ``n`` blocks, and optionally the normed patch
+  tokens of the last block), so one forward serves Simple, Complex and GeM.
+- When the patch tokens of the last block are not needed, that block is run
+  for the [CLS] query alone: its keys and values still see every token, but
+  queries, attention output, projection and MLP are computed for one token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYERNORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Shape of a backbone: enough to build it and to count its FLOPs."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pos_grid: int = 14  # the position embeddings cover pos_grid x pos_grid patches
+    layerscale: bool = False  # DINOv2: ls1.gamma / ls2.gamma after attention and MLP
+    mask_token: bool = False  # DINOv2 checkpoints carry an (unused here) mask token
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+@dataclass
+class BackboneOutput:
+    """What one forward pass yields for the pooling strategies.
+
+    cls: (B, n, D) the final-normed [CLS] token after each of the last n blocks,
+         oldest first, so ``cls[:, -1]`` is DINO's ``forward()`` output.
+    patch: (B, h*w, D) the final-normed patch tokens of the last block, or None.
+    grid: (h, w) the patch grid of the input.
+    """
+
+    cls: torch.Tensor
+    patch: torch.Tensor | None
+    grid: tuple[int, int]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: a strided convolution, as the official code."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output for the first ([CLS]) token only; keys and values from all tokens."""
+        B, N, C = x.shape
+        H = self.num_heads
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])
+        kv = F.linear(x, w[C:], None if b is None else b[C:])
+        q = q.reshape(B, 1, H, C // H).transpose(1, 2)
+        kv = kv.reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        return self.proj(out.transpose(1, 2).reshape(B, 1, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """DINOv2's per-channel residual scale (parameter name ``gamma``, as the checkpoints)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(dim) if cfg.layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.mlp = Mlp(dim, cfg.mlp_dim)
+        self.ls2 = LayerScale(dim) if cfg.layerscale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for the [CLS] token alone, shape (B, 1, D)."""
+        x_cls = x[:, :1] + self.ls1(self.attn.forward_cls(self.norm1(x)))
+        return x_cls + self.ls2(self.mlp(self.norm2(x_cls)))
+
+
+class VisionTransformer(nn.Module):
+    """DINO / DINOv2 ViT backbone without a head (the official checkpoints have none)."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid**2, dim))
+        if cfg.mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @property
+    def patch_size(self) -> int:
+        return self.cfg.patch_size
+
+    def interpolate_pos_encoding(self, npatch: int, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for an input of height x width pixels, as the official code.
+
+        The grid is resized bicubically with a scale factor of (n + 0.1) / M rather
+        than an output size: the official code does so (facebookresearch/dino#8),
+        and the scale factor, not the size, sets the sampling positions.
+        """
+        pos = self.pos_embed
+        M = pos.shape[1] - 1
+        if npatch == M and height == width:
+            return pos
+        side = int(math.sqrt(M))
+        dim = pos.shape[-1]
+        h0 = height // self.patch_size
+        w0 = width // self.patch_size
+        grid = pos[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(
+            grid,
+            scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side),
+            mode="bicubic",
+            align_corners=False,
+        )
+        if grid.shape[-2:] != (h0, w0):
+            raise RuntimeError(f"position grid {tuple(grid.shape[-2:])} != patch grid {(h0, w0)}")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim).to(pos.dtype)
+        return torch.cat((pos[:, :1], grid), dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, height, width = x.shape
+        tokens = self.patch_embed(x)
+        tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
+        return tokens + self.interpolate_pos_encoding(tokens.shape[1] - 1, height, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The final normed [CLS] token, shape (B, D): DINO's ``forward()``."""
+        return self.forward_features(x, n_last_blocks=1, patch_tokens=False).cls[:, -1]
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The last n blocks' outputs (all tokens), each through the final norm, as DINO."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                out.append(self.norm(x))
+        return out
+
+    def forward_features(self, x: torch.Tensor, n_last_blocks: int = 1, patch_tokens: bool = False) -> BackboneOutput:
+        """One pass that yields everything the pooling strategies read (see BackboneOutput)."""
+        depth = len(self.blocks)
+        if not 1 <= n_last_blocks <= depth:
+            raise ValueError(f"n_last_blocks must be in 1..{depth}, got {n_last_blocks}")
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.prepare_tokens(x)
+        cls = []
+        for i, blk in enumerate(self.blocks[:-1]):
+            x = blk(x)
+            if depth - 1 - i < n_last_blocks:
+                cls.append(self.norm(x[:, 0]))
+        patch = None
+        if patch_tokens:
+            x = self.norm(self.blocks[-1](x))
+            cls.append(x[:, 0])
+            patch = x[:, 1:]
+        else:
+            cls.append(self.norm(self.blocks[-1].forward_cls(x)[:, 0]))
+        return BackboneOutput(cls=torch.stack(cls, dim=1), patch=patch, grid=grid)
+
+
+def count_flops(cfg: ViTConfig, height: int, width: int, cls_only_last_block: bool = False) -> int:
+    """Multiply-adds x 2 of one image's forward pass (matmuls, attention, patch embedding).
+
+    Elementwise work (norms, GELU, softmax, residuals) is not counted: it is a
+    few percent of the total and is not what the matmul rate measures.
+    """
+    p, d, m = cfg.patch_size, cfg.embed_dim, cfg.mlp_dim
+    n = 1 + (height // p) * (width // p)
+    patch = 2 * (n - 1) * (3 * p * p) * d
+    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * m
+    total = patch + cfg.depth * block
+    if cls_only_last_block:
+        last_cls = 2 * n * d * 2 * d + 2 * d * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * m
+        total += last_cls - block
+    return total

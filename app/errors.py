@@ -1,0 +1,118 @@
+"""Errors as JSON: ``{"error": {"code": "...", "message": "..."}}`` with the right status.
+
+Every failure a client can cause maps to a 4xx with a stable code; HTML
+pages get the same information as a small HTML page instead. A 500 is only
+ever an unexpected server fault, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, Response, g, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# werkzeug's status codes, named as our API names them
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+class APIError(Exception):
+    """A client-visible error: status, stable code, human message and optional extra fields."""
+
+    def __init__(self, status: int, code: str, message: str, **extra) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+
+def bad_param(name: str, message: str) -> APIError:
+    return APIError(400, "bad_parameter", f"{name}: {message}", parameter=name)
+
+
+def _wants_html() -> bool:
+    return request.blueprint == "pages" or bool(g.get("html"))
+
+
+def error_response(status: int, code: str, message: str, extra: dict | None = None) -> Response:
+    if _wants_html():
+        resp = Response(render_template("error.html", status=status, code=code, message=message), status=status)
+        return resp
+    body = {"error": {"code": code, "message": message, **(extra or {})}}
+    resp = jsonify(body)
+    resp.status_code = status
+    return resp
+
+
+LINGER_BYTES = 256 * 2**20
+LINGER_SECONDS = 5.0
+
+
+def _linger(environ: dict) -> None:
+    """Discard (never store) the rest of a refused body, briefly, so the client can read our 413.
+
+    The refusal itself is decided from Content-Length before any of the body is
+    read. But a server that closes a socket with unread data makes the kernel
+    reset the connection, and the client, still sending, never sees the
+    response. Like nginx's lingering close, we read and drop what keeps
+    arriving, in 64 KB chunks, for at most a few seconds and a few hundred MB.
+    """
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    sock = environ.get("gunicorn.socket")
+    try:
+        if sock is not None:
+            sock.settimeout(1.0)  # a client that stops sending cannot hold this thread
+        while drained < LINGER_BYTES and time.monotonic() < deadline:
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except Exception:  # a reset or timeout from the client: nothing more to do
+        pass
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(APIError)
+    def _api_error(e: APIError):
+        resp = error_response(e.status, e.code, e.message, e.extra)
+        resp.headers.update(e.headers)
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        status = e.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = e.description or e.name
+        if status == 413:
+            limit_mb = app.config.get("MAX_UPLOAD_MB")
+            message = f"the upload is larger than the {limit_mb:g} MB limit" if limit_mb else message
+            _linger(request.environ)
+        if status == 404 and request.blueprint is None:
+            message = f"no such endpoint: {request.path} (see GET /health and the README for the API)"
+        if status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        resp = error_response(status, code, message)
+        if status == 405 and getattr(e, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(e.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")

@@ -1,0 +1,191 @@
+"""The index folder: its format, and loading it with every check the service relies on.
+
+Layout (written by ``scripts/build_index.py``)::
+
+    manifest.json              format and version, creation time, apps, and per strategy:
+                               dim, k, backbone, checkpoint file and sha256, preprocessing,
+                               style parameters, and the shape, dtype and sha256 of its files
+    apps.json                  [{"appid": 10, "name": "Counter-Strike"}, ...] in row order
+    <Strategy>/embeddings.npy  (N, D) float16/float32, L2-normalised, row i = apps[i]
+    <Strategy>/neighbours.npy  (N, K) int32 row indices, best first, the row itself excluded
+    <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour
+
+Arrays are memory-mapped read-only: gunicorn workers share one copy of the
+pages through the page cache, and start-up does not read them into memory
+(except to verify their sha256, which ``verify="quick"`` skips). Anything
+missing, partial, of another format version or inconsistent stops loading
+with an ``IndexInvalid`` that says what and where: the service never serves
+wrong data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dino.strategies import Strategy
+
+FORMAT = "steam-dino-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+APPS = "apps.json"
+ARRAYS = ("embeddings.npy", "neighbours.npy", "scores.npy")
+EMBEDDING_DTYPES = ("float16", "float32")
+
+
+class IndexInvalid(RuntimeError):
+    """The index folder cannot be served; the message names the file and the problem."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class StrategyIndex:
+    """One strategy's tables, memory-mapped, plus what is needed to embed queries like the index."""
+
+    strategy: Strategy
+    embeddings: np.ndarray
+    neighbours: np.ndarray
+    scores: np.ndarray
+    checkpoint: dict
+    entry: dict
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+    @property
+    def k(self) -> int:
+        return int(self.neighbours.shape[1])
+
+
+@dataclass
+class LoadedIndex:
+    path: Path
+    manifest: dict
+    apps: list[dict]
+    appids: np.ndarray
+    row_of: dict[int, int]
+    strategies: dict[str, StrategyIndex] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.apps)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexInvalid(f"{path}: missing ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexInvalid(f"{path}: unreadable {what}: {e}") from None
+
+
+def validate_apps(apps: object, where: str) -> list[dict]:
+    """A list of {"appid": int, "name": str} with unique appids (extra keys are dropped)."""
+    if not isinstance(apps, list):
+        raise IndexInvalid(f"{where}: expected a list of {{appid, name}} objects")
+    out, seen = [], set()
+    for i, a in enumerate(apps):
+        if not isinstance(a, dict) or not isinstance(a.get("appid"), int) or isinstance(a.get("appid"), bool):
+            raise IndexInvalid(f"{where}: entry {i} has no integer appid: {a!r:.80}")
+        name = a.get("name", "")
+        if not isinstance(name, str):
+            raise IndexInvalid(f"{where}: entry {i} (appid {a['appid']}) has a non-string name")
+        if a["appid"] in seen:
+            raise IndexInvalid(f"{where}: appid {a['appid']} appears twice")
+        seen.add(a["appid"])
+        out.append({"appid": a["appid"], "name": name})
+    return out
+
+
+def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[str, ...], verify: str) -> np.ndarray:
+    if not path.is_file():
+        raise IndexInvalid(f"{path}: missing")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexInvalid(f"{path}: not a readable .npy file ({e})") from None
+    if arr.shape != shape:
+        raise IndexInvalid(f"{path}: shape {arr.shape}, expected {shape}")
+    if arr.dtype.name not in dtypes or arr.dtype.name != spec.get("dtype"):
+        raise IndexInvalid(f"{path}: dtype {arr.dtype.name}, manifest says {spec.get('dtype')} (allowed: {dtypes})")
+    if verify == "full" and sha256_file(path) != spec.get("sha256"):
+        raise IndexInvalid(f"{path}: sha256 does not match the manifest (a partial copy or a changed file)")
+    return arr
+
+
+def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] | None = None) -> LoadedIndex:
+    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (shapes only)."""
+    if verify not in ("full", "quick"):
+        raise ValueError("verify must be 'full' or 'quick'")
+    root = Path(path)
+    if not root.is_dir():
+        raise IndexInvalid(f"{root}: no index folder here (build one with scripts/build_index.py)")
+    manifest = _read_json(root / MANIFEST, "manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexInvalid(f"{root / MANIFEST}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexInvalid(
+            f"{root / MANIFEST}: format version {manifest.get('format_version')!r}; this service reads version "
+            f"{FORMAT_VERSION}. Rebuild the index with this version's scripts/build_index.py."
+        )
+    apps_path = root / APPS
+    apps = validate_apps(_read_json(apps_path, "app list"), str(apps_path))
+    n = len(apps)
+    if manifest.get("num_apps") != n:
+        raise IndexInvalid(f"{apps_path}: {n} apps, manifest says {manifest.get('num_apps')}")
+    if verify == "full" and sha256_file(apps_path) != manifest.get("apps_sha256"):
+        raise IndexInvalid(f"{apps_path}: sha256 does not match the manifest")
+    entries = manifest.get("strategies")
+    if not isinstance(entries, dict) or not entries:
+        raise IndexInvalid(f"{root / MANIFEST}: no strategies")
+    wanted = list(entries) if strategies is None else strategies
+    missing = [s for s in wanted if s not in entries]
+    if missing:
+        raise IndexInvalid(f"{root}: strategies {missing} are not in this index (it has {sorted(entries)})")
+    appids = np.array([a["appid"] for a in apps], dtype=np.int64)
+    index = LoadedIndex(root, manifest, apps, appids, {int(a): i for i, a in enumerate(appids)})
+    for name in wanted:
+        index.strategies[name] = _load_strategy(root, name, entries[name], n, verify)
+    return index
+
+
+def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> StrategyIndex:
+    where = f"{root / MANIFEST} [{name}]"
+    if not isinstance(entry, dict):
+        raise IndexInvalid(f"{where}: not an object")
+    try:
+        strategy = Strategy.from_manifest(name, entry)
+    except ValueError as e:
+        raise IndexInvalid(f"{where}: {e}") from None
+    files = entry.get("files")
+    k = entry.get("k")
+    checkpoint = entry.get("checkpoint")
+    if not isinstance(files, dict) or set(files) != set(ARRAYS):
+        raise IndexInvalid(f"{where}: 'files' must describe {', '.join(ARRAYS)}")
+    if not isinstance(k, int) or not 0 <= k < max(n, 1):
+        raise IndexInvalid(f"{where}: k={k!r} is not in 0..{n - 1}")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("sha256"), str):
+        raise IndexInvalid(f"{where}: no checkpoint sha256 recorded")
+    folder = root / name
+    emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, strategy.dim), EMBEDDING_DTYPES, verify)
+    nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), verify)
+    sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), verify)
+    if verify == "full" and n and k:
+        rows = np.arange(n, dtype=np.int64)[:, None]
+        if nbr.min() < 0 or nbr.max() >= n or bool((nbr == rows).any()):
+            raise IndexInvalid(f"{folder / ARRAYS[1]}: indices out of range or a row listed as its own neighbour")
+        if not np.isfinite(sco).all() or bool((np.diff(sco, axis=1) > 1e-6).any()):
+            raise IndexInvalid(f"{folder / ARRAYS[2]}: scores not finite or not sorted best first")
+    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry)

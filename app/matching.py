@@ -1,0 +1,139 @@
+"""The service's core: similar games from the tables, and from an image embedded on demand.
+
+Lookups by appid read one row of the memory-mapped tables: no model, no
+search. An uploaded image is embedded with its strategy's backbone, loaded on
+first use (once per process, shared by the strategies of that backbone, and
+only with the checkpoint whose sha256 the index recorded), then searched
+exactly against the strategy's stored embeddings.
+
+Models and searchers are created lazily in the worker process, never in the
+gunicorn master: torch's OpenMP thread pool must not exist before the fork.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .dino.extract import Extractor, configure_threads
+from .dino.weights import MODELS, ModelCache, WeightsUnavailable
+from .index import LoadedIndex, StrategyIndex
+from .knn import ExactSearch
+
+
+@dataclass
+class ImageMatches:
+    rows: np.ndarray
+    scores: np.ndarray
+    timings_ms: dict[str, float]
+
+
+class Matcher:
+    def __init__(
+        self,
+        index: LoadedIndex,
+        *,
+        allow_download: bool = True,
+        retry_seconds: float = 60.0,
+        torch_threads: int | None = None,
+        models: ModelCache = MODELS,
+    ) -> None:
+        self.index = index
+        self.allow_download = allow_download
+        self.retry_seconds = retry_seconds
+        self.torch_threads = torch_threads
+        self.models = models
+        self._lock = threading.Lock()
+        self._extractors: dict[str, Extractor] = {}
+        self._searchers: dict[str, ExactSearch] = {}
+        self._failures: dict[str, tuple[float, str]] = {}
+        self._unique: dict[str, np.ndarray] = {}
+        self._threads_set = False
+
+    def strategy(self, name: str) -> StrategyIndex:
+        return self.index.strategies[name]
+
+    # -- precomputed tables ----------------------------------------------------------------------
+    def table_matches(self, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.index.strategies[name]
+        return s.neighbours[row, :k], s.scores[row, :k]
+
+    def unique(self, name: str, n: int) -> list[int]:
+        """Rows whose best match is least similar, least similar first (ties: lower row first)."""
+        order = self._unique.get(name)
+        if order is None:
+            s = self.index.strategies[name]
+            best = np.asarray(s.scores[:, 0]) if s.k else np.zeros(len(self.index), np.float32)
+            order = np.argsort(best, kind="stable")
+            self._unique[name] = order
+        return order[:n].tolist()
+
+    # -- on-demand embedding ---------------------------------------------------------------------
+    def extractor(self, name: str) -> Extractor:
+        """The strategy's extractor, loading its backbone on first use; WeightsUnavailable if it cannot."""
+        ex = self._extractors.get(name)
+        if ex is not None:
+            return ex
+        with self._lock:
+            ex = self._extractors.get(name)
+            if ex is not None:
+                return ex
+            failed = self._failures.get(name)
+            if failed and time.monotonic() - failed[0] < self.retry_seconds:
+                raise WeightsUnavailable(failed[1])
+            if not self._threads_set:
+                configure_threads(self.torch_threads)
+                self._threads_set = True
+            s = self.index.strategies[name]
+            try:
+                ex = Extractor(
+                    [s.strategy],
+                    device="cpu",
+                    expected_sha256={s.strategy.backbone.code: s.checkpoint["sha256"]},
+                    download=self.allow_download,
+                    models=self.models,
+                )
+            except WeightsUnavailable as e:
+                self._failures[name] = (time.monotonic(), str(e))
+                raise
+            self._failures.pop(name, None)
+            self._extractors[name] = ex
+            return ex
+
+    def searcher(self, name: str) -> ExactSearch:
+        se = self._searchers.get(name)
+        if se is None:
+            with self._lock:
+                se = self._searchers.get(name)
+                if se is None:
+                    se = ExactSearch(self.index.strategies[name].embeddings)
+                    self._searchers[name] = se
+        return se
+
+    def embed(self, name: str, image: Image.Image) -> tuple[np.ndarray, dict[str, float]]:
+        """The image's embedding for a strategy, exactly as the index embedded its banners."""
+        ex = self.extractor(name)
+        t0 = time.perf_counter()
+        tensors = ex.preprocess([image])
+        t1 = time.perf_counter()
+        vec = ex.embed_tensors(tensors)[name][0]
+        t2 = time.perf_counter()
+        return vec, {"preprocess": (t1 - t0) * 1000, "forward": (t2 - t1) * 1000}
+
+    def search(self, name: str, vector: np.ndarray, k: int, exclude: int | None = None) -> ImageMatches:
+        t0 = time.perf_counter()
+        rows, scores = self.searcher(name).search(vector.astype(np.float32), k, exclude=exclude)
+        return ImageMatches(rows, scores, {"search": (time.perf_counter() - t0) * 1000})
+
+    def match_image(self, name: str, image: Image.Image, k: int) -> ImageMatches:
+        vec, timings = self.embed(name, image)
+        result = self.search(name, vec, k)
+        result.timings_ms = timings | result.timings_ms
+        return result
+
+    def loaded_backbones(self) -> list[str]:
+        return sorted({lb.backbone.code for lb in self.models.loaded()})

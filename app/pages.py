@@ -1,0 +1,128 @@
+"""HTML pages: search by name, upload an image, and galleries of similar banners.
+
+Server-rendered Jinja templates with no JavaScript, so the pages work
+everywhere and the Content-Security-Policy can forbid scripts outright.
+Errors on these routes render as HTML (same codes and messages as the API).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from flask import Blueprint, abort, g, render_template, request, send_file
+from PIL import Image
+
+from .api import int_param, k_param, parse_appid, strategy_param
+from .catalog import find_banner_file
+from .errors import APIError
+from .service import get_service
+
+bp = Blueprint("pages", __name__)
+
+
+@bp.after_request
+def security_headers(resp):
+    if resp.mimetype == "text/html":
+        cdn = get_service().settings.cdn_url.split("/", 3)
+        cdn_origin = "/".join(cdn[:3])
+        resp.headers["Content-Security-Policy"] = (
+            f"default-src 'self'; img-src 'self' data: {cdn_origin}; style-src 'self'; script-src 'none'; "
+            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+        )
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "same-origin"
+    return resp
+
+
+@bp.get("/")
+def home():
+    svc = get_service()
+    q = (request.args.get("q") or "").strip()[:200]
+    results = svc.catalog.search(q, 40) if q else []
+    games = [svc.catalog.describe(r.appid, r.name, request.host_url) for r in results]
+    unique = svc.unique_payload(svc.default_strategy, 12, request.host_url)
+    return render_template(
+        "index.html",
+        q=q,
+        results=games,
+        unique=unique,
+        strategies=[svc.describe_strategy(n) for n in svc.strategy_names],
+        default_strategy=svc.default_strategy,
+        apps=len(svc.catalog),
+        max_upload_mb=svc.settings.max_upload_mb,
+    )
+
+
+@bp.get("/render/<appid>")
+def render(appid: str):
+    svc = get_service()
+    app_id = parse_appid(appid)
+    strategy = strategy_param(svc)
+    k = k_param(svc, strategy, default=20)
+    game = svc.catalog.get(app_id)
+    if game is None:
+        raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
+    payload = svc.table_payload(strategy, game, k, request.host_url)
+    return render_template(
+        "gallery.html",
+        payload=payload,
+        upload=None,
+        strategies=svc.strategy_names,
+        strategy=strategy,
+        k=k,
+    )
+
+
+@bp.post("/upload")
+def upload():
+    svc = get_service()
+    strategy = strategy_param(svc)
+    if request.form.get("strategy"):
+        resolved = svc.resolve_strategy(request.form["strategy"])
+        if resolved is None:
+            raise APIError(400, "unknown_strategy", f"unknown strategy; available: {', '.join(svc.strategy_names)}")
+        strategy = resolved
+    k = k_param(svc, strategy, default=20)
+    svc.check_rate_limit(request.remote_addr or "-")
+    payload, _, uploaded = svc.upload_payload(strategy, k, request.host_url)
+    thumb = _thumbnail_data_url(uploaded.image)
+    return render_template(
+        "gallery.html", payload=payload, upload=thumb, strategies=svc.strategy_names, strategy=strategy, k=k
+    )
+
+
+def compare_page(appid: str):
+    """The /compare/<appid> page (browsers; the same URL answers JSON to API clients)."""
+    g.html = True
+    svc = get_service()
+    app_id = parse_appid(appid)
+    names = svc.strategies_param(request.args.get("strategies"))
+    k = int_param("k", 8, 1, max(1, min(svc.max_k(n) for n in names)))
+    game = svc.catalog.get(app_id)
+    if game is None:
+        raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
+    payload = svc.compare_payload(names, game, k, request.host_url)
+    return render_template("compare.html", payload=payload, descriptions={n: svc.describe_strategy(n) for n in names})
+
+
+@bp.get("/banners/<appid>.jpg")
+def banner(appid: str):
+    svc = get_service()
+    if not appid.isdigit() or len(appid) > 10 or int(appid) not in svc.catalog.local_banners:
+        abort(404)
+    path = find_banner_file(svc.settings.banners_dir, int(appid))
+    if path is None:
+        abort(404)
+    resp = send_file(path, max_age=86400, conditional=True)
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+def _thumbnail_data_url(image: Image.Image) -> str:
+    """A small JPEG of the upload for the result page (the upload itself is never stored)."""
+    thumb = image.copy()
+    thumb.thumbnail((300, 450))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

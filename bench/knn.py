@@ -1,0 +1,154 @@
+"""Benchmark of the exact kNN (app/knn.py) against the usual shortcuts, at the real catalogue size.
+
+    python bench/knn.py [--n N] [--dim 1536] [--k 100] [--dtype float16] [--queries 200]
+
+Embeddings are seeded random unit vectors (the worst case for near-ties: all scores crowd around 0);
+N defaults to the number of games in the Steam catalogue (``../shared/data/steam_catalog_2021.json``
+next to the repository, else 29,982). Prints one table:
+
+- the full neighbour table: ``topk_table`` vs faiss ``IndexFlatIP`` (k + 1, then the row itself dropped),
+  with their agreement (identical neighbour lists, largest score difference). faiss is optional
+  (``bench/requirements.txt``); without it the row says so.
+- one query: ``ExactSearch.search`` (on a read-only memmap, as the service has it) vs a plain numpy
+  float32 matrix-vector product + argpartition, p50/p99 over random queries, and how often the plain
+  version's top k differs from the exact one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from app.knn import ExactSearch, topk_table  # noqa: E402
+
+CATALOG = ROOT.parent / "shared" / "data" / "steam_catalog_2021.json"
+FALLBACK_N = 29_982
+
+
+def catalog_size() -> tuple[int, str]:
+    try:
+        return len(json.loads(CATALOG.read_text())), f"games in {CATALOG.name}"
+    except (OSError, ValueError):
+        return FALLBACK_N, "synthetic (catalogue file not found)"
+
+
+def unit_vectors(n: int, dim: int, dtype: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 8192):  # bounded temporaries
+        part = rng.standard_normal((min(8192, n - start), dim), dtype=np.float32)
+        x[start : start + len(part)] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return x.astype(dtype)
+
+
+def faiss_table(table: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float] | str:
+    """faiss's exact inner-product search of every row, k + 1 results with the row itself dropped."""
+    try:
+        import faiss
+    except ImportError:
+        return "faiss not installed (pip install -r bench/requirements.txt)"
+    x = np.ascontiguousarray(table, dtype=np.float32)
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    scores, ids = index.search(x, k + 1)
+    n = len(x)
+    is_self = ids == np.arange(n)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)  # the row itself, else the last
+    keep = np.ones_like(is_self)
+    keep[np.arange(n), drop] = False
+    elapsed = time.perf_counter() - t0
+    return ids[keep].reshape(n, k), scores[keep].reshape(n, k), elapsed
+
+
+def percentiles(times: list[float]) -> str:
+    ms = np.array(times) * 1e3
+    return f"p50 {np.percentile(ms, 50):6.2f} ms  p99 {np.percentile(ms, 99):6.2f} ms"
+
+
+def numpy_topk(table32: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    scores = table32 @ query
+    top = np.argpartition(-scores, k - 1)[:k]
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
+def main() -> None:
+    n_default, n_source = catalog_size()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=None, help=f"rows (default: {n_default}, {n_source})")
+    parser.add_argument("--dim", type=int, default=1536)
+    parser.add_argument("--k", type=int, default=100, help="neighbours per row in the table")
+    parser.add_argument("--query-k", type=int, default=10, help="results per single query")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    n = args.n or n_default
+    if args.n:
+        n_source = "--n"
+
+    table = unit_vectors(n, args.dim, args.dtype, args.seed)
+    rows: list[tuple[str, str]] = []
+    print(f"N = {n} ({n_source}), D = {args.dim}, k = {args.k}, {args.dtype}, torch threads {torch.get_num_threads()}")
+
+    t0 = time.perf_counter()
+    neighbours, scores = topk_table(table, args.k)
+    ours = time.perf_counter() - t0
+    rows.append(("topk_table, all rows (exact)", f"{ours:8.2f} s"))
+    result = faiss_table(table, args.k)
+    if isinstance(result, str):
+        rows.append(("faiss IndexFlatIP, all rows", result))
+    else:
+        f_ids, f_scores, f_time = result
+        same = float((f_ids == neighbours).all(axis=1).mean())
+        diff = float(np.abs(f_scores.astype(np.float64) - scores).max())
+        rows.append(("faiss IndexFlatIP, all rows", f"{f_time:8.2f} s"))
+        rows.append(("  identical neighbour lists", f"{same:8.2%}"))
+        rows.append(("  max score difference", f"{diff:10.2e}"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "embeddings.npy", table)
+        stored = np.load(Path(tmp) / "embeddings.npy", mmap_mode="r")
+        t0 = time.perf_counter()
+        search = ExactSearch(stored)
+        build = time.perf_counter() - t0
+        rng = np.random.default_rng(args.seed + 1)
+        queries = rng.standard_normal((args.queries, args.dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        table32 = np.ascontiguousarray(table, dtype=np.float32)
+        for q in queries[:5]:  # warm up both
+            search.search(q, args.query_k)
+            numpy_topk(table32, q, args.query_k)
+        exact_t, plain_t, differ = [], [], 0
+        for q in queries:
+            t0 = time.perf_counter()
+            idx, _ = search.search(q, args.query_k)
+            exact_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            plain = numpy_topk(table32, q, args.query_k)
+            plain_t.append(time.perf_counter() - t0)
+            differ += not np.array_equal(idx, plain)
+        del search, stored
+    rows.append((f"ExactSearch build (memmap{'' if args.dtype == 'float16' else ', float16 copy'})", f"{build:8.2f} s"))
+    rows.append((f"ExactSearch.search, k={args.query_k}", percentiles(exact_t)))
+    rows.append(("numpy float32 matvec + argpartition", percentiles(plain_t)))
+    rows.append(("  top-k lists differing from exact", f"{differ} / {len(queries)}"))
+
+    width = max(len(name) for name, _ in rows)
+    print("-" * (width + 32))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""gunicorn settings for the service (used by the Procfile, the Dockerfile and the tests).
+
+Worker class: gthread. Each worker process serves several requests at once in
+threads, so a slow client uploading a large image ties up one thread, not the
+worker: lookups keep flowing. Inference and the search release the GIL (torch
+and numpy kernels), so threads also overlap CPU work. The sync class would
+need a buffering proxy in front to be safe from slow clients; gevent/eventlet
+would not help CPU-bound model inference.
+
+preload_app: the master loads and checks the index once, before forking, so a
+bad index stops start-up with one message, and the memory-mapped tables are
+shared by all workers. Models are loaded lazily inside each worker (torch's
+thread pool must not exist before fork), once per backbone per worker.
+
+Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2),
+GUNICORN_THREADS (default 4), GUNICORN_TIMEOUT (default 120 s).
+"""
+
+import os
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+preload_app = True
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))  # the first upload per backbone loads its model
+graceful_timeout = 30
+keepalive = 5
+accesslog = os.environ.get("ACCESS_LOG") or None  # "-" for stdout
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+limit_request_line = 8190
+
+
+def post_fork(server, worker):
+    """Split the cores between workers unless TORCH_THREADS says otherwise."""
+    if not os.environ.get("TORCH_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["TORCH_THREADS"] = str(max(1, cores // max(1, workers)))
+
+
+def post_worker_init(worker):
+    """PRELOAD_MODELS=ComplexB16,SimpleS16 (or 'all'): load those backbones before serving uploads."""
+    from app.service import EXTENSION_KEY
+
+    service = worker.wsgi.extensions[EXTENSION_KEY]
+    if service.settings.preload_models:
+        service.preload_models(service.settings.preload_models)

@@ -1,0 +1,251 @@
+"""Building an index folder: banners in, embeddings and exact neighbour tables out.
+
+The steps, each safe to interrupt:
+
+1. check the inputs (folder, apps list, strategies, options): bad input stops
+   here, before anything is written;
+2. resolve each backbone's checkpoint (cache, download or ``--weights``) and
+   hash it; hash every banner;
+3. embed what the cache lacks, batch by batch, each batch persisted at once
+   (see ``cache.py``); unreadable images are skipped and recorded;
+4. for every strategy, store the embeddings (float16 by default) and compute
+   the exact top-k tables over the stored values (``app.knn``);
+5. write it all to a staging folder and swap it into place (``writer.py``).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from app.dino.extract import Extractor, configure_threads, default_batch_size, default_device
+from app.dino.strategies import Strategy
+from app.dino.weights import checkpoint_url, file_sha256, resolve_checkpoint
+from app.index import APPS, FORMAT, FORMAT_VERSION
+from app.knn import topk_table
+
+from .cache import EmbeddingCache, strategy_key
+from .sources import Source, SourceError, load_apps, plan_sources
+from .sources import file_sha256 as image_sha256
+from .writer import IndexWriter, recover
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class BuildConfig:
+    images: Path
+    out: Path
+    strategies: list[Strategy]
+    k: int = 100
+    apps_file: Path | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    weights: dict[str, Path] = field(default_factory=dict)
+    num_workers: int | None = None
+    threads: int | None = None
+    dtype: str = "float16"
+    precision: str = "fp32"
+    progress: bool = True
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    rows: int
+    strategies: list[str]
+    embedded: int
+    reused: int
+    skipped: list[dict]
+    missing_images: int
+    seconds: float
+    embed_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = f"{self.embedded / self.embed_seconds:.1f} images/s" if self.embedded and self.embed_seconds else "-"
+        return (
+            f"index: {self.rows} images ({self.embedded} embedded, {self.reused} reused, {len(self.skipped)} skipped"
+            f"{f', {self.missing_images} listed apps without a banner' if self.missing_images else ''}), "
+            f"{len(self.strategies)} strategies ({', '.join(self.strategies)}) in {self.seconds:.1f} s, "
+            f"embedding at {rate} -> {self.out}"
+        )
+
+
+def _check_config(cfg: BuildConfig) -> None:
+    if not cfg.strategies:
+        raise SourceError("no strategy to build")
+    if cfg.k < 1:
+        raise SourceError(f"--k must be at least 1, got {cfg.k}")
+    if cfg.dtype not in DTYPES:
+        raise SourceError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise SourceError("--batch-size must be at least 1")
+    codes = {s.backbone.code for s in cfg.strategies}
+    unused = set(cfg.weights) - codes
+    if unused:
+        raise SourceError(f"--weights given for {sorted(unused)}, which no requested strategy uses ({sorted(codes)})")
+    device = cfg.device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SourceError("--device cuda: no CUDA device is available here")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise SourceError(f"--out {cfg.out} exists and is not a folder")
+
+
+def build_index(cfg: BuildConfig) -> BuildSummary:
+    start = time.perf_counter()
+    _check_config(cfg)
+    apps = load_apps(cfg.apps_file) if cfg.apps_file else None
+    plan = plan_sources(cfg.images, apps)
+    if len(plan.sources) < 2:
+        raise SourceError(
+            f"{cfg.images}: {len(plan.sources)} usable banner(s); an index needs at least 2 "
+            f"(files named <appid>.jpg/.jpeg/.png/.webp{', listed in --apps' if apps is not None else ''})"
+        )
+    configure_threads(cfg.threads)
+    device = cfg.device or default_device()
+    notes = []
+    work = cfg.out.parent / f".{cfg.out.name}.work"
+    with EmbeddingCache(work) as cache:
+        note = recover(cfg.out)
+        if note:
+            notes.append(note)
+        checkpoints, ckpt_sha = {}, {}
+        for s in cfg.strategies:
+            code = s.backbone.code
+            if code not in checkpoints:
+                checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
+                ckpt_sha[code] = file_sha256(checkpoints[code])
+        keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], cfg.precision) for s in cfg.strategies}
+        shas = [image_sha256(src.path) for src in tqdm(plan.sources, desc="hashing", disable=not cfg.progress)]
+
+        embed_start = time.perf_counter()
+        embedded = _embed_missing(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
+        embed_seconds = time.perf_counter() - embed_start
+
+        rows = [i for i, h in enumerate(shas) if h not in cache.failed]
+        skipped = [
+            {"appid": plan.sources[i].appid, "file": plan.sources[i].path.name, "reason": cache.failed[h]}
+            for i, h in enumerate(shas)
+            if h in cache.failed
+        ]
+        for s in skipped:
+            print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
+        if len(rows) < 2:
+            raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
+        _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache)
+        cache.consolidate()
+    embedded = min(embedded, len(rows))
+    reused = len(rows) - embedded
+    return BuildSummary(
+        out=cfg.out,
+        rows=len(rows),
+        strategies=[s.name for s in cfg.strategies],
+        embedded=embedded,
+        reused=reused,
+        skipped=skipped,
+        missing_images=len(plan.missing_images),
+        seconds=time.perf_counter() - start,
+        embed_seconds=embed_seconds,
+        notes=notes,
+    )
+
+
+def _embed_missing(
+    cfg: BuildConfig,
+    device: str,
+    sources: list[Source],
+    shas: list[str],
+    keys: dict[str, str],
+    checkpoints: dict[str, Path],
+    ckpt_sha: dict[str, str],
+    cache: EmbeddingCache,
+) -> int:
+    """Embed the banners the cache lacks for some strategy; returns how many were embedded (not failed)."""
+    todo_strategies = [
+        s for s in cfg.strategies if any(h not in cache.failed and not cache.has(keys[s.name], h) for h in shas)
+    ]
+    todo = [
+        i
+        for i, h in enumerate(shas)
+        if h not in cache.failed and any(not cache.has(keys[s.name], h) for s in todo_strategies)
+    ]
+    if not todo:
+        return 0
+    extractor = Extractor(
+        todo_strategies,
+        device=device,
+        precision=cfg.precision,
+        checkpoints=checkpoints,
+        expected_sha256=ckpt_sha,
+        download=False,
+    )
+    batch_size = cfg.batch_size or default_batch_size(device)
+    done = 0
+    with tqdm(total=len(todo), unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1) as bar:
+        for batch in extractor.iter_files(
+            [sources[i].path for i in todo], batch_size=batch_size, num_workers=cfg.num_workers
+        ):
+            batch_shas = [shas[todo[j]] for j in batch.indices]
+            features = {keys[name]: feats for name, feats in batch.features.items()}
+            failed = {shas[todo[j]]: reason for j, reason in batch.failures}
+            cache.add_batch(batch_shas, features, failed)
+            bar.update(len(batch.indices) + len(batch.failures))
+            done += len(batch.indices)
+    return done
+
+
+def _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache) -> None:
+    n = len(rows)
+    apps = [{"appid": plan.sources[i].appid, "name": plan.sources[i].name} for i in rows]
+    with IndexWriter(cfg.out) as writer:
+        apps_sha = writer.write_json(APPS, apps)
+        entries = {}
+        for s in cfg.strategies:
+            key = keys[s.name]
+            emb = np.stack([cache.get(key, shas[i]) for i in rows]).astype(cfg.dtype)
+            k = min(cfg.k, n - 1)
+            with tqdm(total=n, unit="row", desc=f"neighbours {s.name}", disable=not cfg.progress) as bar:
+                neighbours, scores = topk_table(emb, k, progress=bar.update)
+            files = {
+                "embeddings.npy": writer.write_array(f"{s.name}/embeddings.npy", emb),
+                "neighbours.npy": writer.write_array(f"{s.name}/neighbours.npy", neighbours.astype(np.int32)),
+                "scores.npy": writer.write_array(f"{s.name}/scores.npy", scores.astype(np.float32)),
+            }
+            code = s.backbone.code
+            entries[s.name] = s.to_manifest() | {
+                "k": k,
+                "checkpoint": {
+                    "file": checkpoints[code].name,
+                    "sha256": ckpt_sha[code],
+                    "url": checkpoint_url(s.backbone),
+                },
+                "precision": cfg.precision,
+                "cache_key": key,
+                "files": files,
+            }
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "num_apps": n,
+            "apps_sha256": apps_sha,
+            "embeddings_dtype": cfg.dtype,
+            "strategies": entries,
+            "skipped_images": skipped,
+            "missing_images": plan.missing_images,
+            "build": {
+                "device": device,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        writer.commit(manifest)

@@ -1,0 +1,132 @@
+"""The build's embedding cache: what makes a build resumable and incremental.
+
+Every batch the extractor finishes is written at once, atomically, as a
+chunk file: the sha256 of each banner's bytes and, per strategy key, its
+float32 features (and the banners that could not be decoded, with why).
+A run killed at any point (SIGKILL included) loses at most the batch in
+flight; the next run loads the chunks and computes only what is missing.
+After a successful build the chunks are merged into one store file per
+strategy key, which later builds reuse: adding banners to a catalog only
+embeds the new ones, and a changed banner (new sha256) is embedded again.
+
+A strategy key hashes everything that determines the features: the
+strategy's recorded settings, the checkpoint's sha256 and the precision.
+
+The cache lives beside the index (``.<index>.work/``); a lock file keeps two
+builds from writing the same one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_save_npz, atomic_write_json
+
+FAILED = "failed.json"
+
+
+def strategy_key(strategy_entry: dict, checkpoint_sha256: str, precision: str) -> str:
+    blob = json.dumps(
+        {"strategy": strategy_entry, "checkpoint": checkpoint_sha256, "precision": precision}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class BuildLocked(RuntimeError):
+    pass
+
+
+class EmbeddingCache:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.chunks = folder / "chunks"
+        self.store = folder / "store"
+        self.vectors: dict[str, dict[str, np.ndarray]] = {}
+        self.failed: dict[str, str] = {}
+        self._lock_fd: int | None = None
+
+    # -- locking ---------------------------------------------------------------------------------
+    def __enter__(self) -> EmbeddingCache:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.chunks.mkdir(exist_ok=True)
+        self.store.mkdir(exist_ok=True)
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BuildLocked(f"another build is using {self.folder}; wait for it to finish") from None
+        self._lock_fd = fd
+        self._load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _load(self) -> None:
+        for path in sorted(self.store.glob("*.npz")):
+            self._load_npz(path)
+        failed = self.store / FAILED
+        if failed.is_file():
+            self.failed.update(json.loads(failed.read_text()))
+        for path in sorted(self.chunks.glob("*.npz")):
+            self._load_npz(path)
+        for tmp in [*self.chunks.glob(".*"), *self.store.glob(".*")]:
+            tmp.unlink(missing_ok=True)  # temporaries of a killed run
+
+    def _load_npz(self, path: Path) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                shas = [str(s) for s in z["sha256"]]
+                for name in z.files:
+                    if name.startswith("f_"):
+                        feats = z[name]
+                        table = self.vectors.setdefault(name[2:], {})
+                        table.update(zip(shas, feats, strict=True))
+                if "failed_sha256" in z.files:
+                    self.failed.update(zip(map(str, z["failed_sha256"]), map(str, z["failed_reason"]), strict=True))
+        except (OSError, ValueError, KeyError) as e:  # written atomically, so only outside damage gets here
+            print(f"warning: ignoring unreadable cache file {path}: {e}")
+
+    def get(self, key: str, sha: str) -> np.ndarray | None:
+        return self.vectors.get(key, {}).get(sha)
+
+    def has(self, key: str, sha: str) -> bool:
+        return sha in self.vectors.get(key, {})
+
+    # -- writing ---------------------------------------------------------------------------------
+    def add_batch(self, shas: list[str], features: dict[str, np.ndarray], failed: dict[str, str]) -> None:
+        """Persist one batch (atomically, durably), then make it visible to ``get``."""
+        arrays = {"sha256": np.array(shas, dtype="U64")}
+        arrays |= {f"f_{key}": np.ascontiguousarray(v, dtype=np.float32) for key, v in features.items()}
+        if failed:
+            arrays["failed_sha256"] = np.array(list(failed), dtype="U64")
+            arrays["failed_reason"] = np.array(list(failed.values()))
+        atomic_save_npz(self.chunks / f"{uuid.uuid4().hex}.npz", **arrays)
+        for key, feats in features.items():
+            self.vectors.setdefault(key, {}).update(zip(shas, np.asarray(feats, dtype=np.float32), strict=True))
+        self.failed.update(failed)
+
+    def consolidate(self) -> None:
+        """Merge everything into one store file per strategy key and drop the chunks."""
+        for key, table in self.vectors.items():
+            shas = sorted(table)
+            atomic_save_npz(
+                self.store / f"{key}.npz",
+                sha256=np.array(shas, dtype="U64"),
+                **{f"f_{key}": np.stack([table[s] for s in shas]) if shas else np.zeros((0, 0), np.float32)},
+            )
+        atomic_write_json(self.store / FAILED, self.failed)
+        for chunk in self.chunks.glob("*.npz"):
+            chunk.unlink()

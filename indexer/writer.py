@@ -1,0 +1,87 @@
+"""Writing an index folder so that it appears all at once, or not at all.
+
+Everything is written into a hidden staging folder beside the target
+(``.<index>.staging-<pid>``), fsynced, with ``manifest.json`` last; then the
+previous index (if any) is renamed aside, the staging folder renamed into
+place, and the previous one deleted. A crash or a full disk while writing
+leaves the previous index untouched; a crash between the two renames is
+repaired by ``recover`` at the start of the next build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from app.index import MANIFEST, sha256_file
+
+from .atomic import atomic_write_json, fsync_dir
+
+
+def _hidden(out: Path, tag: str) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.{tag}-*"))
+
+
+def recover(out: Path) -> str | None:
+    """Repair what an interrupted swap left; returns a note about what was done, if anything."""
+    note = None
+    if not out.exists():
+        complete = [p for p in _hidden(out, "staging") if (p / MANIFEST).is_file()]
+        olds = _hidden(out, "old")
+        if complete:
+            os.rename(complete[-1], out)
+            note = f"finished the interrupted replacement of {out}"
+        elif olds:
+            os.rename(olds[-1], out)
+            note = f"restored the previous {out} after an interrupted replacement"
+    for leftover in [*_hidden(out, "staging"), *_hidden(out, "old")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return note
+
+
+class IndexWriter:
+    """Collects the files of a new index in a staging folder; ``commit`` swaps it into place."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+
+    def __enter__(self) -> IndexWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.staging.exists():  # not committed: leave no trace, keep the previous index
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def write_array(self, rel: str, array: np.ndarray) -> dict:
+        """Save an array durably; returns its manifest entry (shape, dtype, sha256)."""
+        path = self.staging / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": sha256_file(path)}
+
+    def write_json(self, rel: str, obj: object, indent: int | None = None) -> str:
+        path = self.staging / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, obj, indent=indent)
+        return sha256_file(path)
+
+    def commit(self, manifest: dict) -> None:
+        for folder in [p for p in self.staging.rglob("*") if p.is_dir()]:
+            fsync_dir(folder)
+        atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        if self.out.exists():
+            os.rename(self.out, old)
+        os.rename(self.staging, self.out)
+        fsync_dir(self.out.parent)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,344 @@
+"""The offline index builder, end to end on generated banners with random checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_banner, make_catalog, sha256_of
+
+from app.dino.extract import Extractor
+from app.dino.images import open_image
+from app.dino.strategies import parse_strategies
+from app.dino.weights import ModelCache
+from app.index import FORMAT, FORMAT_VERSION, load_index
+from indexer.build import BuildConfig, build_index
+from indexer.writer import IndexWriter, recover
+
+SCRIPT = ROOT / "scripts" / "build_index.py"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def brute_force(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 scores of the stored values; best first, ties by lower index, self excluded."""
+    e = emb.astype(np.float64)
+    s = e @ e.T
+    np.fill_diagonal(s, -np.inf)
+    idx = np.arange(len(e))
+    order = np.array([np.lexsort((idx, -row))[:k] for row in s])
+    return order, np.take_along_axis(s, order, 1)
+
+
+def arrays_of(index: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(index)): p.read_bytes() for p in sorted(index.rglob("*.npy"))} | {
+        "apps.json": (index / "apps.json").read_bytes()
+    }
+
+
+def test_layout_manifest_and_tables(built_index):
+    idx = built_index.index
+    manifest = json.loads((idx / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["num_apps"] == 24 and manifest["embeddings_dtype"] == "float16"
+    apps = json.loads((idx / "apps.json").read_text())
+    assert apps == sorted(built_index.apps, key=lambda a: a["appid"])
+    assert set(manifest["strategies"]) == set(built_index.strategies)
+    ckpt = built_index.torch_home / "hub" / "checkpoints"
+    for name, entry in manifest["strategies"].items():
+        assert sorted(p.name for p in (idx / name).iterdir()) == ["embeddings.npy", "neighbours.npy", "scores.npy"]
+        assert entry["k"] == 10
+        assert entry["checkpoint"]["sha256"] == sha256_of(ckpt / entry["checkpoint"]["file"])
+        assert entry["preprocessing"]["name"] == "dino" and entry["preprocessing"]["crop"] == [224, 224]
+        for fname, spec in entry["files"].items():
+            assert spec["sha256"] == sha256_of(idx / name / fname)
+        emb = np.load(idx / name / "embeddings.npy")
+        nbr = np.load(idx / name / "neighbours.npy")
+        sco = np.load(idx / name / "scores.npy")
+        assert emb.shape == (24, entry["dim"]) and emb.dtype == np.float16
+        assert nbr.dtype == np.int32 and sco.dtype == np.float32 and nbr.shape == sco.shape == (24, 10)
+        np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float64), axis=1), 1.0, atol=2e-3)
+        want_nbr, want_sco = brute_force(emb, 10)
+        assert np.array_equal(nbr, want_nbr), name
+        np.testing.assert_allclose(sco, want_sco, rtol=0, atol=1e-7)
+        assert not (nbr == np.arange(24)[:, None]).any()
+    assert manifest["strategies"]["ComplexS16"]["params"] == {"n_last_blocks": 4, "avgpool_patchtokens": False}
+    assert manifest["strategies"]["ComplexB16"]["dim"] == 1536
+    load_index(idx)  # the service's own checks accept it
+
+
+def test_embeddings_equal_single_image_extraction(built_index, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+    ex = Extractor(parse_strategies(",".join(built_index.strategies)), models=ModelCache())
+    apps = json.loads((built_index.index / "apps.json").read_text())
+    for row in (0, 7, 23):
+        img = open_image(built_index.banners / f"{apps[row]['appid']}.jpg")
+        single = ex.embed_images([img])
+        for name in built_index.strategies:
+            stored = np.load(built_index.index / name / "embeddings.npy")[row].astype(np.float32)
+            np.testing.assert_allclose(stored, single[name][0], atol=1e-3, rtol=0)  # float16 storage
+
+
+def test_float32_storage_and_corrupt_images_skipped(tmp_path, install_checkpoints):
+    install_checkpoints("S16")
+    apps = make_catalog(tmp_path / "banners", 6)
+    (tmp_path / "banners" / "7.jpg").write_bytes(b"<html>not a banner</html>")
+    good = (tmp_path / "banners" / "10.jpg").read_bytes()
+    (tmp_path / "banners" / "8.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    (tmp_path / "banners" / "9.png").write_bytes(b"")  # empty
+    (tmp_path / "banners" / "notes.txt").write_text("ignored")
+    r = run_cli(
+        "--images",
+        str(tmp_path / "banners"),
+        "--out",
+        str(tmp_path / "index"),
+        "--strategies",
+        "SimpleS16,ComplexS16",
+        "--k",
+        "3",
+        "--dtype",
+        "float32",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "6 images" in r.stdout and "3 skipped" in r.stdout
+    assert r.stderr.count("warning: skipped") == 3
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert sorted(s["appid"] for s in manifest["skipped_images"]) == [7, 8, 9]
+    assert [a["appid"] for a in json.loads((tmp_path / "index" / "apps.json").read_text())] == [
+        a["appid"] for a in apps
+    ]
+    emb = np.load(tmp_path / "index" / "SimpleS16" / "embeddings.npy")
+    assert emb.dtype == np.float32
+    ex = Extractor(parse_strategies("SimpleS16"), models=ModelCache())
+    single = ex.embed_images([open_image(tmp_path / "banners" / "30.jpg")])["SimpleS16"][0]
+    np.testing.assert_allclose(emb[2], single, atol=1e-5, rtol=0)
+
+
+def test_apps_list_names_and_missing(tmp_path, install_checkpoints):
+    install_checkpoints("S16")
+    apps = make_catalog(tmp_path / "banners", 4)
+    make_banner(tmp_path / "banners" / "999.jpg", seed=1)  # not in the list: ignored
+    listed = [*apps, {"appid": 12345, "name": "No banner"}]
+    (tmp_path / "apps.json").write_text(json.dumps(listed))
+    r = run_cli(
+        "--images",
+        str(tmp_path / "banners"),
+        "--out",
+        str(tmp_path / "index"),
+        "--strategies",
+        "SimpleS16",
+        "--apps",
+        str(tmp_path / "apps.json"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "1 listed apps without a banner" in r.stdout
+    index = load_index(tmp_path / "index")
+    assert index.apps == apps
+    assert index.strategies["SimpleS16"].k == 3  # k capped to N - 1
+    assert index.manifest["missing_images"] == [12345]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategies", "FancyB16"], "unknown strategy"),
+        (["--k", "0"], "--k must be at least 1"),
+        (["--apps", "nope.json"], "no such file"),
+        (["--weights", "a.pth", "--strategies", "SimpleS16,SimpleB16"], "say which one"),
+        (["--weights", "S8=a.pth", "--strategies", "SimpleS16"], "which no requested strategy uses"),
+    ],
+)
+def test_bad_input_changes_nothing(tmp_path, args, message):
+    make_catalog(tmp_path / "banners", 3)
+    r = run_cli("--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["banners"]
+
+
+def test_bad_apps_file_and_empty_folder(tmp_path):
+    (tmp_path / "banners").mkdir()
+    (tmp_path / "apps.json").write_text('[{"appid": "ten"}]')
+    r = run_cli(
+        "--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"), "--apps", str(tmp_path / "apps.json")
+    )
+    assert r.returncode == 2 and "entry 0" in r.stderr
+    r = run_cli("--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"))
+    assert r.returncode == 2 and "at least 2" in r.stderr
+    r = run_cli("--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "index"))
+    assert r.returncode == 2 and "no such folder" in r.stderr
+    assert not (tmp_path / "index").exists()
+
+
+def test_missing_weights_without_network(tmp_path, torch_home):
+    make_catalog(tmp_path / "banners", 3)
+    r = run_cli(
+        "--images",
+        str(tmp_path / "banners"),
+        "--out",
+        str(tmp_path / "index"),
+        "--strategies",
+        "SimpleS16",
+        env={"DINO_BASE_URL": "http://127.0.0.1:9"},
+    )
+    assert r.returncode == 1
+    assert "dino_deitsmall16_pretrain.pth" in r.stderr and str(torch_home) in r.stderr
+    assert not (tmp_path / "index").exists()
+
+
+def test_explicit_weights_path(tmp_path, torch_home, checkpoint_store):
+    make_catalog(tmp_path / "banners", 3)
+    r = run_cli(
+        "--images",
+        str(tmp_path / "banners"),
+        "--out",
+        str(tmp_path / "index"),
+        "--strategies",
+        "SimpleS16",
+        "--weights",
+        str(checkpoint_store("S16")),
+    )
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["strategies"]["SimpleS16"]["checkpoint"]["sha256"] == sha256_of(checkpoint_store("S16"))
+
+
+def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints):
+    install_checkpoints("B16")
+    make_catalog(tmp_path / "banners", 18)
+    (tmp_path / "banners" / "5.jpg").write_bytes(b"junk")
+    common = [
+        "--images",
+        str(tmp_path / "banners"),
+        "--strategies",
+        "SimpleB16,ComplexB16",
+        "--k",
+        "5",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
+    ref = run_cli(*common, "--out", str(tmp_path / "reference"))
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "index"
+    chunks = tmp_path / ".index.work" / "chunks"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *common, "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(chunks.glob("*.npz"))) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(chunks.glob("*.npz")))
+    assert 3 <= done < 9
+    assert not out.exists(), "an interrupted first build must not leave an index folder"
+
+    resumed = run_cli(*common, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 skipped" in resumed.stdout
+    embedded = int(resumed.stdout.split("(")[1].split(" embedded")[0])
+    assert embedded <= 18 - 2 * (done - 1)  # finished batches were not embedded again
+    assert arrays_of(out) == arrays_of(tmp_path / "reference")
+    assert not list(tmp_path.glob(".index.staging-*")) and not list(chunks.glob("*.npz"))
+
+
+def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints):
+    install_checkpoints("S16")
+    make_catalog(tmp_path / "banners", 8)
+    common = [
+        "--images",
+        str(tmp_path / "banners"),
+        "--out",
+        str(tmp_path / "index"),
+        "--strategies",
+        "SimpleS16,ComplexS16",
+        "--k",
+        "4",
+        "--dtype",
+        "float32",
+    ]
+    first = run_cli(*common)
+    assert first.returncode == 0 and "(8 embedded, 0 reused" in first.stdout, first.stdout + first.stderr
+    old = np.load(tmp_path / "index" / "ComplexS16" / "embeddings.npy")
+    for appid in (5, 500, 1000):
+        make_banner(tmp_path / "banners" / f"{appid}.jpg", seed=appid)
+    make_banner(tmp_path / "banners" / "10.jpg", seed=99)  # a changed banner is embedded again
+    second = run_cli(*common)
+    assert second.returncode == 0 and "11 images (4 embedded, 7 reused" in second.stdout, second.stdout
+    index = load_index(tmp_path / "index")
+    assert [a["appid"] for a in index.apps][:2] == [5, 10]
+    emb = index.strategies["ComplexS16"].embeddings
+    np.testing.assert_array_equal(emb[2:9], old[1:8])  # reused rows are the cached values, bit for bit
+    nothing = run_cli(*common)
+    assert "(0 embedded, 11 reused" in nothing.stdout
+    fresh = run_cli(*common[:2], "--out", str(tmp_path / "fresh"), *common[4:])
+    assert fresh.returncode == 0
+    np.testing.assert_allclose(np.load(tmp_path / "fresh" / "ComplexS16" / "embeddings.npy"), emb, atol=1e-5)
+
+
+def test_disk_full_while_writing_keeps_the_previous_index(tmp_path, install_checkpoints, monkeypatch):
+    install_checkpoints("S16")
+    make_catalog(tmp_path / "banners", 5)
+    strategies = parse_strategies("SimpleS16,ComplexS16")
+    cfg = BuildConfig(images=tmp_path / "banners", out=tmp_path / "index", strategies=strategies, k=2, progress=False)
+    build_index(cfg)
+    before = arrays_of(tmp_path / "index")
+    manifest_before = (tmp_path / "index" / "manifest.json").read_bytes()
+    make_banner(tmp_path / "banners" / "1000.jpg", seed=7)
+    calls = {"n": 0}
+    real = IndexWriter.write_array
+
+    def failing(self, rel, array):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, rel, array)
+
+    monkeypatch.setattr(IndexWriter, "write_array", failing)
+    with pytest.raises(OSError, match="No space left"):
+        build_index(cfg)
+    assert arrays_of(tmp_path / "index") == before
+    assert (tmp_path / "index" / "manifest.json").read_bytes() == manifest_before
+    assert not list(tmp_path.glob(".index.staging-*"))
+    monkeypatch.setattr(IndexWriter, "write_array", real)
+    summary = build_index(cfg)  # the embeddings were kept: only the table writing is redone
+    assert summary.rows == 6 and summary.embedded == 0
+
+
+def test_recover_after_a_crash_between_the_two_renames(tmp_path):
+    out = tmp_path / "index"
+    staging = tmp_path / ".index.staging-123"
+    old = tmp_path / ".index.old-123"
+    staging.mkdir()
+    (staging / "manifest.json").write_text("{}")
+    old.mkdir()
+    (old / "manifest.json").write_text('{"old": true}')
+    assert "finished" in recover(out)
+    assert (out / "manifest.json").read_text() == "{}" and not old.exists()
+    out2 = tmp_path / "other"
+    old2 = tmp_path / ".other.old-5"
+    old2.mkdir()
+    (tmp_path / ".other.staging-5").mkdir()  # incomplete: no manifest
+    assert "restored" in recover(out2)
+    assert out2.is_dir() and not (tmp_path / ".other.staging-5").exists()

@@ -1,0 +1,177 @@
+"""The real service under gunicorn, over HTTP on 127.0.0.1: endpoints, errors, and the gallery in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import requests
+from conftest import ROOT, GunicornServer, server_env
+from PIL import Image, ImageChops, ImageStat
+
+
+def apps_of(built):
+    return json.loads((built.index / "apps.json").read_text())
+
+
+def test_starts_quickly_with_two_workers(server):
+    assert server.startup_s < 30
+    assert len(server.workers(expect=2)) == 2
+    h = requests.get(server.url + "/health", timeout=5).json()
+    assert h["status"] == "ok" and h["apps"] == 24
+
+
+def test_every_endpoint(server, built_index):
+    apps = apps_of(built_index)
+    nbr = np.load(built_index.index / "ComplexB16" / "neighbours.npy")
+    sco = np.load(built_index.index / "ComplexB16" / "scores.npy")
+    with requests.Session() as http:
+        for row, app in enumerate(apps):
+            body = http.get(f"{server.url}/match/{app['appid']}", params={"k": 10}, timeout=10).json()
+            assert [m["appid"] for m in body["matches"]] == [apps[i]["appid"] for i in nbr[row]]
+            np.testing.assert_allclose([m["score"] for m in body["matches"]], sco[row], atol=1e-6)
+        assert http.get(f"{server.url}/strategies", timeout=5).json()["default"] == "ComplexB16"
+        assert http.get(f"{server.url}/apps/20", timeout=5).json()["name"] == "STAR WARS™ Battlefront"
+        assert http.get(f"{server.url}/apps", params={"q": "pokémon"}, timeout=5).json()["results"][0]["appid"] == 10
+        assert len(http.get(f"{server.url}/unique", params={"n": 4}, timeout=5).json()["games"]) == 4
+        assert http.get(f"{server.url}/compare/10", params={"k": 3}, timeout=5).json()["k"] == 3
+        page = http.get(f"{server.url}/render/10", timeout=5)
+        assert page.status_code == 200 and "Pokémon Quest" in page.text
+        assert http.get(f"{server.url}/", timeout=5).status_code == 200
+        img = http.get(f"{server.url}/banners/10.jpg", timeout=5)
+        assert img.status_code == 200 and img.content == (built_index.banners / "10.jpg").read_bytes()
+        css = http.get(f"{server.url}/static/style.css", timeout=5)
+        assert css.status_code == 200 and "grid" in css.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("get", "/match/abc", {}, 400, "bad_appid"),
+        ("get", "/match/424242", {}, 404, "unknown_appid"),
+        ("get", "/match/10?k=500", {}, 400, "bad_parameter"),
+        ("get", "/match/10?strategy=nope", {}, 400, "unknown_strategy"),
+        ("post", "/match", {"data": b"x", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        ("post", "/match", {"data": b"not an image", "headers": {"Content-Type": "image/png"}}, 400, "not_an_image"),
+        ("post", "/match", {"files": {"picture": ("a.jpg", b"x")}}, 400, "missing_image"),
+        ("put", "/match/10", {}, 405, "method_not_allowed"),
+        ("get", "/no/such/thing", {}, 404, "not_found"),
+    ],
+)
+def test_error_codes_over_http(server, method, path, kwargs, status, code):
+    r = getattr(requests, method)(server.url + path, timeout=10, **kwargs)
+    assert r.status_code == status
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert r.json()["error"]["code"] == code
+
+
+def test_uploaded_indexed_banner_finds_itself(server, built_index):
+    for appid in (10, 130, 240):
+        data = (built_index.banners / f"{appid}.jpg").read_bytes()
+        for strategy in built_index.strategies:
+            r = requests.post(
+                f"{server.url}/match",
+                params={"strategy": strategy, "k": 3},
+                files={"image": ("b.jpg", data)},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            best = r.json()["matches"][0]
+            assert best["appid"] == appid and best["score"] > 0.998
+    raw = requests.post(
+        f"{server.url}/match",
+        data=(built_index.banners / "50.jpg").read_bytes(),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    )
+    assert raw.json()["matches"][0]["appid"] == 50
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _screenshot(url: str, out, images: bool = True) -> Image.Image:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={out.parent / ('profile-' + out.stem)}",
+        "--window-size=1280,1400",
+        f"--screenshot={out}",
+        "--virtual-time-budget=5000",
+    ]
+    if not images:
+        flags.append("--blink-settings=imagesEnabled=false")
+    subprocess.run([_chromium(), *flags, url], capture_output=True, timeout=120, check=False)
+    assert out.exists(), f"Chromium wrote no screenshot of {url}"
+    return Image.open(out).convert("RGB")
+
+
+@pytest.mark.skipif(
+    _chromium() is None and not os.environ.get("REQUIRE_CHROMIUM"),
+    reason="Chromium is not installed (.ci/run installs it and sets REQUIRE_CHROMIUM=1)",
+)
+def test_gallery_renders_in_headless_chromium(server, built_index, tmp_path):
+    url = f"{server.url}/render/10?strategy=ComplexB16&k=8"
+    with_images = _screenshot(url, tmp_path / "gallery.png")
+    without = _screenshot(url, tmp_path / "gallery-noimages.png", images=False)
+    assert with_images.size == (1280, 1400)
+    # The page itself (text, layout) is there without images too; the banners make the difference.
+    diff = ImageChops.difference(with_images, without).convert("L").point(lambda v: 255 if v > 40 else 0)
+    changed = ImageStat.Stat(diff).mean[0] / 255
+    assert changed > 0.10, f"only {changed:.1%} of the page changed when banners load"
+    # The query banner sits top left, beside the title: its own pixels must be on screen.
+    query = Image.open(built_index.banners / "10.jpg").convert("RGB").resize((200, 300))
+    crop = with_images.crop((24, 40, 24 + 260, 40 + 420))
+    q_colour = np.asarray(query).reshape(-1, 3).mean(0)
+    near = np.abs(np.asarray(crop).reshape(-1, 3).astype(int) - q_colour).sum(1) < 60
+    assert near.mean() > 0.05, "the query banner is not visible at the top left"
+    # And as many match cards as asked, each with a loaded banner (the no-image render lacks them).
+    html = requests.get(url, timeout=10).text
+    assert html.count('class="card"') == 8
+    if os.environ.get("SCREENSHOT_DIR"):  # keep the picture for people to look at
+        shutil.copy(tmp_path / "gallery.png", os.path.join(os.environ["SCREENSHOT_DIR"], "gallery.png"))
+
+
+def test_refuses_to_start_without_an_index(tmp_path):
+    srv = GunicornServer({"INDEX_DIR": str(tmp_path / "missing"), "TORCH_HOME": str(tmp_path)}, tmp_path / "log")
+    try:
+        assert srv.proc.wait(timeout=60) == 3
+        out = srv.output()
+        assert "cannot start" in out and "no index folder here" in out and "Traceback" not in out
+    finally:
+        srv.stop()
+
+
+def test_procfile_and_docker_use_the_same_entry_point():
+    procfile = (ROOT / "Procfile").read_text()
+    assert procfile.strip() == "web: gunicorn -c gunicorn.conf.py wsgi:app"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "gunicorn.conf.py" in dockerfile and "wsgi:app" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in dockerfile and "USER " in dockerfile
+
+
+def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
+    """PORT and WEB_CONCURRENCY from the environment, as a Heroku-like platform sets them."""
+    srv = GunicornServer(server_env(built_index, WEB_CONCURRENCY="1", INDEX_VERIFY="quick"), tmp_path / "log")
+    try:
+        assert srv.wait_ready() < 30
+        assert len(srv.workers(expect=1)) == 1
+        assert requests.get(f"{srv.url}/match/10", timeout=5).status_code == 200
+    finally:
+        srv.stop()
