@@ -1,11 +1,14 @@
 """gunicorn settings for the service (used by the Procfile, the Dockerfile and the tests).
 
 Worker class: gthread. Each worker process serves several requests at once in
-threads, so a slow client uploading a large image ties up one thread, not the
-worker: lookups keep flowing. Inference and the search release the GIL (torch
-and numpy kernels), so threads also overlap CPU work. The sync class would
-need a buffering proxy in front to be safe from slow clients; gevent/eventlet
-would not help CPU-bound model inference.
+threads (8 by default), so a slow client uploading a large image ties up one
+thread, not the worker: lookups keep flowing on the others. The app reads an
+upload's body itself with a timeout per receive (UPLOAD_READ_TIMEOUT, 10 s)
+and for the whole body (UPLOAD_TIMEOUT, 30 s), so even a stalled client frees
+its thread with a 408. Inference and the search release the GIL (torch and
+numpy kernels), so threads also overlap CPU work. The sync class would need a
+buffering proxy in front to be safe from slow clients; gevent/eventlet would
+not help CPU-bound model inference.
 
 preload_app: the master loads and checks the index once, before forking, so a
 bad index stops start-up with one message, and the memory-mapped tables are
@@ -13,7 +16,7 @@ shared by all workers. Models are loaded lazily inside each worker (torch's
 thread pool must not exist before fork), once per backbone per worker.
 
 Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2),
-GUNICORN_THREADS (default 4), GUNICORN_TIMEOUT (default 120 s).
+GUNICORN_THREADS (default 8), GUNICORN_TIMEOUT (default 120 s).
 """
 
 import os
@@ -21,7 +24,7 @@ import os
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 preload_app = True
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))  # the first upload per backbone loads its model
 graceful_timeout = 30

@@ -84,6 +84,8 @@ class Settings:
     default_strategy: str | None = None  # None: ComplexB16 if built, else the index's first strategy
     max_upload_mb: float = 8.0
     max_image_pixels: int = 40_000_000
+    upload_timeout: float = 30.0
+    upload_read_timeout: float = 10.0
     cors_origins: list[str] = field(default_factory=list)
     torch_threads: int | None = None
     index_verify: str = "full"
@@ -115,6 +117,8 @@ class Settings:
             default_strategy=env.get("DEFAULT_STRATEGY", "").strip() or None,
             max_upload_mb=_float(env, "MAX_UPLOAD_MB", 8.0, 0.01, 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, 1, 1_000_000_000),
+            upload_timeout=_float(env, "UPLOAD_TIMEOUT", 30.0, 0.1, 3600),
+            upload_read_timeout=_float(env, "UPLOAD_READ_TIMEOUT", 10.0, 0.1, 3600),
             cors_origins=_list(env, "CORS_ORIGINS"),
             torch_threads=threads or None,
             index_verify=verify,

@@ -7,7 +7,9 @@ ever an unexpected server fault, logged with its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 
 from flask import Flask, Response, g, jsonify, render_template, request
@@ -20,6 +22,7 @@ _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "upload_timeout",
     413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -56,6 +59,20 @@ def error_response(status: int, code: str, message: str, extra: dict | None = No
     return resp
 
 
+def stop_reading(environ: dict) -> None:
+    """Close the read side of the client's connection: the rest of its body is never read.
+
+    gunicorn would otherwise keep the connection alive and, before the next
+    request, read the unread rest of this body in a thread with no timeout.
+    With the read side shut, that read ends at once and gunicorn closes the
+    connection after sending our response.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
+
+
 LINGER_BYTES = 256 * 2**20
 LINGER_SECONDS = 5.0
 
@@ -75,16 +92,20 @@ def _linger(environ: dict) -> None:
     deadline = time.monotonic() + LINGER_SECONDS
     drained = 0
     sock = environ.get("gunicorn.socket")
+    finished = False
     try:
         if sock is not None:
             sock.settimeout(1.0)  # a client that stops sending cannot hold this thread
         while drained < LINGER_BYTES and time.monotonic() < deadline:
             chunk = stream.read(65536)
             if not chunk:
+                finished = True
                 break
             drained += len(chunk)
     except Exception:  # a reset or timeout from the client: nothing more to do
         pass
+    if not finished:
+        stop_reading(environ)
 
 
 def register_error_handlers(app: Flask) -> None:

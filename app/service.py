@@ -21,9 +21,10 @@ from .fallback import BannerFetcher, FetchFailed
 from .index import LoadedIndex
 from .matching import Matcher
 from .ratelimit import RateLimiter
-from .uploads import Upload, decode_upload, read_upload_bytes
+from .uploads import Upload, buffer_body, decode_upload, read_upload_bytes
 
 EXTENSION_KEY = "steam_dino"
+ABSENT = "absent"  # cached fallback result: the CDN has no banner for this appid
 log = logging.getLogger(__name__)
 
 
@@ -161,7 +162,9 @@ class Service:
 
     def upload_payload(self, strategy: str, k: int, host_url: str) -> tuple[dict, dict[str, float], Upload]:
         """Matches for the image uploaded with the current request (multipart 'image' or raw image/* body)."""
-        upload = decode_upload(read_upload_bytes(), self.settings.max_image_pixels)
+        settings = self.settings
+        buffer_body(int(settings.max_upload_mb * 2**20), settings.upload_timeout, settings.upload_read_timeout)
+        upload = decode_upload(read_upload_bytes(), settings.max_image_pixels)
         vec, timings = self.embed_or_503(strategy, upload.image)
         found = self.matcher.search(strategy, vec, k)
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
@@ -220,7 +223,7 @@ class Service:
         if cached is None:
             cached = self._fetch_and_embed(appid, strategy)
             self.fetcher.remember(key, cached)
-        if cached == "absent":
+        if isinstance(cached, str):  # ABSENT
             raise APIError(
                 404, "unknown_appid", f"appid {appid} is not in the index and Steam has no banner for it", appid=appid
             )
@@ -245,7 +248,7 @@ class Service:
         except FetchFailed as e:
             raise APIError(502, "fallback_failed", f"appid {appid} is not in the index and {e}") from None
         if data is None:
-            return "absent"
+            return ABSENT
         try:
             image = open_image(data, max_pixels=self.settings.max_image_pixels)
         except ImageRejected as e:

@@ -11,14 +11,16 @@ is ``app.dino.images.open_image``.
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from dataclasses import dataclass
 
 from flask import request
 from PIL import Image
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .dino.images import ImageRejected, open_image
-from .errors import APIError
+from .errors import APIError, stop_reading
 
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"
 
@@ -42,6 +44,49 @@ class Upload:
             "bytes": self.size_bytes,
             "sha256": self.sha256,
         }
+
+
+def buffer_body(max_bytes: int, total_timeout: float, read_timeout: float) -> None:
+    """Read the request body into memory now, with deadlines, so a slow client cannot hold a thread.
+
+    Under gunicorn's gthread workers a request's thread reads the body as the
+    app consumes it, from a blocking socket with no timeout: a client that
+    trickles (or stalls) would keep the thread forever. Here every receive
+    has ``read_timeout`` and the whole body ``total_timeout``; past either,
+    408. The size cap is enforced while reading (chunked bodies included), and
+    a declared Content-Length over it is refused before reading anything.
+    """
+    environ = request.environ
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise RequestEntityTooLarge()
+    sock = environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    if sock is not None:
+        sock.settimeout(read_timeout)
+    stream = environ["wsgi.input"]
+    body = io.BytesIO()
+    deadline = time.monotonic() + total_timeout
+    try:
+        while True:
+            chunk = stream.read(min(65536, max_bytes + 1 - body.tell()) or 1)
+            if not chunk:
+                break
+            body.write(chunk)
+            if body.tell() > max_bytes:
+                raise RequestEntityTooLarge()
+            if time.monotonic() > deadline:
+                stop_reading(environ)
+                raise APIError(408, "upload_timeout", f"the upload took longer than {total_timeout:g} s; try again")
+    except TimeoutError:
+        stop_reading(environ)
+        raise APIError(408, "upload_timeout", f"the upload stalled for {read_timeout:g} s; try again") from None
+    finally:
+        if sock is not None:
+            sock.settimeout(previous)
+    environ["wsgi.input"] = io.BytesIO(body.getvalue())
+    environ["CONTENT_LENGTH"] = str(body.tell())
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
 
 
 def read_upload_bytes() -> bytes:

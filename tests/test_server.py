@@ -117,8 +117,11 @@ def _screenshot(url: str, out, images: bool = True) -> Image.Image:
     ]
     if not images:
         flags.append("--blink-settings=imagesEnabled=false")
-    subprocess.run([_chromium(), *flags, url], capture_output=True, timeout=120, check=False)
-    assert out.exists(), f"Chromium wrote no screenshot of {url}"
+    for _attempt in range(3):  # a loaded machine can make Chromium give up on its first start
+        run = subprocess.run([_chromium(), *flags, url], capture_output=True, text=True, timeout=180, check=False)
+        if out.exists():
+            break
+    assert out.exists(), f"Chromium wrote no screenshot of {url}: {run.returncode} {run.stderr[-2000:]}"
     return Image.open(out).convert("RGB")
 
 

@@ -62,6 +62,11 @@ def open_image(
                 "too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
             )
         try:
+            if img.format == "PNG":
+                # Pillow checks the CRC of image data chunks only in verify(), which leaves the
+                # image unusable: verify the chunks (no decompression), then open it again.
+                img.verify()
+                img = _reopen(source, fp, formats)
             img.seek(0)  # first frame of an animation
             img.load()
         except Exception as e:  # truncated data, bad checksums, broken streams
@@ -72,6 +77,13 @@ def open_image(
     finally:
         if fp is not source:
             fp.close()
+
+
+def _reopen(source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:
+    if isinstance(source, str | Path):
+        return Image.open(source, formats=list(formats))
+    fp.seek(0)
+    return Image.open(fp, formats=list(formats))
 
 
 def _unidentified_message(source: object, formats: tuple[str, ...]) -> str:

@@ -1,0 +1,109 @@
+"""Synthetic indexes at real catalog size, for benchmarks and load tests.
+
+Random unit vectors stand in for embeddings (no images, no model), the app
+list is the real Steam catalog when ``../shared/data/steam_catalog_2021.json``
+is there (29,982 games) or a synthetic one of the same size, and the
+folder is written with the same writer and manifest as a real build, so the
+service loads it through exactly the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from app.dino.strategies import Strategy
+from app.index import APPS, FORMAT, FORMAT_VERSION
+from app.knn import topk_table
+
+from .writer import IndexWriter
+
+CATALOG_SIZE = 29_982
+SHARED_CATALOG = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "steam_catalog_2021.json"
+
+
+def load_catalog(path: Path | None = None, n: int | None = None) -> tuple[list[dict], str]:
+    """The real 2021 Steam catalog if present (else a synthetic one of its size); and where it came from."""
+    path = Path(os.environ.get("STEAM_CATALOG", path or SHARED_CATALOG))
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        apps = {int(a["appid"]): str(a.get("name", "")) for a in data if isinstance(a, dict) and "appid" in a}
+        out = [{"appid": a, "name": apps[a]} for a in sorted(apps)]
+        source = str(path)
+    else:
+        out = [{"appid": 10 * (i + 1), "name": f"Synthetic game {i + 1}"} for i in range(CATALOG_SIZE)]
+        source = "synthetic"
+    return (out[:n] if n else out), source
+
+
+def random_unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def random_tables(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Valid-looking tables without the cost of exact ones: distinct neighbours, not self, scores descending."""
+    rng = np.random.default_rng(seed)
+    offsets = np.stack([rng.choice(n - 1, size=k, replace=False) + 1 for _ in range(min(n, 64))])
+    rows = np.arange(n)[:, None]
+    neighbours = ((rows + offsets[rows[:, 0] % len(offsets)]) % n).astype(np.int32)
+    scores = -np.sort(-rng.uniform(0.2, 0.95, size=(n, k)).astype(np.float32), axis=1)
+    return neighbours, scores
+
+
+def write_synthetic_index(
+    out: Path,
+    apps: list[dict],
+    strategies: list[Strategy],
+    *,
+    k: int = 100,
+    dtype: str = "float16",
+    exact_tables: bool = False,
+    checkpoint_sha256: dict[str, str] | None = None,
+    seed: int = 0,
+) -> None:
+    """Write an index folder of random embeddings (exact or random tables) that the service accepts."""
+    n = len(apps)
+    k = min(k, n - 1)
+    checkpoint_sha256 = checkpoint_sha256 or {}
+    with IndexWriter(out) as writer:
+        apps_sha = writer.write_json(APPS, apps)
+        entries = {}
+        for i, s in enumerate(strategies):
+            emb = random_unit_vectors(n, s.dim, seed + i).astype(dtype)
+            if exact_tables:
+                neighbours, scores = topk_table(emb, k)
+            else:
+                neighbours, scores = random_tables(n, k, seed + i)
+            files = {
+                "embeddings.npy": writer.write_array(f"{s.name}/embeddings.npy", emb),
+                "neighbours.npy": writer.write_array(f"{s.name}/neighbours.npy", neighbours.astype(np.int32)),
+                "scores.npy": writer.write_array(f"{s.name}/scores.npy", scores.astype(np.float32)),
+            }
+            code = s.backbone.code
+            entries[s.name] = s.to_manifest() | {
+                "k": k,
+                "checkpoint": {"file": s.backbone.filename, "sha256": checkpoint_sha256.get(code, "0" * 64)},
+                "precision": "fp32",
+                "files": files,
+            }
+        writer.commit(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "num_apps": n,
+                "apps_sha256": apps_sha,
+                "embeddings_dtype": dtype,
+                "strategies": entries,
+                "skipped_images": [],
+                "missing_images": [],
+                "synthetic": True,
+            }
+        )
