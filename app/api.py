@@ -17,6 +17,20 @@ from .service import Service, get_service
 bp = Blueprint("api", __name__)
 
 
+_host_urls: dict[tuple[str, str], str] = {}
+
+
+def host_url() -> str:
+    """``request.host_url`` ("http://host/"), memoised: werkzeug's IRI handling costs more than a lookup."""
+    key = (request.scheme, request.host)
+    url = _host_urls.get(key)
+    if url is None:
+        url = request.host_url
+        if len(_host_urls) < 1024:  # Host headers come from clients: bound the memo
+            _host_urls[key] = url
+    return url
+
+
 # -- parameters ------------------------------------------------------------------------------------
 def int_param(name: str, default: int, lo: int, hi: int) -> int:
     raw = request.args.get(name)
@@ -67,13 +81,14 @@ def match_appid(appid: str):
     k = k_param(svc, strategy)
     game = svc.catalog.get(app_id)
     if game is None:
-        payload = svc.fallback_match(app_id, strategy, k, request.host_url)
+        payload = svc.fallback_match(app_id, strategy, k, host_url())
         if payload is None:
             raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index", appid=app_id)
         return jsonify(payload)
-    resp = jsonify(svc.table_payload(strategy, game, k, request.host_url))
-    resp.headers["Cache-Control"] = "public, max-age=3600"
-    return resp
+    body = svc.table_payload_json(strategy, game, k, host_url())
+    return current_app.response_class(
+        body, mimetype="application/json", headers={"Cache-Control": "public, max-age=3600"}
+    )
 
 
 @bp.post("/match")
@@ -82,7 +97,7 @@ def match_upload():
     strategy = strategy_param(svc)
     k = k_param(svc, strategy)
     svc.check_rate_limit(request.remote_addr or "-")
-    payload, timings, _ = svc.upload_payload(strategy, k, request.host_url)
+    payload, timings, _ = svc.upload_payload(strategy, k, host_url())
     resp = jsonify(payload)
     resp.headers["Server-Timing"] = ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
     return resp
@@ -103,7 +118,7 @@ def app_info(appid: str):
     game = svc.catalog.get(app_id)
     if game is None:
         raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index", appid=app_id)
-    return jsonify(svc.catalog.describe(game.appid, game.name, request.host_url) | {"strategies": svc.strategy_names})
+    return jsonify(svc.catalog.describe(game.appid, game.name, host_url()) | {"strategies": svc.strategy_names})
 
 
 @bp.get("/apps")
@@ -116,7 +131,7 @@ def app_search():
         raise bad_param("q", "at most 200 characters")
     limit = int_param("limit", 20, 1, 100)
     games = svc.catalog.search(q, limit)
-    return jsonify({"query": q, "results": [svc.catalog.describe(g.appid, g.name, request.host_url) for g in games]})
+    return jsonify({"query": q, "results": [svc.catalog.describe(g.appid, g.name, host_url()) for g in games]})
 
 
 @bp.get("/unique")
@@ -124,7 +139,7 @@ def unique():
     svc = get_service()
     strategy = strategy_param(svc)
     n = int_param("n", 20, 1, max(1, len(svc.catalog)))
-    return jsonify({"strategy": strategy, "n": n, "games": svc.unique_payload(strategy, n, request.host_url)})
+    return jsonify({"strategy": strategy, "n": n, "games": svc.unique_payload(strategy, n, host_url())})
 
 
 @bp.get("/compare/<appid>")
@@ -141,7 +156,7 @@ def compare(appid: str):
     game = svc.catalog.get(app_id)
     if game is None:
         raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index", appid=app_id)
-    return jsonify(svc.compare_payload(names, game, k, request.host_url))
+    return jsonify(svc.compare_payload(names, game, k, host_url()))
 
 
 @bp.get("/health")

@@ -9,6 +9,7 @@ within a rank. An all-digit query also finds the game with that appid.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -45,6 +46,22 @@ class Catalog:
         self.cdn_url = cdn_url
         self.banners_dir = banners_dir
         self.local_banners = _scan_banners(banners_dir)
+        # Per row, what a response needs, computed once: lookups only concatenate the host.
+        self._store = [store_url(g.appid) for g in self.games]
+        self._local = [f"banners/{g.appid}.jpg" if g.appid in self.local_banners else None for g in self.games]
+        self._cdn = [
+            None if local else cdn_banner_url(g.appid, cdn_url)
+            for g, local in zip(self.games, self._local, strict=True)
+        ]
+        # The same as JSON text, split where the host goes, for lookups that skip dicts and json.dumps.
+        self._json_head = [
+            f'"appid":{g.appid},"name":{json.dumps(g.name)},"store_url":{json.dumps(self._store[g.row])},"banner_url":"'
+            for g in self.games
+        ]
+        self._json_tail = [
+            (json.dumps(local)[1:] if local is not None else json.dumps(cdn)[1:])
+            for local, cdn in zip(self._local, self._cdn, strict=True)
+        ]
 
     def __len__(self) -> int:
         return len(self.games)
@@ -65,6 +82,23 @@ class Catalog:
             "store_url": store_url(appid),
             "banner_url": self.banner_url(appid, host_url),
         }
+
+    def describe_row(self, row: int, host_url: str) -> dict:
+        """describe() for a game of the index, from values computed at start (the hot path of lookups)."""
+        g = self.games[row]
+        local = self._local[row]
+        return {
+            "appid": g.appid,
+            "name": g.name,
+            "store_url": self._store[row],
+            "banner_url": host_url + local if local is not None else self._cdn[row],
+        }
+
+    def describe_row_json(self, row: int, host_url_json: str) -> str:
+        """describe_row() as JSON members (no braces); ``host_url_json`` is the host URL already JSON-escaped."""
+        if self._local[row] is None:
+            return self._json_head[row] + self._json_tail[row]
+        return self._json_head[row] + host_url_json + self._json_tail[row]
 
     def search(self, query: str, limit: int) -> list[Game]:
         q = fold(query)

@@ -13,7 +13,7 @@ import io
 from flask import Blueprint, abort, g, render_template, request, send_file
 from PIL import Image
 
-from .api import int_param, k_param, parse_appid, strategy_param
+from .api import host_url, int_param, k_param, parse_appid, strategy_param
 from .catalog import find_banner_file
 from .errors import APIError
 from .service import get_service
@@ -40,8 +40,8 @@ def home():
     svc = get_service()
     q = (request.args.get("q") or "").strip()[:200]
     results = svc.catalog.search(q, 40) if q else []
-    games = [svc.catalog.describe(r.appid, r.name, request.host_url) for r in results]
-    unique = svc.unique_payload(svc.default_strategy, 12, request.host_url)
+    games = [svc.catalog.describe(r.appid, r.name, host_url()) for r in results]
+    unique = svc.unique_payload(svc.default_strategy, 12, host_url())
     return render_template(
         "index.html",
         q=q,
@@ -63,7 +63,7 @@ def render(appid: str):
     game = svc.catalog.get(app_id)
     if game is None:
         raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
-    payload = svc.table_payload(strategy, game, k, request.host_url)
+    payload = svc.table_payload(strategy, game, k, host_url())
     return render_template(
         "gallery.html",
         payload=payload,
@@ -85,7 +85,7 @@ def upload():
         strategy = resolved
     k = k_param(svc, strategy, default=20)
     svc.check_rate_limit(request.remote_addr or "-")
-    payload, _, uploaded = svc.upload_payload(strategy, k, request.host_url)
+    payload, _, uploaded = svc.upload_payload(strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)
     return render_template(
         "gallery.html", payload=payload, upload=thumb, strategies=svc.strategy_names, strategy=strategy, k=k
@@ -102,7 +102,7 @@ def compare_page(appid: str):
     game = svc.catalog.get(app_id)
     if game is None:
         raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
-    payload = svc.compare_payload(names, game, k, request.host_url)
+    payload = svc.compare_payload(names, game, k, host_url())
     return render_template("compare.html", payload=payload, descriptions={n: svc.describe_strategy(n) for n in names})
 
 

@@ -6,6 +6,7 @@ One instance per process, created by ``create_app`` and kept in
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -129,21 +130,37 @@ class Service:
 
     # -- payloads ------------------------------------------------------------------------------------
     def matches(self, rows: np.ndarray, scores: np.ndarray, host_url: str) -> list[dict]:
-        games = self.catalog.games
-        out = []
-        for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), 1):
-            g = games[row]
-            out.append({"rank": rank, **self.catalog.describe(g.appid, g.name, host_url), "score": round(score, 6)})
-        return out
+        describe = self.catalog.describe_row
+        return [
+            {"rank": rank, **describe(row, host_url), "score": round(score, 6)}
+            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), 1)
+        ]
 
     def table_payload(self, strategy: str, game: Game, k: int, host_url: str) -> dict:
         rows, scores = self.matcher.table_matches(strategy, game.row, k)
         return {
             "strategy": strategy,
             "k": len(rows),
-            "query": self.catalog.describe(game.appid, game.name, host_url),
+            "query": self.catalog.describe_row(game.row, host_url),
             "matches": self.matches(rows, scores, host_url),
         }
+
+    def table_payload_json(self, strategy: str, game: Game, k: int, host_url: str) -> str:
+        """table_payload() serialised, built from per-game JSON made at start: the lookup hot path.
+
+        Equal to ``json.dumps(table_payload(...))`` (tests check it), at a fraction of the cost.
+        """
+        rows, scores = self.matcher.table_matches(strategy, game.row, k)
+        host = json.dumps(host_url)[1:-1]
+        row_json = self.catalog.describe_row_json
+        matches = ",".join(
+            f'{{"rank":{rank},{row_json(row, host)},"score":{round(score, 6)!r}}}'
+            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), 1)
+        )
+        return (
+            f'{{"strategy":{json.dumps(strategy)},"k":{len(rows)},"query":{{{row_json(game.row, host)}}},'
+            f'"matches":[{matches}]}}'
+        )
 
     def check_rate_limit(self, client: str) -> None:
         if self.limiter is None:

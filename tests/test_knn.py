@@ -1,8 +1,10 @@
 """Exact cosine kNN (app/knn.py): equal to a float64 brute force over the stored values, ties by the lower index.
 
-The references here are deliberately plain: a float64 matrix product (or, where exact ties matter, a
-correctly rounded math.fsum per pair) and a stable sort, so that a bug in the prefilter bound, the
-candidate selection or the tie-break shows up as a difference.
+The references here are deliberately plain: dot products and a stable sort, so that a bug in the
+prefilter bound, the candidate selection or the tie-break shows up as a difference. For float16
+storage a float64 matrix product is exact (and so position-independent); for float32/float64 storage
+the reference accumulates in long double (or uses math.fsum), because BLAS can give two identical rows
+scores one float64 ulp apart, which would make exact ties look like a wrong order.
 """
 
 from __future__ import annotations
@@ -43,9 +45,16 @@ def fsum_scores(table: np.ndarray) -> np.ndarray:
     return s
 
 
+def dots(table: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """float64 table @ other, the same value for identical rows (exact for float16 x float16, else long double)."""
+    if table.dtype == other.dtype == np.float16:
+        return table.astype(np.float64) @ other.astype(np.float64)
+    return (table.astype(np.longdouble) @ other.astype(np.longdouble)).astype(np.float64)
+
+
 def brute_table(table: np.ndarray, k: int, scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every row's k best other rows by float64 score, ties by lower index (stable sort of -score)."""
-    s = table.astype(np.float64) @ table.astype(np.float64).T if scores is None else scores.copy()
+    s = dots(table, table.T) if scores is None else scores.copy()
     np.fill_diagonal(s, -np.inf)
     k = min(k, len(table) - 1)
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
@@ -53,7 +62,7 @@ def brute_table(table: np.ndarray, k: int, scores: np.ndarray | None = None) -> 
 
 
 def brute_search(table: np.ndarray, query: np.ndarray, k: int, exclude: int | None = None):
-    s = table.astype(np.float64) @ query.astype(np.float64)
+    s = dots(table, query)
     if exclude is not None:
         s[exclude] = -np.inf
     k = min(k, len(table) - (exclude is not None))

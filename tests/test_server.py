@@ -39,6 +39,9 @@ def test_every_endpoint(server, built_index):
         assert http.get(f"{server.url}/apps", params={"q": "pokémon"}, timeout=5).json()["results"][0]["appid"] == 10
         assert len(http.get(f"{server.url}/unique", params={"n": 4}, timeout=5).json()["games"]) == 4
         assert http.get(f"{server.url}/compare/10", params={"k": 3}, timeout=5).json()["k"] == 3
+        compare_page = http.get(f"{server.url}/compare/10", headers={"Accept": "text/html"}, timeout=5)
+        assert compare_page.headers["Content-Type"].startswith("text/html")
+        assert compare_page.text.count('class="compare-row"') == 3 and "Overlap of the top" in compare_page.text
         page = http.get(f"{server.url}/render/10", timeout=5)
         assert page.status_code == 200 and "Pokémon Quest" in page.text
         assert http.get(f"{server.url}/", timeout=5).status_code == 200

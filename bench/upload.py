@@ -1,0 +1,156 @@
+"""Latency of POST /match (an uploaded banner embedded on demand) per backbone, split by stage.
+
+    python bench/upload.py [--backbones S16,S8,B16,B8] [--requests 3] [--apps N] [--quick] [--json PATH]
+
+The real service (gunicorn, 2 workers, TORCH_THREADS = cores / workers) over the synthetic index of
+the whole catalog, with random full-size checkpoints in a temporary TORCH_HOME whose sha256 the
+manifest records. Per backbone, the Complex strategy: one warm-up upload (it loads the model in the
+worker), then a few uploads of different 300x450 JPEG banners on the same keep-alive connection (so
+the same worker), each split into decode, preprocess, forward and search from the Server-Timing
+header, plus the round trip seen by the client. Target: the exact search over 30k rows < 5 ms.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    DINO_CODES,
+    QUICK_APPS,
+    Results,
+    Workspace,
+    banner_jpeg,
+    base_parser,
+    connection_owner,
+    machine_line,
+    parse_server_timing,
+    print_table,
+    running_server,
+)
+
+SEARCH_TARGET_MS = 5.0
+
+
+def torch_threads() -> int:
+    """What gunicorn.conf.py's post_fork gives each of the 2 workers when TORCH_THREADS is not set."""
+    if os.environ.get("TORCH_THREADS"):
+        return int(os.environ["TORCH_THREADS"])
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+STAGES = ("decode", "preprocess", "forward", "search")
+
+
+def post(conn: http.client.HTTPConnection, strategy: str, body: bytes, k: int = 10) -> tuple[dict, dict, float]:
+    t0 = time.perf_counter()
+    conn.request("POST", f"/match?strategy={strategy}&k={k}", body=body, headers={"Content-Type": "image/jpeg"})
+    r = conn.getresponse()
+    data = r.read()
+    rtt = (time.perf_counter() - t0) * 1e3
+    if r.status != 200:
+        raise RuntimeError(f"POST /match?strategy={strategy}: {r.status} {data[:300]!r}")
+    payload = json.loads(data)
+    if len(payload["matches"]) != k:
+        raise RuntimeError(f"POST /match?strategy={strategy}: {len(payload['matches'])} matches, expected {k}")
+    return parse_server_timing(r.getheader("Server-Timing")), payload, rtt
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--backbones", default=",".join(DINO_CODES))
+    p.add_argument("--requests", type=int, default=3, help="timed uploads per backbone, after one warm-up")
+    p.add_argument("--apps", type=int, default=None, help="games in the index (default: the whole catalog)")
+    args = p.parse_args()
+    codes = [c.strip() for c in args.backbones.split(",") if c.strip()]
+    if args.quick:
+        codes = codes if "--backbones" in sys.argv else ["S16"]
+        args.apps, args.requests = args.apps or QUICK_APPS, 1
+    res = Results("upload")
+    print(machine_line(), flush=True)
+    rows, searches = [], []
+    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as logs:
+        ws.ensure_checkpoints(codes)
+        params = ws.ensure_index(args.apps)
+        print(
+            f"index: {params['apps']:,} apps, {len(params['strategies'])} strategies; checkpoints: random, "
+            f"{', '.join(codes)}",
+            flush=True,
+        )
+        with running_server(ws.server_env(), Path(logs), "upload") as srv:
+            pids = srv.workers(expect=2)
+            for code in codes:
+                strategy = f"Complex{code}"
+                conn = http.client.HTTPConnection(srv.host, srv.port, timeout=600)
+                _, _, first = post(conn, strategy, banner_jpeg(0))  # loads the model in this worker
+                port = conn.sock.getsockname()[1]
+                worker = connection_owner(srv.port, port, pids)
+                timings, rtts = [], []
+                for i in range(args.requests):
+                    t, _, rtt = post(conn, strategy, banner_jpeg(i + 1))
+                    timings.append(t)
+                    rtts.append(rtt)
+                same = conn.sock is not None and conn.sock.getsockname()[1] == port
+                conn.close()
+                med = {s: float(np.median([t.get(s, np.nan) for t in timings])) for s in STAGES}
+                rtt = float(np.median(rtts))
+                searches.extend(t.get("search", np.nan) for t in timings)
+                rows.append(
+                    [
+                        strategy,
+                        args.requests,
+                        first / 1e3,
+                        *(med[s] for s in STAGES),
+                        max(t.get("search", np.nan) for t in timings),
+                        sum(med.values()),
+                        rtt,
+                        f"{worker}{'' if same else ' (reconnected)'}",
+                    ]
+                )
+                res.add(f"POST /match {strategy} round trip (median)", rtt, "ms")
+                res.add(f"POST /match {strategy} forward (median)", med["forward"], "ms")
+                res.add(f"POST /match {strategy} search (median)", med["search"], "ms")
+    print()
+    print_table(
+        [
+            "strategy",
+            "n",
+            "first (s)",
+            "decode ms",
+            "preprocess ms",
+            "forward ms",
+            "search ms",
+            "search max",
+            "server ms",
+            "round trip ms",
+            "worker",
+        ],
+        rows,
+        title=f"POST /match (raw image/jpeg 300x450, k=10) over {params['apps']:,} rows, 2 workers, "
+        f"{torch_threads()} torch thread(s) each; medians of n after one warm-up "
+        "('first': that warm-up, model load included)",
+    )
+    worst = max(searches) if searches else float("nan")
+    typical = float(np.median(searches)) if searches else float("nan")
+    ok = typical < SEARCH_TARGET_MS
+    print(
+        f"verdict: search over {params['apps']:,} rows: median {typical:.2f} ms of {len(searches)} uploads "
+        f"(target < {SEARCH_TARGET_MS:g} ms): {'PASS' if ok else 'MISS'}; worst {worst:.2f} ms"
+    )
+    res.add(f"POST /match search, median of all ({params['apps']:,} rows)", typical, "ms", "< 5 ms", ok)
+    res.add("POST /match search, worst of all", worst, "ms")
+    res.write(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The benchmarks still run: ``bench/run_all.py --quick`` runs every one of them (each as its own
+command, at tiny sizes, sharing one workspace) and prints their tables and the combined one.
+
+The figures at these sizes mean nothing; what is checked is that every benchmark runs to the end,
+prints its table and verdict, and hands its figures to the combined table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    md = work / "results.md"
+    proc = subprocess.run(
+        [sys.executable, "bench/run_all.py", "--quick", "--workdir", str(work / "ws"), "--markdown", str(md)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout, md.read_text(), work / "ws"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("bench", "expected"),
+    [
+        ("extract", ["GFLOP/img", "% matmul", "naive img/s", "speed-up", "verdict: ViT-S/16 at"]),
+        ("extract (files, --end-to-end)", ["tensors img/s", "files img/s", "decode img/s", "bound by"]),
+        ("serve", ["ours (app/, gunicorn.conf.py)", "naive (bench/naive_service.py)", "p99 ms", "python client"]),
+        ("upload", ["ComplexS16", "forward ms", "search ms", "round trip ms", "verdict: search over"]),
+        ("memory", ["tables PSS", "worker 2", "+ S16 upload", "verdict: launch to first /health"]),
+        ("knn", ["topk_table, all rows (exact)", "ExactSearch.search"]),
+    ],
+)
+def test_each_benchmark_prints_its_table(quick_run, bench, expected):
+    out, _, _ = quick_run
+    for text in expected:
+        assert text in out, f"{bench}: {text!r} missing from the output"
+
+
+@pytest.mark.slow
+def test_combined_table(quick_run):
+    out, md, ws = quick_run
+    combined = out.split("All benchmarks", 1)[1]
+    for bench in ("extract", "serve", "upload", "memory", "knn"):
+        assert f"\n{bench} " in combined, f"{bench} has no line in the combined table"
+    assert "targets:" in combined and "FAILED" not in combined
+    assert md.startswith("| benchmark | figure | value | target | result |")
+    assert "GET /match answers equal the tables" in md
+    # the workspace records what it built, so that the next benchmark reuses it
+    assert json.loads((ws / "index.params.json").read_text())["info"]["apps"] == 2000
