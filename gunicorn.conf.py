@@ -36,10 +36,17 @@ limit_request_line = 8190
 
 
 def post_fork(server, worker):
-    """Split the cores between workers unless TORCH_THREADS says otherwise."""
-    if not os.environ.get("TORCH_THREADS"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["TORCH_THREADS"] = str(max(1, cores // max(1, workers)))
+    """Split the cores between the workers' torch thread pools (TORCH_THREADS overrides).
+
+    Done here, in the worker, because torch's thread pool must not be started
+    in the master before the fork; the app itself leaves the setting alone
+    unless TORCH_THREADS is set.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cores // max(1, workers))
+    torch.set_num_threads(threads)
 
 
 def post_worker_init(worker):

@@ -57,13 +57,7 @@ def strategy_param(svc: Service, name: str = "strategy") -> str:
         return svc.default_strategy
     resolved = svc.resolve_strategy(raw.strip())
     if resolved is None:
-        raise APIError(
-            400,
-            "unknown_strategy",
-            f"unknown strategy {raw.strip()[:60]!r}; available: {', '.join(svc.strategy_names)}",
-            parameter=name,
-            available=svc.strategy_names,
-        )
+        raise svc.unknown_strategy(raw.strip(), name)
     return resolved
 
 

@@ -85,7 +85,7 @@ class Matcher:
             failed = self._failures.get(name)
             if failed and time.monotonic() - failed[0] < self.retry_seconds:
                 raise WeightsUnavailable(failed[1])
-            if not self._threads_set:
+            if self.torch_threads and not self._threads_set:  # else: gunicorn's post_fork or torch's default
                 configure_threads(self.torch_threads)
                 self._threads_set = True
             s = self.index.strategies[name]

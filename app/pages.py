@@ -81,7 +81,7 @@ def upload():
     if request.form.get("strategy"):
         resolved = svc.resolve_strategy(request.form["strategy"])
         if resolved is None:
-            raise APIError(400, "unknown_strategy", f"unknown strategy; available: {', '.join(svc.strategy_names)}")
+            raise svc.unknown_strategy(request.form["strategy"], "strategy")
         strategy = resolved
     k = k_param(svc, strategy, default=20)
     svc.check_rate_limit(request.remote_addr or "-")

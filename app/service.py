@@ -74,6 +74,16 @@ class Service:
             return raw
         return self._by_lower.get(raw.lower())
 
+    def unknown_strategy(self, raw: str, parameter: str) -> APIError:
+        """The 400 for a strategy this index does not have, listing the ones it has."""
+        return APIError(
+            400,
+            "unknown_strategy",
+            f"unknown strategy {raw[:60]!r}; available: {', '.join(self.strategy_names)}",
+            parameter=parameter,
+            available=self.strategy_names,
+        )
+
     def strategies_param(self, raw: str | None) -> list[str]:
         if raw is None or not raw.strip():
             return list(self.strategy_names)
@@ -83,13 +93,7 @@ class Service:
                 continue
             resolved = self.resolve_strategy(part.strip())
             if resolved is None:
-                raise APIError(
-                    400,
-                    "unknown_strategy",
-                    f"unknown strategy {part.strip()[:60]!r}; available: {', '.join(self.strategy_names)}",
-                    parameter="strategies",
-                    available=self.strategy_names,
-                )
+                raise self.unknown_strategy(part.strip(), "strategies")
             if resolved not in names:
                 names.append(resolved)
         if not names:

@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +28,13 @@ from tqdm import tqdm
 from app.dino.extract import Extractor, configure_threads, default_batch_size, default_device
 from app.dino.strategies import Strategy
 from app.dino.weights import checkpoint_url, file_sha256, resolve_checkpoint
-from app.index import APPS, FORMAT, FORMAT_VERSION
+from app.index import APPS
 from app.knn import topk_table
 
 from .cache import EmbeddingCache, strategy_key
 from .sources import Source, SourceError, load_apps, plan_sources
 from .sources import file_sha256 as image_sha256
-from .writer import IndexWriter, recover
+from .writer import IndexWriter, make_manifest, recover, write_strategy
 
 DTYPES = ("float16", "float32")
 
@@ -212,40 +211,20 @@ def _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt
         for s in cfg.strategies:
             key = keys[s.name]
             emb = np.stack([cache.get(key, shas[i]) for i in rows]).astype(cfg.dtype)
-            k = min(cfg.k, n - 1)
             with tqdm(total=n, unit="row", desc=f"neighbours {s.name}", disable=not cfg.progress) as bar:
-                neighbours, scores = topk_table(emb, k, progress=bar.update)
-            files = {
-                "embeddings.npy": writer.write_array(f"{s.name}/embeddings.npy", emb),
-                "neighbours.npy": writer.write_array(f"{s.name}/neighbours.npy", neighbours.astype(np.int32)),
-                "scores.npy": writer.write_array(f"{s.name}/scores.npy", scores.astype(np.float32)),
-            }
+                neighbours, scores = topk_table(emb, min(cfg.k, n - 1), progress=bar.update)
             code = s.backbone.code
-            entries[s.name] = s.to_manifest() | {
-                "k": k,
-                "checkpoint": {
-                    "file": checkpoints[code].name,
-                    "sha256": ckpt_sha[code],
-                    "url": checkpoint_url(s.backbone),
-                },
-                "precision": cfg.precision,
-                "cache_key": key,
-                "files": files,
-            }
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "num_apps": n,
-            "apps_sha256": apps_sha,
-            "embeddings_dtype": cfg.dtype,
-            "strategies": entries,
-            "skipped_images": skipped,
-            "missing_images": plan.missing_images,
-            "build": {
-                "device": device,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-        }
+            checkpoint = {"file": checkpoints[code].name, "sha256": ckpt_sha[code], "url": checkpoint_url(s.backbone)}
+            entries[s.name] = write_strategy(
+                writer, s, emb, neighbours, scores, checkpoint, precision=cfg.precision, cache_key=key
+            )
+        manifest = make_manifest(
+            n,
+            apps_sha,
+            cfg.dtype,
+            entries,
+            skipped_images=skipped,
+            missing_images=plan.missing_images,
+            build={"device": device, "torch": torch.__version__, "python": platform.python_version()},
+        )
         writer.commit(manifest)

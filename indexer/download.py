@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from app.steam import DEFAULT_CDN_URL, banner_url
 
+from .atomic import atomic_write_bytes
+
 MISSING_FILE = "missing.json"
 DEFAULT_APPS_FILE = Path(__file__).resolve().parent.parent / "catalogs" / "default_games.json"
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -184,17 +186,7 @@ def clean_stale_temp_files(out_dir: Path) -> list[Path]:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` so that `path` is either absent/old or complete: temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
 
 
 def download_banners(
@@ -455,22 +447,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; best effort (not supported on every platform)."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _kind(value: Any) -> str:

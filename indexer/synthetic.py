@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from app.dino.strategies import Strategy
-from app.index import APPS, FORMAT, FORMAT_VERSION
+from app.index import APPS
 from app.knn import topk_table
 
-from .writer import IndexWriter
+from .writer import IndexWriter, make_manifest, write_strategy
 
 CATALOG_SIZE = 29_982
 SHARED_CATALOG = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "steam_catalog_2021.json"
@@ -81,29 +80,7 @@ def write_synthetic_index(
                 neighbours, scores = topk_table(emb, k)
             else:
                 neighbours, scores = random_tables(n, k, seed + i)
-            files = {
-                "embeddings.npy": writer.write_array(f"{s.name}/embeddings.npy", emb),
-                "neighbours.npy": writer.write_array(f"{s.name}/neighbours.npy", neighbours.astype(np.int32)),
-                "scores.npy": writer.write_array(f"{s.name}/scores.npy", scores.astype(np.float32)),
-            }
-            code = s.backbone.code
-            entries[s.name] = s.to_manifest() | {
-                "k": k,
-                "checkpoint": {"file": s.backbone.filename, "sha256": checkpoint_sha256.get(code, "0" * 64)},
-                "precision": "fp32",
-                "files": files,
-            }
-        writer.commit(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "num_apps": n,
-                "apps_sha256": apps_sha,
-                "embeddings_dtype": dtype,
-                "strategies": entries,
-                "skipped_images": [],
-                "missing_images": [],
-                "synthetic": True,
-            }
-        )
+            checkpoint = {"file": s.backbone.filename, "sha256": checkpoint_sha256.get(s.backbone.code, "0" * 64)}
+            entries[s.name] = write_strategy(writer, s, emb, neighbours, scores, checkpoint, precision="fp32")
+        manifest = make_manifest(n, apps_sha, dtype, entries, skipped_images=[], missing_images=[], synthetic=True)
+        writer.commit(manifest)

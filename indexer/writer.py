@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from app.index import MANIFEST, sha256_file
+from app.dino.strategies import Strategy
+from app.index import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 from .atomic import atomic_write_json, fsync_dir
 
@@ -85,3 +87,36 @@ class IndexWriter:
         os.rename(self.staging, self.out)
         fsync_dir(self.out.parent)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_strategy(
+    writer: IndexWriter,
+    strategy: Strategy,
+    embeddings: np.ndarray,
+    neighbours: np.ndarray,
+    scores: np.ndarray,
+    checkpoint: dict,
+    **extra: object,
+) -> dict:
+    """Write one strategy's three arrays; returns its manifest entry (settings, checkpoint, files)."""
+    name = strategy.name
+    files = {
+        "embeddings.npy": writer.write_array(f"{name}/embeddings.npy", embeddings),
+        "neighbours.npy": writer.write_array(f"{name}/neighbours.npy", neighbours.astype(np.int32)),
+        "scores.npy": writer.write_array(f"{name}/scores.npy", scores.astype(np.float32)),
+    }
+    return strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
+
+
+def make_manifest(num_apps: int, apps_sha256: str, dtype: str, strategies: dict, **extra: object) -> dict:
+    """The manifest's common part (format, version, time, apps) around the strategies' entries."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_apps": num_apps,
+        "apps_sha256": apps_sha256,
+        "embeddings_dtype": dtype,
+        "strategies": strategies,
+        **extra,
+    }
