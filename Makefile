@@ -12,7 +12,6 @@ DEMO_STRATEGIES ?= SimpleS16,ComplexS16,SimpleB16,ComplexB16
 # -- environments ---------------------------------------------------------------------------------
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
@@ -25,7 +24,8 @@ check-online:
 	@$(PYTHON) scripts/check_online.py
 
 demo: check-online $(VENV)/.runtime
-	$(PY) scripts/download_banners.py --apps $(APPS) --out $(DATA)/banners
+	@# a few failed downloads must not stop the demo: the index is built from the banners that arrived
+	-$(PY) scripts/download_banners.py --apps $(APPS) --out $(DATA)/banners
 	$(PY) scripts/build_index.py --images $(DATA)/banners --out $(DATA)/index --apps $(APPS) --strategies $(DEMO_STRATEGIES)
 	@echo "Serving on http://127.0.0.1:$(PORT)/ (Ctrl-C to stop)"
 	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .dino.extract import Extractor, configure_threads
 from .dino.weights import MODELS, ModelCache, WeightsUnavailable
-from .index import LoadedIndex, StrategyIndex
+from .index import LoadedIndex
 from .knn import ExactSearch
 
 
@@ -53,9 +53,6 @@ class Matcher:
         self._failures: dict[str, tuple[float, str]] = {}
         self._unique: dict[str, np.ndarray] = {}
         self._threads_set = False
-
-    def strategy(self, name: str) -> StrategyIndex:
-        return self.index.strategies[name]
 
     # -- precomputed tables ----------------------------------------------------------------------
     def table_matches(self, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,12 +125,6 @@ class Matcher:
         t0 = time.perf_counter()
         rows, scores = self.searcher(name).search(vector.astype(np.float32), k, exclude=exclude)
         return ImageMatches(rows, scores, {"search": (time.perf_counter() - t0) * 1000})
-
-    def match_image(self, name: str, image: Image.Image, k: int) -> ImageMatches:
-        vec, timings = self.embed(name, image)
-        result = self.search(name, vec, k)
-        result.timings_ms = timings | result.timings_ms
-        return result
 
     def loaded_backbones(self) -> list[str]:
         return sorted({lb.backbone.code for lb in self.models.loaded()})

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WeightsUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e} Or pass --weights [BACKBONE=]PATH.", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"error: {e}. The previous index (if any) is unchanged; run again to resume.", file=sys.stderr)

@@ -113,7 +113,7 @@ def resolve_checkpoint(
     url = checkpoint_url(backbone, url_override)
     hint = (
         f"Download {url} elsewhere and put it at {cached} (set TORCH_HOME to change the folder), "
-        f"point {BASE_URL_ENV[backbone.family]} at a mirror, or pass --weights PATH."
+        f"or point {BASE_URL_ENV[backbone.family]} at a mirror."
     )
     if not download:
         raise WeightsUnavailable(
