@@ -14,7 +14,6 @@ import contextlib
 import http.client
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -256,22 +255,10 @@ def load_apps(index: Path) -> list[dict]:
 
 # -- banners ----------------------------------------------------------------------------------------
 def make_banner(seed: int, size: tuple[int, int] = (300, 450)):
-    """A synthetic 300x450 banner (gradient, random shapes, a title bar), deterministic per seed."""
-    from PIL import Image, ImageDraw
+    """A synthetic 300x450 banner, deterministic per seed (the tests' stand-in for real art)."""
+    from indexer.synthetic import synthetic_banner
 
-    rng = random.Random(seed)
-    w, h = size
-    base = np.linspace(0, 1, h)[:, None, None] * np.array([rng.random() for _ in range(3)]) * 255
-    base = base + np.array([rng.randint(0, 120) for _ in range(3)])
-    img = Image.fromarray(np.clip(np.broadcast_to(base, (h, w, 3)), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(3, 9)):
-        x0, y0 = rng.randint(0, w - 20), rng.randint(0, h - 20)
-        x1, y1 = rng.randint(x0 + 10, w), rng.randint(y0 + 10, h)
-        colour = tuple(rng.randint(0, 255) for _ in range(3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
-    draw.rectangle([0, int(h * 0.8), w, int(h * 0.9)], fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    return img
+    return synthetic_banner(seed, size)
 
 
 def banner_jpeg(seed: int) -> bytes:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from app.dino.strategies import Strategy
 from app.index import APPS
@@ -37,6 +39,27 @@ def load_catalog(path: Path | None = None, n: int | None = None) -> tuple[list[d
         out = [{"appid": 10 * (i + 1), "name": f"Synthetic game {i + 1}"} for i in range(CATALOG_SIZE)]
         source = "synthetic"
     return (out[:n] if n else out), source
+
+
+def synthetic_banner(seed: int, size: tuple[int, int] = (300, 450)) -> Image.Image:
+    """A banner-like picture (gradient, random shapes, a title bar), deterministic per seed.
+
+    Distinct seeds give visibly distinct pictures, which is what tests and
+    benchmarks need from stand-ins for real banners.
+    """
+    rng = random.Random(seed)
+    w, h = size
+    base = np.linspace(0, 1, h)[:, None, None] * np.array([rng.random() for _ in range(3)]) * 255
+    base = base + np.array([rng.randint(0, 120) for _ in range(3)])
+    img = Image.fromarray(np.clip(np.broadcast_to(base, (h, w, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(3, 9)):
+        x0, y0 = rng.randint(0, w - 20), rng.randint(0, h - 20)
+        x1, y1 = rng.randint(x0 + 10, w), rng.randint(y0 + 10, h)
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    draw.rectangle([0, int(h * 0.8), w, int(h * 0.9)], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    return img
 
 
 def random_unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:

@@ -12,16 +12,13 @@ import hashlib
 import http.server
 import json
 import os
-import random
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -29,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.dino.backbones import BACKBONES  # noqa: E402
 from app.dino.vit import VisionTransformer  # noqa: E402
+from indexer.synthetic import synthetic_banner  # noqa: E402
 
 
 def sha256_of(path: Path) -> str:
@@ -87,19 +85,8 @@ def install_checkpoints(torch_home, checkpoint_store):
 
 
 def make_banner(path: Path, seed: int, size: tuple[int, int] = (300, 450), fmt: str | None = None) -> Path:
-    """A synthetic banner: a gradient background with random shapes and a title bar, deterministic per seed."""
-    rng = random.Random(seed)
-    w, h = size
-    base = np.linspace(0, 1, h)[:, None, None] * np.array([rng.random() for _ in range(3)]) * 255
-    base = base + np.array([rng.randint(0, 120) for _ in range(3)])
-    img = Image.fromarray(np.clip(np.broadcast_to(base, (h, w, 3)), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(3, 9)):
-        x0, y0 = rng.randint(0, w - 20), rng.randint(0, h - 20)
-        x1, y1 = rng.randint(x0 + 10, w), rng.randint(y0 + 10, h)
-        colour = tuple(rng.randint(0, 255) for _ in range(3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
-    draw.rectangle([0, int(h * 0.8), w, int(h * 0.9)], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    """A synthetic banner file (indexer.synthetic.synthetic_banner), deterministic per seed."""
+    img = synthetic_banner(seed, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None), quality=92)
     return path
