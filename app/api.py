@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from .errors import APIError, bad_param
 from .service import Service, get_service
+from .steam import is_ascii_digits
 
 bp = Blueprint("api", __name__)
 
@@ -37,7 +38,7 @@ def int_param(name: str, default: int, lo: int, hi: int) -> int:
     if raw is None or raw == "":
         return default
     raw = raw.strip()
-    if not raw.lstrip("-").isdigit() or len(raw) > 12:
+    if not is_ascii_digits(raw.removeprefix("-")) or len(raw) > 12:
         raise bad_param(name, f"expected an integer from {lo} to {hi}, got {raw[:40]!r}")
     value = int(raw)
     if not lo <= value <= hi:
@@ -46,7 +47,7 @@ def int_param(name: str, default: int, lo: int, hi: int) -> int:
 
 
 def parse_appid(raw: str) -> int:
-    if not raw.isdigit() or len(raw) > 10:
+    if not is_ascii_digits(raw) or len(raw) > 10:
         raise APIError(400, "bad_appid", f"appid must be a non-negative integer, got {raw[:40]!r}", parameter="appid")
     return int(raw)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .steam import banner_url as cdn_banner_url
-from .steam import store_url
+from .steam import is_ascii_digits, store_url
 
 _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
@@ -120,7 +120,7 @@ class Catalog:
             else:
                 rank = 4
             ranked.append((rank, len(name), game.appid, game))
-        if query.strip().isdigit():
+        if is_ascii_digits(query.strip()):
             exact = self.by_appid.get(int(query.strip()))
             if exact is not None:
                 ranked.append((-1, 0, exact.appid, exact))
@@ -142,7 +142,7 @@ def _scan_banners(folder: Path | None) -> set[int]:
     out = set()
     for entry in folder.iterdir():
         stem, dot, ext = entry.name.partition(".")
-        if dot and stem.isdigit() and ext.lower() in ("jpg", "jpeg", "png", "webp"):
+        if dot and is_ascii_digits(stem) and ext.lower() in ("jpg", "jpeg", "png", "webp"):
             out.add(int(stem))
     return out
 

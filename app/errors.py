@@ -46,7 +46,7 @@ def bad_param(name: str, message: str) -> APIError:
 
 
 def _wants_html() -> bool:
-    return request.blueprint == "pages" or bool(g.get("html"))
+    return bool(g.get("html", request.blueprint == "pages"))
 
 
 def error_response(status: int, code: str, message: str, extra: dict | None = None) -> Response:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from .steam import banner_url
+from .steam import banner_url, is_ascii_digits
 
 
 class FetchFailed(RuntimeError):
@@ -58,7 +58,7 @@ class BannerFetcher:
                 if r.status_code != 200:
                     raise FetchFailed(f"the CDN answered {r.status_code} for {url}")
                 declared = r.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                if declared and is_ascii_digits(declared) and int(declared) > self.max_bytes:
                     raise FetchFailed(f"the banner is larger than {self.max_bytes} bytes")
                 body = bytearray()
                 for chunk in r.iter_content(65536):

@@ -17,6 +17,7 @@ from .api import host_url, int_param, k_param, parse_appid, strategy_param
 from .catalog import find_banner_file
 from .errors import APIError
 from .service import get_service
+from .steam import is_ascii_digits
 
 bp = Blueprint("pages", __name__)
 
@@ -108,8 +109,9 @@ def compare_page(appid: str):
 
 @bp.get("/banners/<appid>.jpg")
 def banner(appid: str):
+    g.html = False  # an image URL: errors in JSON, like the API
     svc = get_service()
-    if not appid.isdigit() or len(appid) > 10 or int(appid) not in svc.catalog.local_banners:
+    if not is_ascii_digits(appid) or len(appid) > 10 or int(appid) not in svc.catalog.local_banners:
         abort(404)
     path = find_banner_file(svc.settings.banners_dir, int(appid))
     if path is None:

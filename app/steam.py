@@ -19,3 +19,8 @@ def banner_url(appid: int, cdn_url: str = DEFAULT_CDN_URL) -> str:
 def store_url(appid: int) -> str:
     """The game's Steam store page."""
     return STORE_URL.format(appid=int(appid))
+
+
+def is_ascii_digits(text: str) -> bool:
+    """True for "620", False for "", "-1", "6.2" and for Unicode digits such as "²" that int() rejects."""
+    return text.isascii() and text.isdigit()
