@@ -44,8 +44,9 @@ def post_fork(server, worker):
     """
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cores // max(1, workers))
+    from app.dino.extract import cpu_cores
+
+    threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cpu_cores() // max(1, workers))
     torch.set_num_threads(threads)
 
 

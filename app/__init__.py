@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         raise StartupError(str(e)) from e
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 2**20)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_UPLOAD_MB"] = settings.max_upload_mb
     app.config["STARTED_AT"] = time.time()
     app.json.sort_keys = False

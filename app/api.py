@@ -113,7 +113,7 @@ def app_info(appid: str):
     game = svc.catalog.get(app_id)
     if game is None:
         raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index", appid=app_id)
-    return jsonify(svc.catalog.describe(game.appid, game.name, host_url()) | {"strategies": svc.strategy_names})
+    return jsonify(svc.catalog.describe_row(game.row, host_url()) | {"strategies": svc.strategy_names})
 
 
 @bp.get("/apps")
@@ -126,7 +126,7 @@ def app_search():
         raise bad_param("q", "at most 200 characters")
     limit = int_param("limit", 20, 1, 100)
     games = svc.catalog.search(q, limit)
-    return jsonify({"query": q, "results": [svc.catalog.describe(g.appid, g.name, host_url()) for g in games]})
+    return jsonify({"query": q, "results": [svc.catalog.describe_row(g.row, host_url()) for g in games]})
 
 
 @bp.get("/unique")

@@ -69,22 +69,12 @@ class Catalog:
     def get(self, appid: int) -> Game | None:
         return self.by_appid.get(appid)
 
-    def banner_url(self, appid: int, host_url: str) -> str:
-        """Our own copy when the banner folder has it (fast, same origin), else the Steam CDN."""
-        if appid in self.local_banners:
-            return f"{host_url}banners/{appid}.jpg"
-        return cdn_banner_url(appid, self.cdn_url)
-
-    def describe(self, appid: int, name: str, host_url: str) -> dict:
-        return {
-            "appid": appid,
-            "name": name,
-            "store_url": store_url(appid),
-            "banner_url": self.banner_url(appid, host_url),
-        }
-
     def describe_row(self, row: int, host_url: str) -> dict:
-        """describe() for a game of the index, from values computed at start (the hot path of lookups)."""
+        """A game of the index for responses: appid, name, store page, and the banner URL.
+
+        The banner is our own copy when the banner folder has it (fast, same origin), else the
+        Steam CDN's; everything but the host is computed at start (the hot path of lookups).
+        """
         g = self.games[row]
         local = self._local[row]
         return {

@@ -101,6 +101,11 @@ class Settings:
     proxy_hops: int = 0
     max_k: int | None = None  # None: the width of the tables
 
+    @property
+    def max_upload_bytes(self) -> int:
+        """MAX_UPLOAD_MB in bytes: Flask's MAX_CONTENT_LENGTH and the upload reader's cap."""
+        return int(self.max_upload_mb * 2**20)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env

@@ -41,7 +41,7 @@ def home():
     svc = get_service()
     q = (request.args.get("q") or "").strip()[:200]
     results = svc.catalog.search(q, 40) if q else []
-    games = [svc.catalog.describe(r.appid, r.name, host_url()) for r in results]
+    games = [svc.catalog.describe_row(r.row, host_url()) for r in results]
     unique = svc.unique_payload(svc.default_strategy, 12, host_url())
     return render_template(
         "index.html",

@@ -22,6 +22,7 @@ from .fallback import BannerFetcher, FetchFailed
 from .index import LoadedIndex
 from .matching import Matcher
 from .ratelimit import RateLimiter
+from .steam import store_url
 from .uploads import Upload, buffer_body, decode_upload, read_upload_bytes
 
 EXTENSION_KEY = "steam_dino"
@@ -184,7 +185,7 @@ class Service:
     def upload_payload(self, strategy: str, k: int, host_url: str) -> tuple[dict, dict[str, float], Upload]:
         """Matches for the image uploaded with the current request (multipart 'image' or raw image/* body)."""
         settings = self.settings
-        buffer_body(int(settings.max_upload_mb * 2**20), settings.upload_timeout, settings.upload_read_timeout)
+        buffer_body(settings.max_upload_bytes, settings.upload_timeout, settings.upload_read_timeout)
         upload = decode_upload(read_upload_bytes(), settings.max_image_pixels)
         vec, timings = self.embed_or_503(strategy, upload.image)
         found = self.matcher.search(strategy, vec, k)
@@ -201,8 +202,7 @@ class Service:
         s = self.index.strategies[strategy]
         out = []
         for row in self.matcher.unique(strategy, n):
-            g = self.catalog.games[row]
-            entry = self.catalog.describe(g.appid, g.name, host_url)
+            entry = self.catalog.describe_row(row, host_url)
             if s.k:
                 best = self.catalog.games[int(s.neighbours[row, 0])]
                 entry["best_match"] = {
@@ -227,7 +227,7 @@ class Service:
         }
         common = set.intersection(*sets.values()) if sets else set()
         return {
-            "query": self.catalog.describe(game.appid, game.name, host_url),
+            "query": self.catalog.describe_row(game.row, host_url),
             "k": k,
             "strategies": names,
             "matches": results,
@@ -244,7 +244,7 @@ class Service:
         if cached is None:
             cached = self._fetch_and_embed(appid, strategy)
             self.fetcher.remember(key, cached)
-        if isinstance(cached, str):  # ABSENT
+        if cached is ABSENT:
             raise APIError(
                 404, "unknown_appid", f"appid {appid} is not in the index and Steam has no banner for it", appid=appid
             )
@@ -256,7 +256,7 @@ class Service:
             "query": {
                 "appid": appid,
                 "name": "",
-                "store_url": self.catalog.describe(appid, "", host_url)["store_url"],
+                "store_url": store_url(appid),
                 "banner_url": self.fetcher.url(appid),
                 "source": "steam_cdn",
             },

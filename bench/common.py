@@ -132,9 +132,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_index_options(p: argparse.ArgumentParser, *, backbones: bool) -> None:
+    """The options of benchmarks over the synthetic catalog index: its size and, if asked, the backbones."""
+    if backbones:
+        p.add_argument("--backbones", default=",".join(DINO_CODES))
+    p.add_argument("--apps", type=int, default=None, help="games in the index (default: the whole catalog)")
+
+
+def chosen_backbones(args: argparse.Namespace) -> list[str]:
+    """The --backbones list; with --quick and no explicit --backbones, ViT-S/16 alone."""
+    if args.quick and "--backbones" not in sys.argv:
+        return ["S16"]
+    return [c.strip() for c in args.backbones.split(",") if c.strip()]
+
+
 def machine_line() -> str:
     """Cores, load and the torch build, to read the figures against; warns when the CPU is shared."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from app.dino.extract import cpu_cores
+
+    cores = cpu_cores()
     load = os.getloadavg()[0]
     line = f"machine: {cores} cores, load average {load:.1f}"
     if load > cores:

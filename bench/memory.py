@@ -24,12 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    DINO_CODES,
     QUICK_APPS,
     Results,
     Workspace,
+    add_index_options,
     banner_jpeg,
     base_parser,
+    chosen_backbones,
     load_apps,
     machine_line,
     memory_of,
@@ -52,13 +53,11 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, body: byte
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--backbones", default=",".join(DINO_CODES))
+    add_index_options(p, backbones=True)
     p.add_argument("--get-requests", type=int, default=2000, help="GET /match requests per worker")
-    p.add_argument("--apps", type=int, default=None, help="games in the index (default: the whole catalog)")
     args = p.parse_args()
-    codes = [c.strip() for c in args.backbones.split(",") if c.strip()]
+    codes = chosen_backbones(args)
     if args.quick:
-        codes = codes if "--backbones" in sys.argv else ["S16"]
         args.apps, args.get_requests = args.apps or QUICK_APPS, 100
     res = Results("memory")
     print(machine_line(), flush=True)

@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
     Results,
     Server,
     Workspace,
+    add_index_options,
     base_parser,
     connections_per_worker,
     gunicorn_settings,
@@ -204,7 +205,7 @@ def load(srv, client: str, paths: list[str], args, duration: float, total: int, 
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--apps", type=int, default=None, help="games in the index (default: the whole catalog)")
+    add_index_options(p, backbones=False)
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections")
     p.add_argument("--duration", type=float, default=9.0, help="wrk: seconds of load on ours (all rounds)")

@@ -26,12 +26,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    DINO_CODES,
     QUICK_APPS,
     Results,
     Workspace,
+    add_index_options,
     banner_jpeg,
     base_parser,
+    chosen_backbones,
     connection_owner,
     machine_line,
     parse_server_timing,
@@ -46,7 +47,9 @@ def torch_threads() -> int:
     """What gunicorn.conf.py's post_fork gives each of the 2 workers when TORCH_THREADS is not set."""
     if os.environ.get("TORCH_THREADS"):
         return int(os.environ["TORCH_THREADS"])
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    from app.dino.extract import cpu_cores
+
+    return max(1, cpu_cores() // 2)
 
 
 STAGES = ("decode", "preprocess", "forward", "search")
@@ -68,13 +71,11 @@ def post(conn: http.client.HTTPConnection, strategy: str, body: bytes, k: int = 
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--backbones", default=",".join(DINO_CODES))
+    add_index_options(p, backbones=True)
     p.add_argument("--requests", type=int, default=3, help="timed uploads per backbone, after one warm-up")
-    p.add_argument("--apps", type=int, default=None, help="games in the index (default: the whole catalog)")
     args = p.parse_args()
-    codes = [c.strip() for c in args.backbones.split(",") if c.strip()]
+    codes = chosen_backbones(args)
     if args.quick:
-        codes = codes if "--backbones" in sys.argv else ["S16"]
         args.apps, args.requests = args.apps or QUICK_APPS, 1
     res = Results("upload")
     print(machine_line(), flush=True)

@@ -184,11 +184,6 @@ def clean_stale_temp_files(out_dir: Path) -> list[Path]:
     return removed
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` is either absent/old or complete: temp file, fsync, rename."""
-    atomic_write_bytes(path, data)
-
-
 def download_banners(
     apps: Iterable[int | Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
@@ -351,7 +346,7 @@ class _Fetcher:
                 return status, payload if isinstance(payload, str) else ""
             assert isinstance(payload, bytes)
             try:
-                atomic_write(final, payload)
+                atomic_write_bytes(final, payload)
             except OSError as exc:
                 return "failed", f"cannot write {final}: {exc}"
             return "downloaded", ""
@@ -432,7 +427,7 @@ def _update_missing(out: Path, known: set[int], new: set[int], present: set[int]
         return
     data = (json.dumps(sorted(updated)) + "\n").encode()
     with contextlib.suppress(OSError):  # only a cache: at worst the next run asks the CDN again
-        atomic_write(out / MISSING_FILE, data)
+        atomic_write_bytes(out / MISSING_FILE, data)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -464,7 +459,6 @@ __all__ = [
     "MISSING_FILE",
     "AppsFileError",
     "DownloadSummary",
-    "atomic_write",
     "clean_stale_temp_files",
     "download_banners",
     "file_is_valid",
