@@ -13,6 +13,7 @@ DEMO_STRATEGIES ?= SimpleS16,ComplexS16,SimpleB16,ComplexB16
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
@@ -43,7 +44,7 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) -m pip install --quiet -r bench/requirements.txt
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all
 
 clean-venv:
 	rm -rf $(VENV)

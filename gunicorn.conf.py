@@ -44,7 +44,7 @@ def post_fork(server, worker):
     """
     import torch
 
-    from app.dino.extract import cpu_cores
+    from core.dino.extract import cpu_cores
 
     threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cpu_cores() // max(1, workers))
     torch.set_num_threads(threads)

@@ -14,8 +14,9 @@ import time
 from flask import Flask, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from core.index import IndexInvalid, load_index
+
 from .config import ConfigError, Settings
-from .index import IndexInvalid, load_index
 
 
 class StartupError(RuntimeError):

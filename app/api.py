@@ -11,9 +11,10 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
+from core.steam import is_ascii_digits
+
 from .errors import APIError, bad_param
 from .service import Service, get_service
-from .steam import is_ascii_digits
 
 bp = Blueprint("api", __name__)
 

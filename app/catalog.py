@@ -15,8 +15,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .steam import banner_url as cdn_banner_url
-from .steam import is_ascii_digits, store_url
+from core.banners import scan_banners
+from core.steam import banner_url as cdn_banner_url
+from core.steam import is_ascii_digits, store_url
 
 _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
@@ -45,7 +46,7 @@ class Catalog:
         self._words = [f.split() for f in self._folded]
         self.cdn_url = cdn_url
         self.banners_dir = banners_dir
-        self.local_banners = _scan_banners(banners_dir)
+        self.local_banners = set(scan_banners(banners_dir).found) if banners_dir else set()
         # Per row, what a response needs, computed once: lookups only concatenate the host.
         self._store = [store_url(g.appid) for g in self.games]
         self._local = [f"banners/{g.appid}.jpg" if g.appid in self.local_banners else None for g in self.games]
@@ -123,23 +124,3 @@ class Catalog:
                 if len(out) == limit:
                     break
         return out
-
-
-def _scan_banners(folder: Path | None) -> set[int]:
-    """Appids with a banner in the folder (scanned once at start; restart to pick up new files)."""
-    if folder is None or not folder.is_dir():
-        return set()
-    out = set()
-    for entry in folder.iterdir():
-        stem, dot, ext = entry.name.partition(".")
-        if dot and is_ascii_digits(stem) and ext.lower() in ("jpg", "jpeg", "png", "webp"):
-            out.add(int(stem))
-    return out
-
-
-def find_banner_file(folder: Path, appid: int) -> Path | None:
-    for ext in ("jpg", "jpeg", "png", "webp"):
-        path = folder / f"{appid}.{ext}"
-        if path.is_file():
-            return path
-    return None

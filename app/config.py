@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .steam import DEFAULT_CDN_URL
+from core.steam import DEFAULT_CDN_URL
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from .steam import banner_url, is_ascii_digits
+from core.steam import banner_url, is_ascii_digits
 
 
 class FetchFailed(RuntimeError):

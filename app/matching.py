@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .dino.extract import Extractor, configure_threads
-from .dino.weights import MODELS, ModelCache, WeightsUnavailable
-from .index import LoadedIndex
-from .knn import ExactSearch
+from core.dino.extract import Extractor, configure_threads
+from core.dino.weights import MODELS, ModelCache, WeightsUnavailable
+from core.index import LoadedIndex
+from core.knn import ExactSearch
 
 
 @dataclass

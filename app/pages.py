@@ -13,11 +13,12 @@ import io
 from flask import Blueprint, abort, g, render_template, request, send_file
 from PIL import Image
 
+from core.banners import find_banner_file
+from core.steam import is_ascii_digits
+
 from .api import host_url, int_param, k_param, parse_appid, strategy_param
-from .catalog import find_banner_file
 from .errors import APIError
 from .service import get_service
-from .steam import is_ascii_digits
 
 bp = Blueprint("pages", __name__)
 

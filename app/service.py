@@ -12,17 +12,18 @@ import logging
 import numpy as np
 from flask import current_app
 
+from core.dino.strategies import DEFAULT_STRATEGY
+from core.dino.weights import ModelCache, WeightsUnavailable
+from core.images import ImageRejected, open_image
+from core.index import LoadedIndex
+from core.steam import store_url
+
 from .catalog import Catalog, Game
 from .config import Settings
-from .dino.images import ImageRejected, open_image
-from .dino.strategies import DEFAULT_STRATEGY
-from .dino.weights import ModelCache, WeightsUnavailable
 from .errors import APIError
 from .fallback import BannerFetcher, FetchFailed
-from .index import LoadedIndex
 from .matching import Matcher
 from .ratelimit import RateLimiter
-from .steam import store_url
 from .uploads import Upload, buffer_body, decode_upload, read_upload_bytes
 
 EXTENSION_KEY = "steam_dino"

@@ -5,7 +5,7 @@ or a raw body with an ``image/*`` content type (``curl --data-binary``).
 The size cap is Flask's ``MAX_CONTENT_LENGTH``: a declared length over it is
 refused (413) before any of the body is read, and a chunked body is cut off
 as soon as it passes the cap. Decoding (format whitelist, pixel cap, modes)
-is ``app.dino.images.open_image``.
+is ``core.images.open_image``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from flask import request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .dino.images import ImageRejected, open_image
+from core.images import ImageRejected, open_image
+
 from .errors import APIError, stop_reading
 
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"

@@ -25,11 +25,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 DINO_CODES = ("S16", "S8", "B16", "B8")
 QUICK_APPS = 2000  # games in the index with --quick (every benchmark the same, so that they share it)
@@ -148,7 +147,7 @@ def chosen_backbones(args: argparse.Namespace) -> list[str]:
 
 def machine_line() -> str:
     """Cores, load and the torch build, to read the figures against; warns when the CPU is shared."""
-    from app.dino.extract import cpu_cores
+    from core.dino.extract import cpu_cores
 
     cores = cpu_cores()
     load = os.getloadavg()[0]
@@ -199,9 +198,9 @@ class Workspace:
             return Path(entry["path"]), entry["sha256"]
         import torch
 
-        from app.dino.backbones import BACKBONES
-        from app.dino.vit import VisionTransformer
-        from app.dino.weights import file_sha256
+        from core.dino.backbones import BACKBONES
+        from core.dino.vit import VisionTransformer
+        from core.files import sha256_file
 
         backbone = BACKBONES[code]
         path = self.checkpoints / backbone.filename
@@ -216,7 +215,7 @@ class Workspace:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         registry = self._registry() | {code: {"path": str(path), "sha256": sha}}
         (self.root / "checkpoints.json").write_text(json.dumps(registry, indent=1))
         print(f"(random {backbone.label} checkpoint written in {time.perf_counter() - t0:.1f} s)", flush=True)
@@ -239,7 +238,7 @@ class Workspace:
             recorded = json.loads(stamp.read_text())
             if recorded.get("wanted") == wanted:
                 return recorded["info"]
-        from app.dino.strategies import parse_strategies
+        from core.dino.strategies import parse_strategies
         from indexer.synthetic import load_catalog, write_synthetic_index
 
         apps, source = load_catalog(n=n_apps)
@@ -343,7 +342,6 @@ class Server:
         self.url = f"http://{self.host}:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HOST": self.host, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers)} | env
-        full_env.setdefault("PYTHONPATH", str(ROOT))
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(

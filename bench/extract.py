@@ -1,9 +1,9 @@
 """Extraction speed of each DINO backbone, against the machine's matmul rate and a naive baseline.
 
-    python bench/extract.py [--backbones S16,S8,B16,B8] [--batches 1,8,16,32] [--batches8 1,4,8]
+    python -m bench.extract [--backbones S16,S8,B16,B8] [--batches 1,8,16,32] [--batches8 1,4,8]
                             [--seconds 1.5] [--threads N] [--quick] [--json PATH]
-    python bench/extract.py --device cuda [--files 512] [--batch 128] [--workers 8]
-    python bench/extract.py --end-to-end          # and then the --device cuda table, on the CPU (fp32 only)
+    python -m bench.extract --device cuda [--files 512] [--batch 128] [--workers 8]
+    python -m bench.extract --end-to-end          # and then the --device cuda table, on the CPU (fp32 only)
 
 CPU (default): random full-size weights, the real extraction path (``Extractor.embed_tensors`` for the
 Simple and Complex strategies of the backbone, one forward serving both, under its inference mode) on
@@ -27,18 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from app.dino.backbones import BACKBONES  # noqa: E402
-from app.dino.extract import Extractor, configure_threads  # noqa: E402
-from app.dino.strategies import parse_strategies  # noqa: E402
-from app.dino.vit import count_flops  # noqa: E402
-from app.dino.weights import ModelCache  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench.common import (
     Results,
     Workspace,
     base_parser,
@@ -47,7 +39,14 @@ from bench.common import (  # noqa: E402
     print_table,
     write_banners,
 )
-from bench.reference_vit import reference_features, reference_model  # noqa: E402
+from bench.reference_vit import reference_features, reference_model
+from core.dino.backbones import BACKBONES
+from core.dino.extract import Extractor, configure_threads
+from core.dino.strategies import parse_strategies
+from core.dino.vit import count_flops
+from core.dino.weights import ModelCache
+
+ROOT = Path(__file__).resolve().parent.parent
 
 S16_TARGET = 0.75  # ViT-S/16 at >= 75% of the measured matmul rate
 
@@ -249,8 +248,8 @@ def decode_rate(ex: Extractor, paths: list[Path], batch: int, workers: int) -> f
     """images/s of decoding + preprocessing alone, in the same DataLoader workers as iter_files."""
     from torch.utils.data import DataLoader
 
-    from app.dino.extract import _collate, _ImageFiles  # the dataset iter_files uses
-    from app.dino.images import DEFAULT_MAX_PIXELS
+    from core.dino.extract import _collate, _ImageFiles  # the dataset iter_files uses
+    from core.images import DEFAULT_MAX_PIXELS
 
     loader = DataLoader(
         _ImageFiles(paths, ex.transforms, DEFAULT_MAX_PIXELS),
@@ -382,7 +381,7 @@ def main() -> None:
         args.matmul_sizes = [256, 512]
         args.files, args.min_images = min(args.files, 8), 8
     if device_mode:
-        from app.dino.extract import default_batch_size, default_num_workers
+        from core.dino.extract import default_batch_size, default_num_workers
 
         args.batch = args.batch or (4 if args.quick else default_batch_size(args.device))
         args.workers = default_num_workers() if args.workers is None else args.workers

@@ -1,6 +1,6 @@
 """Benchmark of the exact kNN (app/knn.py) against the usual shortcuts, at the real catalogue size.
 
-    python bench/knn.py [--n N] [--dim 1536] [--k 100] [--dtype float16] [--queries 200]
+    python -m bench.knn [--n N] [--dim 1536] [--k 100] [--dtype float16] [--queries 200]
 
 Embeddings are seeded random unit vectors (the worst case for near-ties: all scores crowd around 0);
 N defaults to the number of games in the Steam catalogue (``../shared/data/steam_catalog_2021.json``
@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from core.knn import ExactSearch, topk_table
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from app.knn import ExactSearch, topk_table  # noqa: E402
 
 CATALOG = ROOT.parent / "shared" / "data" / "steam_catalog_2021.json"
 FALLBACK_N = 29_982

@@ -1,6 +1,6 @@
 """Start-up time and memory of the real service: master and workers, tables shared, one model per backbone.
 
-    python bench/memory.py [--backbones S16,S8,B16,B8] [--get-requests 2000] [--apps N] [--quick] [--json PATH]
+    python -m bench.memory [--backbones S16,S8,B16,B8] [--get-requests 2000] [--apps N] [--quick] [--json PATH]
 
 The real service (gunicorn, 2 workers) over the synthetic index of the whole catalog with all eight
 strategies (random full-size checkpoints in a temporary TORCH_HOME). Measures the time from launch
@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import http.client
 import random
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     QUICK_APPS,
     Results,
     Workspace,
@@ -38,6 +34,8 @@ from bench.common import (  # noqa: E402
     print_table,
     running_server,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STARTUP_TARGET_S = 5.0
 

@@ -1,6 +1,6 @@
 """The eager-attention reference formulation: DINO's official ViT, as the baseline of bench/extract.py.
 
-Same modules and parameter names as ``app.dino.vit.VisionTransformer`` (so it loads the same state
+Same modules and parameter names as ``core.dino.vit.VisionTransformer`` (so it loads the same state
 dict with ``strict=True``), but attention written out as in the official ``vision_transformer.py``::
 
     attn = (q @ k.transpose(-2, -1)) * scale
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from app.dino.vit import Attention, VisionTransformer, ViTConfig
+from core.dino.vit import Attention, VisionTransformer, ViTConfig
 
 
 class ReferenceAttention(Attention):

@@ -1,6 +1,6 @@
 """Every benchmark, at sizes that fit a few minutes on a 2-core machine, and one combined table.
 
-    python bench/run_all.py [--quick] [--workdir DIR] [--markdown PATH] [--only extract,serve,...]
+    python -m bench.run_all [--quick] [--workdir DIR] [--markdown PATH] [--only extract,serve,...]
 
 Runs bench/extract.py, serve.py, upload.py, memory.py and knn.py one after the other (each as its own
 process, printing its own table), sharing one workspace (random checkpoints and the synthetic index of
@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import DINO_CODES, QUICK_APPS, Figure, Workspace, machine_line, print_table, read_results, verdict
 
-from bench.common import DINO_CODES, QUICK_APPS, Figure, Workspace, machine_line, print_table, read_results, verdict  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 # (name, arguments at full size, arguments with --quick): sized for ~8 minutes on 2 cores
 BENCHES = {
@@ -38,7 +38,7 @@ BENCHES = {
 
 def run(name: str, args: list[str], workdir: Path, out: Path) -> tuple[list[Figure], float, str]:
     """Run one benchmark, echoing its output; its figures (from --json, or parsed for knn.py)."""
-    cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args]
+    cmd = [sys.executable, "-m", f"bench.{name}", *args]
     if name != "knn":  # knn.py is a plain command: no workspace, no --json; its table is parsed
         cmd += ["--workdir", str(workdir), "--json", str(out)]
     print(f"\n=== {name}: {' '.join(Path(c).name if c.endswith('.py') else c for c in cmd[1:])}", flush=True)

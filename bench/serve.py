@@ -1,6 +1,6 @@
 """Requests/s and latency of GET /match/<appid> on the real service, against a naive design.
 
-    python bench/serve.py [--apps N] [--duration 10] [--connections 8] [--client auto|wrk|python]
+    python -m bench.serve [--apps N] [--duration 10] [--connections 8] [--client auto|wrk|python]
                           [--requests 20000] [--naive-duration 5] [--quick] [--json PATH]
 
 The real service (gunicorn, gunicorn.conf.py, 2 workers) over a synthetic index of the whole catalog
@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,10 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     QUICK_APPS,
     Results,
     Server,
@@ -56,6 +52,8 @@ from bench.common import (  # noqa: E402
     print_table,
     verify_matches,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_RPS = 2000
 TARGET_P99_MS = 20.0

@@ -1,6 +1,6 @@
 """Latency of POST /match (an uploaded banner embedded on demand) per backbone, split by stage.
 
-    python bench/upload.py [--backbones S16,S8,B16,B8] [--requests 3] [--apps N] [--quick] [--json PATH]
+    python -m bench.upload [--backbones S16,S8,B16,B8] [--requests 3] [--apps N] [--quick] [--json PATH]
 
 The real service (gunicorn, 2 workers, TORCH_THREADS = cores / workers) over the synthetic index of
 the whole catalog, with random full-size checkpoints in a temporary TORCH_HOME whose sha256 the
@@ -15,17 +15,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     QUICK_APPS,
     Results,
     Workspace,
@@ -40,6 +36,8 @@ from bench.common import (  # noqa: E402
     running_server,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
+
 SEARCH_TARGET_MS = 5.0
 
 
@@ -47,7 +45,7 @@ def torch_threads() -> int:
     """What gunicorn.conf.py's post_fork gives each of the 2 workers when TORCH_THREADS is not set."""
     if os.environ.get("TORCH_THREADS"):
         return int(os.environ["TORCH_THREADS"])
-    from app.dino.extract import cpu_cores
+    from core.dino.extract import cpu_cores
 
     return max(1, cpu_cores() // 2)
 

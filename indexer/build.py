@@ -9,7 +9,7 @@ The steps, each safe to interrupt:
 3. embed what the cache lacks, batch by batch, each batch persisted at once
    (see ``cache.py``); unreadable images are skipped and recorded;
 4. for every strategy, store the embeddings (float16 by default) and compute
-   the exact top-k tables over the stored values (``app.knn``);
+   the exact top-k tables over the stored values (``core.knn``);
 5. write it all to a staging folder and swap it into place (``writer.py``).
 """
 
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.dino.extract import Extractor, configure_threads, default_batch_size, default_device
-from app.dino.strategies import Strategy
-from app.dino.weights import checkpoint_url, file_sha256, resolve_checkpoint
-from app.index import APPS
-from app.knn import topk_table
+from core.apps import load_apps
+from core.dino.extract import Extractor, configure_threads, default_batch_size, default_device
+from core.dino.strategies import Strategy
+from core.dino.weights import checkpoint_url, resolve_checkpoint
+from core.files import sha256_file
+from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
+from core.knn import topk_table
 
 from .cache import EmbeddingCache, strategy_key
-from .sources import Source, SourceError, load_apps, plan_sources
-from .sources import file_sha256 as image_sha256
-from .writer import IndexWriter, make_manifest, recover, write_strategy
+from .sources import Source, SourceError, plan_sources
 
 DTYPES = ("float16", "float32")
 
@@ -122,9 +122,9 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
             code = s.backbone.code
             if code not in checkpoints:
                 checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
-                ckpt_sha[code] = file_sha256(checkpoints[code])
+                ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
         keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], cfg.precision) for s in cfg.strategies}
-        shas = [image_sha256(src.path) for src in tqdm(plan.sources, desc="hashing", disable=not cfg.progress)]
+        shas = [sha256_file(src.path) for src in tqdm(plan.sources, desc="hashing", disable=not cfg.progress)]
 
         embed_start = time.perf_counter()
         embedded = _embed_missing(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_save_npz, atomic_write_json
+from core.files import atomic_save_npz, atomic_write_json
 
 FAILED = "failed.json"
 

@@ -29,9 +29,9 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from app.steam import DEFAULT_CDN_URL, banner_url
-
-from .atomic import atomic_write_bytes
+from core.apps import AppsInvalid
+from core.files import atomic_write_bytes
+from core.steam import DEFAULT_CDN_URL, banner_url
 
 MISSING_FILE = "missing.json"
 DEFAULT_APPS_FILE = Path(__file__).resolve().parent.parent / "catalogs" / "default_games.json"
@@ -41,10 +41,6 @@ USER_AGENT = "steam-dino-banners/0.1 (banner downloader)"
 _CHUNK = 64 * 1024
 # Temporary names start with a dot and do not end in an image extension, so the index builder never reads them.
 _TMP_RE = re.compile(r"^\.(?:\d+\.jpg|missing\.json)\.tmp-(?P<pid>\d+)(?:-\d+)?$")
-
-
-class AppsFileError(ValueError):
-    """The APPS.json given by the user is unreadable or not a list of {"appid": int, "name": str}."""
 
 
 @dataclass
@@ -72,49 +68,13 @@ class DownloadSummary:
         )
 
 
-def load_apps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read and check an APPS.json file before anything is created, so bad input changes nothing."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AppsFileError(f"cannot read apps file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise AppsFileError(f"apps file {path} is not UTF-8 text: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AppsFileError(f"apps file {path} is not valid JSON: {exc}") from exc
-    return validate_apps(data, source=str(path))
-
-
-def validate_apps(data: Any, source: str = "apps") -> list[dict[str, Any]]:
-    """Check the `[{"appid": int, "name": str}, ...]` shape; names may be omitted (they become "")."""
-    if not isinstance(data, list):
-        raise AppsFileError(f"{source}: expected a JSON list of {{'appid': int, 'name': str}}, got {_kind(data)}")
-    apps = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise AppsFileError(f"{source}: entry {i} is {_kind(entry)}, expected an object with an int 'appid'")
-        appid = entry.get("appid")
-        if isinstance(appid, bool) or not isinstance(appid, int):
-            raise AppsFileError(f"{source}: entry {i} has no integer 'appid' (got {appid!r})")
-        if appid <= 0:
-            raise AppsFileError(f"{source}: entry {i} has a non-positive appid {appid}")
-        name = entry.get("name", "")
-        if not isinstance(name, str):
-            raise AppsFileError(f"{source}: entry {i} (appid {appid}) has a non-string 'name' ({name!r})")
-        apps.append({"appid": appid, "name": name})
-    return apps
-
-
 def unique_appids(apps: Iterable[int | Mapping[str, Any]]) -> list[int]:
     """Appids in first-seen order, each once, so a duplicated entry is fetched a single time."""
     seen: dict[int, None] = {}
     for app in apps:
         appid = app["appid"] if isinstance(app, Mapping) else app
         if isinstance(appid, bool) or not isinstance(appid, int) or appid <= 0:
-            raise AppsFileError(f"not a valid appid: {appid!r}")
+            raise AppsInvalid(f"not a valid appid: {appid!r}")
         seen.setdefault(appid, None)
     return list(seen)
 
@@ -444,11 +404,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -457,14 +412,12 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 __all__ = [
     "DEFAULT_APPS_FILE",
     "MISSING_FILE",
-    "AppsFileError",
+    "AppsInvalid",
     "DownloadSummary",
     "clean_stale_temp_files",
     "download_banners",
     "file_is_valid",
     "image_problem",
-    "load_apps",
     "read_missing",
     "unique_appids",
-    "validate_apps",
 ]

@@ -38,14 +38,14 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
-from app.dino.extract import Extractor, default_batch_size
-from app.dino.images import ImageRejected, open_image
-from app.dino.strategies import Strategy
-from app.dino.weights import ModelCache
-from app.index import LoadedIndex
-from app.knn import ExactSearch
-from indexer.atomic import temp_name
-from indexer.sources import scan_images
+from core.banners import scan_banners
+from core.dino.extract import Extractor, default_batch_size
+from core.dino.strategies import Strategy
+from core.dino.weights import ModelCache
+from core.files import temp_name
+from core.images import ImageRejected, open_image
+from core.index import LoadedIndex
+from core.knn import ExactSearch
 
 # The alterations, in the order of the report. "strong" chains crop, jitter and JPEG like Copydays' "strong" set.
 ALTERATIONS = ("crop", "jpeg", "resize", "flip", "jitter", "strong")
@@ -215,8 +215,7 @@ def banner_paths(index: LoadedIndex, images_dir: Path) -> dict[int, Path]:
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise EvaluationError(f"--images {images_dir}: no such folder")
-    found, _, _ = scan_images(images_dir)
-    return found
+    return scan_banners(images_dir).found
 
 
 def check_strategies(index: LoadedIndex, names: Sequence[str] | None) -> list[str]:

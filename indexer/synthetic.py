@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from app.dino.strategies import Strategy
-from app.index import APPS
-from app.knn import topk_table
-
-from .writer import IndexWriter, make_manifest, write_strategy
+from core.dino.strategies import Strategy
+from core.index import APPS, IndexWriter, make_manifest, write_strategy
+from core.knn import topk_table
 
 CATALOG_SIZE = 29_982
 SHARED_CATALOG = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "steam_catalog_2021.json"

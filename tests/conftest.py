@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.dino.backbones import BACKBONES
+from core.dino.vit import VisionTransformer
+from indexer.synthetic import synthetic_banner
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(ROOT))
-
-from app.dino.backbones import BACKBONES  # noqa: E402
-from app.dino.vit import VisionTransformer  # noqa: E402
-from indexer.synthetic import synthetic_banner  # noqa: E402
 
 
 def sha256_of(path: Path) -> str:
@@ -157,7 +156,7 @@ class BuiltIndex:
 @pytest.fixture(scope="session")
 def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
     """An index of 24 generated banners (SimpleS16, ComplexS16, ComplexB16; k=10), built once per session."""
-    from app.dino.strategies import parse_strategies
+    from core.dino.strategies import parse_strategies
     from indexer.build import BuildConfig, build_index
 
     root = tmp_path_factory.mktemp("built")

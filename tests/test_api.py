@@ -133,10 +133,10 @@ def test_upload_of_an_indexed_banner_finds_itself(client, built_index):
 
 def test_upload_search_is_exact(client, built_index):
     """An upload's matches equal a float64 brute force over the stored embeddings."""
-    from app.dino.extract import Extractor
-    from app.dino.images import open_image
-    from app.dino.strategies import parse_strategies
-    from app.dino.weights import ModelCache
+    from core.dino.extract import Extractor
+    from core.dino.strategies import parse_strategies
+    from core.dino.weights import ModelCache
+    from core.images import open_image
 
     img_bytes = io.BytesIO()
     Image.new("RGB", (300, 450), (30, 140, 200)).save(img_bytes, format="PNG")

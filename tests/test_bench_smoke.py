@@ -22,7 +22,7 @@ def quick_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     md = work / "results.md"
     proc = subprocess.run(
-        [sys.executable, "bench/run_all.py", "--quick", "--workdir", str(work / "ws"), "--markdown", str(md)],
+        [sys.executable, "-m", "bench.run_all", "--quick", "--workdir", str(work / "ws"), "--markdown", str(md)],
         cwd=ROOT,
         capture_output=True,
         text=True,

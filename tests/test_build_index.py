@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, make_banner, make_catalog, sha256_of
 
-from app.dino.extract import Extractor
-from app.dino.images import open_image
-from app.dino.strategies import parse_strategies
-from app.dino.weights import ModelCache
-from app.index import FORMAT, FORMAT_VERSION, load_index
+from core.dino.extract import Extractor
+from core.dino.strategies import parse_strategies
+from core.dino.weights import ModelCache
+from core.images import open_image
+from core.index import FORMAT, FORMAT_VERSION, IndexWriter, load_index, recover
 from indexer.build import BuildConfig, build_index
-from indexer.writer import IndexWriter, recover
 
 SCRIPT = ROOT / "scripts" / "build_index.py"
 

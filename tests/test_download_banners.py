@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from core.apps import AppsInvalid, load_apps
 from indexer import download as dl
-from indexer.download import AppsFileError, download_banners, image_problem, load_apps
+from indexer.download import download_banners, image_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "download_banners.py"
@@ -147,10 +146,7 @@ def _run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def _load_script_module():
-    spec = importlib.util.spec_from_file_location("download_banners_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("indexer.cli.download_banners")
 
 
 # --- the library ---------------------------------------------------------------------------------------
@@ -374,12 +370,12 @@ def test_image_problem():
 def test_load_apps_rejects_bad_files(tmp_path, content, fragment):
     path = tmp_path / "apps.json"
     path.write_text(content)
-    with pytest.raises(AppsFileError, match=re.escape(fragment)):
+    with pytest.raises(AppsInvalid, match=re.escape(fragment)):
         load_apps(path)
 
 
 def test_load_apps_unreadable(tmp_path):
-    with pytest.raises(AppsFileError, match="cannot read"):
+    with pytest.raises(AppsInvalid, match="cannot read"):
         load_apps(tmp_path / "nope.json")
 
 

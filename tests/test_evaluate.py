@@ -18,9 +18,9 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from app.dino.images import open_image
-from app.dino.weights import ModelCache
-from app.index import load_index
+from core.dino.weights import ModelCache
+from core.images import open_image
+from core.index import load_index
 from indexer import evaluate as ev
 
 SCRIPT = ROOT / "scripts" / "evaluate.py"
@@ -48,10 +48,7 @@ def extractors(built_index, index, models, monkeypatch):
 @pytest.fixture(scope="module")
 def cli():
     """scripts/evaluate.py as a module, for in-process calls of its main()."""
-    spec = importlib.util.spec_from_file_location("evaluate_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("indexer.cli.evaluate")
 
 
 def banner(built_index, index, row: int) -> Image.Image:

@@ -12,12 +12,12 @@ from conftest import make_catalog
 
 from app import create_app
 from app.config import Settings
-from app.dino.extract import Extractor
-from app.dino.images import open_image
-from app.dino.preprocess import PREPROCESSINGS
-from app.dino.strategies import parse_strategies
-from app.dino.weights import ModelCache
-from app.index import load_index
+from core.dino.extract import Extractor
+from core.dino.preprocess import PREPROCESSINGS
+from core.dino.strategies import parse_strategies
+from core.dino.weights import ModelCache
+from core.images import open_image
+from core.index import load_index
 from indexer.build import BuildConfig, build_index
 
 NAMES = "GemS16,MultiScaleS16,ComplexS16@full,SimpleS16@square,SimpleS14"

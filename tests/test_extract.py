@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from conftest import make_banner
 
-from app.dino.extract import Extractor
-from app.dino.images import open_image
-from app.dino.preprocess import PREPROCESSINGS
-from app.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
-from app.dino.weights import ModelCache
+from core.dino.extract import Extractor
+from core.dino.preprocess import PREPROCESSINGS
+from core.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
+from core.dino.weights import ModelCache
+from core.images import open_image
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.dino.images import ImageRejected, open_image
+from core.images import ImageRejected, open_image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from app import knn
-from app.knn import ExactSearch, topk_table
+from core import knn
+from core.knn import ExactSearch, topk_table
 
 
 def unit_rows(n: int, d: int, seed: int = 0, dtype=np.float16) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 from conftest import FIXTURES, make_banner
 from PIL import Image
 
-from app.dino.images import open_image
-from app.dino.preprocess import PREPROCESSINGS, Preprocessing, get_preprocessing
+from core.dino.preprocess import PREPROCESSINGS, Preprocessing, get_preprocessing
+from core.images import open_image
 
 
 def test_dino_mode_equals_official_preprocessing():

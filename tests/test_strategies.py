@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.dino.strategies import (
+from core.dino.strategies import (
     DEFAULT_STRATEGY,
     ORIGINAL_STRATEGIES,
     STYLES,
@@ -18,7 +18,7 @@ from app.dino.strategies import (
     parse_strategies,
     parse_strategy,
 )
-from app.dino.vit import VisionTransformer, ViTConfig
+from core.dino.vit import VisionTransformer, ViTConfig
 
 EXPECTED = {
     "SimpleS16": (384, "S16"),

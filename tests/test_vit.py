@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import FIXTURES
 
-from app.dino.backbones import BACKBONES
-from app.dino.vit import VisionTransformer, ViTConfig, count_flops
+from core.dino.backbones import BACKBONES
+from core.dino.vit import VisionTransformer, ViTConfig, count_flops
 
 DINO = FIXTURES / "dino"
 DINOV2 = FIXTURES / "dinov2"

@@ -8,9 +8,16 @@ import pytest
 import torch
 from conftest import sha256_of
 
-from app.dino import weights
-from app.dino.backbones import BACKBONES
-from app.dino.weights import ModelCache, WeightsUnavailable, checkpoint_dir, file_sha256, load_model, resolve_checkpoint
+from core.dino import weights
+from core.dino.backbones import BACKBONES
+from core.dino.weights import (
+    ModelCache,
+    WeightsUnavailable,
+    checkpoint_dir,
+    load_model,
+    resolve_checkpoint,
+)
+from core.files import sha256_file
 
 S16 = BACKBONES["S16"]
 
@@ -58,7 +65,7 @@ def test_download_from_local_server_with_sha256(torch_home, checkpoint_store, fi
     monkeypatch.setenv("DINO_BASE_URL", file_server(mirror) + "/")
     path = resolve_checkpoint(S16, progress=False)
     assert path == torch_home / "dino_deitsmall16_pretrain.pth"
-    assert file_sha256(path) == sha256_of(src)
+    assert sha256_file(path, cache=True) == sha256_of(src)
     assert not [p for p in torch_home.iterdir() if p.name.startswith(".")], "temporary files left behind"
     loaded = ModelCache().get(S16, expected_sha256=sha256_of(src))
     assert loaded.sha256 == sha256_of(src)

@@ -1,8 +1,9 @@
-"""Durable, all-or-nothing file writes: a file appears under its final name only when complete."""
+"""Files: durable all-or-nothing writes (a file appears under its final name only when complete) and hashing."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -59,3 +60,24 @@ def atomic_write_json(path: Path, obj: object, *, indent: int | None = None) -> 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_file(path) as f:
         np.savez(f, **arrays)
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: Path, *, cache: bool = False) -> str:
+    """The file's sha256, streamed; ``cache`` remembers it per (path, size, mtime) (checkpoints: hashed once)."""
+    key = None
+    if cache:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _sha_cache:
+            return _sha_cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if key is not None:
+        _sha_cache[key] = digest
+    return digest

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.dino.strategies import Strategy
-from app.index import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from core.dino.strategies import Strategy
+from core.files import atomic_write_json, fsync_dir, sha256_file
 
-from .atomic import atomic_write_json, fsync_dir
+from .layout import FORMAT, FORMAT_VERSION, MANIFEST
 
 
 def _hidden(out: Path, tag: str) -> list[Path]:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
+from core.images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
+
 from .preprocess import Preprocessing
 from .strategies import Needs, Strategy
 from .weights import MODELS, LoadedBackbone, ModelCache

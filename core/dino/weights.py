@@ -16,7 +16,6 @@ that queries are never embedded with other weights than the index.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Mapping
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import requests
 import torch
+
+from core.files import sha256_file
 
 from .backbones import BASE_URL_ENV, DEFAULT_BASE_URL, Backbone
 from .vit import VisionTransformer
@@ -49,22 +50,6 @@ def base_url(backbone: Backbone, override: str | None = None) -> str:
 
 def checkpoint_url(backbone: Backbone, override: str | None = None) -> str:
     return f"{base_url(backbone, override)}/{backbone.checkpoint}"
-
-
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, cached per (path, size, mtime) so that each checkpoint is hashed once."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _sha_cache[key] = h.hexdigest()
-    return _sha_cache[key]
 
 
 def _download(url: str, dst: Path, progress: bool) -> None:
@@ -202,7 +187,7 @@ class ModelCache:
             path = resolve_checkpoint(
                 backbone, weights, url_override=url_override, download=download, progress=progress
             )
-            sha = file_sha256(path)
+            sha = sha256_file(path, cache=True)
             loaded = LoadedBackbone(backbone, load_model(backbone, path, device), path, sha)
             with self._lock:
                 self._models[key] = loaded

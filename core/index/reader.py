@@ -20,33 +20,21 @@ wrong data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .dino.strategies import Strategy
+from core.apps import AppsInvalid, validate_apps
+from core.dino.strategies import Strategy
+from core.files import sha256_file
 
-FORMAT = "steam-dino-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-APPS = "apps.json"
-ARRAYS = ("embeddings.npy", "neighbours.npy", "scores.npy")
-EMBEDDING_DTYPES = ("float16", "float32")
+from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST
 
 
 class IndexInvalid(RuntimeError):
     """The index folder cannot be served; the message names the file and the problem."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -91,24 +79,6 @@ def _read_json(path: Path, what: str):
         raise IndexInvalid(f"{path}: unreadable {what}: {e}") from None
 
 
-def validate_apps(apps: object, where: str) -> list[dict]:
-    """A list of {"appid": int, "name": str} with unique appids (extra keys are dropped)."""
-    if not isinstance(apps, list):
-        raise IndexInvalid(f"{where}: expected a list of {{appid, name}} objects")
-    out, seen = [], set()
-    for i, a in enumerate(apps):
-        if not isinstance(a, dict) or not isinstance(a.get("appid"), int) or isinstance(a.get("appid"), bool):
-            raise IndexInvalid(f"{where}: entry {i} has no integer appid: {a!r:.80}")
-        name = a.get("name", "")
-        if not isinstance(name, str):
-            raise IndexInvalid(f"{where}: entry {i} (appid {a['appid']}) has a non-string name")
-        if a["appid"] in seen:
-            raise IndexInvalid(f"{where}: appid {a['appid']} appears twice")
-        seen.add(a["appid"])
-        out.append({"appid": a["appid"], "name": name})
-    return out
-
-
 def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[str, ...], verify: str) -> np.ndarray:
     if not path.is_file():
         raise IndexInvalid(f"{path}: missing")
@@ -141,7 +111,10 @@ def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] 
             f"{FORMAT_VERSION}. Rebuild the index with this version's scripts/build_index.py."
         )
     apps_path = root / APPS
-    apps = validate_apps(_read_json(apps_path, "app list"), str(apps_path))
+    try:
+        apps = validate_apps(_read_json(apps_path, "app list"), str(apps_path), duplicates="error")
+    except AppsInvalid as e:
+        raise IndexInvalid(str(e)) from None
     n = len(apps)
     if manifest.get("num_apps") != n:
         raise IndexInvalid(f"{apps_path}: {n} apps, manifest says {manifest.get('num_apps')}")

@@ -1,0 +1,69 @@
+"""App lists (``[{"appid": 620, "name": "Portal 2"}, ...]``): one reader and one set of rules for all.
+
+The same shape is read from a user's APPS.json (downloader, builder) and from
+an index's ``apps.json`` (service), so both are checked by the same code and
+a bad file gets the same clear message wherever it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+
+class AppsInvalid(ValueError):
+    """An app list is unreadable or not a list of {"appid": int, "name": str}; the message says where."""
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def validate_apps(
+    data: Any, where: str = "apps", *, duplicates: Literal["first", "error"] = "first"
+) -> list[dict[str, Any]]:
+    """The checked list of {"appid", "name"} (names may be omitted: ""); extra keys are dropped.
+
+    ``duplicates="first"`` keeps the first entry of a repeated appid (a user's
+    list); ``"error"`` refuses it (an index's rows must be unique).
+    """
+    if not isinstance(data, list):
+        raise AppsInvalid(f"{where}: expected a JSON list of {{'appid': int, 'name': str}}, got {_kind(data)}")
+    apps: dict[int, str] = {}
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise AppsInvalid(f"{where}: entry {i} is {_kind(entry)}, expected an object with an int 'appid'")
+        appid = entry.get("appid")
+        if isinstance(appid, bool) or not isinstance(appid, int):
+            raise AppsInvalid(f"{where}: entry {i} has no integer 'appid' (got {appid!r:.80})")
+        if appid <= 0:
+            raise AppsInvalid(f"{where}: entry {i} has a non-positive appid {appid}")
+        name = entry.get("name", "")
+        if not isinstance(name, str):
+            raise AppsInvalid(f"{where}: entry {i} (appid {appid}) has a non-string 'name' ({name!r:.80})")
+        if appid in apps:
+            if duplicates == "error":
+                raise AppsInvalid(f"{where}: appid {appid} appears twice")
+            continue
+        apps[appid] = name
+    return [{"appid": a, "name": n} for a, n in apps.items()]
+
+
+def load_apps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read and check an APPS.json file before anything is created, so bad input changes nothing."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AppsInvalid(f"cannot read apps file {path}: no such file") from None
+    except OSError as exc:
+        raise AppsInvalid(f"cannot read apps file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise AppsInvalid(f"apps file {path} is not UTF-8 text: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AppsInvalid(f"apps file {path} is not valid JSON: {exc}") from None
+    return validate_apps(data, str(path))

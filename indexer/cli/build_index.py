@@ -1,0 +1,120 @@
+"""Build an index folder from a folder of banners: DINO embeddings and exact top-k neighbour tables.
+
+    python scripts/build_index.py --images data/banners --out data/index \\
+        [--strategies ComplexB16,SimpleS16 | all] [--k 100] [--apps APPS.json] \\
+        [--batch-size N] [--device cpu|cuda] [--weights PATH]
+
+Interrupt it at any time and run it again: it resumes from the last finished
+batch. Run it again after adding banners: only the new ones are embedded.
+Exit codes: 0 done, 1 failed (the previous index is left as it was), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from indexer.sources import SourceError
+
+# Known here without importing torch, so that --help and argument errors answer at once;
+# build_index() checks them against core.dino again.
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float16", "float32")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=Path, required=True, help="folder of <appid>.jpg|jpeg|png|webp banners")
+    p.add_argument("--out", type=Path, required=True, help="index folder to write (replaced atomically)")
+    p.add_argument(
+        "--strategies",
+        default="all",
+        help="comma-separated strategy names (e.g. ComplexB16,SimpleS16,GemB16,SimpleS16@full), or 'all' "
+        "for the eight original ones (default: all)",
+    )
+    p.add_argument("--k", type=int, default=100, help="neighbours per game in the tables (default: 100)")
+    p.add_argument("--apps", type=Path, help='APPS.json: [{"appid": int, "name": str}, ...] (default: names unknown)')
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 128 on CUDA)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="[BACKBONE=]PATH",
+        help="an explicit checkpoint instead of $TORCH_HOME/hub/checkpoints; BACKBONE= (S16, S8, B16, B8, S14, "
+        "B14, L14) is needed when the strategies use several backbones; repeatable",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="storage type of embeddings (default: float16)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16 autocast, CUDA only")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: 1 on CPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def parse_weights(values: list[str], backbone_codes: list[str]) -> dict[str, Path]:
+    from core.dino.backbones import BACKBONES
+
+    out: dict[str, Path] = {}
+    for value in values:
+        code, sep, path = value.partition("=")
+        if sep and code in BACKBONES:
+            out[code] = Path(path)
+        elif len(backbone_codes) == 1:
+            out[backbone_codes[0]] = Path(value)
+        else:
+            raise SourceError(
+                f"--weights {value}: the strategies use several backbones ({', '.join(backbone_codes)}); "
+                "say which one, e.g. --weights B16=path/to/checkpoint.pth"
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from core.apps import AppsInvalid
+    from core.dino.strategies import UnknownStrategy, parse_strategies
+    from core.dino.weights import WeightsUnavailable
+    from indexer.build import BuildConfig, build_index
+    from indexer.cache import BuildLocked
+
+    try:
+        strategies = parse_strategies(args.strategies)
+        codes = list(dict.fromkeys(s.backbone.code for s in strategies))
+        cfg = BuildConfig(
+            images=args.images,
+            out=args.out,
+            strategies=strategies,
+            k=args.k,
+            apps_file=args.apps,
+            batch_size=args.batch_size,
+            device=args.device,
+            weights=parse_weights(args.weights, codes),
+            num_workers=args.workers,
+            threads=args.threads,
+            dtype=args.dtype,
+            precision=args.precision,
+            progress=not args.quiet,
+        )
+        summary = build_index(cfg)
+    except (SourceError, AppsInvalid, UnknownStrategy, BuildLocked) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WeightsUnavailable as e:
+        print(f"error: {e} Or pass --weights [BACKBONE=]PATH.", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}. The previous index (if any) is unchanged; run again to resume.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished batches are kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

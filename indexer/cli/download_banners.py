@@ -1,0 +1,124 @@
+"""Download Steam vertical banners for a list of appids: a thin CLI over indexer.download.
+
+    python scripts/download_banners.py --apps APPS.json --out data/banners [--cdn-url URL] [--workers N]
+
+Without --apps the shipped catalogs/default_games.json is used, so a newcomer can run the pipeline end to end.
+Exit codes: 0 all fetched (404s included), 1 some failed, 2 bad arguments or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from core.apps import AppsInvalid, load_apps
+from core.steam import DEFAULT_CDN_URL
+from indexer.download import DEFAULT_APPS_FILE, download_banners
+
+MAX_FAILURE_LINES = 20
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, kept separate so tests and --help stay in sync with the options."""
+    p = argparse.ArgumentParser(
+        prog="download_banners.py",
+        description="Fetch <cdn-url>/<appid>/library_600x900.jpg for each appid into <out>/<appid>.jpg.",
+    )
+    p.add_argument(
+        "--apps",
+        type=Path,
+        default=None,
+        help='JSON list of {"appid": int, "name": str} (default: the shipped catalogs/default_games.json)',
+    )
+    p.add_argument("--out", type=Path, default=Path("data/banners"), help="banner folder (default: data/banners)")
+    p.add_argument("--cdn-url", default=DEFAULT_CDN_URL, help=f"CDN base URL (default: {DEFAULT_CDN_URL})")
+    p.add_argument("--workers", type=_positive_int, default=8, help="parallel downloads (default: 8)")
+    p.add_argument("--timeout", type=_positive_float, default=15.0, help="connect/read timeout, s (default: 15)")
+    p.add_argument("--retries", type=_non_negative_int, default=4, help="retries on 429/5xx/network (default: 4)")
+    p.add_argument("--backoff", type=_non_negative_float, default=1.0, help="backoff base, s (default: 1)")
+    p.add_argument("--retry-missing", action="store_true", help="ask again for appids recorded in missing.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate everything before touching the disk, download, print the summary; return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        apps = load_apps(args.apps if args.apps is not None else DEFAULT_APPS_FILE)
+    except AppsInvalid as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = urlparse(args.cdn_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        print(f"error: --cdn-url must be an http(s) URL, got {args.cdn_url!r}", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} exists and is not a folder", file=sys.stderr)
+        return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create {args.out}: {exc}", file=sys.stderr)
+        return 2
+    n_dupes = len(apps) - len({a["appid"] for a in apps})
+    if n_dupes:
+        print(f"note: {n_dupes} duplicated appid entries, each appid is fetched once", file=sys.stderr)
+
+    try:
+        summary = download_banners(
+            apps,
+            args.out,
+            cdn_url=args.cdn_url,
+            workers=args.workers,
+            timeout=args.timeout,
+            retries=args.retries,
+            backoff=args.backoff,
+            retry_missing=args.retry_missing,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("interrupted: files already written are complete; rerun to resume", file=sys.stderr)
+        return 130
+
+    failed = list(summary.failed.items())
+    for appid, reason in failed[:MAX_FAILURE_LINES]:
+        print(f"failed: {appid}: {reason}", file=sys.stderr)
+    if len(failed) > MAX_FAILURE_LINES:
+        print(f"failed: ... and {len(failed) - MAX_FAILURE_LINES} more", file=sys.stderr)
+    print(summary.line())
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
