@@ -25,7 +25,9 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
-preload_app = True
+# Deploy (issue 11): with INDEX_URL the index is fetched after the port is bound, in each worker (app/boot.py),
+# so the app is not preloaded: the master binds $PORT at once and never imports the app.
+preload_app = not os.environ.get("INDEX_URL", "").strip()
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))  # the first upload per backbone loads its model
 graceful_timeout = 30
 keepalive = 5
@@ -40,20 +42,20 @@ def post_fork(server, worker):
 
     Done here, in the worker, because torch's thread pool must not be started
     in the master before the fork; the app itself leaves the setting alone
-    unless TORCH_THREADS is set.
+    unless TORCH_THREADS is set. torch is not imported here (seconds before the
+    worker could answer anything): it reads OMP_NUM_THREADS when it first
+    starts its pool, on the worker's first upload.
     """
-    import torch
-
-    from core.dino.extract import cpu_cores
+    from core.cpu import cpu_cores
 
     threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cpu_cores() // max(1, workers))
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def post_worker_init(worker):
     """PRELOAD_MODELS=ComplexB16,SimpleS16 (or 'all'): load those backbones before serving uploads."""
     from app.service import EXTENSION_KEY
 
-    service = worker.wsgi.extensions[EXTENSION_KEY]
-    if service.settings.preload_models:
+    service = worker.wsgi.extensions.get(EXTENSION_KEY)
+    if service is not None and service.settings.preload_models:  # None: app/boot.py preloads when ready
         service.preload_models(service.settings.preload_models)

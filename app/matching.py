@@ -8,6 +8,8 @@ exactly against the strategy's stored embeddings.
 
 Models and searchers are created lazily in the worker process, never in the
 gunicorn master: torch's OpenMP thread pool must not exist before the fork.
+torch itself is imported only then (by the extractor and the search), which
+keeps the master small and the start fast.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from core.dino.extract import Extractor, configure_threads
 from core.dino.weights import MODELS, ModelCache, WeightsUnavailable
 from core.index import LoadedIndex
-from core.knn import ExactSearch
+
+if TYPE_CHECKING:
+    from core.dino.extract import Extractor
+    from core.knn import ExactSearch
 
 
 @dataclass
@@ -75,6 +80,8 @@ class Matcher:
         ex = self._extractors.get(name)
         if ex is not None:
             return ex
+        from core.dino.extract import Extractor, configure_threads
+
         with self._lock:
             ex = self._extractors.get(name)
             if ex is not None:
@@ -104,6 +111,8 @@ class Matcher:
     def searcher(self, name: str) -> ExactSearch:
         se = self._searchers.get(name)
         if se is None:
+            from core.knn import ExactSearch
+
             with self._lock:
                 se = self._searchers.get(name)
                 if se is None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .vit import ViTConfig
-
 # The base URLs that DINO's and DINOv2's own hubconf.py download from.
 DINO_BASE_URL = "https://dl.fbaipublicfiles.com/dino"
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
@@ -19,6 +17,26 @@ DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 # Environment variables that override those base URLs (mirrors, local test servers).
 BASE_URL_ENV = {"dino": "DINO_BASE_URL", "dinov2": "DINOV2_BASE_URL"}
 DEFAULT_BASE_URL = {"dino": DINO_BASE_URL, "dinov2": DINOV2_BASE_URL}
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Shape of a backbone: enough to build it and to count its FLOPs."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pos_grid: int = 14  # the position embeddings cover pos_grid x pos_grid patches
+    layerscale: bool = False  # DINOv2: ls1.gamma / ls2.gamma after attention and MLP
+    mask_token: bool = False  # DINOv2 checkpoints carry an (unused here) mask token
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
 
 ARCHES = {
     # arch code: (embed_dim, depth, num_heads, name)

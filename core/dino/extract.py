@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from core.cpu import cpu_cores
 from core.images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
 
 from .preprocess import Preprocessing
@@ -40,11 +41,6 @@ def default_device() -> str:
 def default_batch_size(device: str) -> int:
     """Measured on a 2-core AVX-512 machine (bench/extract.py): larger CPU batches only add cache misses."""
     return 128 if str(device).startswith("cuda") else 16
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from torchvision import transforms as T
+
+if TYPE_CHECKING:  # torchvision is imported when a transform is built, not to read a manifest
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's InterpolationMode values
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Preprocessing:
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image to a normalised (3, H, W) float32 tensor."""
+        from torchvision import transforms as T
+
         mode = T.InterpolationMode(self.interpolation)
         size = self.resize if isinstance(self.resize, int) else list(self.resize)
         steps: list = [T.Resize(size, interpolation=mode)]
@@ -78,7 +84,8 @@ class Preprocessing:
                 mean=tuple(float(v) for v in d["mean"]),
                 std=tuple(float(v) for v in d["std"]),
             )
-            T.InterpolationMode(prep.interpolation)
+            if prep.interpolation not in INTERPOLATIONS:
+                raise ValueError(f"interpolation {prep.interpolation!r} is not one of {INTERPOLATIONS}")
             prep.output_size  # noqa: B018 - validates that the size is fixed
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"invalid preprocessing entry {d!r}: {e}") from None

@@ -26,13 +26,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from .backbones import BACKBONES, Backbone, get_backbone
 from .preprocess import DEFAULT_PREPROCESSING, PREPROCESSINGS, Preprocessing, get_preprocessing
-from .vit import BackboneOutput
+
+if TYPE_CHECKING:  # torch is imported where features are pooled, not to parse names (a small gunicorn master)
+    import torch
+
+    from .vit import BackboneOutput
 
 DEFAULT_STRATEGY = "ComplexB16"
 ORIGINAL_STRATEGIES = (
@@ -157,6 +159,8 @@ class Complex(Style):
         return backbone.dim * (params["n_last_blocks"] + int(params["avgpool_patchtokens"]))
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        import torch
+
         out = outputs[1.0]
         n = params["n_last_blocks"]
         feats = out.cls[:, -n:].reshape(out.cls.shape[0], -1)  # torch.cat([x[:, 0] for x in layers], -1)
@@ -185,6 +189,8 @@ class Gem(Style):
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         out = outputs[1.0]
         p = params["gem_p"]
+        import torch
+
         gem = out.patch.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
         return torch.cat((out.cls[:, -1], gem), dim=-1)
 
@@ -210,6 +216,8 @@ class MultiScale(Style):
         return backbone.dim
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
+        import torch
+
         feats = [outputs[s].cls[:, -1] for s in params["scales"]]
         return torch.stack(feats).mean(dim=0)
 
@@ -242,6 +250,8 @@ class Strategy:
 
     def pool(self, outputs: dict[float, BackboneOutput]) -> torch.Tensor:
         """(B, dim) L2-normalised float32 features."""
+        import torch.nn.functional as F
+
         return F.normalize(self.style.pool(outputs, self.params).float(), dim=-1)
 
     def describe(self) -> str:

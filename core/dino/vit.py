@@ -26,26 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import ViTConfig
+
 LAYERNORM_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Shape of a backbone: enough to build it and to count its FLOPs."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    pos_grid: int = 14  # the position embeddings cover pos_grid x pos_grid patches
-    layerscale: bool = False  # DINOv2: ls1.gamma / ls2.gamma after attention and MLP
-    mask_token: bool = False  # DINOv2 checkpoints carry an (unused here) mask token
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
 
 
 @dataclass

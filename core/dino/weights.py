@@ -12,33 +12,55 @@ With no file and no network the error says which file to put where. The
 sha256 of every checkpoint used is computed once per process, recorded in
 the index manifest and checked again when the service embeds queries, so
 that queries are never embedded with other weights than the index.
+
+Models are memory-mapped (``torch.load(mmap=True)`` with ``assign=True``):
+their weights are the page cache's pages of the checkpoint file, shared by
+every worker process that loads the same file, so a worker's private memory
+grows by activations only. A checkpoint torch cannot map (the pre-1.6,
+non-zip format) is converted once, after its sha256 is known, into a
+mappable copy beside the cache (``mmap/<sha256 prefix>-<file name>``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
-import torch
 
-from core.files import sha256_file
+from core.files import atomic_file, file_lock, sha256_file
+from core.http import BodyTooLarge, download_file
 
 from .backbones import BASE_URL_ENV, DEFAULT_BASE_URL, Backbone
-from .vit import VisionTransformer
+
+if TYPE_CHECKING:  # torch is imported when a model is loaded (the service's master never needs it)
+    import torch
+
+    from .vit import VisionTransformer
 
 DOWNLOAD_TIMEOUT = (10, 60)  # connect, read (seconds)
+MAX_CHECKPOINT_BYTES = 4 * 2**30  # the largest official file (ViT-L/14 with registers) is ~1.2 GB
 
 
 class WeightsUnavailable(RuntimeError):
     """A checkpoint cannot be found, downloaded, verified or loaded; the message says what to do."""
 
 
+class WeightsMismatch(WeightsUnavailable):
+    """The checkpoint in place is not the one the index was built with (or not loadable): retrying cannot help."""
+
+
 def checkpoint_dir() -> Path:
     """torch.hub's checkpoint cache: ``$TORCH_HOME/hub/checkpoints`` (``~/.cache/torch`` by default)."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
@@ -50,32 +72,6 @@ def base_url(backbone: Backbone, override: str | None = None) -> str:
 
 def checkpoint_url(backbone: Backbone, override: str | None = None) -> str:
     return f"{base_url(backbone, override)}/{backbone.checkpoint}"
-
-
-def _download(url: str, dst: Path, progress: bool) -> None:
-    """Stream url to dst through a temporary file in the same folder; dst appears only when complete."""
-    from tqdm import tqdm
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with (
-                open(tmp, "wb") as f,
-                tqdm(total=total, unit="B", unit_scale=True, desc=dst.name, disable=not progress, leave=False) as bar,
-            ):
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-            if total is not None and tmp.stat().st_size != total:
-                raise OSError(f"incomplete download: {tmp.stat().st_size} of {total} bytes")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(
@@ -105,13 +101,63 @@ def resolve_checkpoint(
             f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent}. {hint}"
         )
     try:
-        _download(url, cached, progress)
-    except (requests.RequestException, OSError) as e:
+        download_file(url, cached, timeout=DOWNLOAD_TIMEOUT, max_bytes=MAX_CHECKPOINT_BYTES, progress=progress)
+    except (requests.RequestException, OSError, BodyTooLarge) as e:
         raise WeightsUnavailable(
             f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent} "
             f"and could not be downloaded ({e}). {hint}"
         ) from e
     return cached
+
+
+def fetch_checkpoint(
+    backbone: Backbone, expected_sha256: str, *, attempts: int = 4, backoff_s: float = 2.0, download: bool = True
+) -> Path:
+    """Have the backbone's checkpoint in the cache, verified and mappable, before any upload needs it (boot).
+
+    Several processes may call this at once: a lock file lets one download while the others wait.
+    Retries a failed download; raises ``WeightsUnavailable`` after the last attempt, at once on a sha256
+    mismatch (``WeightsMismatch``) or when downloads are not allowed.
+    """
+    cached = checkpoint_dir() / backbone.filename
+    attempt = 1
+    while True:
+        try:
+            with file_lock(cached.with_name(f".{cached.name}.lock")):
+                path = resolve_checkpoint(backbone, download=download, progress=False)
+                sha = sha256_file(path, cache=True)
+                _check_sha(path, backbone, sha, expected_sha256)
+                try:
+                    mappable_checkpoint(path, sha)
+                except Exception as e:  # an unreadable legacy file
+                    raise WeightsMismatch(f"{path} is not a loadable {backbone.label} checkpoint: {e}") from e
+                return path
+        except WeightsMismatch:
+            raise
+        except WeightsUnavailable as e:
+            if attempt >= attempts or not download:
+                raise
+            logging.getLogger(__name__).warning("%s (attempt %d/%d)", e, attempt, attempts)
+        time.sleep(backoff_s * 2 ** (attempt - 1))
+        attempt += 1
+
+
+def mappable_checkpoint(path: Path, sha256: str | None = None) -> Path:
+    """The checkpoint as a file torch can memory-map: itself if it is a zip archive (torch.save's format
+    since 1.6), else a copy converted once into the cache, named by the sha256 of the original."""
+    if zipfile.is_zipfile(path):
+        return path
+    sha256 = sha256 or sha256_file(path, cache=True)
+    converted = checkpoint_dir() / "mmap" / f"{sha256[:16]}-{path.name}"
+    if converted.is_file():
+        return converted
+    import torch
+
+    state = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(converted) as f:
+        torch.save(dict(state), f)
+    return converted
 
 
 def _extract_state_dict(obj: object) -> Mapping[str, torch.Tensor]:
@@ -129,13 +175,25 @@ def _extract_state_dict(obj: object) -> Mapping[str, torch.Tensor]:
     return out
 
 
-def load_model(backbone: Backbone, path: Path, device: str | torch.device = "cpu") -> VisionTransformer:
-    """Build the backbone and load the checkpoint with ``strict=True``, in eval mode."""
+def load_model(
+    backbone: Backbone, path: Path, device: str | torch.device = "cpu", *, sha256: str | None = None
+) -> VisionTransformer:
+    """Build the backbone and load the checkpoint with ``strict=True``, in eval mode, its weights mapped.
+
+    ``sha256`` (of ``path``, when the caller has it) names the converted copy of an unmappable file.
+    """
+    import torch
+
+    from .vit import VisionTransformer
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        state = _extract_state_dict(obj)
-        model = VisionTransformer(backbone.config)
-        model.load_state_dict(state, strict=True)
+        mapped = mappable_checkpoint(path, sha256)
+        state = _extract_state_dict(torch.load(mapped, map_location="cpu", weights_only=True, mmap=True))
+        with torch.device("meta"):  # no memory for the random initial weights: the file's tensors replace them
+            model = VisionTransformer(backbone.config)
+        model.load_state_dict(state, strict=True, assign=True)
+        if any(t.dtype != torch.float32 for t in model.state_dict().values()):
+            model = model.float()  # a half-precision checkpoint: converted (a private copy), as before
     except Exception as e:  # a truncated file, a pickle, another architecture...
         raise WeightsUnavailable(f"{path} is not a loadable {backbone.label} checkpoint: {e}") from e
     return model.eval().requires_grad_(False).to(device)
@@ -175,23 +233,23 @@ class ModelCache:
         with self._lock:
             if key in self._models:
                 loaded = self._models[key]
-                _check_sha(loaded, expected_sha256)
+                _check_sha(loaded.path, backbone, loaded.sha256, expected_sha256)
                 return loaded
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
                 if key in self._models:
                     loaded = self._models[key]
-                    _check_sha(loaded, expected_sha256)
+                    _check_sha(loaded.path, backbone, loaded.sha256, expected_sha256)
                     return loaded
             path = resolve_checkpoint(
                 backbone, weights, url_override=url_override, download=download, progress=progress
             )
             sha = sha256_file(path, cache=True)
-            loaded = LoadedBackbone(backbone, load_model(backbone, path, device), path, sha)
+            _check_sha(path, backbone, sha, expected_sha256)  # before loading: a wrong file costs nothing
+            loaded = LoadedBackbone(backbone, load_model(backbone, path, device, sha256=sha), path, sha)
             with self._lock:
                 self._models[key] = loaded
-            _check_sha(loaded, expected_sha256)
             return loaded
 
     def loaded(self) -> list[LoadedBackbone]:
@@ -199,12 +257,12 @@ class ModelCache:
             return list(self._models.values())
 
 
-def _check_sha(loaded: LoadedBackbone, expected: str | None) -> None:
-    if expected and loaded.sha256 != expected:
-        raise WeightsUnavailable(
-            f"{loaded.path} has sha256 {loaded.sha256[:12]}..., but the index was built with "
+def _check_sha(path: Path, backbone: Backbone, sha256: str, expected: str | None) -> None:
+    if expected and sha256 != expected:
+        raise WeightsMismatch(
+            f"{path} has sha256 {sha256[:12]}..., but the index was built with "
             f"{expected[:12]}...: queries must be embedded with the index's own weights. "
-            f"Put the right {loaded.backbone.filename} in place or rebuild the index."
+            f"Put the right {backbone.filename} in place or rebuild the index."
         )
 
 

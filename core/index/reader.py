@@ -11,8 +11,11 @@ Layout (written by ``scripts/build_index.py``)::
     <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour
 
 Arrays are memory-mapped read-only: gunicorn workers share one copy of the
-pages through the page cache, and start-up does not read them into memory
-(except to verify their sha256, which ``verify="quick"`` skips). Anything
+pages through the page cache, and start-up does not read them into memory.
+Verifying (``verify="full"``: sha256 and table contents; ``"quick"`` skips
+it) reads the files through separate, short-lived mappings, a bounded chunk
+of rows at a time, so that neither the tables nor temporaries stay resident
+in the process that verified them (the gunicorn master). Anything
 missing, partial, of another format version or inconsistent stops loading
 with an ``IndexInvalid`` that says what and where: the service never serves
 wrong data.
@@ -156,9 +159,25 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> S
     nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), verify)
     sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), verify)
     if verify == "full" and n and k:
-        rows = np.arange(n, dtype=np.int64)[:, None]
-        if nbr.min() < 0 or nbr.max() >= n or bool((nbr == rows).any()):
-            raise IndexInvalid(f"{folder / ARRAYS[1]}: indices out of range or a row listed as its own neighbour")
-        if not np.isfinite(sco).all() or bool((np.diff(sco, axis=1) > 1e-6).any()):
-            raise IndexInvalid(f"{folder / ARRAYS[2]}: scores not finite or not sorted best first")
+        _check_tables(folder / ARRAYS[1], folder / ARRAYS[2], n)
     return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry)
+
+
+CHECK_ROWS = 4096  # rows per verification step: temporaries of a few MB, whatever the index size
+
+
+def _check_tables(nbr_path: Path, sco_path: Path, n: int) -> None:
+    """Neighbour indices in range and never the row itself; scores finite and sorted best first.
+
+    Through mappings of its own that are dropped on return: the serving mappings stay untouched.
+    """
+    nbr = np.load(nbr_path, mmap_mode="r")
+    sco = np.load(sco_path, mmap_mode="r")
+    for start in range(0, n, CHECK_ROWS):
+        nb = np.asarray(nbr[start : start + CHECK_ROWS])
+        rows = np.arange(start, start + len(nb), dtype=np.int64)[:, None]
+        if nb.min() < 0 or nb.max() >= n or bool((nb == rows).any()):
+            raise IndexInvalid(f"{nbr_path}: indices out of range or a row listed as its own neighbour")
+        sc = np.asarray(sco[start : start + CHECK_ROWS])
+        if not np.isfinite(sc).all() or bool((np.diff(sc, axis=1) > 1e-6).any()):
+            raise IndexInvalid(f"{sco_path}: scores not finite or not sorted best first")
