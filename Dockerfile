@@ -4,17 +4,19 @@
 #   docker run -p 8000:8000 -v "$PWD/data:/srv/data:ro" steam-dino
 #   docker build --target baked -t steam-dino:baked .             # index baked into the image
 #
-# Checkpoints for uploads are downloaded on first use into $TORCH_HOME (/srv/torch);
+#   docker run -p 8000:8000 -e INDEX_URL=https://.../index.tar -e INDEX_SHA256=... steam-dino   # fetched at boot
+#
+# Checkpoints for uploads are downloaded on first use into $TORCH_HOME (/srv/torch), or at boot with INDEX_URL;
 # mount a folder there (or set PRELOAD_MODELS) to avoid the first-upload delay.
+# The Python version is .python-version's; requirements.txt pins the CPU-only torch/torchvision (README "Deploy").
 
 FROM python:3.11-slim AS service
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv
 COPY requirements.txt ./
-# CPU-only wheels of the pinned torch/torchvision (no CUDA libraries: ~10x smaller), then the rest.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
- && pip install -r requirements.txt
-RUN useradd --create-home --uid 10001 app && mkdir -p /srv/data /srv/torch && chown app /srv/torch
+RUN pip install -r requirements.txt
+RUN useradd --create-home --uid 10001 app && mkdir -p /srv/data /srv/torch && chown app /srv/data /srv/torch
+COPY core/ core/
 COPY app/ app/
 COPY wsgi.py gunicorn.conf.py ./
 ENV PORT=8000 INDEX_DIR=/srv/data/index BANNERS_DIR=/srv/data/banners TORCH_HOME=/srv/torch

@@ -10,14 +10,15 @@ DEMO_STRATEGIES ?= SimpleS16,ComplexS16,SimpleB16,ComplexB16
 .PHONY: demo serve index banners test lint bench clean-venv check-online
 
 # -- environments ---------------------------------------------------------------------------------
-$(VENV)/.runtime: requirements.txt
+# Here and in CI: requirements-dev.txt (the pins of requirements.txt, torch from the default index, test tools).
+# requirements.txt is for deploys (CPU torch from PyTorch's index); see README "Deploy".
+$(VENV)/.runtime: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime
 	touch $@
 
 # -- the whole pipeline: banners of the default games, weights, index, service ---------------------

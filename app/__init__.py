@@ -1,9 +1,11 @@
 """Similar Steam games by banner: the Flask application factory.
 
 ``create_app()`` reads the settings from the environment (app/config.py),
-loads and checks the index folder (app/index.py), and registers the JSON API
+loads and checks the index folder (core/index), and registers the JSON API
 (app/api.py) and the HTML pages (app/pages.py). A bad setting or an index
 that cannot be served stops it with a ``StartupError`` naming the problem.
+With ``INDEX_URL`` the index is fetched in the background instead
+(app/boot.py) and the app answers 503 ``starting`` until it is ready.
 """
 
 from __future__ import annotations
@@ -24,23 +26,60 @@ class StartupError(RuntimeError):
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    """The app over the local index (loaded and checked now), or, with INDEX_URL, one that fetches it first."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings or Settings.from_env()
-        index = load_index(settings.index_dir, verify=settings.index_verify)
-        from .service import EXTENSION_KEY, Service
-
-        service = Service(settings, index)
-    except (ConfigError, IndexInvalid, ValueError) as e:
+    except ConfigError as e:
         raise StartupError(str(e)) from e
+    if settings.index_url:
+        app = _flask_app(settings)
+        from .boot import start_fetching
 
+        def install(index):
+            service = _service(settings, index)
+            _install(app, service)
+            return service
+
+        start_fetching(app, settings, install)
+        logging.getLogger(__name__).info("fetching the index from %s into %s", settings.index_url, settings.index_dir)
+        return app
+    try:
+        index = load_index(settings.index_dir, verify=settings.index_verify)
+        service = _service(settings, index)
+    except (IndexInvalid, ValueError) as e:
+        raise StartupError(str(e)) from e
+    return _install(_flask_app(settings), service)
+
+
+def _service(settings: Settings, index):
+    from .service import Service
+
+    return Service(settings, index)
+
+
+def _install(app: Flask, service):
+    """Put the service in the app (from then on every endpoint serves) and say what is served."""
+    from .service import EXTENSION_KEY
+
+    app.extensions[EXTENSION_KEY] = service
+    logging.getLogger(__name__).info(
+        "serving %d apps, strategies %s (default %s) from %s",
+        len(service.index),
+        ", ".join(service.index.strategies),
+        service.default_strategy,
+        service.settings.index_dir,
+    )
+    return app
+
+
+def _flask_app(settings: Settings) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_UPLOAD_MB"] = settings.max_upload_mb
     app.config["STARTED_AT"] = time.time()
     app.json.sort_keys = False
     app.json.compact = True
-    app.extensions[EXTENSION_KEY] = service
     if settings.proxy_hops:
         n = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)
@@ -58,13 +97,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         return resp
 
-    logging.getLogger(__name__).info(
-        "serving %d apps, strategies %s (default %s) from %s",
-        len(index),
-        ", ".join(index.strategies),
-        service.default_strategy,
-        settings.index_dir,
-    )
     return app
 
 

@@ -14,7 +14,7 @@ from flask import Blueprint, current_app, jsonify, request
 from core.steam import is_ascii_digits
 
 from .errors import APIError, bad_param
-from .service import Service, get_service
+from .service import EXTENSION_KEY, Service, get_service, starting_error
 
 bp = Blueprint("api", __name__)
 
@@ -157,8 +157,12 @@ def compare(appid: str):
 
 @bp.get("/health")
 def health():
-    svc = get_service()
     started = current_app.config["STARTED_AT"]
+    svc = current_app.extensions.get(EXTENSION_KEY)
+    if svc is None:  # a fetched index not ready yet (app/boot.py)
+        detail = starting_error().message
+        body = {"status": "starting", "detail": detail, "uptime_s": round(time.time() - started, 1)}
+        return jsonify(body), 503, {"Retry-After": "5"}
     return jsonify(
         {
             "status": "ok",

@@ -100,6 +100,10 @@ class Settings:
     upload_rate_limit: tuple[int, float] | None = None
     proxy_hops: int = 0
     max_k: int | None = None  # None: the width of the tables
+    index_url: str | None = None  # fetch the packed index from here at boot, into index_dir
+    index_sha256: str | None = None  # required with index_url
+    index_fetch_attempts: int = 4
+    index_fetch_timeout: float = 900.0  # the whole download of one attempt
 
     @property
     def max_upload_bytes(self) -> int:
@@ -116,6 +120,7 @@ class Settings:
         cdn = env.get("STEAM_CDN_URL", "").strip() or DEFAULT_CDN_URL
         if not cdn.startswith(("https://", "http://")):
             raise ConfigError(f"STEAM_CDN_URL={cdn!r}: expected an http(s) URL")
+        index_url, index_sha256 = _index_source(env)
         return cls(
             index_dir=Path(env.get("INDEX_DIR", "").strip() or "data/index"),
             banners_dir=Path(env.get("BANNERS_DIR", "").strip() or "data/banners"),
@@ -138,4 +143,26 @@ class Settings:
             upload_rate_limit=_rate(env, "UPLOAD_RATE_LIMIT"),
             proxy_hops=_int(env, "PROXY_HOPS", 0, 0, 10),
             max_k=_int(env, "MAX_K", 0, 0, 100_000) or None,
+            index_url=index_url,
+            index_sha256=index_sha256,
+            index_fetch_attempts=_int(env, "INDEX_FETCH_ATTEMPTS", 4, 1, 100),
+            index_fetch_timeout=_float(env, "INDEX_FETCH_TIMEOUT", 900.0, 0.1, 86400),
         )
+
+
+def _index_source(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """INDEX_URL and INDEX_SHA256: both or neither (an archive is never used unverified)."""
+    url = env.get("INDEX_URL", "").strip() or None
+    sha = env.get("INDEX_SHA256", "").strip().lower() or None
+    if url is None:
+        if sha is not None:
+            raise ConfigError("INDEX_SHA256 is set without INDEX_URL")
+        return None, None
+    if not url.startswith(("https://", "http://")):
+        raise ConfigError(f"INDEX_URL={url!r}: expected an http(s) URL")
+    if sha is None or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ConfigError(
+            "INDEX_SHA256: expected the 64 hex digits of the archive's sha256 "
+            "(printed by scripts/pack_index.py) whenever INDEX_URL is set"
+        )
+    return url, sha

@@ -3,7 +3,8 @@
 Off by default (FALLBACK_FETCH=1 turns it on). It can only ever reach the
 configured CDN: the URL is built from an integer appid and the CDN base,
 redirects are refused (a redirect elsewhere is an error, not a hop), the
-connection and read are timed out, and the body is capped. Results
+connection, each read and the whole body are timed out, and the body is
+capped (core/http.py). Results
 (including "Steam has no banner for this appid") are cached, so a repeated
 lookup costs nothing and the CDN is not hammered.
 """
@@ -11,12 +12,14 @@ lookup costs nothing and the CDN is not hammered.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from urllib.parse import urlparse
 
 import requests
 
-from core.steam import banner_url, is_ascii_digits
+from core.http import BodyTooLarge, read_body
+from core.steam import banner_url
 
 
 class FetchFailed(RuntimeError):
@@ -57,15 +60,9 @@ class BannerFetcher:
                     raise FetchFailed(f"the CDN redirected {url} elsewhere; redirects are not followed")
                 if r.status_code != 200:
                     raise FetchFailed(f"the CDN answered {r.status_code} for {url}")
-                declared = r.headers.get("Content-Length")
-                if declared and is_ascii_digits(declared) and int(declared) > self.max_bytes:
-                    raise FetchFailed(f"the banner is larger than {self.max_bytes} bytes")
-                body = bytearray()
-                for chunk in r.iter_content(65536):
-                    body += chunk
-                    if len(body) > self.max_bytes:
-                        raise FetchFailed(f"the banner is larger than {self.max_bytes} bytes")
-                return bytes(body)
+                return read_body(r, max_bytes=self.max_bytes, deadline=time.monotonic() + 2 * self.timeout_s)
+        except BodyTooLarge:
+            raise FetchFailed(f"the banner is larger than {self.max_bytes} bytes") from None
         except requests.RequestException as e:
             raise FetchFailed(f"could not fetch {url}: {type(e).__name__}") from None
 

@@ -280,4 +280,18 @@ class Service:
 
 
 def get_service() -> Service:
-    return current_app.extensions[EXTENSION_KEY]
+    """The app's service; a 503 ``starting`` while a fetched index is not ready yet (app/boot.py)."""
+    service = current_app.extensions.get(EXTENSION_KEY)
+    if service is None:
+        raise starting_error()
+    return service
+
+
+def starting_error() -> APIError:
+    from .boot import BOOT_KEY
+
+    boot = current_app.extensions.get(BOOT_KEY)
+    detail = boot.detail if boot is not None else "starting"
+    err = APIError(503, "starting", f"the service is starting: {detail}; try again shortly")
+    err.headers["Retry-After"] = "5"
+    return err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +61,18 @@ def atomic_write_json(path: Path, obj: object, *, indent: int | None = None) -> 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_file(path) as f:
         np.savez(f, **arrays)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held across processes (flock on ``path``, created if needed; freed if the holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}

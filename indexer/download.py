@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from core.apps import AppsInvalid
 from core.files import atomic_write_bytes
+from core.http import BodyTooLarge, declared_length, read_body
 from core.steam import DEFAULT_CDN_URL, banner_url
 
 MISSING_FILE = "missing.json"
@@ -325,10 +326,14 @@ class _Fetcher:
                     raise _Retryable(f"HTTP {code}", self._retry_after(resp.headers.get("Retry-After")))
                 if code != 200:
                     return "failed", f"HTTP {code}"
-                declared = resp.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                declared = declared_length(resp)
+                if declared is not None and declared > self.max_bytes:
                     return "failed", f"body too large ({declared} bytes > {self.max_bytes})"
-                body = self._read_body(resp)
+                # a slow trickle is cut off like a read timeout
+                deadline = time.monotonic() + max(4 * self.timeout, 30.0)
+                body = read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop, chunk_size=_CHUNK)
+        except BodyTooLarge:
+            return "failed", f"body too large (> {self.max_bytes} bytes)"
         except _Retryable:
             raise
         except requests.Timeout as exc:
@@ -339,26 +344,10 @@ class _Fetcher:
             raise _Retryable(f"bad content encoding ({_short(exc)})") from exc
         except requests.RequestException as exc:
             return "failed", f"request error ({type(exc).__name__}: {_short(exc)})"
-        if body is None:
-            return "failed", f"body too large (> {self.max_bytes} bytes)"
         problem = image_problem(body)
         if problem:
             return "failed", problem
         return "ok", body
-
-    def _read_body(self, resp: requests.Response) -> bytes | None:
-        """The body, or None past the size cap; a slow trickle is cut off like a read timeout."""
-        deadline = time.monotonic() + max(4 * self.timeout, 30.0)
-        buf = bytearray()
-        for chunk in resp.iter_content(_CHUNK):
-            buf += chunk
-            if len(buf) > self.max_bytes:
-                return None
-            if time.monotonic() > deadline:
-                raise requests.Timeout("body took too long")
-            if self.stop.is_set():
-                raise requests.ConnectionError("interrupted")
-        return bytes(buf)
 
     def _retry_after(self, value: str | None) -> float | None:
         """Seconds asked for by a Retry-After header (delta or HTTP date), capped; None if absent or unusable."""

@@ -2,7 +2,7 @@
 
 from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST
 from .reader import IndexInvalid, LoadedIndex, StrategyIndex, load_index
-from .writer import IndexWriter, make_manifest, recover, write_strategy
+from .writer import IndexWriter, make_manifest, recover, staging_dir, swap_in, write_strategy
 
 __all__ = [
     "APPS",
@@ -18,5 +18,7 @@ __all__ = [
     "load_index",
     "make_manifest",
     "recover",
+    "staging_dir",
+    "swap_in",
     "write_strategy",
 ]

@@ -49,7 +49,7 @@ class IndexWriter:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+        self.staging = staging_dir(out)
 
     def __enter__(self) -> IndexWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,15 +78,26 @@ class IndexWriter:
         return sha256_file(path)
 
     def commit(self, manifest: dict) -> None:
-        for folder in [p for p in self.staging.rglob("*") if p.is_dir()]:
-            fsync_dir(folder)
         atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
-        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        if self.out.exists():
-            os.rename(self.out, old)
-        os.rename(self.staging, self.out)
-        fsync_dir(self.out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(self.staging, self.out)
+
+
+def staging_dir(out: Path) -> Path:
+    """The hidden folder beside ``out`` where a new index is assembled (``recover`` knows its name)."""
+    return out.parent / f".{out.name}.staging-{os.getpid()}"
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Make the complete folder ``staging`` the index ``out``: fsync, rename the previous one aside, rename
+    staging into place, delete the previous one. A crash in between is repaired by ``recover``."""
+    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        fsync_dir(folder)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_strategy(

@@ -1,0 +1,107 @@
+"""Fetching a packed index (one tar archive and its sha256, from ``steam-dino-pack-index``) onto local disk.
+
+A web dyno's disk starts empty and the release phase runs elsewhere, so the
+service fetches its index at boot (``INDEX_URL`` and ``INDEX_SHA256``). The
+archive is downloaded to a hidden file beside the index folder, checked
+against the sha256, unpacked into a staging folder, loaded with every check
+(``verify="full"``) and only then swapped into place (``swap_in``): a
+corrupted, truncated or slow download never replaces a good index. Several
+processes (gunicorn workers) may call ``fetch_index`` at once: a lock file
+lets one download while the others wait, then find the index in place.
+The index folder records where it came from in ``fetched.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from core.files import atomic_write_json, file_lock, sha256_file
+from core.http import BodyTooLarge, download_file
+
+from .reader import IndexInvalid, load_index
+from .writer import recover, staging_dir, swap_in
+
+FETCHED = "fetched.json"  # {"url", "sha256"} of the archive the folder was unpacked from
+log = logging.getLogger(__name__)
+
+
+class FetchFailed(RuntimeError):
+    """The index could not be fetched, verified or unpacked; the message says why (the last attempt's error)."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """How hard to try: attempts per call, the pause before each retry (doubling), and limits per attempt."""
+
+    attempts: int = 4
+    backoff_s: float = 2.0
+    timeout_s: float = 30.0  # connect and per-read timeout
+    max_seconds: float = 900.0  # the whole download of one attempt
+    max_bytes: int = 8 * 2**30
+
+
+def fetched_sha256(index_dir: Path) -> str | None:
+    """The sha256 of the archive this index folder was unpacked from, if it was fetched."""
+    try:
+        return str(json.loads((index_dir / FETCHED).read_text(encoding="utf-8"))["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fetch_index(url: str, sha256: str, index_dir: Path, policy: FetchPolicy | None = None) -> bool:
+    """Make ``index_dir`` the index packed at ``url``; True if it was downloaded, False if already there.
+
+    Raises ``FetchFailed`` after ``policy.attempts`` failed attempts; ``index_dir`` is then unchanged.
+    """
+    policy = policy or FetchPolicy()
+    sha256 = sha256.strip().lower()
+    with file_lock(index_dir.parent / f".{index_dir.name}.lock"):
+        recover(index_dir)
+        if fetched_sha256(index_dir) == sha256:
+            return False
+        error = "no attempt made"
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                _fetch_once(url, sha256, index_dir, policy)
+                return True
+            except (requests.RequestException, OSError, BodyTooLarge, IndexInvalid, tarfile.TarError) as e:
+                error = f"{type(e).__name__}: {e}"
+                log.warning("index fetch attempt %d/%d from %s failed: %s", attempt, policy.attempts, url, error)
+            if attempt < policy.attempts:
+                time.sleep(policy.backoff_s * 2 ** (attempt - 1))
+        raise FetchFailed(f"could not fetch the index from {url} ({policy.attempts} attempts; last: {error})")
+
+
+def _fetch_once(url: str, sha256: str, index_dir: Path, policy: FetchPolicy) -> None:
+    archive = index_dir.parent / f".{index_dir.name}.archive-{os.getpid()}"
+    staging = staging_dir(index_dir)
+    try:
+        download_file(
+            url,
+            archive,
+            timeout=policy.timeout_s,
+            max_bytes=policy.max_bytes,
+            max_seconds=policy.max_seconds,
+        )
+        got = sha256_file(archive)
+        if got != sha256:
+            raise OSError(f"the archive's sha256 is {got[:12]}..., INDEX_SHA256 says {sha256[:12]}...")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(staging, filter="data")  # no absolute paths, links out or special files
+        load_index(staging, verify="full")
+        atomic_write_json(staging / FETCHED, {"url": url, "sha256": sha256})
+        swap_in(staging, index_dir)
+    finally:
+        archive.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)

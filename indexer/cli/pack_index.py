@@ -1,0 +1,48 @@
+"""Pack an index (all or some of its strategies) into one archive and its sha256, for INDEX_URL deploys.
+
+    python scripts/pack_index.py --index data/index --out dist/index.tar [--strategies ComplexB16,SimpleS16]
+
+Writes ``dist/index.tar`` (``.tar.gz`` names are gzip-compressed) and ``dist/index.tar.sha256``;
+upload the archive anywhere the dynos can reach and set ``INDEX_URL`` and ``INDEX_SHA256``.
+Exit codes: 0 done, 1 failed (I/O), 2 bad input (no index, unknown strategy, index fails its checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--index", type=Path, required=True, help="index folder (written by scripts/build_index.py)")
+    p.add_argument("--out", type=Path, required=True, help="archive to write (.tar, or .tar.gz to compress)")
+    p.add_argument("--strategies", default="all", help="comma-separated strategies to ship, or 'all' (default)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from core.index import IndexInvalid
+    from indexer.pack import pack_index
+
+    wanted = None if args.strategies.strip() == "all" else [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if wanted == []:
+        print("error: --strategies: give at least one name, or 'all'", file=sys.stderr)
+        return 2
+    try:
+        packed = pack_index(args.index, args.out, wanted)
+    except IndexInvalid as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"{packed.path}: {packed.size / 2**20:.1f} MiB, strategies {', '.join(packed.strategies)}")
+    print(f"INDEX_SHA256={packed.sha256}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Packing an index folder, or some of its strategies, into one archive to ship to the web dynos.
+
+The archive is a tar (gzip-compressed when its name ends in ``.gz``) of the
+index folder's files at its top level: ``manifest.json`` listing only the
+chosen strategies, ``apps.json`` and the chosen ``<Strategy>/*.npy``.
+Its sha256 is written beside it (``<archive>.sha256``, sha256sum's format)
+and is what ``INDEX_SHA256`` must say; the service unpacks it with
+``core.index.fetch``. The same index packs to the same bytes (sorted
+entries, fixed times and owners), so its sha256 only changes with its data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.files import atomic_file, atomic_write_bytes, sha256_file
+from core.index import APPS, ARRAYS, MANIFEST, load_index
+
+
+@dataclass(frozen=True)
+class Packed:
+    path: Path
+    sha256: str
+    size: int
+    strategies: list[str]
+
+
+def pack_index(index_dir: Path, out: Path, strategies: list[str] | None = None) -> Packed:
+    """Verify the index (full), then write the archive of the chosen strategies (all by default) and its sha256.
+
+    Raises ``core.index.IndexInvalid`` for an index that the service would refuse (nothing is written).
+    """
+    index = load_index(index_dir, verify="full", strategies=strategies)
+    names = list(index.strategies)
+    manifest = dict(index.manifest) | {"strategies": {n: index.manifest["strategies"][n] for n in names}}
+    files = [(APPS, index_dir / APPS)] + [(f"{n}/{a}", index_dir / n / a) for n in names for a in ARRAYS]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as raw:
+        stream = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if out.name.endswith(".gz") else raw
+        with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for folder in sorted({rel.split("/")[0] for rel, _ in files if "/" in rel}):
+                tar.addfile(_info(folder, 0, tarfile.DIRTYPE))
+            for rel, path in sorted(files):
+                with open(path, "rb") as f:
+                    tar.addfile(_info(rel, path.stat().st_size), f)
+            data = (json.dumps(manifest, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+            tar.addfile(_info(MANIFEST, len(data)), io.BytesIO(data))  # last, as the writer does
+        if stream is not raw:
+            stream.close()
+    sha = sha256_file(out)
+    atomic_write_bytes(out.with_name(out.name + ".sha256"), f"{sha}  {out.name}\n".encode())
+    return Packed(out, sha, out.stat().st_size, names)
+
+
+def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size if kind == tarfile.REGTYPE else 0
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
