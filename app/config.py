@@ -100,6 +100,7 @@ class Settings:
     upload_rate_limit: tuple[int, float] | None = None
     proxy_hops: int = 0
     max_k: int | None = None  # None: the width of the tables
+    concurrent_forwards: int = 1  # model forward passes at once per process
     index_url: str | None = None  # fetch the packed index from here at boot, into index_dir
     index_sha256: str | None = None  # required with index_url
     index_fetch_attempts: int = 4
@@ -143,6 +144,7 @@ class Settings:
             upload_rate_limit=_rate(env, "UPLOAD_RATE_LIMIT"),
             proxy_hops=_int(env, "PROXY_HOPS", 0, 0, 10),
             max_k=_int(env, "MAX_K", 0, 0, 100_000) or None,
+            concurrent_forwards=_int(env, "CONCURRENT_FORWARDS", 1, 1, 64),
             index_url=index_url,
             index_sha256=index_sha256,
             index_fetch_attempts=_int(env, "INDEX_FETCH_ATTEMPTS", 4, 1, 100),

@@ -46,6 +46,7 @@ class Matcher:
         retry_seconds: float = 60.0,
         torch_threads: int | None = None,
         models: ModelCache = MODELS,
+        concurrent_forwards: int = 1,
     ) -> None:
         self.index = index
         self.allow_download = allow_download
@@ -58,6 +59,9 @@ class Matcher:
         self._failures: dict[str, tuple[float, str]] = {}
         self._unique: dict[str, np.ndarray] = {}
         self._threads_set = False
+        # Forward passes at once in this process: each already uses all of the worker's torch threads, so more
+        # would only share the same cores while multiplying activation memory (a 1 GB dyno has no room for it).
+        self._forwards = threading.BoundedSemaphore(max(1, concurrent_forwards))
 
     # -- precomputed tables ----------------------------------------------------------------------
     def table_matches(self, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +130,11 @@ class Matcher:
         t0 = time.perf_counter()
         tensors = ex.preprocess([image])
         t1 = time.perf_counter()
-        vec = ex.embed_tensors(tensors)[name][0]
+        with self._forwards:
+            tw = time.perf_counter()
+            vec = ex.embed_tensors(tensors)[name][0]
         t2 = time.perf_counter()
-        return vec, {"preprocess": (t1 - t0) * 1000, "forward": (t2 - t1) * 1000}
+        return vec, {"preprocess": (t1 - t0) * 1000, "queue": (tw - t1) * 1000, "forward": (t2 - tw) * 1000}
 
     def search(self, name: str, vector: np.ndarray, k: int, exclude: int | None = None) -> ImageMatches:
         t0 = time.perf_counter()

@@ -44,6 +44,7 @@ class Service:
             allow_download=settings.allow_weights_download,
             retry_seconds=settings.weights_retry_seconds,
             torch_threads=settings.torch_threads,
+            concurrent_forwards=settings.concurrent_forwards,
             models=ModelCache(),  # one model per backbone for this app, shared by its strategies
         )
         self.limiter = RateLimiter(*settings.upload_rate_limit) if settings.upload_rate_limit else None

@@ -295,6 +295,73 @@ def write_banners(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+# -- a memory limit like a dyno's: a cgroup v1 memory group ------------------------------------------
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory group with a hard limit and no swap (what a 1 GB dyno or container gives).
+
+    Processes started with ``preexec_fn=cgroup.join`` (and their children) run inside it; the kernel's
+    OOM killer acts when they together exceed the limit, and ``oom_kills()`` counts its kills.
+    """
+
+    def __init__(self, limit_bytes: int, name: str | None = None) -> None:
+        why = self.unavailable()
+        if why:
+            raise RuntimeError(why)
+        self.path = CGROUP_MEMORY / (name or f"steam-dino-{os.getpid()}-{time.monotonic_ns()}")
+        self.path.mkdir()
+        self.limit_bytes = limit_bytes
+        (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        memsw = self.path / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # no swap either (absent when the kernel does not account swap)
+            memsw.write_text(str(limit_bytes))
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why a memory group cannot be made here (None: it can)."""
+        if not (CGROUP_MEMORY / "memory.limit_in_bytes").is_file():
+            return f"no cgroup v1 memory controller mounted at {CGROUP_MEMORY}"
+        if not os.access(CGROUP_MEMORY, os.W_OK):
+            return f"{CGROUP_MEMORY} is not writable (needs root)"
+        return None
+
+    def join(self) -> None:
+        """Move the calling process into the group (use as Popen's preexec_fn)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def _read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def peak_bytes(self) -> int:
+        return int(self._read("memory.max_usage_in_bytes"))
+
+    def oom_kills(self) -> int:
+        """Processes the OOM killer killed in the group (older kernels: 1 if it ever hit the limit under OOM)."""
+        fields = dict(line.split() for line in self._read("memory.oom_control").splitlines())
+        if "oom_kill" in fields:
+            return int(fields["oom_kill"])
+        return int(fields.get("under_oom", 0))
+
+    def close(self) -> None:
+        """Remove the group (its processes must have exited)."""
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def __enter__(self) -> MemoryCgroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # -- the service under gunicorn ---------------------------------------------------------------------
 def gunicorn_settings(env: dict[str, str] | None = None) -> dict:
     """The project's gunicorn.conf.py evaluated as gunicorn would (workers, threads...), for titles."""
@@ -336,6 +403,7 @@ class Server:
         app: str = "wsgi:app",
         config: str = "gunicorn.conf.py",
         workers: int = 2,
+        cgroup: MemoryCgroup | None = None,
     ) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -350,6 +418,7 @@ class Server:
             env=full_env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=cgroup.join if cgroup else None,
         )
 
     @property
@@ -465,23 +534,30 @@ def connections_per_worker(server_port: int, pids: Sequence[int]) -> list[int]:
 def pin_connections(srv: Server, pids: Sequence[int], tries: int = 60) -> dict[int, http.client.HTTPConnection]:
     """One keep-alive connection held by each worker (gthread keeps a connection in the worker that
     accepted it): new connections are opened until every worker has accepted one."""
-    pinned: dict[int, http.client.HTTPConnection] = {}
+    return {pid: conns[0] for pid, conns in pin_many(srv, pids, 1, tries).items()}
+
+
+def pin_many(
+    srv: Server, pids: Sequence[int], per_worker: int, tries: int = 200
+) -> dict[int, list[http.client.HTTPConnection]]:
+    """``per_worker`` keep-alive connections held by each worker (fewer if ``tries`` connections did not do)."""
+    pinned: dict[int, list[http.client.HTTPConnection]] = {pid: [] for pid in pids}
     spare = []
     for _ in range(tries):
         conn = http.client.HTTPConnection(srv.host, srv.port, timeout=300)
         conn.request("GET", "/health")
         conn.getresponse().read()
         owner = connection_owner(srv.port, conn.sock.getsockname()[1], pids)
-        if owner is not None and owner not in pinned:
-            pinned[owner] = conn
+        if owner is not None and len(pinned[owner]) < per_worker:
+            pinned[owner].append(conn)
         else:
             spare.append(conn)
-        if len(pinned) == len(pids):
+        if all(len(c) == per_worker for c in pinned.values()):
             break
         time.sleep(0.01)
     for c in spare:
         c.close()
-    return pinned
+    return {pid: conns for pid, conns in pinned.items() if conns}
 
 
 # -- memory ------------------------------------------------------------------------------------------

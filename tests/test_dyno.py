@@ -1,0 +1,100 @@
+"""The service as a 1 GB dyno runs it: the Procfile's command, default settings, a 1 GiB memory limit.
+
+The whole catalog (29,982 apps, all eight strategies; random embeddings), 16 concurrent uploads on the
+default strategy (ComplexB16) spread over both workers, then a few hundred lookups: every answer must be
+200 and the kernel's OOM killer must not have killed anything. Memory figures are reported by
+``python -m bench.memory`` (``make bench``), not asserted here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, sha256_of
+
+from bench.common import MemoryCgroup, Server, banner_jpeg, pin_many
+from core.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
+from indexer.synthetic import load_catalog, write_synthetic_index
+
+DYNO_BYTES = 2**30
+UPLOADS = 16
+LOOKUPS = 300
+
+pytestmark = pytest.mark.slow
+
+
+def procfile_web() -> tuple[str, str]:
+    """The gunicorn config and app of the Procfile's web command (which must be plain gunicorn)."""
+    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("web:"))
+    argv = shlex.split(line.removeprefix("web:"))
+    assert argv[0] == "gunicorn" and argv[1] == "-c" and len(argv) == 4, f"unexpected Procfile command: {argv}"
+    return argv[2], argv[3]
+
+
+@pytest.fixture(scope="module")
+def catalog_index(tmp_path_factory, checkpoint_store):
+    """The catalog-size index (all 8 strategies, k=100) recording the random ViT-B/16 checkpoint's sha256."""
+    root = tmp_path_factory.mktemp("dyno")
+    ckpt = root / "torch_home" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    b16 = checkpoint_store("B16")
+    os.symlink(b16, ckpt / b16.name)
+    apps, _ = load_catalog()
+    strategies = parse_strategies(",".join(ORIGINAL_STRATEGIES))
+    write_synthetic_index(root / "index", apps, strategies, k=100, checkpoint_sha256={"B16": sha256_of(b16)})
+    (root / "banners").mkdir()
+    return root, apps
+
+
+def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
+    why = MemoryCgroup.unavailable()
+    if why:
+        pytest.skip(f"cannot limit memory like a dyno: {why}")
+    root, apps = catalog_index
+    config, app = procfile_web()
+    env = {
+        "INDEX_DIR": str(root / "index"),
+        "BANNERS_DIR": str(root / "banners"),
+        "TORCH_HOME": str(root / "torch_home"),
+    }
+    with MemoryCgroup(DYNO_BYTES) as cgroup:
+        srv = Server(env, tmp_path / "gunicorn.log", app=app, config=config, cgroup=cgroup)
+        try:
+            srv.wait_ready()
+            workers = srv.workers(expect=2)
+            pinned = pin_many(srv, workers, UPLOADS // 2)
+            assert sorted(pinned) == sorted(workers) and all(len(c) == UPLOADS // 2 for c in pinned.values())
+            conns = [c for cs in pinned.values() for c in cs]
+            with ThreadPoolExecutor(UPLOADS) as pool:
+                statuses = list(pool.map(_upload, conns, range(UPLOADS)))
+            assert statuses == [200] * UPLOADS, srv.output()[-3000:]
+            for c in conns:
+                c.close()
+            for pid in workers:  # both embedded with the weights mapped from the checkpoint file, not copied
+                assert "dino_vitbase16_pretrain.pth" in Path(f"/proc/{pid}/maps").read_text()
+            rng = random.Random(0)
+            with requests.Session() as http:
+                for i in range(LOOKUPS):
+                    strategy = ORIGINAL_STRATEGIES[i % len(ORIGINAL_STRATEGIES)]
+                    r = http.get(f"{srv.url}/match/{rng.choice(apps)['appid']}?strategy={strategy}", timeout=60)
+                    assert r.status_code == 200, r.text[:300]
+            assert srv.workers() == workers, "a worker was replaced (killed?)"
+            assert cgroup.oom_kills() == 0, srv.output()[-3000:]
+        finally:
+            srv.stop()
+
+
+def _upload(conn: http.client.HTTPConnection, seed: int) -> int:
+    conn.request(
+        "POST", "/match?strategy=ComplexB16&k=10", body=banner_jpeg(seed), headers={"Content-Type": "image/jpeg"}
+    )
+    r = conn.getresponse()
+    r.read()
+    return r.status
