@@ -21,6 +21,7 @@ GUNICORN_THREADS (default 8), GUNICORN_TIMEOUT (default 120 s).
 
 import contextlib
 import os
+import sys
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -43,14 +44,17 @@ def post_fork(server, worker):
 
     Done here, in the worker, because torch's thread pool must not be started
     in the master before the fork; the app itself leaves the setting alone
-    unless TORCH_THREADS is set. torch is not imported here (seconds before the
-    worker could answer anything): it reads OMP_NUM_THREADS when it first
-    starts its pool, on the worker's first upload.
+    unless TORCH_THREADS is set. torch is normally imported by the master already
+    (when_ready); if not, it is not imported here (seconds before the worker could
+    answer anything) and reads OMP_NUM_THREADS when it is.
     """
     from core.cpu import cpu_cores
 
     threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cpu_cores() // max(1, workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
     _limit_malloc_arenas()
 
 
@@ -80,7 +84,7 @@ def when_ready(server):
 
 def post_worker_init(worker):
     """PRELOAD_MODELS=ComplexB16,SimpleS16 (or 'all'): load those backbones before serving uploads."""
-    from app.service import EXTENSION_KEY
+    from app.params import EXTENSION_KEY
 
     service = worker.wsgi.extensions.get(EXTENSION_KEY)
     if service is not None and service.settings.preload_models:  # None: app/boot.py preloads when ready

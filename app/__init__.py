@@ -60,7 +60,7 @@ def _service(settings: Settings, index):
 
 def _install(app: Flask, service):
     """Put the service in the app (from then on every endpoint serves) and say what is served."""
-    from .service import EXTENSION_KEY
+    from .params import EXTENSION_KEY
 
     app.extensions[EXTENSION_KEY] = service
     logging.getLogger(__name__).info(
