@@ -22,7 +22,7 @@ COPY wsgi.py gunicorn.conf.py ./
 ENV PORT=8000 INDEX_DIR=/srv/data/index BANNERS_DIR=/srv/data/banners TORCH_HOME=/srv/torch
 USER app
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
 

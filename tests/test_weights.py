@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from core.dino import weights
 from core.dino.backbones import BACKBONES
 from core.dino.weights import (
     ModelCache,
+    WeightsMismatch,
     WeightsUnavailable,
     checkpoint_dir,
+    fetch_checkpoint,
     load_model,
     resolve_checkpoint,
 )
@@ -127,3 +130,37 @@ def test_model_cache_concurrent_first_use(install_checkpoints):
     for t in threads:
         t.join()
     assert len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_weights_are_mapped_from_the_file_not_copied(checkpoint_store):
+    path = checkpoint_store("S16")
+    model = load_model(S16, path)
+    assert str(path) in Path("/proc/self/maps").read_text(), "the weights must be the file's pages"
+    assert torch.equal(model.cls_token, torch.load(path, weights_only=True)["cls_token"])
+
+
+def test_legacy_format_is_converted_once_then_mapped(checkpoint_store, torch_home, tmp_path):
+    state = torch.load(checkpoint_store("S16"), weights_only=True)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    model = load_model(S16, legacy)
+    (converted,) = (torch_home / "mmap").iterdir()
+    assert converted.name == f"{sha256_of(legacy)[:16]}-legacy.pth"
+    assert str(converted) in Path("/proc/self/maps").read_text()
+    assert torch.equal(model.pos_embed, state["pos_embed"])
+    stamp = converted.stat().st_mtime_ns
+    load_model(S16, legacy)
+    assert converted.stat().st_mtime_ns == stamp, "converted once"
+
+
+def test_fetch_checkpoint_verifies_against_the_index(torch_home, checkpoint_store, file_server, tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    (mirror / "dino_deitsmall16_pretrain").mkdir(parents=True)
+    src = checkpoint_store("S16")
+    shutil.copy(src, mirror / S16.checkpoint)
+    monkeypatch.setenv("DINO_BASE_URL", file_server(mirror))
+    with pytest.raises(WeightsMismatch, match="index was built with"):
+        fetch_checkpoint(S16, "0" * 64, attempts=3, backoff_s=0)
+    assert fetch_checkpoint(S16, sha256_of(src), attempts=1) == torch_home / S16.filename
+    monkeypatch.setenv("DINO_BASE_URL", "http://127.0.0.1:9")  # already in place: no network needed
+    assert fetch_checkpoint(S16, sha256_of(src), attempts=1).is_file()
