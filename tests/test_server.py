@@ -169,7 +169,8 @@ def test_procfile_and_docker_use_the_same_entry_point():
     assert procfile.strip() == "web: gunicorn -c gunicorn.conf.py wsgi:app"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "gunicorn.conf.py" in dockerfile and "wsgi:app" in dockerfile
-    assert "download.pytorch.org/whl/cpu" in dockerfile and "USER " in dockerfile
+    assert "pip install -r requirements.txt" in dockerfile and "USER " in dockerfile  # CPU torch: requirements.txt
+    assert "download.pytorch.org/whl/cpu" in (ROOT / "requirements.txt").read_text()
 
 
 def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
