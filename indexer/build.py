@@ -41,7 +41,7 @@ from core.dino.extract import (
 )
 from core.dino.strategies import Strategy
 from core.dino.timing import StageTimer, UtilisationSampler
-from core.dino.weights import checkpoint_url, resolve_checkpoint
+from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
 from core.files import sha256_file, sha256_files
 from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
 from core.knn import topk_table
@@ -95,7 +95,7 @@ class BuildSummary:
         counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
         if "embedding" in t:
             inner = "; ".join(embed + ([counts] if counts else []))
-            parts.append(f"embedding {t['embedding']:.2f} s ({inner})" if inner else f"embedding {t['embedding']:.2f} s")
+            parts.append(f"embedding {t['embedding']:.2f} s" + (f" ({inner})" if inner else ""))
         parts += [f"{name} {t[name]:.2f} s" for name in ("tables", "writing") if name in t]
         if self.gpu_utilisation is not None:
             parts.append(f"GPU busy {self.gpu_utilisation:.0f}% while embedding")
@@ -158,13 +158,20 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
                 checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
                 ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
         keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], precision) for s in cfg.strategies}
-        t0 = time.perf_counter()
-        shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
-        timer.add("hashing", time.perf_counter() - t0)
+        with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
+            if str(device).startswith("cuda"):  # load the models onto the GPU while the CPU hashes the banners
+                loading = loader.submit(_load_models, cfg.strategies, device, checkpoints, ckpt_sha, timer)
+            t0 = time.perf_counter()
+            shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
+            timer.add("hashing", time.perf_counter() - t0)
+            if str(device).startswith("cuda"):
+                loading.result()
 
         embed_start = time.perf_counter()
         with UtilisationSampler(device) as utilisation:
-            embedded = _embed_missing(cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer)
+            embedded = _embed_missing(
+                cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer
+            )
         embed_seconds = time.perf_counter() - embed_start
 
         rows = [i for i, h in enumerate(shas) if h not in cache.failed]
@@ -198,6 +205,15 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         counts=dict(timer.counts),
         gpu_utilisation=utilisation.mean,
     )
+
+
+def _load_models(strategies, device, checkpoints, ckpt_sha, timer: StageTimer) -> None:
+    """Put every backbone's model in the process-wide cache, where the Extractor finds it."""
+    t0 = time.perf_counter()
+    for code in dict.fromkeys(s.backbone.code for s in strategies):
+        backbone = next(s.backbone for s in strategies if s.backbone.code == code)
+        MODELS.get(backbone, checkpoints[code], device=device, expected_sha256=ckpt_sha[code], download=False)
+    timer.add("models", time.perf_counter() - t0)
 
 
 def _embed_missing(
@@ -267,9 +283,10 @@ def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkp
     n = len(rows)
     t_start, t_tables = time.perf_counter(), 0.0
     apps = [{"appid": plan.sources[i].appid, "name": plan.sources[i].name} for i in rows]
-    with IndexWriter(cfg.out) as writer:
+    # Tables one after the other (on the GPU, or on every core), files written and hashed in threads meanwhile.
+    with IndexWriter(cfg.out) as writer, ThreadPoolExecutor(4, thread_name_prefix="index-writer") as pool:
         apps_sha = writer.write_json(APPS, apps)
-        entries = {}
+        writes = {}
         for s in cfg.strategies:
             key = keys[s.name]
             emb = np.stack([cache.get(key, shas[i]) for i in rows]).astype(cfg.dtype)
@@ -282,9 +299,10 @@ def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkp
             t_tables += time.perf_counter() - t0
             code = s.backbone.code
             checkpoint = {"file": checkpoints[code].name, "sha256": ckpt_sha[code], "url": checkpoint_url(s.backbone)}
-            entries[s.name] = write_strategy(
-                writer, s, emb, neighbours, scores, checkpoint, precision=precision, cache_key=key
+            writes[s.name] = pool.submit(
+                write_strategy, writer, s, emb, neighbours, scores, checkpoint, precision=precision, cache_key=key
             )
+        entries = {name: future.result() for name, future in writes.items()}
         manifest = make_manifest(
             n,
             apps_sha,

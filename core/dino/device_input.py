@@ -4,7 +4,9 @@ On a GPU, decoding JPEGs with Pillow on the CPU cannot keep up with the models (
 on 16 cores against about 9,000 for nvJPEG), so this path reads files in threads, decodes whole
 batches with ``torchvision.io.decode_jpeg(list, device=...)`` and preprocesses them on the device
 (``Preprocessing.tensor_transform``, which mirrors Pillow's resampling). One background thread
-prepares batch i+1, on its own CUDA stream, while the caller runs the forwards of batch i.
+prepares batch i+1 (two threads, two batches ahead), each on its own high-priority CUDA stream (so that
+its small decoding kernels are not queued behind the models' large ones), while the caller runs the
+forwards of batch i.
 
 Files that this decoder should not or cannot take go through the CPU path (``open_image`` and the
 Pillow transforms that uploads use), each counted: anything that is not a plain 8-bit JPEG with one
@@ -17,6 +19,7 @@ messages, as on the CPU path.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 from collections import deque
@@ -52,7 +55,7 @@ def nvjpeg_decoder(device: str | torch.device) -> Decoder:
 
 def plain_jpeg(data: bytes, max_pixels: int) -> bool:
     """Whether a decoder of plain JPEGs gives what ``open_image`` gives for these bytes (see module doc)."""
-    if data[:2] != b"\xff\xd8" or not data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return False
     i, adobe_rgb = 2, False
     while i + 4 <= len(data):
@@ -128,6 +131,7 @@ class DeviceBatches:
         batch_size: int,
         decoder: Decoder | None = None,
         read_workers: int = 8,
+        prepare_workers: int = 2,
         max_pixels: int,
         timer: StageTimer | None = None,
     ) -> None:
@@ -140,20 +144,20 @@ class DeviceBatches:
         self.read_workers = max(1, read_workers)
         self.max_pixels = max_pixels
         self.timer = timer or StageTimer(device)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.prepare_workers = max(1, prepare_workers)
+        self._local = threading.local()  # each preparing thread's own CUDA stream
 
     def __iter__(self) -> Iterator[Prepared]:
         starts = range(0, len(self.paths), self.batch_size)
         with (
             ThreadPoolExecutor(self.read_workers, thread_name_prefix="read") as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer,
+            ThreadPoolExecutor(self.prepare_workers, thread_name_prefix="prepare") as preparer,
         ):
             ahead: deque = deque()
-            todo = iter(starts)
             try:
-                for start in todo:  # two batches in flight: the one being used and the next
+                for start in starts:  # the batch being used, and prepare_workers batches being prepared
                     ahead.append(preparer.submit(self._prepare, start, pool))
-                    if len(ahead) == 2:
+                    if len(ahead) > self.prepare_workers:
                         yield self._ready(ahead.popleft().result())
                 while ahead:
                     yield self._ready(ahead.popleft().result())
@@ -161,8 +165,15 @@ class DeviceBatches:
                 for f in ahead:
                     f.cancel()
 
+    def _stream(self) -> torch.cuda.Stream | None:
+        if self.device.type != "cuda":
+            return None
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device, priority=-1)
+        return self._local.stream
+
     def _ready(self, prepared: Prepared) -> Prepared:
-        if self._stream is not None:  # used on the caller's stream now: keep the allocator from reusing early
+        if self.device.type == "cuda":  # used on the caller's stream now: keep the allocator from reusing early
             current = torch.cuda.current_stream(self.device)
             for t in prepared.tensors:
                 t.record_stream(current)
@@ -170,11 +181,11 @@ class DeviceBatches:
 
     def _prepare(self, start: int, pool: ThreadPoolExecutor) -> Prepared:
         t0 = time.perf_counter()
-        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-        with stream:
+        stream = self._stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             prepared = self._prepare_on_stream(start, pool)
-            if self._stream is not None:
-                self._stream.synchronize()
+            if stream is not None:
+                stream.synchronize()
         self.timer.add("decoding", time.perf_counter() - t0)
         return prepared
 

@@ -41,11 +41,11 @@ from .weights import MODELS, LoadedBackbone, ModelCache
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ("cpu", "device")
-CUDA_DEFAULT_PRECISION = "fp32"
+CUDA_DEFAULT_PRECISION = "bf16"
 
 
 def default_precision(device: str) -> str:
-    """fp32 on the CPU; on CUDA, ``CUDA_DEFAULT_PRECISION`` (see the README for the bf16 measurements)."""
+    """fp32 on the CPU; bf16 autocast on CUDA, whose tables keep >= 99.5% of fp32's top-10 (README)."""
     return CUDA_DEFAULT_PRECISION if str(device).startswith("cuda") else "fp32"
 
 

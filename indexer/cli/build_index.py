@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="bf16/fp16 autocast, CUDA only (default: fp32; see the README for bf16 on CUDA)",
+        help="bf16/fp16 autocast, CUDA only (default: bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
         "--decode",
