@@ -36,7 +36,7 @@ def grainy(size: tuple[int, int], seed: int = 1) -> Image.Image:
     return Image.open(io.BytesIO(textured_banner_jpeg(seed, size))).convert("RGB")
 
 
-@pytest.mark.parametrize("size", [(600, 900), (300, 450), (257, 300), (1000, 333), (100, 150)])
+@pytest.mark.parametrize("size", [(600, 900), (300, 450), (257, 300), (100, 150)])
 def test_tensor_preprocessing_matches_pillow_within_one_level(size):
     img = grainy(size)
     for prep in PREPROCESSINGS.values():
@@ -196,12 +196,12 @@ def test_device_path_equals_cpu_path_and_queues_forwards_ahead(install_checkpoin
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_device_tables_equal_the_cpu_tables(dtype):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((600, 48))
+    x = rng.standard_normal((300, 48))
     x[[10, 20, 30]] = x[5]  # exact ties: lower row first
     x[40] = -x[5]
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
     want = topk_table(x, 25)
-    for chunk in (None, 7, 600):
+    for chunk in (None, 7):
         got = topk_table_device(x, 25, "cpu", chunk_rows=chunk)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
         assert got[0].dtype == np.int32 and got[1].dtype == np.float32
