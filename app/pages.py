@@ -16,9 +16,8 @@ from PIL import Image
 from core.banners import find_banner_file
 from core.steam import is_ascii_digits
 
-from .api import host_url, int_param, k_param, parse_appid, strategy_param
-from .errors import APIError
-from .service import get_service
+from .params import get_service, host_url, k_param, parse_appid, strategy_param, strategy_value
+from .uploads import read_upload
 
 bp = Blueprint("pages", __name__)
 
@@ -62,10 +61,7 @@ def render(appid: str):
     app_id = parse_appid(appid)
     strategy = strategy_param(svc)
     k = k_param(svc, strategy, default=20)
-    game = svc.catalog.get(app_id)
-    if game is None:
-        raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
-    payload = svc.table_payload(strategy, game, k, host_url())
+    payload = svc.table_payload(strategy, svc.game(app_id), k, host_url())
     return render_template(
         "gallery.html",
         payload=payload,
@@ -81,31 +77,15 @@ def upload():
     svc = get_service()
     strategy = strategy_param(svc)
     if request.form.get("strategy"):
-        resolved = svc.resolve_strategy(request.form["strategy"])
-        if resolved is None:
-            raise svc.unknown_strategy(request.form["strategy"], "strategy")
-        strategy = resolved
+        strategy = strategy_value(svc, request.form["strategy"])
     k = k_param(svc, strategy, default=20)
     svc.check_rate_limit(request.remote_addr or "-")
-    payload, _, uploaded = svc.upload_payload(strategy, k, host_url())
+    data = read_upload(svc.settings)
+    payload, _, uploaded = svc.upload_payload(data, strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)
     return render_template(
         "gallery.html", payload=payload, upload=thumb, strategies=svc.strategy_names, strategy=strategy, k=k
     )
-
-
-def compare_page(appid: str):
-    """The /compare/<appid> page (browsers; the same URL answers JSON to API clients)."""
-    g.html = True
-    svc = get_service()
-    app_id = parse_appid(appid)
-    names = svc.strategies_param(request.args.get("strategies"))
-    k = int_param("k", 8, 1, max(1, min(svc.max_k(n) for n in names)))
-    game = svc.catalog.get(app_id)
-    if game is None:
-        raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
-    payload = svc.compare_payload(names, game, k, host_url())
-    return render_template("compare.html", payload=payload, descriptions={n: svc.describe_strategy(n) for n in names})
 
 
 @bp.get("/banners/<appid>.jpg")
