@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--k", type=int, default=100, help="neighbours per game in the tables (default: 100)")
     p.add_argument("--apps", type=Path, help='APPS.json: [{"appid": int, "name": str}, ...] (default: names unknown)')
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 128 on CUDA)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 256 on CUDA)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--weights",
