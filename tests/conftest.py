@@ -184,6 +184,28 @@ def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
     return BuiltIndex(root, root / "index", root / "banners", torch_home, apps, names)
 
 
+@pytest.fixture
+def make_client(built_index, monkeypatch):
+    """Flask test clients of the app over the session's built index, with Settings overrides."""
+    from app import create_app
+    from app.config import Settings
+
+    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+
+    def make(**overrides):
+        settings = Settings(**({"index_dir": built_index.index, "banners_dir": built_index.banners} | overrides))
+        app = create_app(settings)
+        app.testing = True
+        return app.test_client()
+
+    return make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
 def free_port() -> int:
     import socket
 
