@@ -185,8 +185,8 @@ def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
 
 
 @pytest.fixture
-def make_client(built_index, monkeypatch):
-    """Flask test clients of the app over the session's built index, with Settings overrides."""
+def make_app(built_index, monkeypatch):
+    """The Flask app over the session's built index, as the factory makes it; keyword overrides for Settings."""
     from app import create_app
     from app.config import Settings
 
@@ -196,14 +196,25 @@ def make_client(built_index, monkeypatch):
         settings = Settings(**({"index_dir": built_index.index, "banners_dir": built_index.banners} | overrides))
         app = create_app(settings)
         app.testing = True
-        return app.test_client()
+        return app
 
     return make
 
 
 @pytest.fixture
-def client(make_client):
-    return make_client()
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_client(make_app):
+    """A test client of an app made with these Settings overrides."""
+    return lambda **overrides: make_app(**overrides).test_client()
 
 
 def free_port() -> int:

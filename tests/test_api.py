@@ -301,7 +301,7 @@ def test_upload_rate_limit(make_client, built_index):
 
 def test_lookup_json_fast_path_equals_the_payload(client, built_index):
     """The pre-rendered JSON of lookups is the same document as the dict payload, for any Host header."""
-    from app.service import EXTENSION_KEY
+    from app.params import EXTENSION_KEY
 
     svc = client.application.extensions[EXTENSION_KEY]
     for host in ("http://localhost/", 'http://evil"host\\x/', "http://é.example:8080/"):
