@@ -133,6 +133,7 @@ def test_random_game_redirects_to_an_indexed_gallery(client, built_index):
     assert bad.status_code == 400 and bad.mimetype == "text/html" and "unknown strategy" in text_of(bad)
     assert client.get("/render").status_code in (301, 308)  # werkzeug: to /render/
     assert 'href="/random"' in text_of(client.get("/"))  # the button, on every page's header
+    assert 'href="/random?strategy=SimpleS16"' in text_of(client.get("/render/10?strategy=SimpleS16"))  # keeps it
 
 
 def test_unknown_urls_answer_html_to_browsers_and_json_to_clients(client):
