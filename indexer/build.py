@@ -18,7 +18,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from core.apps import load_apps
 from core.dino.extract import Extractor, configure_threads, default_batch_size, default_device
 from core.dino.strategies import Strategy
 from core.dino.weights import checkpoint_url, resolve_checkpoint
-from core.files import sha256_file
+from core.files import os_error_words, sha256_file
 from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
 from core.knn import topk_table
 
@@ -99,8 +99,13 @@ def _check_config(cfg: BuildConfig) -> None:
         raise SourceError(f"--out {cfg.out} exists and is not a folder")
 
 
+class BuildFailed(RuntimeError):
+    """The build stopped (a full disk, an unwritable folder); the message says what became of the index."""
+
+
 def build_index(cfg: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
+    cfg = _resolve_out(cfg)
     _check_config(cfg)
     apps = load_apps(cfg.apps_file) if cfg.apps_file else None
     plan = plan_sources(cfg.images, apps)
@@ -113,49 +118,81 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
     device = cfg.device or default_device()
     notes = []
     work = cfg.out.parent / f".{cfg.out.name}.work"
-    with EmbeddingCache(work) as cache:
-        note = recover(cfg.out)
-        if note:
-            notes.append(note)
-        checkpoints, ckpt_sha = {}, {}
-        for s in cfg.strategies:
-            code = s.backbone.code
-            if code not in checkpoints:
-                checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
-                ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
-        keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], cfg.precision) for s in cfg.strategies}
-        shas = [sha256_file(src.path) for src in tqdm(plan.sources, desc="hashing", disable=not cfg.progress)]
-
-        embed_start = time.perf_counter()
-        embedded = _embed_missing(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
-        embed_seconds = time.perf_counter() - embed_start
-
-        rows = [i for i, h in enumerate(shas) if h not in cache.failed]
-        skipped = [
-            {"appid": plan.sources[i].appid, "file": plan.sources[i].path.name, "reason": cache.failed[h]}
-            for i, h in enumerate(shas)
-            if h in cache.failed
-        ]
-        for s in skipped:
-            print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
-        if len(rows) < 2:
-            raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
-        _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache)
-        cache.consolidate()
+    try:
+        with EmbeddingCache(work) as cache:
+            note = recover(cfg.out)
+            if note:
+                notes.append(note)
+            result = _build_in(cfg, device, plan, cache)
+            try:
+                cache.consolidate()
+            except OSError as e:  # the index is complete and in place; the cache's chunks are kept
+                notes.append(
+                    f"the new index is in place at {cfg.out}, but merging the embedding cache failed "
+                    f"({os_error_words(e)}); the next build reads its chunks instead"
+                )
+    except OSError as e:
+        raise BuildFailed(f"{os_error_words(e)}. {_previous_index_state(cfg.out)}") from e
+    rows, skipped, embedded, embed_seconds = result
     embedded = min(embedded, len(rows))
-    reused = len(rows) - embedded
     return BuildSummary(
         out=cfg.out,
         rows=len(rows),
         strategies=[s.name for s in cfg.strategies],
         embedded=embedded,
-        reused=reused,
+        reused=len(rows) - embedded,
         skipped=skipped,
         missing_images=len(plan.missing_images),
         seconds=time.perf_counter() - start,
         embed_seconds=embed_seconds,
         notes=notes,
     )
+
+
+def _resolve_out(cfg: BuildConfig) -> BuildConfig:
+    """Write through symlinks to the real folder: the link stays a link, and builds given the link and
+    the target share one lock (the lock and the staging folder live beside the real folder)."""
+    real = cfg.out.resolve()
+    return cfg if real == cfg.out.absolute() else replace(cfg, out=real)
+
+
+def _previous_index_state(out: Path) -> str:
+    """What a failed build left at ``out``, from the folder itself (the writer swaps it in last)."""
+    if out.is_dir():
+        return f"The index at {out} is unchanged; finished batches are kept: free some space and run again to resume."
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if olds:
+        return f"The previous index is at {olds[-1]}; the next build puts it back first."
+    return f"No index was written to {out}; finished batches are kept: run again to resume."
+
+
+def _build_in(cfg: BuildConfig, device: str, plan, cache: EmbeddingCache) -> tuple[list, list, int, float]:
+    """Checkpoints, hashes, embeddings and the index, under the cache's lock; returns rows, skipped, counts."""
+    checkpoints, ckpt_sha = {}, {}
+    for s in cfg.strategies:
+        code = s.backbone.code
+        if code not in checkpoints:
+            checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
+            ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
+    keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], cfg.precision) for s in cfg.strategies}
+    shas = [sha256_file(src.path) for src in tqdm(plan.sources, desc="hashing", disable=not cfg.progress)]
+
+    embed_start = time.perf_counter()
+    embedded = _embed_missing(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
+    embed_seconds = time.perf_counter() - embed_start
+
+    rows = [i for i, h in enumerate(shas) if h not in cache.failed]
+    skipped = [
+        {"appid": plan.sources[i].appid, "file": plan.sources[i].path.name, "reason": cache.failed[h]}
+        for i, h in enumerate(shas)
+        if h in cache.failed
+    ]
+    for s in skipped:
+        print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
+    if len(rows) < 2:
+        raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
+    _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache)
+    return rows, skipped, embedded, embed_seconds
 
 
 def _embed_missing(

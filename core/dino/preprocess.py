@@ -15,7 +15,8 @@ queries are embedded exactly as the index was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,6 +46,18 @@ class Preprocessing:
         if isinstance(self.resize, int):
             raise ValueError(f"preprocessing {self.name!r} has no fixed output size")
         return self.resize
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after this mode's Resize, computed as torchvision does, from the header alone.
+
+        Lets an image be refused before decoding when its resized form would be absurd: ``dino``
+        scales the shorter edge to 256, so a 1 x N image would become 256 x 256N.
+        """
+        if not isinstance(self.resize, int):
+            return self.resize[1], self.resize[0]
+        short, long = sorted((max(1, width), max(1, height)))
+        new_long = int(self.resize * long / short)
+        return (self.resize, new_long) if width <= height else (new_long, self.resize)
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image to a normalised (3, H, W) float32 tensor."""
@@ -93,6 +106,18 @@ PREPROCESSINGS: dict[str, Preprocessing] = {
     "full": Preprocessing("full", resize=(336, 224), crop=None),
 }
 DEFAULT_PREPROCESSING = "dino"
+
+
+def largest_resize(preps: Sequence[Preprocessing]) -> Callable[[int, int], tuple[int, int]]:
+    """The resized (width, height) with the most pixels over several modes: what decoding must allow for.
+
+    A partial of a module function, not a closure, so DataLoader workers can pickle it.
+    """
+    return functools.partial(_largest_resize, tuple(preps))
+
+
+def _largest_resize(preps: tuple[Preprocessing, ...], width: int, height: int) -> tuple[int, int]:
+    return max((p.resized_size(width, height) for p in preps), key=lambda wh: wh[0] * wh[1])
 
 
 def get_preprocessing(name: str) -> Preprocessing:
