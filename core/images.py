@@ -100,7 +100,7 @@ def open_image(
             raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
         with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
             img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return to_rgb(_reduce_for(img, resize_to))
     finally:
         if fp is not source:
             fp.close()
@@ -126,6 +126,22 @@ def check_geometry(
             f"the limit is {MAX_RESIZED_PIXELS:,}",
         )
     return rw, rh
+
+
+def _reduce_for(img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None) -> Image.Image:
+    """Shrink an image many times larger than needed by an integer factor (box filter), keeping at least
+    twice the resized size: the mode conversions that follow (alpha on white: three full-size copies)
+    then cost a fraction of the memory. Banners of ordinary sizes are left exactly as they are."""
+    if resize_to is None:
+        return img
+    tw, th = resize_to(img.width, img.height)
+    factor = min(img.width // (2 * tw), img.height // (2 * th))
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not support (palette): convert at full size instead
+        return img
 
 
 def check_jpeg_scans(data: bytes, pixels: int) -> int:
