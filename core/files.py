@@ -7,7 +7,7 @@ import errno
 import hashlib
 import json
 import os
-import shutil
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,24 +30,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile(): a full disk, without errno
+
+
 def os_error_words(e: OSError) -> str:
     """An OSError for people: a full disk or quota is said in words, with the file it hit."""
     where = f" ({e.filename})" if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device{where}"
+    if e.errno is None and _SHORT_WRITE.search(str(e)):
+        return f"no space left on device (a write was cut short: {e})"
     return str(e)
-
-
-def short_write_error(e: OSError, path: Path, size: int) -> OSError:
-    """numpy reports a short write as "N requested and M written" with no errno: name a full disk as one."""
-    if e.errno is None:
-        try:
-            full = shutil.disk_usage(path.parent).free < size
-        except OSError:
-            full = False
-        if full:
-            return OSError(errno.ENOSPC, f"No space left on device ({e})", str(path))
-    return e
 
 
 def temp_name(path: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -208,23 +209,26 @@ class Extractor:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if num_workers else None,
             persistent_workers=False,
-            worker_init_fn=die_with_parent,
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()),
         )
         for indices, tensors, failures in loader:
             features = self.embed_tensors(tensors) if indices else {s.name: _empty(s) for s in self.strategies}
             yield Batch(indices, features, failures)
 
 
-def die_with_parent(_worker_id: int = 0) -> None:
+def die_with_parent(parent: int, _worker_id: int = 0) -> None:
     """Make this (forked) decoding worker die with its parent, kill -9 included, not ~5 s later.
 
     torch's workers notice a dead parent only on their next poll; meanwhile an orphan
     keeps the parent's files open. Linux only (prctl PR_SET_PDEATHSIG); a no-op elsewhere.
+    A parent that died before the prctl is caught by comparing the parent pid.
     """
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _empty(s: Strategy) -> np.ndarray:
