@@ -315,7 +315,7 @@ def test_disk_full_while_writing_keeps_the_previous_index(tmp_path, install_chec
         return real(self, rel, array)
 
     monkeypatch.setattr(IndexWriter, "write_array", failing)
-    with pytest.raises(BuildFailed, match="no space left on device.*is unchanged"):
+    with pytest.raises(BuildFailed, match=r"no space left on device.*is unchanged"):
         build_index(cfg)
     assert arrays_of(tmp_path / "index") == before
     assert (tmp_path / "index" / "manifest.json").read_bytes() == manifest_before

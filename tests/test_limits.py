@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import StartupError, create_app
+from app import StartupError
 from app.config import ConfigError, Settings
 from app.params import EXTENSION_KEY
 from app.problems import RateLimited, UpstreamFailed
@@ -179,14 +179,12 @@ class FakeCDN:
 
 
 @pytest.fixture
-def fallback(built_index, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+def fallback(built_index, make_app):
+    """(the fake CDN, a function Settings overrides -> the Service with the fallback on)."""
     cdn = FakeCDN((built_index.banners / "30.jpg").read_bytes())
 
     def make(**settings):
-        app = create_app(
-            Settings(index_dir=built_index.index, fallback_fetch=True, cdn_url=cdn.url, fallback_timeout=1, **settings)
-        )
+        app = make_app(fallback_fetch=True, cdn_url=cdn.url, fallback_timeout=1, **settings)
         return app.extensions[EXTENSION_KEY]
 
     yield cdn, make
@@ -246,31 +244,29 @@ def test_fallback_model_pass_counts_against_the_upload_rate_limit(fallback):
 # -- headers and URLs ----------------------------------------------------------------------------------
 
 
-def test_urls_come_from_public_url_never_from_host(built_index):
-    plain = create_app(Settings(index_dir=built_index.index, banners_dir=built_index.banners)).test_client()
+def test_urls_come_from_public_url_never_from_host(client, make_client):
+    plain = client
     r = plain.get("/match/10?k=3", headers={"Host": "evil.example"})
     assert r.headers["Cache-Control"].startswith("public")
     assert all(m["banner_url"].startswith("/banners/") for m in r.get_json()["matches"])
     page = plain.get("/render/10?k=3", headers={"Host": "evil.example"}).get_data(as_text=True)
     assert "evil.example" not in page and 'src="/banners/' in page
-    public = Settings(index_dir=built_index.index, banners_dir=built_index.banners, public_url="https://cdn.example/x/")
-    client = create_app(public).test_client()
-    body = client.get("/match/10?k=3", headers={"Host": "evil.example"}).get_json()
+    public = make_client(public_url="https://cdn.example/x/")
+    body = public.get("/match/10?k=3", headers={"Host": "evil.example"}).get_json()
     assert body["query"]["banner_url"] == "https://cdn.example/x/banners/10.jpg"
     assert Settings.from_env({"PUBLIC_URL": "https://a.example"}).public_url == "https://a.example/"
     with pytest.raises(ConfigError, match="PUBLIC_URL"):
         Settings.from_env({"PUBLIC_URL": "javascript:alert(1)"})
 
 
-def test_vary_origin_whenever_cors_is_configured(built_index):
+def test_vary_origin_whenever_cors_is_configured(make_client):
     for origins in (["https://a.example"], ["*"]):
-        client = create_app(Settings(index_dir=built_index.index, cors_origins=origins)).test_client()
+        client = make_client(cors_origins=origins)
         for headers in ({}, {"Origin": "https://a.example"}, {"Origin": "https://other.example"}):
             assert "Origin" in client.get("/match/10", headers=headers).headers.get("Vary", ""), (origins, headers)
 
 
-def test_security_headers_on_json_and_pages(built_index):
-    client = create_app(Settings(index_dir=built_index.index)).test_client()
+def test_security_headers_on_json_and_pages(client):
     for path in ("/match/10", "/health", "/match/nope", "/"):
         r = client.get(path)
         assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
@@ -288,9 +284,9 @@ def index_copy(built_index, tmp_path):
     return dst
 
 
-def test_zero_byte_array_and_unknown_preload_stop_startup_with_one_line(index_copy, built_index):
+def test_zero_byte_array_and_unknown_preload_stop_startup_with_one_line(index_copy, make_app):
     with pytest.raises(StartupError, match="PRELOAD_MODELS='Nope': Nope not in the index"):
-        create_app(Settings(index_dir=built_index.index, preload_models=["Nope"]))
+        make_app(preload_models=["Nope"])
     (index_copy / "SimpleS16" / "neighbours.npy").write_bytes(b"")
     with pytest.raises(IndexInvalid, match=r"neighbours\.npy: not a readable \.npy file"):
         load_index(index_copy, verify="quick")
