@@ -131,13 +131,14 @@ def decode_upload(data: bytes, max_pixels: int, resize_to: Callable[[int, int], 
     image = open_image(data, max_pixels=max_pixels, resize_to=resize_to)  # ImageRejected: a 400 with its code
     decode_ms = (time.perf_counter() - start) * 1000
     fmt = getattr(image, "format", None) or _sniff_format(data)
+    width, height = image.info.get("source_size", image.size)  # a huge image is decoded reduced
     return Upload(
         image=image,
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         format=fmt,
-        width=image.width,
-        height=image.height,
+        width=width,
+        height=height,
         decode_ms=decode_ms,
     )
 

@@ -88,19 +88,14 @@ def open_image(
             side = 2 * max(target) if target is not None else 0  # square: the same whatever the EXIF rotation
             if side and side <= min(width, height):
                 img.draft(None, (side, side))  # DCT scaling: 1/2..1/8 of the work and memory
-        try:
-            if img.format == "PNG":
-                # Pillow checks the CRC of image data chunks only in verify(), which leaves the
-                # image unusable: verify the chunks (no decompression), then open it again.
-                img.verify()
-                img = _reopen(source, fp, formats)
-            img.seek(0)  # first frame of an animation
-            img.load()
-        except Exception as e:  # truncated data, bad checksums, broken streams
-            raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
+        img = _load(img, source, fp, formats)
+        scale = width / img.width  # > 1 after a draft
         with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
             img = ImageOps.exif_transpose(img)
-        return to_rgb(_reduce_for(img, resize_to))
+        shown = (round(img.width * scale), round(img.height * scale))
+        out = to_rgb(_reduce_for(img, resize_to))
+        out.info["source_size"] = shown  # (width, height) as shown, before any reduction
+        return out
     finally:
         if fp is not source:
             fp.close()
@@ -180,6 +175,21 @@ def _read_all(source: object, fp: object) -> bytes:
     data = fp.read()
     fp.seek(position)
     return data
+
+
+def _load(img: Image.Image, source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:
+    """Decode the pixels (the first frame); any failure of the data is a ``corrupt_image``."""
+    try:
+        if img.format == "PNG":
+            # Pillow checks the CRC of image data chunks only in verify(), which leaves the
+            # image unusable: verify the chunks (no decompression), then open it again.
+            img.verify()
+            img = _reopen(source, fp, formats)
+        img.seek(0)  # first frame of an animation
+        img.load()
+    except Exception as e:  # truncated data, bad checksums, broken streams
+        raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
+    return img
 
 
 def _reopen(source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:

@@ -123,7 +123,12 @@ def test_jpeg_scan_bomb_is_refused_before_decoding():
 def test_a_huge_jpeg_is_decoded_at_a_reduced_scale_and_banners_are_not():
     big = jpeg(4000, 3000)
     assert open_image(big).size == (4000, 3000)
-    assert open_image(big, resize_to=DINO).size == (1000, 750)  # 1/4: still >= twice the 341x256 needed
+    reduced = open_image(big, resize_to=DINO)
+    assert reduced.size == (1000, 750) and reduced.info["source_size"] == (4000, 3000)  # 1/4: >= 2x 341x256
+    rgba = io.BytesIO()
+    Image.new("RGBA", (3000, 2000), (0, 0, 255, 0)).save(rgba, format="PNG")
+    out = open_image(rgba.getvalue(), resize_to=DINO)  # reduced before compositing on white
+    assert out.size == (1000, 667) and out.getpixel((5, 5)) == (255, 255, 255)
     banner = jpeg(600, 900)
     assert open_image(banner, resize_to=DINO).size == (600, 900)  # as the index saw it
 
