@@ -193,7 +193,7 @@ class Service:
 
     def _resize_to(self, strategy: str):
         """How the strategy's preprocessing resizes an image (core.images bounds the result before decoding)."""
-        return self.index.strategies[strategy].strategy.preprocessing.resized_size
+        return self.index.strategies[strategy].strategy.preprocessing.pil_resized_size
 
     def upload_payload(
         self, data: bytes, strategy: str, k: int, host_url: str

@@ -26,7 +26,7 @@ from core.dino.preprocess import PREPROCESSINGS, largest_resize
 from core.images import MAX_ASPECT_RATIO, ImageRejected, check_jpeg_scans, open_image
 from core.index import IndexInvalid, load_index
 
-DINO = PREPROCESSINGS["dino"].resized_size
+DINO = PREPROCESSINGS["dino"].pil_resized_size
 
 
 # -- generators of hostile images (shared with test_limits_service.py) ---------------------------------
@@ -99,11 +99,11 @@ def test_extreme_aspect_ratios_are_refused_naming_the_limit(data, code):
 def test_resized_size_is_bounded_for_the_mode_in_use():
     assert DINO(1, 2000) == (256, 512_000)  # why the pixel cap alone is not enough
     assert DINO(600, 900) == (256, 384) and DINO(900, 600) == (384, 256)
-    assert PREPROCESSINGS["full"].resized_size(1, 20) == (224, 336)
+    assert PREPROCESSINGS["full"].pil_resized_size(1, 20) == (224, 336)
     assert largest_resize(list(PREPROCESSINGS.values()))(600, 900) == (256, 384)
     big = PREPROCESSINGS["dino"].__class__("big", resize=1024, crop=None)
     with pytest.raises(ImageRejected) as e:  # 1024 x 15360: within the aspect cap, not within the size cap
-        open_image(png(100, 1500), resize_to=big.resized_size)
+        open_image(png(100, 1500), resize_to=big.pil_resized_size)
     assert e.value.code == "too_large_after_resize" and "2,000,000" in e.value.message
     assert open_image(png(100, 1500), resize_to=DINO).size == (100, 1500)  # 256 x 3840 is fine
 
