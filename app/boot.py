@@ -100,8 +100,8 @@ class Boot:
             except WeightsUnavailable as e:
                 self.weights[code] = str(e)
                 log.warning("weights for %s: %s", code, e)
-        if s.preload_models:
-            service.preload_models(s.preload_models)
+        if service.preload:
+            service.preload_models()
 
 
 def start_fetching(app: Flask, settings: Settings, install: Callable[[LoadedIndex], object]) -> Boot:

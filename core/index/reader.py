@@ -12,10 +12,10 @@ Layout (written by ``scripts/build_index.py``)::
 
 Arrays are memory-mapped read-only: gunicorn workers share one copy of the
 pages through the page cache, and start-up does not read them into memory.
-Verifying (``verify="full"``: sha256 and table contents; ``"quick"`` skips
-it) reads the files through separate, short-lived mappings, a bounded chunk
-of rows at a time, so that neither the tables nor temporaries stay resident
-in the process that verified them (the gunicorn master). Anything
+Verifying (``verify="full"``: sha256; both modes: the neighbour and score
+tables' ranges) reads the files through separate, short-lived mappings, a
+bounded chunk of rows at a time, so that neither the tables nor temporaries
+stay resident in the process that verified them (the gunicorn master). Anything
 missing, partial, of another format version or inconsistent stops loading
 with an ``IndexInvalid`` that says what and where: the service never serves
 wrong data.
@@ -87,8 +87,8 @@ def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[st
         raise IndexInvalid(f"{path}: missing")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise IndexInvalid(f"{path}: not a readable .npy file ({e})") from None
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty or cut-short file
+        raise IndexInvalid(f"{path}: not a readable .npy file ({e or type(e).__name__})") from None
     if arr.shape != shape:
         raise IndexInvalid(f"{path}: shape {arr.shape}, expected {shape}")
     if arr.dtype.name not in dtypes or arr.dtype.name != spec.get("dtype"):
@@ -99,7 +99,7 @@ def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[st
 
 
 def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] | None = None) -> LoadedIndex:
-    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (shapes only)."""
+    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (no sha256)."""
     if verify not in ("full", "quick"):
         raise ValueError("verify must be 'full' or 'quick'")
     root = Path(path)
@@ -158,7 +158,7 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> S
     emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, strategy.dim), EMBEDDING_DTYPES, verify)
     nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), verify)
     sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), verify)
-    if verify == "full" and n and k:
+    if n and k:  # both modes: the tables are small (N x K) and a bad row index would be served or crash
         _check_tables(folder / ARRAYS[1], folder / ARRAYS[2], n)
     return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry)
 

@@ -5,7 +5,9 @@ Everything is written into a hidden staging folder beside the target
 previous index (if any) is renamed aside, the staging folder renamed into
 place, and the previous one deleted. A crash or a full disk while writing
 leaves the previous index untouched; a crash between the two renames is
-repaired by ``recover`` at the start of the next build.
+repaired by ``recover`` at the start of the next build, and a failed second
+rename puts the previous index back at once. ``replaced`` says whether the
+new index is in place, so a caller can report what happened truthfully.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class IndexWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.staging = staging_dir(out)
+        self.replaced = False  # True once the new index is in place
 
     def __enter__(self) -> IndexWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,7 @@ class IndexWriter:
     def commit(self, manifest: dict) -> None:
         atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
         swap_in(self.staging, self.out)
+        self.replaced = True
 
 
 def staging_dir(out: Path) -> Path:
@@ -89,13 +93,20 @@ def staging_dir(out: Path) -> Path:
 
 def swap_in(staging: Path, out: Path) -> None:
     """Make the complete folder ``staging`` the index ``out``: fsync, rename the previous one aside, rename
-    staging into place, delete the previous one. A crash in between is repaired by ``recover``."""
+    staging into place (putting the previous one back if that fails), delete the previous one. A crash in
+    between is repaired by ``recover``."""
     for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
         fsync_dir(folder)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
+    had_old = out.exists()
+    if had_old:
         os.rename(out, old)
-    os.rename(staging, out)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if had_old:
+            os.rename(old, out)
+        raise
     fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
