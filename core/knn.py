@@ -28,7 +28,7 @@ _U32 = 2.0**-24  # unit roundoff of float32 (the prefilter's accumulator)
 _U16 = 2.0**-11  # unit roundoff of float16 (the prefilter's inputs and output)
 _SAFETY = 1.0 + 2.0**-20  # widens every bound past the float64 rounding of the bound itself
 _MAX_NORM = 2.0**40  # rows beyond this are not normalised embeddings (and could overflow float32 sums)
-_SCAN_ROWS = 1024  # rows per step of a float64 pass (12 MB at D = 1536): bounded memory on a memmap
+_SCAN_ROWS = 256  # rows per step of a float64 pass (3 MB at D = 1536): small transients in each worker
 
 
 def _check_table(embeddings: np.ndarray) -> np.ndarray:
