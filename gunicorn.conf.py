@@ -52,7 +52,7 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     """PRELOAD_MODELS=ComplexB16,SimpleS16 (or 'all'): load those backbones before serving uploads."""
-    from app.service import EXTENSION_KEY
+    from app.params import EXTENSION_KEY
 
     service = worker.wsgi.extensions[EXTENSION_KEY]
     if service.settings.preload_models:

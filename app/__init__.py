@@ -28,7 +28,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     try:
         settings = settings or Settings.from_env()
         index = load_index(settings.index_dir, verify=settings.index_verify)
-        from .service import EXTENSION_KEY, Service
+        from .params import EXTENSION_KEY
+        from .service import Service
 
         service = Service(settings, index)
     except (ConfigError, IndexInvalid, ValueError) as e:

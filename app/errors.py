@@ -1,8 +1,10 @@
-"""Errors as JSON: ``{"error": {"code": "...", "message": "..."}}`` with the right status.
+"""The one place where failures become HTTP: ``{"error": {"code": "...", "message": "..."}}`` and a status.
 
-Every failure a client can cause maps to a 4xx with a stable code; HTML
-pages get the same information as a small HTML page instead. A 500 is only
-ever an unexpected server fault, logged with its traceback.
+The service raises domain problems (``app/problems.py``) and the core its own
+(``ImageRejected``); here each kind gets its status code, and the answer is
+JSON, or a small HTML page for the pages. Every failure a client can cause
+is a 4xx with a stable code; a 500 is only ever an unexpected server fault,
+logged with its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import time
 
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+
+from core.images import ImageRejected
+
+from . import problems
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +35,26 @@ _HTTP_CODES = {
 }
 
 
-class APIError(Exception):
-    """A client-visible error: status, stable code, human message and optional extra fields."""
-
-    def __init__(self, status: int, code: str, message: str, **extra) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
-        self.headers: dict[str, str] = {}
-
-
-def bad_param(name: str, message: str) -> APIError:
-    return APIError(400, "bad_parameter", f"{name}: {message}", parameter=name)
+STATUS = {
+    problems.BadRequest: 400,
+    problems.NotFound: 404,
+    problems.TooSlow: 408,
+    problems.UnsupportedUpload: 415,
+    problems.RateLimited: 429,
+    problems.UpstreamFailed: 502,
+    problems.Unavailable: 503,
+}
 
 
 def _wants_html() -> bool:
-    return bool(g.get("html", request.blueprint == "pages"))
+    """HTML for the pages, and for a browser on a URL that matched no route; JSON for everything else."""
+    if "html" in g:
+        return bool(g.html)
+    if request.blueprint == "pages":
+        return True
+    if request.url_rule is None:  # an unknown URL (or method): answer in the format the client prefers
+        return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+    return False
 
 
 def error_response(status: int, code: str, message: str, extra: dict | None = None) -> Response:
@@ -109,11 +117,17 @@ def _linger(environ: dict) -> None:
 
 
 def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(APIError)
-    def _api_error(e: APIError):
-        resp = error_response(e.status, e.code, e.message, e.extra)
-        resp.headers.update(e.headers)
+    @app.errorhandler(problems.Problem)
+    def _problem(e: problems.Problem):
+        status = next(STATUS[kind] for kind in type(e).__mro__ if kind in STATUS)
+        resp = error_response(status, e.code, e.message, e.extra)
+        if e.retry_after is not None:
+            resp.headers["Retry-After"] = str(e.retry_after)
         return resp
+
+    @app.errorhandler(ImageRejected)
+    def _image_rejected(e: ImageRejected):
+        return error_response(400, e.code, e.message)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
@@ -125,7 +139,11 @@ def register_error_handlers(app: Flask) -> None:
             message = f"the upload is larger than the {limit_mb:g} MB limit" if limit_mb else message
             _linger(request.environ)
         if status == 404 and request.blueprint is None:
-            message = f"no such endpoint: {request.path} (see GET /health and the README for the API)"
+            message = (
+                f"there is no page at {request.path}"
+                if _wants_html()
+                else f"no such endpoint: {request.path} (see GET /health and the README for the API)"
+            )
         if status == 405:
             message = f"{request.method} is not allowed on {request.path}"
         resp = error_response(status, code, message)

@@ -9,22 +9,60 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 
-from flask import Blueprint, abort, g, render_template, request, send_file
+from flask import Blueprint, abort, g, redirect, render_template, request, send_file, url_for
 from PIL import Image
 
 from core.banners import find_banner_file
 from core.steam import is_ascii_digits
 
-from .api import host_url, int_param, k_param, parse_appid, strategy_param
-from .errors import APIError
-from .service import get_service
+from .params import get_service, host_url, k_param, parse_appid, strategy_param, strategy_value
+from .problems import NotFound
+from .uploads import read_upload
 
 bp = Blueprint("pages", __name__)
 
+MORE_STEP = 20  # "Show more" on a gallery adds this many matches
 
-@bp.after_request
+
+@bp.app_template_filter("similarity")
+def similarity(score: float) -> str:
+    """A cosine as people read it: 0.8803 is "88%"."""
+    return f"{score * 100:.0f}%"
+
+
+@bp.app_template_global("strategy_info")
+def strategy_info(name: str) -> dict:
+    """What the pages say about a strategy: plain words first, the technical line for the curious.
+
+    A template global, so that every page (/compare's too, rendered by the API's view) says the same.
+    """
+    svc = get_service()
+    s = svc.index.strategies[name]
+    return {
+        "name": name,
+        "plain": s.strategy.describe_plain(),
+        "technical": s.strategy.describe(),
+        "dim": s.strategy.dim,
+        "default": name == svc.default_strategy,
+    }
+
+
+def more_links(k: int, max_k: int) -> list[tuple[str, int]]:
+    """(label, k) of the "Show more" links under a gallery of k matches, up to the table's max_k."""
+    if k >= max_k:
+        return []
+    step = min(MORE_STEP, max_k - k)
+    links = [(f"Show {step} more", k + step)]
+    if k + step < max_k:
+        links.append((f"Show all {max_k}", max_k))
+    return links
+
+
+@bp.after_app_request
 def security_headers(resp):
+    """Every HTML answer (pages, /compare for browsers, error pages on any URL) forbids scripts and framing."""
     if resp.mimetype == "text/html":
         cdn = get_service().settings.cdn_url.split("/", 3)
         cdn_origin = "/".join(cdn[:3])
@@ -49,7 +87,7 @@ def home():
         q=q,
         results=games,
         unique=unique,
-        strategies=[svc.describe_strategy(n) for n in svc.strategy_names],
+        strategies=[strategy_info(n) for n in svc.strategy_names],
         default_strategy=svc.default_strategy,
         apps=len(svc.catalog),
         max_upload_mb=svc.settings.max_upload_mb,
@@ -62,18 +100,30 @@ def render(appid: str):
     app_id = parse_appid(appid)
     strategy = strategy_param(svc)
     k = k_param(svc, strategy, default=20)
-    game = svc.catalog.get(app_id)
-    if game is None:
-        raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
-    payload = svc.table_payload(strategy, game, k, host_url())
+    payload = svc.table_payload(strategy, svc.game(app_id), k, host_url())
     return render_template(
         "gallery.html",
         payload=payload,
         upload=None,
-        strategies=svc.strategy_names,
+        strategies=[strategy_info(n) for n in svc.strategy_names],
         strategy=strategy,
         k=k,
+        more=more_links(k, svc.max_k(strategy)),
     )
+
+
+@bp.get("/render/")
+@bp.get("/random")  # registered first: the URL that url_for builds
+def random_game():
+    """A redirect to the gallery of a game picked at random (heroku-flask-api's /render/ without an appid)."""
+    svc = get_service()
+    if not svc.catalog.games:
+        raise NotFound("empty_index", "the index has no games")
+    game = random.choice(svc.catalog.games)
+    args = {"strategy": strategy_param(svc)} if request.args.get("strategy") else {}
+    resp = redirect(url_for("pages.render", appid=game.appid, **args))
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 @bp.post("/upload")
@@ -81,31 +131,21 @@ def upload():
     svc = get_service()
     strategy = strategy_param(svc)
     if request.form.get("strategy"):
-        resolved = svc.resolve_strategy(request.form["strategy"])
-        if resolved is None:
-            raise svc.unknown_strategy(request.form["strategy"], "strategy")
-        strategy = resolved
+        strategy = strategy_value(svc, request.form["strategy"])
     k = k_param(svc, strategy, default=20)
     svc.check_rate_limit(request.remote_addr or "-")
-    payload, _, uploaded = svc.upload_payload(strategy, k, host_url())
+    data = read_upload(svc.settings)
+    payload, _, uploaded = svc.upload_payload(data, strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)
     return render_template(
-        "gallery.html", payload=payload, upload=thumb, strategies=svc.strategy_names, strategy=strategy, k=k
+        "gallery.html",
+        payload=payload,
+        upload=thumb,
+        strategies=[strategy_info(n) for n in svc.strategy_names],
+        strategy=strategy,
+        k=k,
+        more=[],  # an upload is not stored: there is no page to ask for more of it
     )
-
-
-def compare_page(appid: str):
-    """The /compare/<appid> page (browsers; the same URL answers JSON to API clients)."""
-    g.html = True
-    svc = get_service()
-    app_id = parse_appid(appid)
-    names = svc.strategies_param(request.args.get("strategies"))
-    k = int_param("k", 8, 1, max(1, min(svc.max_k(n) for n in names)))
-    game = svc.catalog.get(app_id)
-    if game is None:
-        raise APIError(404, "unknown_appid", f"appid {app_id} is not in the index")
-    payload = svc.compare_payload(names, game, k, host_url())
-    return render_template("compare.html", payload=payload, descriptions={n: svc.describe_strategy(n) for n in names})
 
 
 @bp.get("/banners/<appid>.jpg")

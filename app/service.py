@@ -1,7 +1,10 @@
-"""The service object behind the API and the pages: index, catalog, matcher and the payloads they share.
+"""The service behind the API and the pages: index, catalog, matcher and the payloads they share.
 
 One instance per process, created by ``create_app`` and kept in
-``app.extensions``; the HTTP layers only parse parameters and render.
+``app.extensions``. It knows nothing of HTTP: it takes plain values (an
+appid, an upload's bytes, a base URL) and raises domain problems
+(``app/problems.py``); the blueprints read requests and ``app/errors.py``
+maps problems to status codes.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import json
 import logging
 
 import numpy as np
-from flask import current_app
 
 from core.dino.strategies import DEFAULT_STRATEGY
 from core.dino.weights import ModelCache, WeightsUnavailable
@@ -20,13 +22,12 @@ from core.steam import store_url
 
 from .catalog import Catalog, Game
 from .config import Settings
-from .errors import APIError
 from .fallback import BannerFetcher, FetchFailed
 from .matching import Matcher
+from .problems import RateLimited, Unavailable, UpstreamFailed, unknown_app
 from .ratelimit import RateLimiter
-from .uploads import Upload, buffer_body, decode_upload, read_upload_bytes
+from .uploads import Upload, decode_upload
 
-EXTENSION_KEY = "steam_dino"
 ABSENT = "absent"  # cached fallback result: the CDN has no banner for this appid
 log = logging.getLogger(__name__)
 
@@ -76,31 +77,12 @@ class Service:
             return raw
         return self._by_lower.get(raw.lower())
 
-    def unknown_strategy(self, raw: str, parameter: str) -> APIError:
-        """The 400 for a strategy this index does not have, listing the ones it has."""
-        return APIError(
-            400,
-            "unknown_strategy",
-            f"unknown strategy {raw[:60]!r}; available: {', '.join(self.strategy_names)}",
-            parameter=parameter,
-            available=self.strategy_names,
-        )
-
-    def strategies_param(self, raw: str | None) -> list[str]:
-        if raw is None or not raw.strip():
-            return list(self.strategy_names)
-        names = []
-        for part in raw.split(","):
-            if not part.strip():
-                continue
-            resolved = self.resolve_strategy(part.strip())
-            if resolved is None:
-                raise self.unknown_strategy(part.strip(), "strategies")
-            if resolved not in names:
-                names.append(resolved)
-        if not names:
-            raise APIError(400, "bad_parameter", "strategies: give at least one name", parameter="strategies")
-        return names
+    def game(self, appid: int) -> Game:
+        """The indexed game of an appid; NotFound otherwise."""
+        game = self.catalog.get(appid)
+        if game is None:
+            raise unknown_app(appid)
+        return game
 
     def max_k(self, strategy: str) -> int:
         k = self.index.strategies[strategy].k
@@ -173,21 +155,21 @@ class Service:
             return
         wait = self.limiter.hit(client)
         if wait is not None:
-            err = APIError(429, "rate_limited", f"too many uploads; try again in {wait:.1f} s")
-            err.headers["Retry-After"] = str(max(1, int(wait + 0.999)))
-            raise err
+            raise RateLimited(
+                "rate_limited", f"too many uploads; try again in {wait:.1f} s", retry_after=max(1, int(wait + 0.999))
+            )
 
     def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, dict[str, float]]:
         try:
             return self.matcher.embed(strategy, image)
         except WeightsUnavailable as e:
-            raise APIError(503, "weights_unavailable", f"image search is unavailable for {strategy}: {e}") from None
+            raise Unavailable("weights_unavailable", f"image search is unavailable for {strategy}: {e}") from None
 
-    def upload_payload(self, strategy: str, k: int, host_url: str) -> tuple[dict, dict[str, float], Upload]:
-        """Matches for the image uploaded with the current request (multipart 'image' or raw image/* body)."""
-        settings = self.settings
-        buffer_body(settings.max_upload_bytes, settings.upload_timeout, settings.upload_read_timeout)
-        upload = decode_upload(read_upload_bytes(), settings.max_image_pixels)
+    def upload_payload(
+        self, data: bytes, strategy: str, k: int, host_url: str
+    ) -> tuple[dict, dict[str, float], Upload]:
+        """Matches for an uploaded image's bytes, decoded with the configured limits."""
+        upload = decode_upload(data, self.settings.max_image_pixels)
         vec, timings = self.embed_or_503(strategy, upload.image)
         found = self.matcher.search(strategy, vec, k)
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
@@ -237,18 +219,17 @@ class Service:
         }
 
     # -- unknown appids: optional CDN fallback -------------------------------------------------------
-    def fallback_match(self, appid: int, strategy: str, k: int, host_url: str) -> dict | None:
+    def fallback_match(self, appid: int, strategy: str, k: int, host_url: str) -> dict:
+        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on)."""
         if self.fetcher is None:
-            return None
+            raise unknown_app(appid)
         key = (appid, strategy)
         cached = self.fetcher.cached(key)
         if cached is None:
             cached = self._fetch_and_embed(appid, strategy)
             self.fetcher.remember(key, cached)
         if cached is ABSENT:
-            raise APIError(
-                404, "unknown_appid", f"appid {appid} is not in the index and Steam has no banner for it", appid=appid
-            )
+            raise unknown_app(appid, "is not in the index and Steam has no banner for it")
         vec = cached
         found = self.matcher.search(strategy, vec, k)
         return {
@@ -268,16 +249,13 @@ class Service:
         try:
             data = self.fetcher.fetch(appid)
         except FetchFailed as e:
-            raise APIError(502, "fallback_failed", f"appid {appid} is not in the index and {e}") from None
+            raise UpstreamFailed("fallback_failed", f"appid {appid} is not in the index and {e}") from None
         if data is None:
             return ABSENT
         try:
             image = open_image(data, max_pixels=self.settings.max_image_pixels)
         except ImageRejected as e:
-            raise APIError(502, "fallback_failed", f"the CDN's banner for {appid} is not usable: {e.message}") from None
+            message = f"the CDN's banner for {appid} is not usable: {e.message}"
+            raise UpstreamFailed("fallback_failed", message) from None
         vec, _ = self.embed_or_503(strategy, image)
         return vec
-
-
-def get_service() -> Service:
-    return current_app.extensions[EXTENSION_KEY]

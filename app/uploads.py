@@ -19,10 +19,13 @@ from flask import request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from core.images import ImageRejected, open_image
+from core.images import open_image
 
-from .errors import APIError, stop_reading
+from .config import Settings
+from .errors import stop_reading
+from .problems import BadRequest, TooSlow, UnsupportedUpload
 
+UNSUPPORTED = "unsupported_media_type"
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"
 
 
@@ -78,10 +81,10 @@ def buffer_body(max_bytes: int, total_timeout: float, read_timeout: float) -> No
                 raise RequestEntityTooLarge()
             if time.monotonic() > deadline:
                 stop_reading(environ)
-                raise APIError(408, "upload_timeout", f"the upload took longer than {total_timeout:g} s; try again")
+                raise TooSlow("upload_timeout", f"the upload took longer than {total_timeout:g} s; try again")
     except TimeoutError:
         stop_reading(environ)
-        raise APIError(408, "upload_timeout", f"the upload stalled for {read_timeout:g} s; try again") from None
+        raise TooSlow("upload_timeout", f"the upload stalled for {read_timeout:g} s; try again") from None
     finally:
         if sock is not None:
             sock.settimeout(previous)
@@ -90,38 +93,40 @@ def buffer_body(max_bytes: int, total_timeout: float, read_timeout: float) -> No
     environ.pop("HTTP_TRANSFER_ENCODING", None)
 
 
+def read_upload(settings: Settings) -> bytes:
+    """The uploaded image's bytes, read with the configured deadlines and size cap (see ``buffer_body``)."""
+    buffer_body(settings.max_upload_bytes, settings.upload_timeout, settings.upload_read_timeout)
+    return read_upload_bytes()
+
+
 def read_upload_bytes() -> bytes:
-    """The raw bytes of the uploaded image; APIError (400/413/415) when the request does not carry one."""
+    """The raw bytes of the uploaded image; a problem (400/413/415) when the request does not carry one."""
     mimetype = request.mimetype or ""
     if mimetype == "multipart/form-data":
         file = request.files.get("image")
         if file is None:
             fields = sorted({*request.files, *request.form})
-            raise APIError(
-                400,
+            raise BadRequest(
                 "missing_image",
                 f"no file field named 'image' in the form (fields sent: {', '.join(fields) or 'none'})",
             )
         data = file.read()
     elif mimetype.startswith("image/"):
         if mimetype == "image/svg+xml":
-            raise APIError(415, "unsupported_media_type", "SVG is not supported; send a JPEG, PNG, WebP, GIF or BMP")
+            raise UnsupportedUpload(UNSUPPORTED, "SVG is not supported; send a JPEG, PNG, WebP, GIF or BMP")
         data = request.get_data(cache=False)
     elif not mimetype:
-        raise APIError(415, "unsupported_media_type", f"no Content-Type; send {ACCEPTED_TYPES}")
+        raise UnsupportedUpload(UNSUPPORTED, f"no Content-Type; send {ACCEPTED_TYPES}")
     else:
-        raise APIError(415, "unsupported_media_type", f"Content-Type {mimetype} is not accepted; send {ACCEPTED_TYPES}")
+        raise UnsupportedUpload(UNSUPPORTED, f"Content-Type {mimetype} is not accepted; send {ACCEPTED_TYPES}")
     if not data:
-        raise APIError(400, "empty_upload", "the uploaded image is empty")
+        raise BadRequest("empty_upload", "the uploaded image is empty")
     return data
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Upload:
     start = time.perf_counter()
-    try:
-        image = open_image(data, max_pixels=max_pixels)
-    except ImageRejected as e:
-        raise APIError(400, e.code, e.message) from None
+    image = open_image(data, max_pixels=max_pixels)  # ImageRejected: a 400 with its own code
     decode_ms = (time.perf_counter() - start) * 1000
     fmt = getattr(image, "format", None) or _sniff_format(data)
     return Upload(

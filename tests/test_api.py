@@ -9,27 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import create_app
-from app.config import Settings
-
-
-@pytest.fixture
-def make_client(built_index, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
-
-    def make(**overrides):
-        settings = Settings(**({"index_dir": built_index.index, "banners_dir": built_index.banners} | overrides))
-        app = create_app(settings)
-        app.testing = True
-        return app.test_client()
-
-    return make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
 
 def tables(built_index, strategy):
     root = built_index.index / strategy
@@ -322,7 +301,7 @@ def test_upload_rate_limit(make_client, built_index):
 
 def test_lookup_json_fast_path_equals_the_payload(client, built_index):
     """The pre-rendered JSON of lookups is the same document as the dict payload, for any Host header."""
-    from app.service import EXTENSION_KEY
+    from app.params import EXTENSION_KEY
 
     svc = client.application.extensions[EXTENSION_KEY]
     for host in ("http://localhost/", 'http://evil"host\\x/', "http://é.example:8080/"):

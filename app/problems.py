@@ -1,0 +1,66 @@
+"""What can go wrong for a client, in the service's own words: no HTTP here.
+
+The service and the request readers raise these; ``app/errors.py`` is the one
+place that turns them into status codes and JSON or HTML. Each carries a
+stable ``code`` (the API's error code), a message for people, and optional
+extra fields for the JSON body.
+"""
+
+from __future__ import annotations
+
+
+class Problem(Exception):
+    """A failure a client can cause or should know about; subclasses say which kind."""
+
+    def __init__(self, code: str, message: str, *, retry_after: int | None = None, **extra: object) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after  # seconds, for answers worth retrying later
+        self.extra = extra
+
+
+class BadRequest(Problem):
+    """A parameter, appid or upload that cannot be used as sent."""
+
+
+class NotFound(Problem):
+    """The thing asked for (a game) is not there."""
+
+
+class UnsupportedUpload(Problem):
+    """The upload is not in a form this service reads (content type, SVG)."""
+
+
+class TooSlow(Problem):
+    """The client took too long to send its request."""
+
+
+class RateLimited(Problem):
+    """Too many requests of this kind from this client; retry later."""
+
+
+class UpstreamFailed(Problem):
+    """A server this service relies on (the Steam CDN) failed or sent something unusable."""
+
+
+class Unavailable(Problem):
+    """A part of the service cannot answer now (weights missing, still starting); lookups may still work."""
+
+
+def bad_parameter(name: str, message: str) -> BadRequest:
+    return BadRequest("bad_parameter", f"{name}: {message}", parameter=name)
+
+
+def unknown_app(appid: int, why: str = "is not in the index") -> NotFound:
+    return NotFound("unknown_appid", f"appid {appid} {why}", appid=appid)
+
+
+def unknown_strategy(raw: str, parameter: str, available: list[str]) -> BadRequest:
+    """The 400 for a strategy this index does not have, listing the ones it has."""
+    return BadRequest(
+        "unknown_strategy",
+        f"unknown strategy {raw[:60]!r}; available: {', '.join(available)}",
+        parameter=parameter,
+        available=available,
+    )
