@@ -2,16 +2,18 @@
 
 "Exact" means: the neighbours and scores a float64 brute force over the stored values gives, best
 first, ties broken by the lower row, scores rounded to float32; so the tables and the upload search
-agree. For float16 storage (what the index keeps) float64 results are exact whatever the BLAS or the
-order of the sums: the products are multiples of 2**-48 and no partial sum exceeds |x| |y| ~ 1.
+agree. For float16 storage (what the index keeps) the float64 sums are exact whatever their order:
+the products are multiples of 2**-48 and no partial sum exceeds |x| |y| ~ 1.
 
-- ``topk_table`` (offline) is that brute force, a chunk of rows at a time: float64 matrix products,
-  then a partial sort.
-- ``ExactSearch`` (one upload) cannot afford float64 over the whole table, so it prefilters with one
-  float16 matrix-vector product on the stored (memory-mapped) array, with a rigorous bound ``E`` on
-  its error, and rescores in float64 only the rows within ``2 E`` of the k-th best: a row left out
-  scores below ``t_k - E``, under each of the k rows kept. The bound assumes float32 accumulation;
-  a probe at start-up checks that the kernel keeps to it, else every search scans in float64.
+float64 products over the whole table cost twice the float32 ones, so both entry points prefilter
+in lower precision, with a rigorous bound ``E`` on the error, and rescore in float64 only the rows
+within ``2 E`` of the k-th best: a row left out scores below ``t_k - E``, under each of the k kept.
+
+- ``topk_table`` (offline): float32 products of a chunk of rows against all rows (numpy's BLAS),
+  then each row's best k + margin, rescored.
+- ``ExactSearch`` (one upload): one float16 matrix-vector product (torch) on the stored array itself,
+  memory-mapped, half the bytes of float32. Its bound assumes float32 accumulation; a probe at
+  start-up checks that the kernel keeps to it, else every search scans in float64.
 """
 
 from __future__ import annotations
@@ -69,17 +71,43 @@ def _row_norms(table: np.ndarray, other: np.ndarray | None = None) -> np.ndarray
     return norms
 
 
-def _best_first(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of each row's k largest scores, best first, ties by the lower column."""
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    kth = np.take_along_axis(scores, top, axis=1).min(axis=1)
-    top.sort(axis=1)  # ascending columns, so that the stable sort below breaks ties by column
-    tied = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
-    for row in tied:  # the k-th score is shared beyond the k picked: take the lowest such columns
-        cols = np.flatnonzero(scores[row] >= kth[row])
-        top[row] = cols[np.lexsort((cols, -scores[row, cols]))[:k]]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1)
+def _best(rows: np.ndarray, cols: np.ndarray, source: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row's candidate columns (R, C) by (-float64 score, column): columns and scores.
+
+    Each score is one dot product of two stored rows (einsum: the same sum for identical pairs).
+    """
+    left = np.asarray(source[rows], dtype=np.float64)
+    right = np.asarray(source[cols], dtype=np.float64)
+    scores = np.einsum("rcd,rd->rc", right, left)
+    order = np.lexsort((cols, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def _chunk_top(block: np.ndarray, start: int, k: int, bound: float, source: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Exact top k of each row of a chunk, from its float32 scores ``block`` (the row itself at -inf).
+
+    A row keeps its best c = k + margin float32 scores as candidates when the c-th is already more than
+    2 E below the k-th (so no other column can reach its top k); otherwise it takes every column
+    within 2 E of the k-th (many near-ties), from the full row.
+    """
+    r, n = block.shape
+    c = min(n - 1, k + max(16, k // 4))
+    top = np.argpartition(-block, c - 1, axis=1)[:, :c]
+    values = np.sort(np.take_along_axis(block, top, axis=1).astype(np.float64), axis=1)
+    threshold = values[:, c - k] - 2.0 * bound
+    threshold -= 2.0**-40 * (np.abs(threshold) + 1.0)
+    sure = (values[:, 0] < threshold) | (c == n - 1)
+    cols, scores = np.empty((r, k), dtype=np.int64), np.empty((r, k))
+    rows = np.flatnonzero(sure)
+    step = max(1, 2**21 // (c * source.shape[1]))  # rows per float64 gather (~16 MB)
+    for s in range(0, rows.size, step):
+        part = rows[s : s + step]
+        cols[part], scores[part] = _best(part + start, top[part], source, k)
+    for row in np.flatnonzero(~sure):
+        near = np.flatnonzero(block[row] >= threshold[row])
+        best_cols, best_scores = _best(np.array([row + start]), near[None], source, k)
+        cols[row], scores[row] = best_cols[0], best_scores[0]
+    return cols, scores
 
 
 def topk_table(
@@ -93,25 +121,29 @@ def topk_table(
 
     Exact (see the module docstring), the row itself excluded, independent of ``chunk_rows``; ``k`` is
     capped to N - 1. ``progress`` is called after each chunk with its number of rows (``tqdm.update``
-    fits). Memory: a float64 copy of the table (8 N D bytes) and chunk_rows x N float64 scores.
+    fits). Memory: a float32 copy of the table (4 N D bytes), chunk_rows x N float32 scores and their
+    top-list indices (int64, x 3 again).
     """
     table = _check_table(embeddings)
     k = _check_count(k, "k")
     chunk_rows = _check_count(chunk_rows, "chunk_rows")
-    _row_norms(table)
-    n = table.shape[0]
+    n, dim = table.shape
+    norm_max = float(_row_norms(table).max())
     k = min(k, n - 1)
-    exact = np.ascontiguousarray(table, dtype=np.float64)
+    low = np.ascontiguousarray(table, dtype=np.float32)
+    residual = float(_row_norms(table, low).max()) if table.dtype == np.float64 else 0.0
+    gamma = dim * _U32 / (1.0 - dim * _U32)  # float32 accumulation of D products
+    low_max = norm_max + residual
+    bound = (2.0 * residual * low_max + gamma * low_max**2 + dim * 2.0**-124) * _SAFETY
+    source = table if residual else low  # the stored values: the float32 copy when it holds them exactly
     neighbours = np.empty((n, k), dtype=np.int32)
     scores = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
         if k:
-            block = exact[start:stop] @ exact.T
+            block = low[start:stop] @ low.T
             block[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never the row itself
-            top = _best_first(block, k)
-            neighbours[start:stop] = top
-            scores[start:stop] = np.take_along_axis(block, top, axis=1)
+            neighbours[start:stop], scores[start:stop] = _chunk_top(block, start, k, bound, source)
         if progress is not None:
             progress(stop - start)
     return neighbours, scores
