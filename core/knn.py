@@ -62,7 +62,7 @@ def _row_norms(table: np.ndarray, other: np.ndarray | None = None) -> np.ndarray
     for start in range(0, table.shape[0], _SCAN_ROWS):
         rows = np.asarray(table[start : start + _SCAN_ROWS], dtype=np.float64)
         if other is not None:
-            rows -= other[start : start + _SCAN_ROWS]
+            rows = rows - other[start : start + _SCAN_ROWS]  # never in place: rows may be a view of the table
         norms[start : start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
     if not np.isfinite(norms).all():
         raise ValueError(f"embeddings contain NaN or infinite values (row {np.flatnonzero(~np.isfinite(norms))[0]})")
@@ -154,7 +154,7 @@ class ExactSearch:
 
     For float16 storage (what the index keeps) the prefilter reads the stored array itself, so a
     memory-mapped table stays in the page cache that forked workers share; other dtypes are copied
-    once to float16 (2 N D bytes). Besides that, a searcher holds three numbers.
+    once to float16 (2 N D bytes). Besides that, a searcher keeps two numbers for its error bound.
     """
 
     def __init__(self, embeddings: np.ndarray) -> None:
@@ -240,11 +240,11 @@ class ExactSearch:
         return np.flatnonzero(approx >= threshold - 2.0**-40 * (abs(threshold) + 1.0))
 
     def _exact_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """float64 scores, each summed on its own (identical rows score identically wherever they are)."""
+        """float64 scores, each one dot product as in ``topk_table`` (identical rows score identically)."""
         scores = np.empty(rows.size)
         for start in range(0, rows.size, _SCAN_ROWS):
             part = rows[start : start + _SCAN_ROWS]
-            scores[start : start + part.size] = (np.asarray(self._table[part], dtype=np.float64) * q).sum(axis=1)
+            scores[start : start + part.size] = np.einsum("nd,d->n", np.asarray(self._table[part], dtype=np.float64), q)
         return scores
 
     def _prefilter_keeps_its_bound(self) -> bool:

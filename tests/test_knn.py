@@ -108,9 +108,12 @@ def test_single_row_gives_empty_table():
     assert neighbours.dtype == np.int32 and scores.dtype == np.float32
 
 
-def test_float64_storage():
-    table = unit_rows(120, 48, seed=3, dtype=np.float64)
+def test_float64_storage_left_unchanged():
+    table = unit_rows(120, 48, seed=3, dtype=np.float64)  # not exact in float32: residual terms in the bound
+    original = table.copy()
     assert_table_exact(table, 7, 50)
+    ExactSearch(table).search(table[0], 3)
+    np.testing.assert_array_equal(table, original)
     assert_table_exact(table.astype(np.float16), 7, 50)
 
 
