@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["ExactSearch", "topk_table"]
+__all__ = ["ExactSearch", "check_count", "check_table", "topk_table"]
 
 _U32 = 2.0**-24  # unit roundoff of float32 (the prefilter's accumulator)
 _U16 = 2.0**-11  # unit roundoff of float16 (the prefilter's inputs and output)
@@ -33,7 +33,7 @@ _MAX_NORM = 2.0**40  # rows beyond this are not normalised embeddings (and could
 _SCAN_ROWS = 256  # rows per step of a float64 pass (3 MB at D = 1536): small transients in each worker
 
 
-def _check_table(embeddings: np.ndarray) -> np.ndarray:
+def check_table(embeddings: np.ndarray) -> np.ndarray:
     """The embeddings as a 2-D float array, not copied (a memmap stays a memmap)."""
     table = np.asarray(embeddings)
     if table.ndim != 2:
@@ -44,10 +44,12 @@ def _check_table(embeddings: np.ndarray) -> np.ndarray:
         raise ValueError(f"embeddings must have at least one row and one column, got shape {table.shape}")
     if table.shape[0] >= 2**31:
         raise ValueError(f"at most 2**31 - 1 rows are supported (int32 neighbour indices), got {table.shape[0]}")
+    if table.shape[1] * _U32 >= 0.5:
+        raise ValueError(f"dimension {table.shape[1]} is too large for the float32 error bound")
     return table
 
 
-def _check_count(value: int, name: str) -> int:
+def check_count(value: int, name: str) -> int:
     """A positive int (bools and floats refused: they are always a caller's mistake here)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -124,9 +126,9 @@ def topk_table(
     fits). Memory: a float32 copy of the table (4 N D bytes), chunk_rows x N float32 scores and their
     top-list indices (int64, x 3 again).
     """
-    table = _check_table(embeddings)
-    k = _check_count(k, "k")
-    chunk_rows = _check_count(chunk_rows, "chunk_rows")
+    table = check_table(embeddings)
+    k = check_count(k, "k")
+    chunk_rows = check_count(chunk_rows, "chunk_rows")
     n, dim = table.shape
     norm_max = float(_row_norms(table).max())
     k = min(k, n - 1)
@@ -158,7 +160,7 @@ class ExactSearch:
     """
 
     def __init__(self, embeddings: np.ndarray) -> None:
-        table = _check_table(embeddings)
+        table = check_table(embeddings)
         self._table = table
         self.n, self.dim = table.shape
         norms = _row_norms(table)
@@ -185,7 +187,7 @@ class ExactSearch:
         ``exclude`` drops one row (the query's own game); ``k`` is capped to the rows available.
         """
         q = self._check_query(query)
-        k = _check_count(k, "k")
+        k = check_count(k, "k")
         if exclude is not None:
             if isinstance(exclude, bool) or not isinstance(exclude, (int, np.integer)):
                 raise ValueError(f"exclude must be a row index or None, got {exclude!r}")
