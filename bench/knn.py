@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.dino.extract import cpu_cores
 from core.knn import ExactSearch, topk_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,10 +123,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--torch-threads", type=int, default=None, help="1: as in each of 2 gunicorn workers")
+    parser.add_argument("--torch-threads", type=int, default=None, help="default: cores / 2, as in each of 2 workers")
     args = parser.parse_args()
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads or max(1, cpu_cores() // 2))
     n = args.n or n_default
     if args.n:
         n_source = "--n"
