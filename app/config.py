@@ -7,6 +7,7 @@ a wrong answer.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,24 @@ def _rate(env: Mapping[str, str], name: str) -> tuple[int, float] | None:
     return n, seconds
 
 
+def _storage_uri(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip() or "memory://"
+    if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
+        raise ConfigError(f"{name}={raw!r}: expected memory:// or a redis:// URI")
+    return raw
+
+
+def _networks(env: Mapping[str, str], name: str) -> list[str]:
+    """CIDR networks, checked now (a typo must not open or close the door silently)."""
+    out = []
+    for raw in _list(env, name):
+        try:
+            out.append(str(ipaddress.ip_network(raw, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     index_dir: Path = Path("data/index")
@@ -98,8 +117,23 @@ class Settings:
     fallback_max_mb: float = 5.0
     fallback_cache_size: int = 1024
     upload_rate_limit: tuple[int, float] | None = None
+    rate_limit_storage_uri: str = "memory://"  # per worker; redis://host:port for one limit across workers
     proxy_hops: int = 0
     max_k: int | None = None  # None: the width of the tables
+    max_batch: int = 50  # appids in one GET /match?appids=...
+    cache_max_age: int = 3600  # Cache-Control max-age of precomputed answers
+    url_fetch: bool = False  # POST /match {"url": ...}
+    url_fetch_timeout: float = 5.0
+    url_fetch_max_mb: float = 8.0
+    url_fetch_allow_networks: list[str] = field(default_factory=list)  # refused by default; e.g. for tests
+
+    @property
+    def upload_rate_limit_text(self) -> str | None:
+        """UPLOAD_RATE_LIMIT in Flask-Limiter's notation ("10 per 60 second")."""
+        if self.upload_rate_limit is None:
+            return None
+        count, seconds = self.upload_rate_limit
+        return f"{count} per {int(seconds)} second"
 
     @property
     def max_upload_bytes(self) -> int:
@@ -136,6 +170,13 @@ class Settings:
             fallback_max_mb=_float(env, "FALLBACK_MAX_MB", 5.0, 0.01, 100),
             fallback_cache_size=_int(env, "FALLBACK_CACHE_SIZE", 1024, 0, 1_000_000),
             upload_rate_limit=_rate(env, "UPLOAD_RATE_LIMIT"),
+            rate_limit_storage_uri=_storage_uri(env, "RATE_LIMIT_STORAGE_URI"),
             proxy_hops=_int(env, "PROXY_HOPS", 0, 0, 10),
             max_k=_int(env, "MAX_K", 0, 0, 100_000) or None,
+            max_batch=_int(env, "MAX_BATCH", 50, 1, 1000),
+            cache_max_age=_int(env, "CACHE_MAX_AGE", 3600, 0, 31_536_000),
+            url_fetch=_bool(env, "URL_FETCH", False),
+            url_fetch_timeout=_float(env, "URL_FETCH_TIMEOUT", 5.0, 0.1, 60),
+            url_fetch_max_mb=_float(env, "URL_FETCH_MAX_MB", 8.0, 0.01, 100),
+            url_fetch_allow_networks=_networks(env, "URL_FETCH_ALLOW_NETWORKS"),
         )

@@ -35,6 +35,7 @@ from core.knn import topk_table
 
 from .cache import EmbeddingCache, strategy_key
 from .sources import Source, SourceError, plan_sources
+from .variants import embed_variants, write_variants
 
 DTYPES = ("float16", "float32")
 
@@ -54,6 +55,7 @@ class BuildConfig:
     dtype: str = "float16"
     precision: str = "fp32"
     progress: bool = True
+    variants: list[str] = field(default_factory=list)  # mirror/flip query tables (indexer/variants.py)
 
 
 @dataclass
@@ -128,6 +130,7 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
 
         embed_start = time.perf_counter()
         embedded = _embed_missing(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
+        embed_variants(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
         embed_seconds = time.perf_counter() - embed_start
 
         rows = [i for i, h in enumerate(shas) if h not in cache.failed]
@@ -215,8 +218,17 @@ def _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt
                 neighbours, scores = topk_table(emb, min(cfg.k, n - 1), progress=bar.update)
             code = s.backbone.code
             checkpoint = {"file": checkpoints[code].name, "sha256": ckpt_sha[code], "url": checkpoint_url(s.backbone)}
+            variants = write_variants(writer, cfg, s, emb, key, [shas[i] for i in rows], cache) if cfg.variants else {}
             entries[s.name] = write_strategy(
-                writer, s, emb, neighbours, scores, checkpoint, precision=cfg.precision, cache_key=key
+                writer,
+                s,
+                emb,
+                neighbours,
+                scores,
+                checkpoint,
+                precision=cfg.precision,
+                cache_key=key,
+                **({"variants": variants} if variants else {}),
             )
         manifest = make_manifest(
             n,
@@ -225,6 +237,7 @@ def _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt
             entries,
             skipped_images=skipped,
             missing_images=plan.missing_images,
+            variants=cfg.variants,
             build={"device": device, "torch": torch.__version__, "python": platform.python_version()},
         )
         writer.commit(manifest)

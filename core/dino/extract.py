@@ -63,10 +63,17 @@ class Batch:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], transforms: list[Callable], max_pixels: int) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transforms: list[Callable],
+        max_pixels: int,
+        image_op: Callable[[Image.Image], Image.Image] | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.transforms = transforms
         self.max_pixels = max_pixels
+        self.image_op = image_op
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,6 +81,8 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             img = open_image(self.paths[i], max_pixels=self.max_pixels)
+            if self.image_op is not None:
+                img = self.image_op(img)
             return i, [t(img) for t in self.transforms], None
         except ImageRejected as e:
             return i, None, f"{e.code}: {e.message}"
@@ -187,12 +196,16 @@ class Extractor:
         batch_size: int | None = None,
         num_workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_op: Callable[[Image.Image], Image.Image] | None = None,
     ) -> Iterator[Batch]:
-        """Embed image files in order, batch by batch; unreadable files come back as failures."""
+        """Embed image files in order, batch by batch; unreadable files come back as failures.
+
+        ``image_op`` (picklable, for decoding workers) transforms each decoded image first (mirror/flip variants).
+        """
         batch_size = batch_size or default_batch_size(self.device.type)
         if num_workers is None:
             num_workers = default_num_workers()
-        dataset = _ImageFiles([Path(p) for p in paths], self.transforms, max_pixels)
+        dataset = _ImageFiles([Path(p) for p in paths], self.transforms, max_pixels, image_op)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

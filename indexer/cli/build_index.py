@@ -2,7 +2,7 @@
 
     python scripts/build_index.py --images data/banners --out data/index \\
         [--strategies ComplexB16,SimpleS16 | all] [--k 100] [--apps APPS.json] \\
-        [--batch-size N] [--device cpu|cuda] [--weights PATH]
+        [--batch-size N] [--device cpu|cuda] [--weights PATH] [--variants mirror,flip]
 
 Interrupt it at any time and run it again: it resumes from the last finished
 batch. Run it again after adding banners: only the new ones are embedded.
@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16 autocast, CUDA only")
     p.add_argument("--workers", type=int, help="image decoding processes (default: 1 on CPU)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="also precompute mirrored/flipped query tables for GET /match/<appid>?mirror=1&flip=1: "
+        "mirror, flip or mirror,flip (every combination of those given; default: none)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.apps import AppsInvalid
     from core.dino.strategies import UnknownStrategy, parse_strategies
     from core.dino.weights import WeightsUnavailable
+    from core.variants import UnknownVariant, parse_variants
     from indexer.build import BuildConfig, build_index
     from indexer.cache import BuildLocked
 
@@ -96,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             precision=args.precision,
             progress=not args.quiet,
+            variants=parse_variants(args.variants),
         )
         summary = build_index(cfg)
-    except (SourceError, AppsInvalid, UnknownStrategy, BuildLocked) as e:
+    except (SourceError, AppsInvalid, UnknownStrategy, UnknownVariant, BuildLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WeightsUnavailable as e:
