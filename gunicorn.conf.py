@@ -62,12 +62,14 @@ def post_worker_init(worker):
 # -- Prometheus multiprocess metrics (app/metrics.py): one folder of value files for all workers ------------
 # Set here, at import, because preload_app imports the app (and prometheus_client) before any server hook runs.
 # An unset PROMETHEUS_MULTIPROC_DIR gets a fresh temporary folder, removed on exit; a given one is wiped.
+import glob  # noqa: E402 - with the code it serves
+
 _own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _own_metrics_dir:
     import tempfile
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="steam-dino-metrics-")
-for _stale in __import__("glob").glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
     os.remove(_stale)
 
 

@@ -198,6 +198,11 @@ def _errors(*codes: str) -> dict:
     return {c: ERRORS[c] for c in codes}
 
 
+def _page_errors(*codes: str) -> dict:
+    """The pages answer errors as HTML (same codes and messages as the API)."""
+    return {c: _html(ERRORS[c]["description"]) for c in codes}
+
+
 NOT_MODIFIED = {"304": {"description": "If-None-Match named this answer's ETag"}}
 
 
@@ -357,7 +362,7 @@ def _paths() -> dict:
             "get": _op(
                 "A game's matches as a gallery",
                 [APPID, STRATEGY, K],
-                {"200": _html("page"), **_errors("400", "404")},
+                {"200": _html("page"), **_page_errors("400", "404")},
                 tag="pages",
             )
         },
@@ -365,7 +370,7 @@ def _paths() -> dict:
             "post": _op(
                 "The upload form's result page",
                 [STRATEGY, K],
-                {"200": _html("page"), **_errors("400", "408", "413", "415", "429", "503")},
+                {"200": _html("page"), **_page_errors("400", "408", "413", "415", "429", "503")},
                 tag="pages",
                 requestBody={
                     "required": True,
