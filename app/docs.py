@@ -11,7 +11,8 @@ import json
 
 from flask import Blueprint, current_app, render_template
 
-from .openapi import document
+from .openapi import document, specialise
+from .params import get_service
 
 bp = Blueprint("docs", __name__)
 CSP = (
@@ -20,10 +21,18 @@ CSP = (
 )
 
 
+def service_document() -> dict:
+    """The OpenAPI document for this service's index (strategy names, table widths, variants)."""
+    svc = get_service()
+    max_k = min(svc.max_k(n) for n in svc.strategy_names)
+    variants = all(svc.index.strategies[n].variants for n in svc.strategy_names)
+    return specialise(document(), svc.strategy_names, max_k, len(svc.catalog), svc.settings.max_batch, variants)
+
+
 def _document_json() -> str:
     cached = current_app.extensions.get("openapi_json")
     if cached is None:
-        cached = current_app.extensions["openapi_json"] = json.dumps(document(), indent=1)
+        cached = current_app.extensions["openapi_json"] = json.dumps(service_document(), indent=1)
     return cached
 
 
@@ -36,7 +45,7 @@ def openapi_json():
 
 @bp.get("/docs")
 def docs_page():
-    doc = document()
+    doc = service_document()
     operations = [
         {"method": method.upper(), "path": path, **op}
         for path, item in doc["paths"].items()

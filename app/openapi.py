@@ -220,7 +220,10 @@ UPLOAD_BODY = {
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         JSON: {
-            "schema": _obj(["url"], url={"type": "string", "description": "an http(s) URL of an image"}),
+            "schema": {
+                **_obj(["url"], url={"type": "string", "pattern": "^https?://\\S+$", "description": "an image's URL"}),
+                "additionalProperties": False,
+            },
             "description": "query by URL: fetched by the service when URL_FETCH=1 (public addresses only)",
         },
     },
@@ -419,3 +422,32 @@ def operations(doc: dict) -> set[tuple[str, str]]:
         for method in item:
             out.add((method.upper(), path.replace("{", "<").replace("}", ">")))
     return out
+
+
+def specialise(doc: dict, strategies: list[str], max_k: int, apps: int, max_batch: int, variants: bool) -> dict:
+    """The document narrowed to this service's index: its strategy names and the widths of its tables.
+
+    What the generic document allows and this index refuses (a k past the table width, an unknown
+    strategy) then no longer counts as valid, so clients and generated tests see the real contract.
+    """
+    import copy
+
+    doc = copy.deepcopy(doc)
+    names = "|".join(strategies)
+    narrowed = {
+        "strategy": {"enum": strategies},
+        "strategies": {"pattern": f"^({names})(,({names}))*$"},
+        "k": {"maximum": max(1, max_k)},
+        "appids": {"pattern": f"^[0-9]{{1,10}}(,[0-9]{{1,10}}){{0,{max_batch - 1}}}$"},
+        "n": {"maximum": max(1, apps)},
+        "q": {"pattern": "\\S"},
+    }
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for p in op["parameters"]:
+                p["schema"] = {**p["schema"], **narrowed.get(p["name"], {})}  # schemas are shared: new dicts
+                if p["name"] == "offset":
+                    p["schema"]["maximum"] = max(0, (apps if path == "/unique" else max_k) - 1)
+                if p["name"] in ("mirror", "flip") and method == "get" and not variants:
+                    p["schema"]["enum"] = [0]  # lookups need --variants tables, which this index lacks
+    return doc
