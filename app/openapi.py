@@ -369,6 +369,22 @@ def _paths() -> dict:
                 tag="pages",
             )
         },
+        "/random": {
+            "get": _op(
+                "A redirect to a random game's gallery (heroku-flask-api's /render/ without an appid)",
+                [STRATEGY],
+                {"302": {"description": "to /render/<appid>"}, **_page_errors("400")},
+                tag="pages",
+            )
+        },
+        "/render/": {
+            "get": _op(
+                "The same as /random",
+                [STRATEGY],
+                {"302": {"description": "to /render/<appid>"}, **_page_errors("400")},
+                tag="pages",
+            )
+        },
         "/upload": {
             "post": _op(
                 "The upload form's result page",

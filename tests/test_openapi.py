@@ -8,16 +8,9 @@ import re
 import pytest
 from conftest import ROOT
 
-from app import create_app
-from app.config import Settings
 from app.openapi import document, operations
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
-
-
-@pytest.fixture(scope="module")
-def app(built_index):
-    return create_app(Settings(index_dir=built_index.index, banners_dir=built_index.banners))
 
 
 def test_every_route_is_documented(app):

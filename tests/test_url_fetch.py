@@ -18,7 +18,6 @@ import zlib
 import pytest
 from PIL import Image
 
-from app import create_app
 from app.config import Settings
 from app.problems import BadRequest, Forbidden, UpstreamFailed
 from app.urlfetch import UrlFetcher, public_only
@@ -158,21 +157,8 @@ def test_refused_urls(url, kind):
         UrlFetcher(1.0, 1000).fetch(url)  # the default policy: public addresses only
 
 
-@pytest.fixture
-def url_client(built_index, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
-
-    def make(**overrides):
-        base = {"index_dir": built_index.index, "banners_dir": built_index.banners}
-        app = create_app(Settings(**(base | overrides)))
-        app.testing = True
-        return app.test_client()
-
-    return make
-
-
-def test_post_match_by_url(url_client, image_server):
-    client = url_client(url_fetch=True, url_fetch_allow_networks=LOCAL)
+def test_post_match_by_url(make_client, image_server):
+    client = make_client(url_fetch=True, url_fetch_allow_networks=LOCAL)
     r = client.post("/match?strategy=SimpleS16&k=3", json={"url": image_server + "/hop"})
     assert r.status_code == 200, r.data
     assert r.get_json()["matches"][0]["appid"] == 40
@@ -183,9 +169,9 @@ def test_post_match_by_url(url_client, image_server):
     assert client.post("/match", json={"uri": "x"}).get_json()["error"]["code"] == "bad_url"
     assert client.post("/match", json={"url": "gopher://x"}).status_code == 400
 
-    default = url_client(url_fetch=True)  # the default policy refuses loopback, our test server included
+    default = make_client(url_fetch=True)  # the default policy refuses loopback, our test server included
     assert default.post("/match", json={"url": image_server + "/banner.jpg"}).status_code == 403
-    off = url_client()
+    off = make_client()
     r = off.post("/match", json={"url": image_server + "/banner.jpg"})
     assert r.status_code == 403 and r.get_json()["error"]["code"] == "url_fetch_disabled"
 
