@@ -29,7 +29,7 @@ def variant_key(strategy_key: str, variant: str) -> str:
     return hashlib.sha256(f"{strategy_key}|{variant}".encode()).hexdigest()[:20]
 
 
-def embed_variants(cfg, device, sources, shas, keys, checkpoints, ckpt_sha, cache: EmbeddingCache) -> int:
+def embed_variants(cfg, device, precision, sources, shas, keys, checkpoints, ckpt_sha, cache: EmbeddingCache) -> int:
     """Embed the transformed banners the cache lacks, variant by variant; returns how many were embedded."""
     done = 0
     for variant in cfg.variants:
@@ -45,7 +45,7 @@ def embed_variants(cfg, device, sources, shas, keys, checkpoints, ckpt_sha, cach
         extractor = Extractor(
             strategies,
             device=device,
-            precision=cfg.precision,
+            precision=precision,
             checkpoints=checkpoints,
             expected_sha256=ckpt_sha,
             download=False,
