@@ -99,3 +99,31 @@ def post_worker_init(worker):
     # None: a fetched index is not ready yet (INDEX_URL); app/boot.py preloads once it is
     if service is not None and service.preload:  # checked against the index at start-up
         service.preload_models()
+
+
+# -- Prometheus multiprocess metrics (app/metrics.py): one folder of value files for all workers ------------
+# Set here, at import, because preload_app imports the app (and prometheus_client) before any server hook runs.
+# An unset PROMETHEUS_MULTIPROC_DIR gets a fresh temporary folder, removed on exit; a given one is wiped.
+import glob  # noqa: E402 - with the code it serves
+
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="steam-dino-metrics-")
+for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+    os.remove(_stale)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (models loaded) go away with it; its counters stay in the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        import shutil
+
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -14,6 +14,7 @@ import logging
 import time
 
 from flask import Flask, request
+from flask_compress import Compress
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core.index import IndexInvalid, load_index
@@ -60,9 +61,12 @@ def _service(settings: Settings, index):
 
 def _install(app: Flask, service):
     """Put the service in the app (from then on every endpoint serves) and say what is served."""
+    from . import metrics
     from .params import EXTENSION_KEY
 
     app.extensions[EXTENSION_KEY] = service
+    index = service.index
+    metrics.index_loaded(len(index), service.build_id, index.manifest.get("created"))
     logging.getLogger(__name__).info(
         "serving %d apps, strategies %s (default %s) from %s",
         len(service.index),
@@ -84,13 +88,17 @@ def _flask_app(settings: Settings) -> Flask:
         n = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)
 
-    from . import api, pages
+    from . import api, docs, limits, metrics, pages
     from .errors import register_error_handlers
 
     register_error_handlers(app)
+    metrics.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(docs.bp)
+    limits.install(app, settings)
     _register_cors(app, settings.cors_origins)
+    _register_compression(app)
 
     @app.after_request
     def _security_headers(resp):
@@ -102,6 +110,21 @@ def _flask_app(settings: Settings) -> Flask:
         return resp
 
     return app
+
+
+def _register_compression(app: Flask) -> None:
+    """gzip for JSON, HTML and CSS over 1 KB (flask-compress), when the client accepts it.
+
+    Level 1: for a k=10 answer (2.3 KB) it is within 7% of level 6's size at about half the CPU time.
+    """
+    app.config.update(
+        COMPRESS_MIMETYPES=["application/json", "text/html", "text/css"],
+        COMPRESS_MIN_SIZE=1024,
+        COMPRESS_ALGORITHM=["gzip"],
+        COMPRESS_LEVEL=1,
+        COMPRESS_STREAMS=False,
+    )
+    Compress(app)
 
 
 def _register_cors(app: Flask, origins: list[str]) -> None:

@@ -3,29 +3,42 @@
 Parameters are parsed by ``app/params.py`` and failures raised as domain
 problems, which ``app/errors.py`` turns into 4xx JSON bodies with stable
 codes; responses are built from the memory-mapped tables without copying them.
+Answers read from the tables carry an ``ETag`` and ``Cache-Control``
+(``app/http_cache.py``); a matching ``If-None-Match`` gets a 304.
 """
 
 from __future__ import annotations
 
 import time
 
-from flask import Blueprint, current_app, g, jsonify, render_template, request
+from flask import Blueprint, Response, current_app, g, jsonify, render_template, request
 
+from . import metrics
 from .params import (
     EXTENSION_KEY,
+    appids_param,
+    flag_param,
     get_service,
     host_url,
     int_param,
     k_param,
+    offset_param,
     parse_appid,
     starting,
     strategies_param,
     strategy_param,
+    variant_param,
 )
 from .problems import bad_parameter
-from .uploads import read_upload
+from .uploads import read_upload, read_url_query
 
 bp = Blueprint("api", __name__)
+
+
+def _json(body: str | dict, etag: str) -> Response:
+    """A precomputed answer: JSON with its ETag and Cache-Control."""
+    resp = current_app.response_class(body, mimetype="application/json") if isinstance(body, str) else jsonify(body)
+    return get_service().http_cache.mark(resp, etag)
 
 
 @bp.get("/match/<appid>")
@@ -34,23 +47,54 @@ def match_appid(appid: str):
     app_id = parse_appid(appid)
     strategy = strategy_param(svc)
     k = k_param(svc, strategy)
+    offset = offset_param(svc, strategy) if "offset" in request.args else 0
+    variant = variant_param() if ("mirror" in request.args or "flip" in request.args) else ""
+    svc.check_variant(strategy, variant)
     game = svc.catalog.get(app_id)
     if game is None:
-        return jsonify(svc.fallback_match(app_id, strategy, k, host_url(), request.remote_addr or "-"))
-    body = svc.table_payload_json(strategy, game, k, host_url())
-    return current_app.response_class(
-        body, mimetype="application/json", headers={"Cache-Control": "public, max-age=3600"}
-    )
+        return jsonify(svc.fallback_match(app_id, strategy, k, host_url(), offset, variant))
+    host = host_url()
+    etag = svc.http_cache.etag("m", app_id, strategy, k, offset, variant, host)
+    cached = svc.http_cache.not_modified(etag)
+    if cached is not None:
+        return cached
+    return _json(svc.table_payload_json(strategy, game, k, host, offset, variant), etag)
+
+
+@bp.get("/match")
+def match_batch():
+    """Many lookups in one request: ``/match?appids=620,400`` (at most MAX_BATCH appids)."""
+    svc = get_service()
+    appids = appids_param("appids", svc.settings.max_batch)
+    strategy = strategy_param(svc)
+    k = k_param(svc, strategy)
+    offset = offset_param(svc, strategy)
+    variant = variant_param()
+    svc.check_variant(strategy, variant)
+    host = host_url()
+    etag = svc.http_cache.etag("b", ",".join(map(str, appids)), strategy, k, offset, variant, host)
+    cached = svc.http_cache.not_modified(etag)
+    if cached is not None:
+        return cached
+    return _json(svc.batch_payload_json(strategy, appids, k, host, offset, variant), etag)
 
 
 @bp.post("/match")
 def match_upload():
+    """An image to embed: uploaded (multipart or raw ``image/*``), or fetched from a URL (JSON ``{"url": ...}``)."""
     svc = get_service()
     strategy = strategy_param(svc)
     k = k_param(svc, strategy)
-    svc.check_rate_limit(request.remote_addr or "-")
-    data = read_upload(svc.settings)
-    payload, timings, _ = svc.upload_payload(data, strategy, k, host_url())
+    offset = offset_param(svc, strategy)
+    variant = variant_param()
+    embedding = flag_param("embedding")
+    if request.mimetype == "application/json":
+        data = svc.fetch_url(read_url_query(svc.settings))
+    else:
+        data = read_upload(svc.settings)
+    payload, timings, _ = svc.upload_payload(
+        data, strategy, k, host_url(), offset=offset, variant=variant, embedding=embedding
+    )
     resp = jsonify(payload)
     resp.headers["Server-Timing"] = ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
     return resp
@@ -59,16 +103,24 @@ def match_upload():
 @bp.get("/strategies")
 def strategies():
     svc = get_service()
-    return jsonify(
-        {"default": svc.default_strategy, "strategies": [svc.describe_strategy(n) for n in svc.strategy_names]}
-    )
+    etag = svc.http_cache.etag("strategies")
+    cached = svc.http_cache.not_modified(etag)
+    if cached is not None:
+        return cached
+    body = {"default": svc.default_strategy, "strategies": [svc.describe_strategy(n) for n in svc.strategy_names]}
+    return _json(body, etag)
 
 
 @bp.get("/apps/<appid>")
 def app_info(appid: str):
     svc = get_service()
     game = svc.game(parse_appid(appid))
-    return jsonify(svc.catalog.describe_row(game.row, host_url()) | {"strategies": svc.strategy_names})
+    host = host_url()
+    etag = svc.http_cache.etag("app", game.appid, host)
+    cached = svc.http_cache.not_modified(etag)
+    if cached is not None:
+        return cached
+    return _json(svc.catalog.describe_row(game.row, host) | {"strategies": svc.strategy_names}, etag)
 
 
 @bp.get("/apps")
@@ -80,16 +132,29 @@ def app_search():
     if len(q) > 200:
         raise bad_parameter("q", "at most 200 characters")
     limit = int_param("limit", 20, 1, 100)
+    host = host_url()
+    etag = svc.http_cache.etag("search", q, limit, host)
+    cached = svc.http_cache.not_modified(etag)
+    if cached is not None:
+        return cached
     games = svc.catalog.search(q, limit)
-    return jsonify({"query": q, "results": [svc.catalog.describe_row(g.row, host_url()) for g in games]})
+    return _json({"query": q, "results": [svc.catalog.describe_row(g.row, host) for g in games]}, etag)
 
 
 @bp.get("/unique")
 def unique():
     svc = get_service()
     strategy = strategy_param(svc)
-    n = int_param("n", 20, 1, max(1, len(svc.catalog)))
-    return jsonify({"strategy": strategy, "n": n, "games": svc.unique_payload(strategy, n, host_url())})
+    total = max(1, len(svc.catalog))
+    n = int_param("n", 20, 1, total)
+    offset = int_param("offset", 0, 0, total - 1)
+    host = host_url()
+    etag = svc.http_cache.etag("unique", strategy, n, offset, host)
+    cached = svc.http_cache.not_modified(etag)
+    if cached is not None:
+        return cached
+    games = svc.unique_payload(strategy, n, host, offset)
+    return _json({"strategy": strategy, "n": len(games), "offset": offset, "games": games}, etag)
 
 
 @bp.get("/compare/<appid>")
@@ -101,21 +166,31 @@ def compare(appid: str):
     app_id = parse_appid(appid)
     names = strategies_param(svc)
     k = int_param("k", 8 if html else 10, 1, max(1, min(svc.max_k(n) for n in names)))
-    payload = svc.compare_payload(names, svc.game(app_id), k, host_url())
-    if not html:
-        return jsonify(payload)
-    descriptions = {n: svc.describe_strategy(n) for n in names}
-    return render_template("compare.html", payload=payload, descriptions=descriptions)
+    host = host_url()
+    etag = svc.http_cache.etag("compare", app_id, ",".join(names), k, html, host)
+    cached = svc.http_cache.not_modified(etag)
+    if cached is None:
+        payload = svc.compare_payload(names, svc.game(app_id), k, host)
+        if html:
+            descriptions = {n: svc.describe_strategy(n) for n in names}
+            page = render_template("compare.html", payload=payload, descriptions=descriptions)
+            cached = svc.http_cache.mark(current_app.response_class(page, mimetype="text/html"), etag)
+        else:
+            cached = _json(payload, etag)
+    cached.vary.add("Accept")
+    return cached
 
 
 @bp.get("/health")
 def health():
+    """Facts true for the whole service: the index, and the models loaded by live workers (from the metrics)."""
     started = current_app.config["STARTED_AT"]
     svc = current_app.extensions.get(EXTENSION_KEY)
     if svc is None:  # a fetched index not ready yet (app/boot.py)
         detail = starting().message
         body = {"status": "starting", "detail": detail, "uptime_s": round(time.time() - started, 1)}
         return jsonify(body), 503, {"Retry-After": "5"}
+    by_workers = metrics.models_loaded_by_workers(svc.matcher.loaded_backbones())
     return jsonify(
         {
             "status": "ok",
@@ -123,7 +198,9 @@ def health():
             "strategies": svc.strategy_names,
             "default_strategy": svc.default_strategy,
             "index_created": svc.index.manifest.get("created"),
-            "models_loaded": svc.matcher.loaded_backbones(),
+            "index_build": svc.build_id,
+            "models_loaded": sorted(by_workers),
+            "models_loaded_workers": by_workers,
             "uptime_s": round(time.time() - started, 1),
         }
     )

@@ -7,6 +7,7 @@ a wrong answer.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,6 +90,24 @@ def _public_url(env: Mapping[str, str], name: str) -> str | None:
     return raw.rstrip("/") + "/"
 
 
+def _storage_uri(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip() or "memory://"
+    if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
+        raise ConfigError(f"{name}={raw!r}: expected memory:// or a redis:// URI")
+    return raw
+
+
+def _networks(env: Mapping[str, str], name: str) -> list[str]:
+    """CIDR networks, checked now (a typo must not open or close the door silently)."""
+    out = []
+    for raw in _list(env, name):
+        try:
+            out.append(str(ipaddress.ip_network(raw, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     index_dir: Path = Path("data/index")
@@ -111,6 +130,7 @@ class Settings:
     fallback_cache_size: int = 1024
     fallback_negative_ttl: float = 300.0
     upload_rate_limit: tuple[int, float] | None = None
+    rate_limit_storage_uri: str = "memory://"  # per worker; redis://host:port for one limit across workers
     proxy_hops: int = 0
     max_k: int | None = None  # None: the width of the tables
     concurrent_forwards: int = 1  # model forward passes at once per process
@@ -119,6 +139,20 @@ class Settings:
     index_fetch_attempts: int = 4
     index_fetch_timeout: float = 900.0  # the whole download of one attempt
     public_url: str | None = None  # "https://example.com/" for absolute URLs in responses; None: relative
+    max_batch: int = 50  # appids in one GET /match?appids=...
+    cache_max_age: int = 3600  # Cache-Control max-age of precomputed answers
+    url_fetch: bool = False  # POST /match {"url": ...}
+    url_fetch_timeout: float = 5.0
+    url_fetch_max_mb: float = 8.0
+    url_fetch_allow_networks: list[str] = field(default_factory=list)  # refused by default; e.g. for tests
+
+    @property
+    def upload_rate_limit_text(self) -> str | None:
+        """UPLOAD_RATE_LIMIT in Flask-Limiter's notation ("10 per 60 second")."""
+        if self.upload_rate_limit is None:
+            return None
+        count, seconds = self.upload_rate_limit
+        return f"{count} per {int(seconds)} second"
 
     @property
     def max_upload_bytes(self) -> int:
@@ -157,6 +191,7 @@ class Settings:
             fallback_cache_size=_int(env, "FALLBACK_CACHE_SIZE", 1024, 0, 1_000_000),
             fallback_negative_ttl=_float(env, "FALLBACK_NEGATIVE_TTL", 300.0, 0, 86400),
             upload_rate_limit=_rate(env, "UPLOAD_RATE_LIMIT"),
+            rate_limit_storage_uri=_storage_uri(env, "RATE_LIMIT_STORAGE_URI"),
             proxy_hops=_int(env, "PROXY_HOPS", 0, 0, 10),
             max_k=_int(env, "MAX_K", 0, 0, 100_000) or None,
             concurrent_forwards=_int(env, "CONCURRENT_FORWARDS", 1, 1, 64),
@@ -165,6 +200,12 @@ class Settings:
             index_fetch_attempts=_int(env, "INDEX_FETCH_ATTEMPTS", 4, 1, 100),
             index_fetch_timeout=_float(env, "INDEX_FETCH_TIMEOUT", 900.0, 0.1, 86400),
             public_url=_public_url(env, "PUBLIC_URL"),
+            max_batch=_int(env, "MAX_BATCH", 50, 1, 1000),
+            cache_max_age=_int(env, "CACHE_MAX_AGE", 3600, 0, 31_536_000),
+            url_fetch=_bool(env, "URL_FETCH", False),
+            url_fetch_timeout=_float(env, "URL_FETCH_TIMEOUT", 5.0, 0.1, 60),
+            url_fetch_max_mb=_float(env, "URL_FETCH_MAX_MB", 8.0, 0.01, 100),
+            url_fetch_allow_networks=_networks(env, "URL_FETCH_ALLOW_NETWORKS"),
         )
 
 

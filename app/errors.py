@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # werkzeug's status codes, named as our API names them
 _HTTP_CODES = {
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     408: "upload_timeout",
@@ -37,10 +38,10 @@ _HTTP_CODES = {
 
 STATUS = {
     problems.BadRequest: 400,
+    problems.Forbidden: 403,
     problems.NotFound: 404,
     problems.TooSlow: 408,
     problems.UnsupportedUpload: 415,
-    problems.RateLimited: 429,
     problems.UpstreamFailed: 502,
     problems.Unavailable: 503,
 }
@@ -159,6 +160,8 @@ def register_error_handlers(app: Flask) -> None:
             )
         if status == 405:
             message = f"{request.method} is not allowed on {request.path}"
+        if status == 429:
+            message = f"too many uploads from this address (limit: {message}); see Retry-After"
         resp = error_response(status, code, message)
         if status == 405 and getattr(e, "valid_methods", None):
             resp.headers["Allow"] = ", ".join(e.valid_methods)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,8 +48,10 @@ class Matcher:
         torch_threads: int | None = None,
         models: ModelCache = MODELS,
         concurrent_forwards: int = 1,
+        on_model_load: Callable[[str, float], None] | None = None,
     ) -> None:
         self.index = index
+        self.on_model_load = on_model_load  # (backbone code, seconds): for the metrics
         self.allow_download = allow_download
         self.retry_seconds = retry_seconds
         self.torch_threads = torch_threads
@@ -64,9 +67,13 @@ class Matcher:
         self._forwards = threading.BoundedSemaphore(max(1, concurrent_forwards))
 
     # -- precomputed tables ----------------------------------------------------------------------
-    def table_matches(self, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def table_matches(
+        self, name: str, row: int, k: int, offset: int = 0, variant: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Matches ``offset`` to ``offset + k`` of a row's table (a mirror/flip variant's when given)."""
         s = self.index.strategies[name]
-        return s.neighbours[row, :k], s.scores[row, :k]
+        t = s.variants[variant] if variant else s
+        return t.neighbours[row, offset : offset + k], t.scores[row, offset : offset + k]
 
     def unique(self, name: str, n: int) -> list[int]:
         """Rows whose best match is least similar, least similar first (ties: lower row first)."""
@@ -97,6 +104,8 @@ class Matcher:
                 configure_threads(self.torch_threads)
                 self._threads_set = True
             s = self.index.strategies[name]
+            before = set(self.loaded_backbones())
+            t0 = time.perf_counter()
             try:
                 ex = Extractor(
                     [s.strategy],
@@ -110,6 +119,9 @@ class Matcher:
                 raise
             self._failures.pop(name, None)
             self._extractors[name] = ex
+            if self.on_model_load is not None:
+                for code in set(self.loaded_backbones()) - before:
+                    self.on_model_load(code, time.perf_counter() - t0)
             return ex
 
     def searcher(self, name: str) -> ExactSearch:

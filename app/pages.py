@@ -133,7 +133,6 @@ def upload():
     if request.form.get("strategy"):
         strategy = strategy_value(svc, request.form["strategy"])
     k = k_param(svc, strategy, default=20)
-    svc.check_rate_limit(request.remote_addr or "-")
     data = read_upload(svc.settings)
     payload, _, uploaded = svc.upload_payload(data, strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)

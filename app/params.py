@@ -9,6 +9,7 @@ from __future__ import annotations
 from flask import current_app, request
 
 from core.steam import is_ascii_digits
+from core.variants import TRANSFORMS, variant_name
 
 from .problems import BadRequest, Unavailable, bad_parameter, unknown_strategy
 from .service import Service
@@ -92,3 +93,35 @@ def strategies_param(svc: Service, name: str = "strategies") -> list[str]:
 def k_param(svc: Service, strategy: str, default: int = 10) -> int:
     hi = svc.max_k(strategy)
     return int_param("k", min(default, hi), 1, hi) if hi >= 1 else 0
+
+
+def offset_param(svc: Service, strategy: str) -> int:
+    """Where a page of matches starts (0: the best match); pages end at the table's width."""
+    hi = max(0, svc.max_k(strategy) - 1)
+    return int_param("offset", 0, 0, hi)
+
+
+def flag_param(name: str) -> bool:
+    """A yes/no switch: 1/true/yes/on or 0/false/no/off (absent: no)."""
+    raw = (request.args.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise bad_parameter(name, f"expected 1 or 0 (true/false, yes/no, on/off), got {raw[:40]!r}")
+
+
+def variant_param() -> str:
+    """The mirror/flip variant the query asks for ("" for the banner as it is)."""
+    return variant_name([t for t in TRANSFORMS if flag_param(t)])
+
+
+def appids_param(name: str, cap: int) -> list[int]:
+    """A comma-separated list of appids, at most ``cap`` of them, in the order given."""
+    raw = request.args.get(name) or ""
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not parts:
+        raise bad_parameter(name, "give one or more appids separated by commas, e.g. appids=620,400")
+    if len(parts) > cap:
+        raise bad_parameter(name, f"at most {cap} appids per request, got {len(parts)}")
+    return [parse_appid(p) for p in parts]

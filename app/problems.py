@@ -32,12 +32,12 @@ class UnsupportedUpload(Problem):
     """The upload is not in a form this service reads (content type, SVG)."""
 
 
+class Forbidden(Problem):
+    """A feature this deployment has switched off, or a target it will not reach."""
+
+
 class TooSlow(Problem):
     """The client took too long to send its request."""
-
-
-class RateLimited(Problem):
-    """Too many requests of this kind from this client; retry later."""
 
 
 class UpstreamFailed(Problem):
@@ -63,4 +63,16 @@ def unknown_strategy(raw: str, parameter: str, available: list[str]) -> BadReque
         f"unknown strategy {raw[:60]!r}; available: {', '.join(available)}",
         parameter=parameter,
         available=available,
+    )
+
+
+def variant_unavailable(variant: str, strategy: str, built: list[str]) -> BadRequest:
+    """The 400 for a mirror/flip lookup whose tables this index was built without."""
+    have = f"it has {', '.join(built)}" if built else "it has none"
+    return BadRequest(
+        "variant_unavailable",
+        f"{variant} lookups need tables built with scripts/build_index.py --variants mirror,flip "
+        f"({strategy} in this index: {have}); uploads take mirror/flip without them",
+        parameter="mirror" if "mirror" in variant else "flip",
+        available=built,
     )

@@ -20,14 +20,17 @@ from core.dino.weights import ModelCache, WeightsUnavailable
 from core.images import ImageRejected, open_image
 from core.index import LoadedIndex
 from core.steam import store_url
+from core.variants import apply_variant
 
+from . import metrics
 from .catalog import Catalog, Game
 from .config import Settings
 from .fallback import BannerFetcher, FetchFailed
+from .http_cache import HttpCache, build_id
 from .matching import Matcher
-from .problems import RateLimited, Unavailable, UpstreamFailed, unknown_app
-from .ratelimit import RateLimiter
+from .problems import Forbidden, Unavailable, UpstreamFailed, unknown_app, variant_unavailable
 from .uploads import Upload, decode_upload
+from .urlfetch import UrlFetcher, public_only
 
 _PATH = re.compile(r"(?<![\w:/.])/(?:[^\s/]+/)+(?=[^\s/])")  # an absolute path's folders (not a URL's)
 
@@ -56,9 +59,20 @@ class Service:
             torch_threads=settings.torch_threads,
             concurrent_forwards=settings.concurrent_forwards,
             models=ModelCache(),  # one model per backbone for this app, shared by its strategies
+            on_model_load=metrics.model_loaded,
+        )
+        self.build_id = build_id(index)
+        self.http_cache = HttpCache(self.build_id, settings.cache_max_age)
+        self.url_fetcher = (
+            UrlFetcher(
+                settings.url_fetch_timeout,
+                int(settings.url_fetch_max_mb * 2**20),
+                public_only(settings.url_fetch_allow_networks),
+            )
+            if settings.url_fetch
+            else None
         )
         self.preload = self._check_preload(settings.preload_models)
-        self.limiter = RateLimiter(*settings.upload_rate_limit) if settings.upload_rate_limit else None
         self.fetcher = (
             BannerFetcher(
                 settings.cdn_url,
@@ -112,6 +126,7 @@ class Service:
             "preprocessing": s.strategy.preprocessing.name,
             "params": s.strategy.params,
             "checkpoint": s.checkpoint.get("file"),
+            "variants": sorted(s.variants),
             "default": name == self.default_strategy,
         }
 
@@ -138,47 +153,67 @@ class Service:
                 log.warning("PRELOAD_MODELS: %s: %s", name, e)
 
     # -- payloads ------------------------------------------------------------------------------------
-    def matches(self, rows: np.ndarray, scores: np.ndarray, host_url: str) -> list[dict]:
+    def matches(self, rows: np.ndarray, scores: np.ndarray, host_url: str, first_rank: int = 1) -> list[dict]:
         describe = self.catalog.describe_row
         return [
             {"rank": rank, **describe(row, host_url), "score": round(score, 6)}
-            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), 1)
+            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), first_rank)
         ]
 
-    def table_payload(self, strategy: str, game: Game, k: int, host_url: str) -> dict:
-        rows, scores = self.matcher.table_matches(strategy, game.row, k)
+    def check_variant(self, strategy: str, variant: str) -> None:
+        """A mirror/flip lookup needs its precomputed tables: a 400 naming the build option otherwise."""
+        if variant and variant not in self.index.strategies[strategy].variants:
+            raise variant_unavailable(variant, strategy, sorted(self.index.strategies[strategy].variants))
+
+    def table_payload(
+        self, strategy: str, game: Game, k: int, host_url: str, offset: int = 0, variant: str = ""
+    ) -> dict:
+        rows, scores = self.matcher.table_matches(strategy, game.row, k, offset, variant)
         return {
             "strategy": strategy,
             "k": len(rows),
+            "offset": offset,
+            **({"variant": variant} if variant else {}),
             "query": self.catalog.describe_row(game.row, host_url),
-            "matches": self.matches(rows, scores, host_url),
+            "matches": self.matches(rows, scores, host_url, offset + 1),
         }
 
-    def table_payload_json(self, strategy: str, game: Game, k: int, host_url: str) -> str:
+    def table_payload_json(
+        self, strategy: str, game: Game, k: int, host_url: str, offset: int = 0, variant: str = ""
+    ) -> str:
         """table_payload() serialised, built from per-game JSON made at start: the lookup hot path.
 
         Equal to ``json.dumps(table_payload(...))`` (tests check it), at a fraction of the cost.
         """
-        rows, scores = self.matcher.table_matches(strategy, game.row, k)
+        rows, scores = self.matcher.table_matches(strategy, game.row, k, offset, variant)
         host = json.dumps(host_url)[1:-1]
         row_json = self.catalog.describe_row_json
         matches = ",".join(
             f'{{"rank":{rank},{row_json(row, host)},"score":{round(score, 6)!r}}}'
-            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), 1)
+            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), offset + 1)
         )
+        variant_json = f',"variant":"{variant}"' if variant else ""
         return (
-            f'{{"strategy":{json.dumps(strategy)},"k":{len(rows)},"query":{{{row_json(game.row, host)}}},'
-            f'"matches":[{matches}]}}'
+            f'{{"strategy":{json.dumps(strategy)},"k":{len(rows)},"offset":{offset}{variant_json},'
+            f'"query":{{{row_json(game.row, host)}}},"matches":[{matches}]}}'
         )
 
-    def check_rate_limit(self, client: str) -> None:
-        if self.limiter is None:
-            return
-        wait = self.limiter.hit(client)
-        if wait is not None:
-            raise RateLimited(
-                "rate_limited", f"too many uploads; try again in {wait:.1f} s", retry_after=max(1, int(wait + 0.999))
-            )
+    def batch_payload_json(
+        self, strategy: str, appids: list[int], k: int, host_url: str, offset: int = 0, variant: str = ""
+    ) -> str:
+        """Lookups of many appids in one answer: each one's match payload, or its error, in the order asked."""
+        parts = []
+        for appid in appids:
+            game = self.catalog.get(appid)
+            if game is None:
+                problem = unknown_app(appid)
+                parts.append(json.dumps({"appid": appid, "error": {"code": problem.code, "message": problem.message}}))
+            else:
+                parts.append(self.table_payload_json(strategy, game, k, host_url, offset, variant))
+        return (
+            f'{{"strategy":{json.dumps(strategy)},"k":{k},"offset":{offset},'
+            f'"variant":{json.dumps(variant)},"results":[{",".join(parts)}]}}'
+        )
 
     def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, dict[str, float]]:
         """The embedding; a 503 without server paths when the weights are missing (the log has them in full)."""
@@ -197,25 +232,46 @@ class Service:
         return self.index.strategies[strategy].strategy.preprocessing.pil_resized_size
 
     def upload_payload(
-        self, data: bytes, strategy: str, k: int, host_url: str
+        self,
+        data: bytes,
+        strategy: str,
+        k: int,
+        host_url: str,
+        *,
+        offset: int = 0,
+        variant: str = "",
+        embedding: bool = False,
     ) -> tuple[dict, dict[str, float], Upload]:
-        """Matches for an uploaded image's bytes, decoded with the configured limits."""
+        """Matches for an uploaded image's bytes, decoded with the configured limits (mirrored/flipped first)."""
         upload = decode_upload(data, self.settings.max_image_pixels, self._resize_to(strategy))
-        vec, timings = self.embed_or_503(strategy, upload.image)
-        found = self.matcher.search(strategy, vec, k)
+        image = apply_variant(upload.image, variant)
+        vec, timings = self.embed_or_503(strategy, image)
+        found = self.matcher.search(strategy, vec, offset + k)
+        rows, scores = found.rows[offset:], found.scores[offset:]
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
         payload = {
             "strategy": strategy,
-            "k": len(found.rows),
+            "k": len(rows),
+            "offset": offset,
+            **({"variant": variant} if variant else {}),
             "query": upload.describe(),
-            "matches": self.matches(found.rows, found.scores, host_url),
+            "matches": self.matches(rows, scores, host_url, offset + 1),
         }
+        if embedding:
+            payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()
+        metrics.upload_timed(strategy, timings)
         return payload, timings, upload
 
-    def unique_payload(self, strategy: str, n: int, host_url: str) -> list[dict]:
+    def fetch_url(self, url: str) -> bytes:
+        """The image at a client's URL (POST /match {"url": ...}), when URL_FETCH is on."""
+        if self.url_fetcher is None:
+            raise Forbidden("url_fetch_disabled", "queries by URL are switched off here (URL_FETCH=1 enables them)")
+        return self.url_fetcher.fetch(url)
+
+    def unique_payload(self, strategy: str, n: int, host_url: str, offset: int = 0) -> list[dict]:
         s = self.index.strategies[strategy]
         out = []
-        for row in self.matcher.unique(strategy, n):
+        for row in self.matcher.unique(strategy, offset + n)[offset:]:
             entry = self.catalog.describe_row(row, host_url)
             if s.k:
                 best = self.catalog.games[int(s.neighbours[row, 0])]
@@ -250,26 +306,38 @@ class Service:
         }
 
     # -- unknown appids: optional CDN fallback -------------------------------------------------------
-    def fallback_match(self, appid: int, strategy: str, k: int, host_url: str, client: str = "-") -> dict:
+    def fallback_needs_fetch(self, appid: int, strategy: str, variant: str = "") -> bool:
+        """Whether a lookup of this appid would fetch and embed a banner: it then counts as an upload."""
+        return (
+            self.fetcher is not None
+            and self.catalog.get(appid) is None
+            and (self.fetcher.cached((appid, strategy, variant)) is None)
+        )
+
+    def fallback_match(
+        self, appid: int, strategy: str, k: int, host_url: str, offset: int = 0, variant: str = ""
+    ) -> dict:
         """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on).
 
-        A cache miss costs a model pass, so it counts against the upload rate limit like an upload.
+        A cache miss costs a model pass, so it counts against the upload rate limit (app/limits.py).
         """
         if self.fetcher is None:
             raise unknown_app(appid)
-        key = (appid, strategy)
+        key = (appid, strategy, variant)
         cached = self.fetcher.cached(key)
         if cached is None:
-            self.check_rate_limit(client)
-            cached = self.fetcher.flights.run(key, lambda: self._fetch_and_embed(appid, strategy))
+            cached = self.fetcher.flights.run(key, lambda: self._fetch_and_embed(appid, strategy, variant))
         if isinstance(cached, UpstreamFailed):  # a fresh exception: the cached one is shared between threads
             raise UpstreamFailed(cached.code, cached.message)
         if cached is ABSENT:
             raise unknown_app(appid, "is not in the index and Steam has no banner for it")
-        found = self.matcher.search(strategy, cached, k)
+        found = self.matcher.search(strategy, cached, offset + k)
+        rows, scores = found.rows[offset:], found.scores[offset:]
         return {
             "strategy": strategy,
-            "k": len(found.rows),
+            "k": len(rows),
+            "offset": offset,
+            **({"variant": variant} if variant else {}),
             "query": {
                 "appid": appid,
                 "name": "",
@@ -277,12 +345,12 @@ class Service:
                 "banner_url": self.fetcher.url(appid),
                 "source": "steam_cdn",
             },
-            "matches": self.matches(found.rows, found.scores, host_url),
+            "matches": self.matches(rows, scores, host_url, offset + 1),
         }
 
-    def _fetch_and_embed(self, appid: int, strategy: str):
+    def _fetch_and_embed(self, appid: int, strategy: str, variant: str = ""):
         """The embedding, ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
-        key = (appid, strategy)
+        key = (appid, strategy, variant)
         try:
             data = self.fetcher.fetch(appid)
             if data is None:
@@ -297,6 +365,6 @@ class Service:
             failed = UpstreamFailed("fallback_failed", f"the CDN's banner for {appid} is not usable: {e.message}")
             self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
             return failed
-        vec, _ = self.embed_or_503(strategy, image)
+        vec, _ = self.embed_or_503(strategy, apply_variant(image, variant))
         self.fetcher.remember(key, vec)
         return vec

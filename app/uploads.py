@@ -149,3 +149,13 @@ def _sniff_format(data: bytes) -> str:
         if data.startswith(magic):
             return name
     return "unknown"
+
+
+def read_url_query(settings: Settings) -> str:
+    """The ``url`` of a JSON query body ``{"url": "https://..."}`` (small: read with the upload deadlines)."""
+    buffer_body(64 * 1024, settings.upload_timeout, settings.upload_read_timeout)
+    body = request.get_json(silent=True)
+    url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url.strip():
+        raise BadRequest("bad_url", 'send a JSON object with an http(s) image URL: {"url": "https://..."}')
+    return url.strip()

@@ -252,7 +252,7 @@ def decode_rate(ex: Extractor, paths: list[Path], batch: int, workers: int) -> f
     from core.images import DEFAULT_MAX_PIXELS
 
     loader = DataLoader(
-        _ImageFiles(paths, ex.transforms, DEFAULT_MAX_PIXELS),
+        _ImageFiles(paths, ex.transforms, DEFAULT_MAX_PIXELS, ex.preprocessings),
         batch_size=batch,
         num_workers=workers,
         collate_fn=_collate,

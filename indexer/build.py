@@ -49,6 +49,7 @@ from core.knn_device import topk_table_device
 
 from .cache import EmbeddingCache, strategy_key
 from .sources import Source, SourceError, plan_sources
+from .variants import embed_variants, write_variants
 
 DTYPES = ("float16", "float32")
 
@@ -69,6 +70,7 @@ class BuildConfig:
     precision: str | None = None  # default_precision(device)
     decode: str | None = None  # "cpu" or "device"; default: the extractor's (device on CUDA)
     progress: bool = True
+    variants: list[str] = field(default_factory=list)  # mirror/flip query tables (indexer/variants.py)
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _build_in(cfg: BuildConfig, device: str, precision: str, plan, cache: Embedd
     embed_start = time.perf_counter()
     with UtilisationSampler(device) as utilisation:
         embedded = _embed_missing(cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer)
+        embed_variants(cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
     embed_seconds = time.perf_counter() - embed_start
 
     rows = [i for i, h in enumerate(shas) if h not in cache.failed]
@@ -336,8 +339,18 @@ def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkp
             t_tables += time.perf_counter() - t0
             code = s.backbone.code
             checkpoint = {"file": checkpoints[code].name, "sha256": ckpt_sha[code], "url": checkpoint_url(s.backbone)}
+            variants = write_variants(writer, cfg, s, emb, key, [shas[i] for i in rows], cache) if cfg.variants else {}
             writes[s.name] = pool.submit(
-                write_strategy, writer, s, emb, neighbours, scores, checkpoint, precision=precision, cache_key=key
+                write_strategy,
+                writer,
+                s,
+                emb,
+                neighbours,
+                scores,
+                checkpoint,
+                precision=precision,
+                cache_key=key,
+                **({"variants": variants} if variants else {}),
             )
         entries = {name: future.result() for name, future in writes.items()}
         manifest = make_manifest(
@@ -347,6 +360,7 @@ def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkp
             entries,
             skipped_images=skipped,
             missing_images=plan.missing_images,
+            variants=cfg.variants,
             build={"device": device, "torch": torch.__version__, "python": platform.python_version()},
         )
         writer.commit(manifest)

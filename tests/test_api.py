@@ -145,7 +145,7 @@ def _truncated_jpeg() -> bytes:
         ({"data": {"image": (io.BytesIO(b""), "a.jpg")}}, 400, "empty_upload"),
         ({"data": b"", "content_type": "image/jpeg"}, 400, "empty_upload"),
         ({"data": b"hello", "content_type": "text/plain"}, 415, "unsupported_media_type"),
-        ({"data": b"{}", "content_type": "application/json"}, 415, "unsupported_media_type"),
+        ({"data": b"{}", "content_type": "application/json"}, 400, "bad_url"),
         ({"data": b"abc"}, 415, "unsupported_media_type"),
         ({"data": b"<svg/>", "content_type": "image/svg+xml"}, 415, "unsupported_media_type"),
         ({"data": {"image": (io.BytesIO(b"<html></html>"), "a.jpg")}}, 400, "not_an_image"),

@@ -84,7 +84,7 @@ HOSTILE = [
         "too_large",
     ),
     ("text/plain", {"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
-    ("json", {"json": {"image": "aGVsbG8="}}, 415, "unsupported_media_type"),
+    ("json", {"json": {"image": "aGVsbG8="}}, 400, "bad_url"),  # JSON is a query by URL (POST /match {"url"})
     ("urlencoded form", {"data": {"image": "x"}}, 415, "unsupported_media_type"),
     ("no content type", {"data": b"\xff\xd8\xff"}, 415, "unsupported_media_type"),
     ("tiff", {"data": b"II*\x00" + b"\0" * 64, "headers": {"Content-Type": "image/tiff"}}, 400, "not_an_image"),

@@ -80,12 +80,18 @@ class Batch:
 
 class _ImageFiles(Dataset):
     def __init__(
-        self, paths: Sequence[Path], transforms: list[Callable], max_pixels: int, preps: Sequence[Preprocessing]
+        self,
+        paths: Sequence[Path],
+        transforms: list[Callable],
+        max_pixels: int,
+        preps: Sequence[Preprocessing],
+        image_op: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
         self.paths = list(paths)
         self.transforms = transforms
         self.max_pixels = max_pixels
         self.resize_to = largest_resize(preps)
+        self.image_op = image_op
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,6 +99,8 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             img = open_image(self.paths[i], max_pixels=self.max_pixels, resize_to=self.resize_to)
+            if self.image_op is not None:
+                img = self.image_op(img)
             return i, [t(img) for t in self.transforms], None
         except ImageRejected as e:
             return i, None, f"{e.code}: {e.message}"
@@ -221,15 +229,18 @@ class Extractor:
         decode: str | None = None,
         decoder: Decoder | None = None,
         timer: StageTimer | None = None,
+        image_op: Callable[[Image.Image], Image.Image] | None = None,
     ) -> Iterator[Batch]:
         """Embed image files in order, batch by batch; unreadable files come back as failures.
 
         ``decode``: ``cpu`` (DataLoader workers, Pillow) or ``device`` (batched decoding on this
         extractor's device with ``decoder``, default torchvision's nvJPEG one); default
-        ``default_decode()``. ``timer`` collects seconds per stage and counts.
+        ``default_decode()``. ``timer`` collects seconds per stage and counts. ``image_op``
+        (picklable, for decoding workers) transforms each decoded image first (mirror/flip
+        variants); it implies ``cpu`` decoding.
         """
         batch_size = batch_size or default_batch_size(self.device.type)
-        decode = decode or self.default_decode()
+        decode = "cpu" if image_op is not None else decode or self.default_decode()
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}")
         paths = [Path(p) for p in paths]
@@ -238,7 +249,7 @@ class Extractor:
             return
         if num_workers is None:
             num_workers = default_num_workers()
-        dataset = _ImageFiles(paths, self.transforms, max_pixels, self.preprocessings)
+        dataset = _ImageFiles(paths, self.transforms, max_pixels, self.preprocessings, image_op)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

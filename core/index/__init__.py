@@ -1,8 +1,8 @@
 """The index format, in one place: its layout, the reader (with every check) and the atomic writer."""
 
-from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST
-from .reader import IndexInvalid, LoadedIndex, StrategyIndex, load_index
-from .writer import IndexWriter, make_manifest, recover, staging_dir, swap_in, write_strategy
+from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
+from .reader import IndexInvalid, LoadedIndex, StrategyIndex, VariantTables, load_index
+from .writer import IndexWriter, make_manifest, recover, staging_dir, swap_in, write_strategy, write_variant
 
 __all__ = [
     "APPS",
@@ -11,14 +11,17 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "VARIANTS_DIR",
     "IndexInvalid",
     "IndexWriter",
     "LoadedIndex",
     "StrategyIndex",
+    "VariantTables",
     "load_index",
     "make_manifest",
     "recover",
     "staging_dir",
     "swap_in",
     "write_strategy",
+    "write_variant",
 ]

@@ -9,6 +9,7 @@ Layout (written by ``scripts/build_index.py``)::
     <Strategy>/embeddings.npy  (N, D) float16/float32, L2-normalised, row i = apps[i]
     <Strategy>/neighbours.npy  (N, K) int32 row indices, best first, the row itself excluded
     <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour
+    <Strategy>/variants/<variant>/*.npy   optional mirror/flip query tables (same three arrays)
 """
 
 FORMAT = "steam-dino-index"
@@ -17,3 +18,4 @@ MANIFEST = "manifest.json"
 APPS = "apps.json"
 ARRAYS = ("embeddings.npy", "neighbours.npy", "scores.npy")
 EMBEDDING_DTYPES = ("float16", "float32")
+VARIANTS_DIR = "variants"

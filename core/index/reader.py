@@ -9,6 +9,10 @@ Layout (written by ``scripts/build_index.py``)::
     <Strategy>/embeddings.npy  (N, D) float16/float32, L2-normalised, row i = apps[i]
     <Strategy>/neighbours.npy  (N, K) int32 row indices, best first, the row itself excluded
     <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour
+    <Strategy>/variants/<variant>/{embeddings,neighbours,scores}.npy
+                               optional (``--variants mirror,flip``): the same for the mirrored/flipped
+                               banners as queries against the plain embeddings (the row itself excluded);
+                               listed in the strategy's manifest entry under "variants"
 
 Arrays are memory-mapped read-only: gunicorn workers share one copy of the
 pages through the page cache, and start-up does not read them into memory.
@@ -32,12 +36,22 @@ import numpy as np
 from core.apps import AppsInvalid, validate_apps
 from core.dino.strategies import Strategy
 from core.files import sha256_file
+from core.variants import UnknownVariant, variant_name
 
-from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST
+from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
 
 
 class IndexInvalid(RuntimeError):
     """The index folder cannot be served; the message names the file and the problem."""
+
+
+@dataclass
+class VariantTables:
+    """A mirror/flip variant's query embeddings and their tables against the plain embeddings."""
+
+    embeddings: np.ndarray
+    neighbours: np.ndarray
+    scores: np.ndarray
 
 
 @dataclass
@@ -50,6 +64,7 @@ class StrategyIndex:
     scores: np.ndarray
     checkpoint: dict
     entry: dict
+    variants: dict[str, VariantTables] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -155,12 +170,19 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> S
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("sha256"), str):
         raise IndexInvalid(f"{where}: no checkpoint sha256 recorded")
     folder = root / name
-    emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, strategy.dim), EMBEDDING_DTYPES, verify)
+    emb, nbr, sco = _load_tables(folder, files, (n, strategy.dim, k), verify)
+    variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), verify)
+    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants)
+
+
+def _load_tables(folder: Path, files: dict, shape: tuple[int, int, int], verify: str) -> tuple[np.ndarray, ...]:
+    n, dim, k = shape
+    emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, dim), EMBEDDING_DTYPES, verify)
     nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), verify)
     sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), verify)
     if n and k:  # both modes: the tables are small (N x K) and a bad row index would be served or crash
         _check_tables(folder / ARRAYS[1], folder / ARRAYS[2], n)
-    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry)
+    return emb, nbr, sco
 
 
 CHECK_ROWS = 4096  # rows per verification step: temporaries of a few MB, whatever the index size
@@ -181,3 +203,22 @@ def _check_tables(nbr_path: Path, sco_path: Path, n: int) -> None:
         sc = np.asarray(sco[start : start + CHECK_ROWS])
         if not np.isfinite(sc).all() or bool((np.diff(sc, axis=1) > 1e-6).any()):
             raise IndexInvalid(f"{sco_path}: scores not finite or not sorted best first")
+
+
+def _load_variants(folder: Path, where: str, entries: object, shape: tuple[int, int, int], verify: str) -> dict:
+    """The optional mirror/flip tables (an index without them is complete: they are an option of the build)."""
+    if not isinstance(entries, dict):
+        raise IndexInvalid(f"{where}: 'variants' must be an object")
+    out = {}
+    for name, entry in entries.items():
+        try:
+            canonical = variant_name(name.split("+")) if isinstance(name, str) and name else None
+        except UnknownVariant:
+            canonical = None
+        if canonical != name:
+            raise IndexInvalid(f"{where}: unknown variant {name!r} (known: mirror, flip, mirror+flip)")
+        files = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(files, dict) or set(files) != set(ARRAYS):
+            raise IndexInvalid(f"{where} variant {name}: 'files' must describe {', '.join(ARRAYS)}")
+        out[name] = VariantTables(*_load_tables(folder / VARIANTS_DIR / name, files, shape, verify))
+    return out

@@ -22,7 +22,7 @@ import numpy as np
 from core.dino.strategies import Strategy
 from core.files import atomic_write_json, fsync_dir, sha256_file
 
-from .layout import FORMAT, FORMAT_VERSION, MANIFEST
+from .layout import FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
 
 
 def _hidden(out: Path, tag: str) -> list[Path]:
@@ -128,6 +128,20 @@ def write_strategy(
         "scores.npy": writer.write_array(f"{name}/scores.npy", scores.astype(np.float32)),
     }
     return strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
+
+
+def write_variant(
+    writer: IndexWriter, strategy: str, variant: str, embeddings: np.ndarray, neighbours: np.ndarray, scores: np.ndarray
+) -> dict:
+    """Write a mirror/flip variant's three arrays; returns its entry for the strategy's "variants"."""
+    rel = f"{strategy}/{VARIANTS_DIR}/{variant}"
+    return {
+        "files": {
+            "embeddings.npy": writer.write_array(f"{rel}/embeddings.npy", embeddings),
+            "neighbours.npy": writer.write_array(f"{rel}/neighbours.npy", neighbours.astype(np.int32)),
+            "scores.npy": writer.write_array(f"{rel}/scores.npy", scores.astype(np.float32)),
+        }
+    }
 
 
 def make_manifest(num_apps: int, apps_sha256: str, dtype: str, strategies: dict, **extra: object) -> dict:

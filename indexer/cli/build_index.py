@@ -2,7 +2,7 @@
 
     python scripts/build_index.py --images data/banners --out data/index \\
         [--strategies ComplexB16,SimpleS16 | all] [--k 100] [--apps APPS.json] \\
-        [--batch-size N] [--device cpu|cuda] [--weights PATH]
+        [--batch-size N] [--device cpu|cuda] [--weights PATH] [--variants mirror,flip]
 
 Interrupt it at any time and run it again: it resumes from the last finished
 batch. Run it again after adding banners: only the new ones are embedded.
@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=int, help="image decoding processes (cpu decoding; default 1 on CPU), or file-reading threads"
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="also precompute mirrored/flipped query tables for GET /match/<appid>?mirror=1&flip=1: "
+        "mirror, flip or mirror,flip (every combination of those given; default: none)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.dino.strategies import UnknownStrategy, parse_strategies
     from core.dino.weights import WeightsUnavailable
     from core.files import os_error_words
+    from core.variants import UnknownVariant, parse_variants
     from indexer.build import BuildConfig, BuildFailed, build_index
     from indexer.cache import BuildLocked
 
@@ -112,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             decode=None if args.decode == "auto" else args.decode,
             progress=not args.quiet,
+            variants=parse_variants(args.variants),
         )
         summary = build_index(cfg)
-    except (SourceError, AppsInvalid, UnknownStrategy, BuildLocked) as e:
+    except (SourceError, AppsInvalid, UnknownStrategy, UnknownVariant, BuildLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WeightsUnavailable as e:

@@ -1,0 +1,66 @@
+"""The API's own description: ``/openapi.json`` (OpenAPI 3.1) and ``/docs``, a page rendered from it here.
+
+The page is server-rendered from the same document, with no JavaScript and
+nothing from a CDN, so its Content-Security-Policy forbids scripts like the
+other pages'.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, current_app, render_template
+
+from .openapi import document, specialise
+from .params import get_service
+
+bp = Blueprint("docs", __name__)
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'; script-src 'none'"
+)
+
+
+def service_document() -> dict:
+    """The OpenAPI document for this service's index (strategy names, table widths, variants)."""
+    svc = get_service()
+    max_k = min(svc.max_k(n) for n in svc.strategy_names)
+    variants = all(svc.index.strategies[n].variants for n in svc.strategy_names)
+    return specialise(document(), svc.strategy_names, max_k, len(svc.catalog), svc.settings.max_batch, variants)
+
+
+def _document_json() -> str:
+    cached = current_app.extensions.get("openapi_json")
+    if cached is None:
+        cached = current_app.extensions["openapi_json"] = json.dumps(service_document(), indent=1)
+    return cached
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    resp = current_app.response_class(_document_json(), mimetype="application/json")
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    return resp
+
+
+@bp.get("/docs")
+def docs_page():
+    doc = service_document()
+    operations = [
+        {"method": method.upper(), "path": path, **op}
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+    ]
+    resp = current_app.response_class(
+        render_template(
+            "docs.html",
+            doc=doc,
+            operations=operations,
+            schemas=doc["components"]["schemas"],
+            dumps=lambda v: json.dumps(v, ensure_ascii=False),
+        ),
+        mimetype="text/html",
+    )
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    return resp

@@ -1,0 +1,59 @@
+"""The upload rate limit (UPLOAD_RATE_LIMIT), with Flask-Limiter.
+
+One limit per client address, shared by every way to send an image (POST
+/match, the upload page) and by lookups of unknown appids that fetch and
+embed a banner from the CDN (FALLBACK_FETCH: a model pass like an upload).
+Where the counts live is RATE_LIMIT_STORAGE_URI:
+``memory://`` (the default) counts in each gunicorn worker on its own, so
+with W workers a client may get up to W times the limit; ``redis://host:port``
+counts in one place, exactly, across workers and dynos. A moving window:
+"2/minute" means at most 2 in any 60 seconds. If the store is unreachable,
+requests are let through (and logged) rather than refused.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+from .config import Settings
+
+UPLOAD_ENDPOINTS = ("api.match_upload", "pages.upload")
+
+
+def install(app: Flask, settings: Settings) -> Limiter | None:
+    rate = settings.upload_rate_limit_text
+    if rate is None:
+        return None
+    limiter = Limiter(
+        get_remote_address,
+        app=app,
+        storage_uri=settings.rate_limit_storage_uri,
+        strategy="moving-window",
+        headers_enabled=True,
+        swallow_errors=True,
+        default_limits=[],
+    )
+    shared = limiter.shared_limit(rate, scope="uploads")
+    for endpoint in UPLOAD_ENDPOINTS:
+        if endpoint in app.view_functions:
+            app.view_functions[endpoint] = shared(app.view_functions[endpoint])  # the check runs in the wrapper
+    if settings.fallback_fetch:
+        charged = limiter.shared_limit(rate, scope="uploads", exempt_when=_no_model_pass)
+        app.view_functions["api.match_appid"] = charged(app.view_functions["api.match_appid"])
+    return limiter
+
+
+def _no_model_pass() -> bool:
+    """A lookup that reads the tables (or a cached fallback) costs no model pass: not counted."""
+    from .params import get_service, parse_appid, strategy_param, variant_param
+    from .problems import Problem
+
+    try:
+        svc = get_service()
+        appid = parse_appid((request.view_args or {}).get("appid", ""))
+        strategy, variant = strategy_param(svc), variant_param()
+    except Problem:
+        return True  # the view answers it with its 4xx or 503
+    return not svc.fallback_needs_fetch(appid, strategy, variant)

@@ -1,0 +1,137 @@
+"""Mirror/flip variants: names, exact variant tables, the builder's --variants option, the loader's checks, lookups."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_catalog
+from PIL import Image
+
+from core.index import IndexInvalid, load_index
+from core.variants import UnknownVariant, apply_variant, parse_variants, variant_name
+from indexer.variants import variant_tables
+
+
+def test_names_and_transforms():
+    assert parse_variants("mirror,flip") == ["mirror", "flip", "mirror+flip"]
+    assert parse_variants("flip, mirror") == ["mirror", "flip", "mirror+flip"]
+    assert parse_variants("flip") == ["flip"] and parse_variants("") == []
+    assert variant_name({"flip", "mirror"}) == "mirror+flip" and variant_name([]) == ""
+    with pytest.raises(UnknownVariant):
+        parse_variants("mirror,rotate")
+    img = Image.new("RGB", (2, 3))
+    img.putpixel((0, 0), (255, 0, 0))
+    assert apply_variant(img, "mirror").getpixel((1, 0)) == (255, 0, 0)
+    assert apply_variant(img, "flip").getpixel((0, 2)) == (255, 0, 0)
+    assert apply_variant(img, "mirror+flip").getpixel((1, 2)) == (255, 0, 0)
+    assert apply_variant(img, "") is img
+
+
+def test_variant_tables_are_a_float64_brute_force():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 16)).astype(np.float16)
+    table = (table / np.linalg.norm(table.astype(np.float64), axis=1, keepdims=True)).astype(np.float16)
+    queries = np.concatenate([table[:10], table[:40]]).astype(np.float16)  # exact ties with the rows themselves
+    queries[10:] = (rng.normal(size=(40, 16))).astype(np.float16)
+    nbr, sco = variant_tables(queries, table, 7, chunk_rows=8)
+    dots = queries.astype(np.float64) @ table.astype(np.float64).T
+    for i in range(len(queries)):
+        dots[i, i] = -np.inf
+        order = np.lexsort((np.arange(50), -dots[i]))[:7]
+        assert nbr[i].tolist() == order.tolist()
+        np.testing.assert_array_equal(sco[i], dots[i, order].astype(np.float32))
+    assert nbr.dtype == np.int32 and sco.dtype == np.float32 and (nbr != np.arange(50)[:, None]).all()
+
+
+@pytest.fixture(scope="module")
+def variant_index(tmp_path_factory, checkpoint_store):
+    """8 banners, SimpleS16, k=4, built with --variants mirror,flip through the command line's code."""
+    import os
+
+    from core.dino.strategies import parse_strategies
+    from indexer.build import BuildConfig, build_index
+
+    root = tmp_path_factory.mktemp("variants")
+    ckpt = root / "torch_home" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    src = checkpoint_store("S16")
+    os.symlink(src, ckpt / src.name)
+    apps = make_catalog(root / "banners", 8)
+    (root / "apps.json").write_text(json.dumps(apps))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(root / "torch_home"))
+        build_index(
+            BuildConfig(
+                images=root / "banners",
+                out=root / "index",
+                strategies=parse_strategies("SimpleS16"),
+                k=4,
+                apps_file=root / "apps.json",
+                progress=False,
+                variants=parse_variants("mirror,flip"),
+            )
+        )
+    return root
+
+
+@pytest.mark.slow
+def test_build_with_variants_and_look_them_up(variant_index, monkeypatch):
+    from core.dino.extract import Extractor
+    from core.dino.strategies import parse_strategies
+    from core.dino.weights import ModelCache
+    from core.images import open_image
+
+    manifest = json.loads((variant_index / "index" / "manifest.json").read_text())
+    assert manifest["variants"] == ["mirror", "flip", "mirror+flip"]
+    assert set(manifest["strategies"]["SimpleS16"]["variants"]) == {"mirror", "flip", "mirror+flip"}
+    index = load_index(variant_index / "index")
+    s = index.strategies["SimpleS16"]
+    monkeypatch.setenv("TORCH_HOME", str(variant_index / "torch_home"))
+    ex = Extractor(parse_strategies("SimpleS16"), models=ModelCache())
+    images = [open_image(variant_index / "banners" / f"{a['appid']}.jpg") for a in index.apps]
+    flipped = ex.embed_images([apply_variant(im, "mirror+flip") for im in images])["SimpleS16"]
+    np.testing.assert_allclose(s.variants["mirror+flip"].embeddings, flipped.astype(np.float16), atol=2e-3)
+    nbr, sco = variant_tables(s.variants["mirror+flip"].embeddings, s.embeddings, 4)
+    np.testing.assert_array_equal(s.variants["mirror+flip"].neighbours, nbr)
+    np.testing.assert_array_equal(s.variants["mirror+flip"].scores, sco)
+
+    from app import create_app
+    from app.config import Settings
+
+    client = create_app(Settings(index_dir=variant_index / "index", banners_dir=variant_index / "banners"))
+    client = client.test_client()
+    body = client.get("/match/20?mirror=1&flip=1&k=3").get_json()
+    assert body["variant"] == "mirror+flip" and body["strategy"] == "SimpleS16"
+    assert [m["appid"] for m in body["matches"]] == [index.apps[i]["appid"] for i in nbr[1, :3]]
+    plain = client.get("/match/20?k=3")
+    mirrored = client.get("/match/20?k=3&mirror=1")
+    assert plain.headers["ETag"] != mirrored.headers["ETag"]
+    assert client.get("/strategies").get_json()["strategies"][0]["variants"] == ["flip", "mirror", "mirror+flip"]
+    batch = client.get("/match?appids=20,30&flip=1&k=2").get_json()
+    assert [r["variant"] for r in batch["results"]] == ["flip", "flip"]
+
+
+@pytest.mark.slow
+def test_loader_checks_variant_files(variant_index, tmp_path):
+    bad = tmp_path / "index"
+    shutil.copytree(variant_index / "index", bad)
+    path = bad / "SimpleS16" / "variants" / "flip" / "scores.npy"
+    arr = np.load(path)
+    arr[0, 0] = 5.0
+    np.save(path, arr)
+    with pytest.raises(IndexInvalid, match="sha256"):
+        load_index(bad)
+    load_index(bad, verify="quick")  # shapes only: still loads
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["strategies"]["SimpleS16"]["variants"]["rotate"] = manifest["strategies"]["SimpleS16"]["variants"]["flip"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexInvalid, match="unknown variant 'rotate'"):
+        load_index(bad, verify="quick")
+    (bad / "SimpleS16" / "variants" / "mirror" / "neighbours.npy").unlink()
+    del manifest["strategies"]["SimpleS16"]["variants"]["rotate"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexInvalid, match="missing"):
+        load_index(bad, verify="quick")
