@@ -23,8 +23,7 @@ import os
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+worker_class = "serving.worker.BufferedWorker"
 preload_app = True
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))  # the first upload per backbone loads its model
 graceful_timeout = 30

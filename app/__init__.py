@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_UPLOAD_MB"] = settings.max_upload_mb
     app.config["STARTED_AT"] = time.time()
+    app.config["SERVING"] = _serving_limits(settings, service)
     app.json.sort_keys = False
     app.json.compact = True
     app.extensions[EXTENSION_KEY] = service
@@ -67,6 +68,32 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.index_dir,
     )
     return app
+
+
+def _serving_limits(settings: Settings, service) -> dict:
+    """What gunicorn's worker (serving.worker.BufferedWorker) enforces before and around the app.
+
+    Heavy requests (a model pass: uploads, and lookups of unknown appids when the CDN fallback is on)
+    run in the worker's bounded, low-priority thread pool; everything else inline.
+    """
+
+    def is_heavy(method: str, path: str) -> bool:
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            return True
+        if service.fetcher is None or not path.startswith("/match/"):
+            return False
+        appid = path[len("/match/") :]
+        return not (appid.isdigit() and appid.isascii() and service.catalog.get(int(appid)) is not None)
+
+    return {
+        "header_timeout": settings.header_timeout,
+        "body_timeout": settings.upload_timeout,
+        "max_body_bytes": settings.max_upload_bytes,
+        "heavy_slots": settings.upload_concurrency,
+        "heavy_queue": settings.upload_queue,
+        "queue_timeout": settings.upload_queue_timeout,
+        "is_heavy": is_heavy,
+    }
 
 
 def _register_cors(app: Flask, origins: list[str]) -> None:
