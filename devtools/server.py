@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +129,48 @@ def running_server(env: dict[str, str], log_dir: Path, name: str = "gunicorn", *
         yield srv
     finally:
         srv.stop()
+
+
+# -- which worker holds a connection ---------------------------------------------------------------
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir() if fd_dir.exists() else []:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def connection_owner(server_port: int, client_port: int, pids: Sequence[int]) -> int | None:
+    """The worker holding the server side of our 127.0.0.1 connection from ``client_port`` (via /proc/net/tcp)."""
+    local = f"0100007F:{server_port:04X}"
+    remote = f"0100007F:{client_port:04X}"
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[1] == local and parts[2] == remote:
+                inode = parts[9]
+                break
+    if inode is None:
+        return None
+    for pid in pids:
+        if inode in _socket_inodes(pid):
+            return pid
+    return None
+
+
+def connections_per_worker(server_port: int, pids: Sequence[int]) -> list[int]:
+    """How many established connections to 127.0.0.1:server_port each worker holds (from /proc)."""
+    local = f"0100007F:{server_port:04X}"
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[1] == local and parts[3] == "01":  # ESTABLISHED, server side
+                inodes.add(parts[9])
+    return [len(inodes & _socket_inodes(pid)) for pid in pids]

@@ -20,15 +20,22 @@ _FIELDS = 4
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a killed worker the master has not reaped yet)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
         return True
-    return True
 
 
 class Board:
@@ -72,7 +79,7 @@ class Board:
                 out.append((row, self._v[base], self._v[base + 2]))
         return out
 
-    def _alive(self, pid: int, max_age: float = 0.5) -> bool:
+    def _alive(self, pid: int, max_age: float = 0.1) -> bool:
         """Whether a worker still exists (a SIGKILLed one cannot clear its row), checked every max_age s."""
         now = time.monotonic()
         checked = self._alive_at.get(pid)
