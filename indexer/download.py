@@ -34,7 +34,6 @@ from core.files import atomic_write_bytes
 from core.steam import DEFAULT_CDN_URL, banner_url
 
 MISSING_FILE = "missing.json"
-DEFAULT_APPS_FILE = Path(__file__).resolve().parent.parent / "catalogs" / "default_games.json"
 MAX_BODY_BYTES = 10 * 1024 * 1024
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 USER_AGENT = "steam-dino-banners/0.1 (banner downloader)"
@@ -190,37 +189,9 @@ def download_banners(
 
     new_missing: set[int] = set()
     present: set[int] = set()
-    bar = tqdm(total=len(appids), initial=len(appids) - len(todo), unit="banner", disable=not progress)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="banner")
     try:
-        futures = {pool.submit(fetcher.fetch_one, appid, out): appid for appid in todo}
-        for fut in as_completed(futures):
-            appid = futures[fut]
-            try:
-                status, reason = fut.result()
-            except Exception as exc:  # a bug must not lose the other results
-                status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
-            if status == "downloaded":
-                summary.downloaded.append(appid)
-                present.add(appid)
-            elif status == "skipped":
-                summary.skipped.append(appid)
-                present.add(appid)
-            elif status == "missing":
-                summary.missing.append(appid)
-                new_missing.add(appid)
-            elif status == "interrupted":
-                pass
-            else:
-                summary.failed[appid] = reason
-            bar.update(1)
-    except BaseException:
-        fetcher.stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
+        _fetch_all(fetcher, todo, out, workers, summary, new_missing, present, progress)
     finally:
-        pool.shutdown(wait=True)
-        bar.close()
         fetcher.close()
         _update_missing(out, known_missing, new_missing, present)
 
@@ -230,6 +201,45 @@ def download_banners(
     summary.failed = dict(sorted(summary.failed.items()))
     summary.elapsed_s = time.monotonic() - start
     return summary
+
+
+def _fetch_all(
+    fetcher: _Fetcher,
+    todo: list[int],
+    out: Path,
+    workers: int,
+    summary: DownloadSummary,
+    new_missing: set[int],
+    present: set[int],
+    progress: bool,
+) -> None:
+    """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
+    bar = tqdm(total=summary.requested, initial=summary.requested - len(todo), unit="banner", disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="banner")
+    try:
+        futures = {pool.submit(fetcher.fetch_one, appid, out): appid for appid in todo}
+        for fut in as_completed(futures):
+            appid = futures[fut]
+            try:
+                status, reason = fut.result()
+            except Exception as exc:  # a bug must not lose the other results
+                status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
+            if status in ("downloaded", "skipped"):
+                getattr(summary, status).append(appid)
+                present.add(appid)
+            elif status == "missing":
+                summary.missing.append(appid)
+                new_missing.add(appid)
+            elif status != "interrupted":
+                summary.failed[appid] = reason
+            bar.update(1)
+    except BaseException:
+        fetcher.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
 
 
 class _Retryable(Exception):
@@ -410,7 +420,6 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 
 
 __all__ = [
-    "DEFAULT_APPS_FILE",
     "MISSING_FILE",
     "AppsInvalid",
     "DownloadSummary",

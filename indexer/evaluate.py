@@ -313,29 +313,8 @@ def copy_detection(
     if not set(names) <= covered:
         raise ValueError(f"the extractors do not embed {sorted(set(names) - covered)}")
     batch_size = batch_size or default_batch_size(extractors[0].device.type)
-    searchers = {n: ExactSearch(index.strategies[n].embeddings) for n in names}
-    k_eff = min(k, len(index))
-
-    kept: list[int] = []
+    ranker = _Ranker(index, names, extractors, min(k, len(index)))
     skipped: list[tuple[int, str]] = []
-    ranks = {n: {a: [] for a in ALTERATIONS} for n in names}
-    sims = {n: {a: [] for a in ALTERATIONS} for n in names}
-    pending: list[tuple[int, str, Image.Image]] = []  # (row, alteration, image) waiting for a batch
-
-    def flush() -> None:
-        if not pending:
-            return
-        feats = embed(extractors, [img for _, _, img in pending])
-        for n in names:
-            table = index.strategies[n].embeddings
-            for (row, alt, _), q in zip(pending, feats[n], strict=True):
-                found, _ = searchers[n].search(q, k_eff)
-                hit = np.flatnonzero(found == row)
-                ranks[n][alt].append(int(hit[0]) + 1 if hit.size else 0)
-                sims[n][alt].append(float(np.dot(q.astype(np.float64), np.asarray(table[row], dtype=np.float64))))
-        bar.update(len(pending))
-        pending.clear()
-
     with tqdm(
         total=len(rows) * len(ALTERATIONS),
         unit="img",
@@ -346,36 +325,74 @@ def copy_detection(
     ) as bar:
         for row in rows:
             appid = int(index.appids[row])
-            path = paths.get(appid)
-            if path is None:
-                skipped.append((appid, f"no banner {appid}.<jpg|jpeg|png|webp> in {images_dir}"))
+            img, why = _open_query(paths.get(appid), appid, images_dir)
+            if img is None:
+                skipped.append((appid, why))
                 bar.total -= len(ALTERATIONS)
                 bar.refresh()
                 continue
-            try:
-                img = open_image(path)
-            except (ImageRejected, OSError) as e:
-                skipped.append((appid, f"{path.name}: {e}"))
-                bar.total -= len(ALTERATIONS)
-                bar.refresh()
-                continue
-            kept.append(row)
-            pending.extend((row, alt, altered) for alt, altered in alterations(img, query_rng(seed, appid)).items())
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-    if not kept:
+            ranker.add(row, alterations(img, query_rng(seed, appid)))
+            if len(ranker.pending) >= batch_size:
+                bar.update(ranker.flush())
+        bar.update(ranker.flush())
+    if not ranker.rows:
         raise EvaluationError(f"none of the {len(rows)} sampled banners could be read from {images_dir}")
-    return CopyDetection(
-        k=k_eff,
-        seed=seed,
-        num_items=len(index),
-        rows=kept,
-        ranks={n: {a: np.array(v, dtype=np.int64) for a, v in by.items()} for n, by in ranks.items()},
-        similarity={n: {a: np.array(v) for a, v in by.items()} for n, by in sims.items()},
-        skipped=skipped,
-        requested=queries,
-    )
+    return ranker.result(seed, skipped, queries)
+
+
+def _open_query(path: Path | None, appid: int, images_dir: object) -> tuple[Image.Image | None, str]:
+    """A sampled banner's image, or None and why it is left out (missing or unreadable file)."""
+    if path is None:
+        return None, f"no banner {appid}.<jpg|jpeg|png|webp> in {images_dir}"
+    try:
+        return open_image(path), ""
+    except (ImageRejected, OSError) as e:
+        return None, f"{path.name}: {e}"
+
+
+class _Ranker:
+    """Embeds altered copies in batches and records the rank of each original among the index."""
+
+    def __init__(self, index: LoadedIndex, names: list[str], extractors: Sequence[Extractor], k: int) -> None:
+        self.index, self.names, self.extractors, self.k = index, names, extractors, k
+        self.searchers = {n: ExactSearch(index.strategies[n].embeddings) for n in names}
+        self.rows: list[int] = []
+        self.pending: list[tuple[int, str, Image.Image]] = []  # (row, alteration, image) waiting for a batch
+        self.ranks = {n: {a: [] for a in ALTERATIONS} for n in names}
+        self.sims = {n: {a: [] for a in ALTERATIONS} for n in names}
+
+    def add(self, row: int, altered: dict[str, Image.Image]) -> None:
+        self.rows.append(row)
+        self.pending.extend((row, alt, img) for alt, img in altered.items())
+
+    def flush(self) -> int:
+        """Embed and rank what is pending; returns how many copies that was."""
+        done = len(self.pending)
+        if not done:
+            return 0
+        feats = embed(self.extractors, [img for _, _, img in self.pending])
+        for n in self.names:
+            table = self.index.strategies[n].embeddings
+            for (row, alt, _), q in zip(self.pending, feats[n], strict=True):
+                found, _ = self.searchers[n].search(q, self.k)
+                hit = np.flatnonzero(found == row)
+                self.ranks[n][alt].append(int(hit[0]) + 1 if hit.size else 0)
+                original = np.asarray(table[row], dtype=np.float64)
+                self.sims[n][alt].append(float(np.dot(q.astype(np.float64), original)))
+        self.pending.clear()
+        return done
+
+    def result(self, seed: int, skipped: list[tuple[int, str]], requested: int) -> CopyDetection:
+        return CopyDetection(
+            k=self.k,
+            seed=seed,
+            num_items=len(self.index),
+            rows=self.rows,
+            ranks={n: {a: np.array(v, dtype=np.int64) for a, v in by.items()} for n, by in self.ranks.items()},
+            similarity={n: {a: np.array(v) for a, v in by.items()} for n, by in self.sims.items()},
+            skipped=skipped,
+            requested=requested,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,6 +184,39 @@ def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
     return BuiltIndex(root, root / "index", root / "banners", torch_home, apps, names)
 
 
+@pytest.fixture
+def make_app(built_index, monkeypatch):
+    """The Flask app over the session's built index, as the factory makes it; keyword overrides for Settings."""
+    from app import create_app
+    from app.config import Settings
+
+    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+
+    def make(**overrides):
+        settings = Settings(**({"index_dir": built_index.index, "banners_dir": built_index.banners} | overrides))
+        app = create_app(settings)
+        app.testing = True
+        return app
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_client(make_app):
+    """A test client of an app made with these Settings overrides."""
+    return lambda **overrides: make_app(**overrides).test_client()
+
+
 def server_env(built: BuiltIndex, **extra: str) -> dict[str, str]:
     return {
         "INDEX_DIR": str(built.index),

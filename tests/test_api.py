@@ -9,27 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import create_app
-from app.config import Settings
-
-
-@pytest.fixture
-def make_client(built_index, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
-
-    def make(**overrides):
-        settings = Settings(**({"index_dir": built_index.index, "banners_dir": built_index.banners} | overrides))
-        app = create_app(settings)
-        app.testing = True
-        return app.test_client()
-
-    return make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
 
 def tables(built_index, strategy):
     root = built_index.index / strategy

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.apps import AppsInvalid, load_apps
 from core.steam import DEFAULT_CDN_URL
-from indexer.download import DEFAULT_APPS_FILE, download_banners
+
+# The shipped list of well-known games, so that a newcomer can run the pipeline end to end.
+DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_games.json"
 
 MAX_FAILURE_LINES = 20
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate everything before touching the disk, download, print the summary; return the exit code."""
     args = build_parser().parse_args(argv)
+    from core.apps import AppsInvalid, load_apps  # after parsing: --help answers at once
+    from indexer.download import download_banners
+
     try:
         apps = load_apps(args.apps if args.apps is not None else DEFAULT_APPS_FILE)
     except AppsInvalid as exc:
