@@ -14,7 +14,7 @@ import pytest
 import requests
 from conftest import GunicornServer, server_env
 
-from devtools.server import connection_owner
+from devtools.server import connection_owner, connections_per_worker
 from serving.board import READY, Board
 from serving.http1 import ChunkScanner, RequestError, error_response, head_framing
 
@@ -176,6 +176,9 @@ def test_ready_only_when_every_worker_serves_even_after_a_worker_dies(served):
 @pytest.mark.slow
 def test_keep_alive_connections_spread_over_the_workers(served):
     pids = served.workers(expect=2)
+    deadline = time.monotonic() + 10  # the workers balance all their connections: let earlier tests' go first
+    while sum(connections_per_worker(served.port, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     conns = [http.client.HTTPConnection("127.0.0.1", served.port, timeout=10) for _ in range(8)]
     try:
         for _ in range(6):  # a worker over its share closes surplus connections; the clients reconnect
