@@ -47,7 +47,14 @@ STATUS = {
 
 
 def _wants_html() -> bool:
-    return bool(g.get("html", request.blueprint == "pages"))
+    """HTML for the pages, and for a browser on a URL that matched no route; JSON for everything else."""
+    if "html" in g:
+        return bool(g.html)
+    if request.blueprint == "pages":
+        return True
+    if request.url_rule is None:  # an unknown URL (or method): answer in the format the client prefers
+        return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+    return False
 
 
 def error_response(status: int, code: str, message: str, extra: dict | None = None) -> Response:
@@ -132,7 +139,11 @@ def register_error_handlers(app: Flask) -> None:
             message = f"the upload is larger than the {limit_mb:g} MB limit" if limit_mb else message
             _linger(request.environ)
         if status == 404 and request.blueprint is None:
-            message = f"no such endpoint: {request.path} (see GET /health and the README for the API)"
+            message = (
+                f"there is no page at {request.path}"
+                if _wants_html()
+                else f"no such endpoint: {request.path} (see GET /health and the README for the API)"
+            )
         if status == 405:
             message = f"{request.method} is not allowed on {request.path}"
         resp = error_response(status, code, message)

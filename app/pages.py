@@ -9,21 +9,60 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 
-from flask import Blueprint, abort, g, render_template, request, send_file
+from flask import Blueprint, abort, g, redirect, render_template, request, send_file, url_for
 from PIL import Image
 
 from core.banners import find_banner_file
 from core.steam import is_ascii_digits
 
 from .params import get_service, host_url, k_param, parse_appid, strategy_param, strategy_value
+from .problems import NotFound
 from .uploads import read_upload
 
 bp = Blueprint("pages", __name__)
 
+MORE_STEP = 20  # "Show more" on a gallery adds this many matches
 
-@bp.after_request
+
+@bp.app_template_filter("similarity")
+def similarity(score: float) -> str:
+    """A cosine as people read it: 0.8803 is "88%"."""
+    return f"{score * 100:.0f}%"
+
+
+@bp.app_template_global("strategy_info")
+def strategy_info(name: str) -> dict:
+    """What the pages say about a strategy: plain words first, the technical line for the curious.
+
+    A template global, so that every page (/compare's too, rendered by the API's view) says the same.
+    """
+    svc = get_service()
+    s = svc.index.strategies[name]
+    return {
+        "name": name,
+        "plain": s.strategy.describe_plain(),
+        "technical": s.strategy.describe(),
+        "dim": s.strategy.dim,
+        "default": name == svc.default_strategy,
+    }
+
+
+def more_links(k: int, max_k: int) -> list[tuple[str, int]]:
+    """(label, k) of the "Show more" links under a gallery of k matches, up to the table's max_k."""
+    if k >= max_k:
+        return []
+    step = min(MORE_STEP, max_k - k)
+    links = [(f"Show {step} more", k + step)]
+    if k + step < max_k:
+        links.append((f"Show all {max_k}", max_k))
+    return links
+
+
+@bp.after_app_request
 def security_headers(resp):
+    """Every HTML answer (pages, /compare for browsers, error pages on any URL) forbids scripts and framing."""
     if resp.mimetype == "text/html":
         cdn = get_service().settings.cdn_url.split("/", 3)
         cdn_origin = "/".join(cdn[:3])
@@ -48,7 +87,7 @@ def home():
         q=q,
         results=games,
         unique=unique,
-        strategies=[svc.describe_strategy(n) for n in svc.strategy_names],
+        strategies=[strategy_info(n) for n in svc.strategy_names],
         default_strategy=svc.default_strategy,
         apps=len(svc.catalog),
         max_upload_mb=svc.settings.max_upload_mb,
@@ -66,10 +105,25 @@ def render(appid: str):
         "gallery.html",
         payload=payload,
         upload=None,
-        strategies=svc.strategy_names,
+        strategies=[strategy_info(n) for n in svc.strategy_names],
         strategy=strategy,
         k=k,
+        more=more_links(k, svc.max_k(strategy)),
     )
+
+
+@bp.get("/render/")
+@bp.get("/random")  # registered first: the URL that url_for builds
+def random_game():
+    """A redirect to the gallery of a game picked at random (heroku-flask-api's /render/ without an appid)."""
+    svc = get_service()
+    if not svc.catalog.games:
+        raise NotFound("empty_index", "the index has no games")
+    game = random.choice(svc.catalog.games)
+    args = {"strategy": strategy_param(svc)} if request.args.get("strategy") else {}
+    resp = redirect(url_for("pages.render", appid=game.appid, **args))
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 @bp.post("/upload")
@@ -84,7 +138,13 @@ def upload():
     payload, _, uploaded = svc.upload_payload(data, strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)
     return render_template(
-        "gallery.html", payload=payload, upload=thumb, strategies=svc.strategy_names, strategy=strategy, k=k
+        "gallery.html",
+        payload=payload,
+        upload=thumb,
+        strategies=[strategy_info(n) for n in svc.strategy_names],
+        strategy=strategy,
+        k=k,
+        more=[],  # an upload is not stored: there is no page to ask for more of it
     )
 
 

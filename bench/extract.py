@@ -265,7 +265,7 @@ def decode_rate(ex: Extractor, paths: list[Path], batch: int, workers: int) -> f
 
 def files_rate(ex: Extractor, paths: list[Path], batch: int, workers: int) -> float:
     t0 = time.perf_counter()
-    n = sum(len(b.indices) for b in ex.iter_files(paths, batch_size=batch, num_workers=workers))
+    n = sum(len(b.indices) for b in ex.iter_files(paths, batch_size=batch, num_workers=workers, decode="cpu"))
     return n / (time.perf_counter() - t0)
 
 

@@ -65,6 +65,14 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
 _sha_cache: dict[tuple[str, int, int], str] = {}
 
 
+def sha256_files(paths: list[Path], workers: int = 8) -> list[str]:
+    """sha256 of many files, in threads (hashlib and file reads release the GIL), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="sha256") as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def sha256_file(path: Path, *, cache: bool = False) -> str:
     """The file's sha256, streamed; ``cache`` remembers it per (path, size, mtime) (checkpoints: hashed once)."""
     key = None

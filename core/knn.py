@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["ExactSearch", "topk_table"]
+__all__ = ["ExactSearch", "check_count", "check_table", "topk_table"]
 
 _U32 = 2.0**-24  # unit roundoff of float32
 _U16 = 2.0**-11  # unit roundoff of float16
@@ -49,7 +49,7 @@ _NORM_CHUNK_ROWS = 4096
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_table(embeddings: np.ndarray) -> np.ndarray:
+def check_table(embeddings: np.ndarray) -> np.ndarray:
     """The embeddings as a 2-D float16/32/64 array, without copying (memmaps stay memmaps)."""
     table = np.asarray(embeddings)
     if table.ndim != 2:
@@ -66,7 +66,7 @@ def _check_table(embeddings: np.ndarray) -> np.ndarray:
     return table
 
 
-def _check_count(value: int, name: str) -> int:
+def check_count(value: int, name: str) -> int:
     """A positive int (bools and floats refused: they are always a caller's mistake here)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -354,9 +354,9 @@ def topk_table(
     is packed for oneDNN), 2-3 x chunk_rows x N float32 scores, and about 24 bytes per candidate pair
     (k plus a few per row) with as much again for sorting them: about 0.8 GB for 30k x 1536, k = 100.
     """
-    table = _check_table(embeddings)
-    k = _check_count(k, "k")
-    chunk_rows = _check_count(chunk_rows, "chunk_rows")
+    table = check_table(embeddings)
+    k = check_count(k, "k")
+    chunk_rows = check_count(chunk_rows, "chunk_rows")
     n, dim = table.shape
     _warm_up_sparse()
     k = min(k, n - 1)
@@ -426,7 +426,7 @@ class ExactSearch:
     """
 
     def __init__(self, embeddings: np.ndarray) -> None:
-        table = _check_table(embeddings)
+        table = check_table(embeddings)
         _warm_up_sparse()
         self._table = table
         self.n, self.dim = table.shape
@@ -455,7 +455,7 @@ class ExactSearch:
         game). ``k`` is capped to the number of rows available.
         """
         q64 = self._check_query(query)
-        k = _check_count(k, "k")
+        k = check_count(k, "k")
         if exclude is not None:
             if isinstance(exclude, bool) or not isinstance(exclude, (int, np.integer)):
                 raise ValueError(f"exclude must be a row index or None, got {exclude!r}")

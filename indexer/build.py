@@ -5,11 +5,14 @@ The steps, each safe to interrupt:
 1. check the inputs (folder, apps list, strategies, options): bad input stops
    here, before anything is written;
 2. resolve each backbone's checkpoint (cache, download or ``--weights``) and
-   hash it; hash every banner;
+   hash it; hash every banner (in threads);
 3. embed what the cache lacks, batch by batch, each batch persisted at once
-   (see ``cache.py``); unreadable images are skipped and recorded;
+   (see ``cache.py``) by a writer thread while the next batch runs; unreadable
+   images are skipped and recorded; on CUDA, banners are decoded on the GPU
+   (``core.dino.device_input``);
 4. for every strategy, store the embeddings (float16 by default) and compute
-   the exact top-k tables over the stored values (``core.knn``);
+   the exact top-k tables over the stored values (``core.knn``; on CUDA a
+   float64 brute force on the GPU, ``core.knn_device``);
 5. write it all to a staging folder and swap it into place (``writer.py``).
 """
 
@@ -18,6 +21,8 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +31,21 @@ import torch
 from tqdm import tqdm
 
 from core.apps import load_apps
-from core.dino.extract import Extractor, configure_threads, default_batch_size, default_device
+from core.dino.extract import (
+    Extractor,
+    configure_threads,
+    cpu_cores,
+    default_batch_size,
+    default_device,
+    default_precision,
+)
 from core.dino.strategies import Strategy
-from core.dino.weights import checkpoint_url, resolve_checkpoint
-from core.files import sha256_file
+from core.dino.timing import StageTimer, UtilisationSampler
+from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
+from core.files import sha256_file, sha256_files
 from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
 from core.knn import topk_table
+from core.knn_device import topk_table_device
 
 from .cache import EmbeddingCache, strategy_key
 from .sources import Source, SourceError, plan_sources
@@ -52,7 +66,8 @@ class BuildConfig:
     num_workers: int | None = None
     threads: int | None = None
     dtype: str = "float16"
-    precision: str = "fp32"
+    precision: str | None = None  # default_precision(device)
+    decode: str | None = None  # "cpu" or "device"; default: the extractor's (device on CUDA)
     progress: bool = True
 
 
@@ -68,6 +83,23 @@ class BuildSummary:
     seconds: float
     embed_seconds: float
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    gpu_utilisation: float | None = None
+
+    def breakdown(self) -> str:
+        """Where the time went: one line, stages in order (decoding overlaps the forwards on the device path)."""
+        t = self.timings
+        parts = [f"{name} {t[name]:.2f} s" for name in ("hashing", "models") if name in t]
+        embed = [f"{name} {v:.2f} s" for name, v in t.items() if name.startswith(("decoding", "forwards"))]
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
+        if "embedding" in t:
+            inner = "; ".join(embed + ([counts] if counts else []))
+            parts.append(f"embedding {t['embedding']:.2f} s" + (f" ({inner})" if inner else ""))
+        parts += [f"{name} {t[name]:.2f} s" for name in ("tables", "writing") if name in t]
+        if self.gpu_utilisation is not None:
+            parts.append(f"GPU busy {self.gpu_utilisation:.0f}% while embedding")
+        return "time: " + ", ".join(parts)
 
     def line(self) -> str:
         rate = f"{self.embedded / self.embed_seconds:.1f} images/s" if self.embedded and self.embed_seconds else "-"
@@ -111,6 +143,8 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         )
     configure_threads(cfg.threads)
     device = cfg.device or default_device()
+    precision = cfg.precision or default_precision(device)
+    timer = StageTimer(device)
     notes = []
     work = cfg.out.parent / f".{cfg.out.name}.work"
     with EmbeddingCache(work) as cache:
@@ -123,11 +157,21 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
             if code not in checkpoints:
                 checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
                 ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
-        keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], cfg.precision) for s in cfg.strategies}
-        shas = [sha256_file(src.path) for src in tqdm(plan.sources, desc="hashing", disable=not cfg.progress)]
+        keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], precision) for s in cfg.strategies}
+        with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
+            if str(device).startswith("cuda"):  # load the models onto the GPU while the CPU hashes the banners
+                loading = loader.submit(_load_models, cfg.strategies, device, checkpoints, ckpt_sha, timer)
+            t0 = time.perf_counter()
+            shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
+            timer.add("hashing", time.perf_counter() - t0)
+            if str(device).startswith("cuda"):
+                loading.result()
 
         embed_start = time.perf_counter()
-        embedded = _embed_missing(cfg, device, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
+        with UtilisationSampler(device) as utilisation:
+            embedded = _embed_missing(
+                cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer
+            )
         embed_seconds = time.perf_counter() - embed_start
 
         rows = [i for i, h in enumerate(shas) if h not in cache.failed]
@@ -140,8 +184,10 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
             print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
         if len(rows) < 2:
             raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
-        _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache)
+        _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer)
+        t0 = time.perf_counter()
         cache.consolidate()
+        timer.add("writing", time.perf_counter() - t0)
     embedded = min(embedded, len(rows))
     reused = len(rows) - embedded
     return BuildSummary(
@@ -155,18 +201,32 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         seconds=time.perf_counter() - start,
         embed_seconds=embed_seconds,
         notes=notes,
+        timings=timer.totals(),
+        counts=dict(timer.counts),
+        gpu_utilisation=utilisation.mean,
     )
+
+
+def _load_models(strategies, device, checkpoints, ckpt_sha, timer: StageTimer) -> None:
+    """Put every backbone's model in the process-wide cache, where the Extractor finds it."""
+    t0 = time.perf_counter()
+    for code in dict.fromkeys(s.backbone.code for s in strategies):
+        backbone = next(s.backbone for s in strategies if s.backbone.code == code)
+        MODELS.get(backbone, checkpoints[code], device=device, expected_sha256=ckpt_sha[code], download=False)
+    timer.add("models", time.perf_counter() - t0)
 
 
 def _embed_missing(
     cfg: BuildConfig,
     device: str,
+    precision: str,
     sources: list[Source],
     shas: list[str],
     keys: dict[str, str],
     checkpoints: dict[str, Path],
     ckpt_sha: dict[str, str],
     cache: EmbeddingCache,
+    timer: StageTimer,
 ) -> int:
     """Embed the banners the cache lacks for some strategy; returns how many were embedded (not failed)."""
     todo_strategies = [
@@ -179,45 +239,70 @@ def _embed_missing(
     ]
     if not todo:
         return 0
+    t0 = time.perf_counter()
     extractor = Extractor(
         todo_strategies,
         device=device,
-        precision=cfg.precision,
+        precision=precision,
         checkpoints=checkpoints,
         expected_sha256=ckpt_sha,
         download=False,
     )
+    timer.add("models", time.perf_counter() - t0)
     batch_size = cfg.batch_size or default_batch_size(device)
     done = 0
-    with tqdm(total=len(todo), unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1) as bar:
+    t0 = time.perf_counter()
+    # One writer thread persists each batch while the next one runs; at most two wait to be written.
+    with (
+        tqdm(total=len(todo), unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1) as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as writer,
+    ):
+        writes: deque = deque()
         for batch in extractor.iter_files(
-            [sources[i].path for i in todo], batch_size=batch_size, num_workers=cfg.num_workers
+            [sources[i].path for i in todo],
+            batch_size=batch_size,
+            num_workers=cfg.num_workers,
+            decode=cfg.decode,
+            timer=timer,
         ):
             batch_shas = [shas[todo[j]] for j in batch.indices]
             features = {keys[name]: feats for name, feats in batch.features.items()}
             failed = {shas[todo[j]]: reason for j, reason in batch.failures}
-            cache.add_batch(batch_shas, features, failed)
+            writes.append(writer.submit(cache.add_batch, batch_shas, features, failed))
+            while len(writes) > 2:
+                writes.popleft().result()
             bar.update(len(batch.indices) + len(batch.failures))
             done += len(batch.indices)
+        while writes:
+            writes.popleft().result()
+    timer.add("embedding", time.perf_counter() - t0)
     return done
 
 
-def _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache) -> None:
+def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer):
     n = len(rows)
+    t_start, t_tables = time.perf_counter(), 0.0
     apps = [{"appid": plan.sources[i].appid, "name": plan.sources[i].name} for i in rows]
-    with IndexWriter(cfg.out) as writer:
+    # Tables one after the other (on the GPU, or on every core), files written and hashed in threads meanwhile.
+    with IndexWriter(cfg.out) as writer, ThreadPoolExecutor(4, thread_name_prefix="index-writer") as pool:
         apps_sha = writer.write_json(APPS, apps)
-        entries = {}
+        writes = {}
         for s in cfg.strategies:
             key = keys[s.name]
             emb = np.stack([cache.get(key, shas[i]) for i in rows]).astype(cfg.dtype)
+            t0 = time.perf_counter()
             with tqdm(total=n, unit="row", desc=f"neighbours {s.name}", disable=not cfg.progress) as bar:
-                neighbours, scores = topk_table(emb, min(cfg.k, n - 1), progress=bar.update)
+                if str(device).startswith("cuda"):
+                    neighbours, scores = topk_table_device(emb, min(cfg.k, n - 1), device, progress=bar.update)
+                else:
+                    neighbours, scores = topk_table(emb, min(cfg.k, n - 1), progress=bar.update)
+            t_tables += time.perf_counter() - t0
             code = s.backbone.code
             checkpoint = {"file": checkpoints[code].name, "sha256": ckpt_sha[code], "url": checkpoint_url(s.backbone)}
-            entries[s.name] = write_strategy(
-                writer, s, emb, neighbours, scores, checkpoint, precision=cfg.precision, cache_key=key
+            writes[s.name] = pool.submit(
+                write_strategy, writer, s, emb, neighbours, scores, checkpoint, precision=precision, cache_key=key
             )
+        entries = {name: future.result() for name, future in writes.items()}
         manifest = make_manifest(
             n,
             apps_sha,
@@ -228,3 +313,5 @@ def _write_index(cfg, device, plan, rows, shas, skipped, keys, checkpoints, ckpt
             build={"device": device, "torch": torch.__version__, "python": platform.python_version()},
         )
         writer.commit(manifest)
+    timer.add("tables", t_tables)
+    timer.add("writing", time.perf_counter() - t_start - t_tables)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -119,14 +120,18 @@ class EmbeddingCache:
         self.failed.update(failed)
 
     def consolidate(self) -> None:
-        """Merge everything into one store file per strategy key and drop the chunks."""
-        for key, table in self.vectors.items():
+        """Merge everything into one store file per strategy key (in threads) and drop the chunks."""
+
+        def save(key: str, table: dict[str, np.ndarray]) -> None:
             shas = sorted(table)
             atomic_save_npz(
                 self.store / f"{key}.npz",
                 sha256=np.array(shas, dtype="U64"),
                 **{f"f_{key}": np.stack([table[s] for s in shas]) if shas else np.zeros((0, 0), np.float32)},
             )
+
+        with ThreadPoolExecutor(max(1, min(8, len(self.vectors)))) as pool:
+            list(pool.map(save, self.vectors, self.vectors.values()))
         atomic_write_json(self.store / FAILED, self.failed)
         for chunk in self.chunks.glob("*.npz"):
             chunk.unlink()

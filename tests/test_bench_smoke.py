@@ -61,3 +61,18 @@ def test_combined_table(quick_run):
     assert "GET /match answers equal the tables" in md
     # the workspace records what it built, so that the next benchmark reuses it
     assert json.loads((ws / "index.params.json").read_text())["info"]["apps"] == 2000
+
+
+@pytest.mark.slow
+def test_gpu_build_bench_runs_on_the_cpu(tmp_path):
+    """bench.gpu_build --quick: banners, checkpoint, the build as a command, the feature comparison."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_build", "--quick", "--workdir", str(tmp_path / "ws")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for expected in ("48 banners, 600x900 JPEG", "time: hashing", "from launch to exit", "min cos dev/CPU prep"):
+        assert expected in proc.stdout, expected

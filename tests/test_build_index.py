@@ -341,3 +341,27 @@ def test_recover_after_a_crash_between_the_two_renames(tmp_path):
     (tmp_path / ".other.staging-5").mkdir()  # incomplete: no manifest
     assert "restored" in recover(out2)
     assert out2.is_dir() and not (tmp_path / ".other.staging-5").exists()
+
+
+@pytest.mark.slow
+def test_device_decoding_build_matches_the_cpu_build(built_index, tmp_path, monkeypatch):
+    """The device input path (here on the CPU, torchvision's decoder) gives the CPU build's index, within
+    the one-level resize differences; the summary says where the time went and what was decoded where."""
+    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+    summary = build_index(
+        BuildConfig(
+            images=built_index.banners,
+            out=tmp_path / "index",
+            strategies=parse_strategies("SimpleS16"),
+            k=10,
+            apps_file=built_index.root / "apps.json",
+            decode="device",
+            progress=False,
+        )
+    )
+    ours = np.load(tmp_path / "index" / "SimpleS16" / "embeddings.npy").astype(np.float64)
+    theirs = np.load(built_index.index / "SimpleS16" / "embeddings.npy").astype(np.float64)
+    assert ours.shape == theirs.shape
+    assert (ours * theirs).sum(axis=1).min() > 0.999
+    line = summary.breakdown()
+    assert "forwards S16" in line and "24 decoded on the device" in line and "tables" in line, line

@@ -1,4 +1,4 @@
-"""The real service under gunicorn, over HTTP on 127.0.0.1: endpoints, errors, and the gallery in Chromium."""
+"""The real service under gunicorn, over HTTP on 127.0.0.1: endpoints, errors, and the pages in Chromium."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from browser import Chromium, find_chromium
 from conftest import ROOT, GunicornServer, server_env
 from PIL import Image, ImageChops, ImageStat
 
@@ -94,14 +96,6 @@ def test_uploaded_indexed_banner_finds_itself(server, built_index):
     assert raw.json()["matches"][0]["appid"] == 50
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def _screenshot(url: str, out, images: bool = True) -> Image.Image:
     flags = [
         "--headless",
@@ -121,7 +115,7 @@ def _screenshot(url: str, out, images: bool = True) -> Image.Image:
     if not images:
         flags.append("--blink-settings=imagesEnabled=false")
     for _attempt in range(3):  # a loaded machine can make Chromium give up on its first start
-        run = subprocess.run([_chromium(), *flags, url], capture_output=True, text=True, timeout=180, check=False)
+        run = subprocess.run([find_chromium(), *flags, url], capture_output=True, text=True, timeout=180, check=False)
         if out.exists():
             break
     assert out.exists(), f"Chromium wrote no screenshot of {url}: {run.returncode} {run.stderr[-2000:]}"
@@ -129,7 +123,7 @@ def _screenshot(url: str, out, images: bool = True) -> Image.Image:
 
 
 @pytest.mark.skipif(
-    _chromium() is None and not os.environ.get("REQUIRE_CHROMIUM"),
+    find_chromium() is None and not os.environ.get("REQUIRE_CHROMIUM"),
     reason="Chromium is not installed (.ci/run installs it and sets REQUIRE_CHROMIUM=1)",
 )
 def test_gallery_renders_in_headless_chromium(server, built_index, tmp_path):
@@ -152,6 +146,65 @@ def test_gallery_renders_in_headless_chromium(server, built_index, tmp_path):
     assert html.count('class="card"') == 8
     if os.environ.get("SCREENSHOT_DIR"):  # keep the picture for people to look at
         shutil.copy(tmp_path / "gallery.png", os.path.join(os.environ["SCREENSHOT_DIR"], "gallery.png"))
+
+
+WIDTHS = {390: 844, 1280: 900}  # an iPhone 12-15's CSS viewport; a laptop's
+
+# What the page measures, and which elements stick out past the viewport when it overflows.
+MEASURE = """JSON.stringify({
+  path: location.pathname + location.search,
+  type: document.contentType,
+  h1: (document.querySelector('h1') || {}).textContent,
+  scrollWidth: document.documentElement.scrollWidth,
+  innerWidth: window.innerWidth,
+  wide: [...document.querySelectorAll('body *')]
+    .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+    .slice(0, 8).map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right)),
+})"""
+
+
+def _pages(base: str) -> dict[str, str]:
+    return {
+        "home": f"{base}/",
+        "search": f"{base}/?q=portal",
+        "gallery": f"{base}/render/10",
+        "gallery-show-more": f"{base}/render/20?strategy=SimpleS16&k=4",
+        "compare": f"{base}/compare/10",
+        "random": f"{base}/random",
+        "error-unknown-appid": f"{base}/render/999999",
+        "error-unknown-url": f"{base}/no/such/page",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    find_chromium() is None and not os.environ.get("REQUIRE_CHROMIUM"),
+    reason="Chromium is not installed (.ci/run installs it and sets REQUIRE_CHROMIUM=1)",
+)
+def test_no_page_is_wider_than_the_screen(server, built_index, tmp_path):
+    shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+    measured = {}
+    with Chromium(tmp_path / "profile") as page:
+        for width, height in WIDTHS.items():
+            page.viewport(width, height)
+            for name, url in _pages(server.url).items():
+                page.goto(url)
+                measured[width, name] = json.loads(page.evaluate(MEASURE))
+                page.screenshot(shots / f"{name}-{width}.png")
+            page.goto(server.url + "/")
+            page.submit_with_file(".upload form", built_index.banners / "20.jpg", {"strategy": "SimpleS16"})
+            measured[width, "upload"] = json.loads(page.evaluate(MEASURE))
+            page.screenshot(shots / f"upload-{width}.png")
+
+    for (width, name), m in measured.items():
+        assert m["type"] == "text/html", (width, name, m)
+        assert m["innerWidth"] == width, (width, name, m)
+        assert m["scrollWidth"] <= width, f"{name} at {width} px is {m['scrollWidth']} px wide: {m}"
+    # The pages are what they claim: errors as HTML for a browser, the random game's gallery, the upload's.
+    assert measured[390, "error-unknown-url"]["h1"].startswith("404")
+    assert measured[390, "error-unknown-appid"]["h1"].startswith("404")
+    assert measured[390, "random"]["path"].startswith("/render/")
+    assert measured[390, "upload"]["h1"] == "Your image"
 
 
 def test_refuses_to_start_without_an_index(tmp_path):

@@ -73,11 +73,16 @@ class Style:
     """A pooling of backbone outputs. Subclasses set ``name``/``summary`` and implement the methods."""
 
     name = ""
-    summary = ""
+    summary = ""  # technical: what it computes, in the DINO papers' terms
+    plain = ""  # the same for people who never read them
 
     def describe(self, params: dict) -> str:
-        """One line for people: what this style computes with these parameters."""
+        """One technical line: what this style computes with these parameters."""
         return self.summary
+
+    def describe_plain(self, params: dict) -> str:
+        """What this style looks at, in everyday words (for the pages)."""
+        return self.plain
 
     def default_params(self, backbone: Backbone) -> dict:
         return {}
@@ -118,6 +123,7 @@ class Style:
 class Simple(Style):
     name = "Simple"
     summary = "final normed [CLS] token (DINO eval_knn)"
+    plain = "the model's overall impression of the picture"
 
     def needs(self, params: dict) -> Needs:
         return Needs(1, False)
@@ -138,6 +144,11 @@ class Complex(Style):
         blocks = "the last block" if n == 1 else f"the last {n} blocks"
         mean = " + mean patch token" if params["avgpool_patchtokens"] else ""
         return f"[CLS] of {blocks}{mean} (DINO eval_linear)"
+
+    def describe_plain(self, params: dict) -> str:
+        n = params["n_last_blocks"]
+        seen = "the model's overall impression" if n == 1 else f"the overall impression at the model's last {n} layers"
+        return seen + (", plus the average of every part of the picture" if params["avgpool_patchtokens"] else "")
 
     def default_params(self, backbone: Backbone) -> dict:
         if backbone.arch == "S":
@@ -172,6 +183,7 @@ class Complex(Style):
 class Gem(Style):
     name = "Gem"
     summary = "[CLS] + GeM-pooled patch tokens, p=4 (DINO copy detection)"
+    plain = "the overall impression plus the most striking details (made to spot copies)"
 
     def default_params(self, backbone: Backbone) -> dict:
         return {"gem_p": 4.0}
@@ -193,6 +205,10 @@ class MultiScale(Style):
     name = "MultiScale"
     summary = "mean of Simple features at scales 1, 1/sqrt(2), 1/2 (DINO multi-scale kNN)"
 
+    def describe_plain(self, params: dict) -> str:
+        sizes = ", ".join(f"{s:.0%}" for s in params["scales"])
+        return f"the overall impression, averaged over the picture at {sizes} of its size"
+
     def default_params(self, backbone: Backbone) -> dict:
         return {"scales": [1.0, 1 / math.sqrt(2), 0.5]}
 
@@ -213,6 +229,13 @@ class MultiScale(Style):
         feats = [outputs[s].cls[:, -1] for s in params["scales"]]
         return torch.stack(feats).mean(dim=0)
 
+
+_MODEL_SIZES = {"S": "Small", "B": "Medium", "L": "Large"}
+_FRAMINGS = {
+    "dino": "middle of the banner only",
+    "square": "whole banner, squeezed square",
+    "full": "whole banner",
+}
 
 STYLES: dict[str, Style] = {s.name: s for s in (Simple(), Complex(), Gem(), MultiScale())}
 
@@ -247,6 +270,14 @@ class Strategy:
     def describe(self) -> str:
         prep = "" if self.preprocessing.name == DEFAULT_PREPROCESSING else f", {self.preprocessing.name} preprocessing"
         return f"{self.backbone.label}, {self.style.describe(self.params)}{prep}"
+
+    def describe_plain(self) -> str:
+        """One line for people: what it looks at, with which model, on which part of the banner."""
+        b = self.backbone
+        model = f"{_MODEL_SIZES.get(b.arch, b.arch)} {'DINOv2' if b.family == 'dinov2' else 'DINO'} model"
+        framing = _FRAMINGS.get(self.preprocessing.name, f"{self.preprocessing.name} framing")
+        what = self.style.describe_plain(self.params)
+        return f"{what[:1].upper()}{what[1:]}. {model}, {b.patch_size}-pixel squares, {framing}."
 
     def to_manifest(self) -> dict:
         """Everything needed to embed a query the same way (the builder adds the checkpoint file and sha256)."""

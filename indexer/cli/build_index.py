@@ -21,6 +21,7 @@ from indexer.sources import SourceError
 # build_index() checks them against core.dino again.
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
+DECODES = ("auto", "cpu", "device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--k", type=int, default=100, help="neighbours per game in the tables (default: 100)")
     p.add_argument("--apps", type=Path, help='APPS.json: [{"appid": int, "name": str}, ...] (default: names unknown)')
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 128 on CUDA)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 256 on CUDA)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--weights",
@@ -46,8 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "B14, L14) is needed when the strategies use several backbones; repeatable",
     )
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="storage type of embeddings (default: float16)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16 autocast, CUDA only")
-    p.add_argument("--workers", type=int, help="image decoding processes (default: 1 on CPU)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16/fp16 autocast, CUDA only (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--decode",
+        choices=DECODES,
+        default="auto",
+        help="where banners are decoded and preprocessed: cpu (Pillow in worker processes, the reference), "
+        "device (batched on --device: nvJPEG on CUDA), auto (device on CUDA, else cpu; the default)",
+    )
+    p.add_argument(
+        "--workers", type=int, help="image decoding processes (cpu decoding; default 1 on CPU), or file-reading threads"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             dtype=args.dtype,
             precision=args.precision,
+            decode=None if args.decode == "auto" else args.decode,
             progress=not args.quiet,
         )
         summary = build_index(cfg)
@@ -113,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
     print(summary.line())
+    print(summary.breakdown())
     return 0
 
 

@@ -1,0 +1,78 @@
+"""Exact neighbour tables on an accelerator: a float64 brute force, which a GPU makes cheap.
+
+On an H200 a float64 matrix product of 30k x 1536 embeddings by their transpose takes a fraction of a
+second, so no float32 prefilter or error bound is needed there: every score is the float64 dot
+product of the stored values (exact for float16 storage, whose products and sums fit in float64),
+and the result is the same table as ``core.knn.topk_table``: best first, ties broken by the lower
+row index, the row itself excluded, scores rounded to float32. The CPU keeps ``topk_table``; this
+runs on any torch device (the tests run it on the CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from core.knn import check_count, check_table
+
+_CHUNK_BYTES = 1 << 30  # float64 scores of one chunk of rows against all rows
+
+
+def topk_table_device(
+    embeddings: np.ndarray,
+    k: int,
+    device: str | torch.device,
+    *,
+    chunk_rows: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(neighbours (N, k) int32, scores (N, k) float32)`` as ``topk_table``, computed on ``device``."""
+    table = check_table(embeddings)
+    k = min(check_count(k, "k"), table.shape[0] - 1)
+    n = table.shape[0]
+    x = torch.from_numpy(np.ascontiguousarray(table)).to(device).double()
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"embeddings contain NaN or infinite values (row {int(torch.nonzero(~finite)[0, 0])})")
+    if float(torch.linalg.vector_norm(x, dim=1).max()) > 1e18:
+        raise ValueError("embeddings must be L2-normalised")
+    if k == 0:
+        if progress is not None:
+            progress(n)
+        return np.empty((n, 0), dtype=np.int32), np.empty((n, 0), dtype=np.float32)
+    step = chunk_rows or max(1, min(n, _CHUNK_BYTES // (8 * n)))
+    neighbours, scores = [], []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = x[start:stop] @ x.T
+        local = torch.arange(stop - start, device=block.device)
+        block[local, local + start] = -torch.inf  # never the row itself
+        cols, vals = _best_k(block, k)
+        neighbours.append(cols.to(torch.int32).cpu())
+        scores.append(vals.float().cpu())
+        if progress is not None:
+            progress(stop - start)
+    return torch.cat(neighbours).numpy(), torch.cat(scores).numpy()
+
+
+def _best_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best columns by (-score, column): top k + margin, then an exact order of those.
+
+    A row whose last kept candidate ties with its k-th best may have tied columns left out, so it is
+    sorted in full (rare: exact float64 ties at the boundary).
+    """
+    n = block.shape[1]
+    c = min(n - 1, k + max(16, k // 4))
+    vals, cols = torch.topk(block, c, dim=1)
+    cols, order = torch.sort(cols, dim=1)  # by column first, so that the stable sort breaks ties by column
+    vals = torch.gather(vals, 1, order)
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    cols = torch.gather(cols, 1, order)
+    ambiguous = torch.nonzero(vals[:, c - 1] == vals[:, k - 1]).flatten() if c < n - 1 else None
+    vals, cols = vals[:, :k].clone(), cols[:, :k].clone()
+    if ambiguous is not None and ambiguous.numel():
+        full_vals, full_cols = torch.sort(block[ambiguous], dim=1, descending=True, stable=True)
+        vals[ambiguous], cols[ambiguous] = full_vals[:, :k], full_cols[:, :k]
+    return cols, vals
