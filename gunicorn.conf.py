@@ -18,12 +18,22 @@ Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2), GUNICORN
 """
 
 import os
+import sys
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+
+def _env_int(name: str, default: int, lo: int = 1) -> int:
+    """A whole-number setting; a bad one stops start-up with one line (not a traceback)."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not raw.isascii() or not raw.isdigit() or int(raw) < lo:
+        sys.exit(f"error: cannot start: {name}={raw!r}: expected a whole number of at least {lo}")
+    return int(raw)
+
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 8000)}"
+workers = _env_int("WEB_CONCURRENCY", 2)
 worker_class = "serving.worker.BufferedWorker"
 preload_app = True
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))  # the first upload per backbone loads its model
+timeout = _env_int("GUNICORN_TIMEOUT", 120)  # the first upload per backbone loads its model
 graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None  # "-" for stdout
@@ -43,7 +53,7 @@ def post_fork(server, worker):
 
     from core.dino.extract import cpu_cores
 
-    threads = int(os.environ.get("TORCH_THREADS") or 0) or max(1, cpu_cores() // max(1, workers))
+    threads = _env_int("TORCH_THREADS", 0, lo=0) or max(1, cpu_cores() // max(1, workers))
     torch.set_num_threads(threads)
 
 
@@ -52,5 +62,5 @@ def post_worker_init(worker):
     from app.params import EXTENSION_KEY
 
     service = worker.wsgi.extensions[EXTENSION_KEY]
-    if service.settings.preload_models:
-        service.preload_models(service.settings.preload_models)
+    if service.preload:  # checked against the index at start-up (a name it lacks stops the service)
+        service.preload_models()

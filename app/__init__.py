@@ -56,8 +56,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     _register_cors(app, settings.cors_origins)
 
     @app.after_request
-    def _nosniff(resp):
+    def _security_headers(resp):
+        """On every response, JSON and images included; the pages set their own CSP first (kept)."""
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        resp.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
         return resp
 
     logging.getLogger(__name__).info(
@@ -117,6 +121,5 @@ def _register_cors(app: Flask, origins: list[str]) -> None:
             resp.headers["Access-Control-Allow-Headers"] = "Content-Type"
             resp.headers["Access-Control-Expose-Headers"] = "Server-Timing, Retry-After"
             resp.headers["Access-Control-Max-Age"] = "3600"
-            if not allow_any:
-                resp.vary.add("Origin")
+        resp.vary.add("Origin")  # the answer depends on Origin (present or not, allowed or not): caches must key on it
         return resp

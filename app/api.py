@@ -26,7 +26,7 @@ def match_appid(appid: str):
     k = k_param(svc, strategy)
     game = svc.catalog.get(app_id)
     if game is None:
-        return jsonify(svc.fallback_match(app_id, strategy, k, host_url()))
+        return jsonify(svc.fallback_match(app_id, strategy, k, host_url(), request.remote_addr or "-"))
     body = svc.table_payload_json(strategy, game, k, host_url())
     return current_app.response_class(
         body, mimetype="application/json", headers={"Cache-Control": "public, max-age=3600"}

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from core.steam import DEFAULT_CDN_URL
 
@@ -77,6 +78,17 @@ def _rate(env: Mapping[str, str], name: str) -> tuple[int, float] | None:
     return n, seconds
 
 
+def _public_url(env: Mapping[str, str], name: str) -> str | None:
+    """'https://example.com/app' -> 'https://example.com/app/' (the base of absolute URLs); empty -> None."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise ConfigError(f"{name}={raw!r}: expected an http(s) URL such as https://banners.example.com/")
+    return raw.rstrip("/") + "/"
+
+
 @dataclass(frozen=True)
 class Settings:
     index_dir: Path = Path("data/index")
@@ -101,9 +113,11 @@ class Settings:
     fallback_timeout: float = 5.0
     fallback_max_mb: float = 5.0
     fallback_cache_size: int = 1024
+    fallback_negative_ttl: float = 300.0
     upload_rate_limit: tuple[int, float] | None = None
     proxy_hops: int = 0
     max_k: int | None = None  # None: the width of the tables
+    public_url: str | None = None  # "https://example.com/" for absolute URLs in responses; None: relative
 
     @property
     def max_upload_bytes(self) -> int:
@@ -143,7 +157,9 @@ class Settings:
             fallback_timeout=_float(env, "FALLBACK_TIMEOUT", 5.0, 0.1, 60),
             fallback_max_mb=_float(env, "FALLBACK_MAX_MB", 5.0, 0.01, 100),
             fallback_cache_size=_int(env, "FALLBACK_CACHE_SIZE", 1024, 0, 1_000_000),
+            fallback_negative_ttl=_float(env, "FALLBACK_NEGATIVE_TTL", 300.0, 0, 86400),
             upload_rate_limit=_rate(env, "UPLOAD_RATE_LIMIT"),
             proxy_hops=_int(env, "PROXY_HOPS", 0, 0, 10),
             max_k=_int(env, "MAX_K", 0, 0, 100_000) or None,
+            public_url=_public_url(env, "PUBLIC_URL"),
         )

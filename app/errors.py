@@ -116,6 +116,20 @@ def _linger(environ: dict) -> None:
         stop_reading(environ)
 
 
+def _too_large(app: Flask) -> tuple[str, str]:
+    """Which limit a 413 is about: the body's size, or (a form within the size limit) its parts."""
+    declared = request.content_length
+    within = declared is not None and declared <= app.config["MAX_CONTENT_LENGTH"]
+    if request.mimetype == "multipart/form-data" and within:
+        parts, field_kb = request.max_form_parts, (request.max_form_memory_size or 0) // 1024
+        return "too_many_form_parts", (
+            f"the form has more than {parts} parts or a text field over {field_kb} KB; "
+            "send one file field named 'image' (and optionally 'strategy')"
+        )
+    limit_mb = app.config.get("MAX_UPLOAD_MB")
+    return "too_large", f"the upload is larger than the {limit_mb:g} MB limit" if limit_mb else "too large"
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(problems.Problem)
     def _problem(e: problems.Problem):
@@ -135,8 +149,7 @@ def register_error_handlers(app: Flask) -> None:
         code = _HTTP_CODES.get(status, "http_error")
         message = e.description or e.name
         if status == 413:
-            limit_mb = app.config.get("MAX_UPLOAD_MB")
-            message = f"the upload is larger than the {limit_mb:g} MB limit" if limit_mb else message
+            code, message = _too_large(app)
             _linger(request.environ)
         if status == 404 and request.blueprint is None:
             message = (

@@ -20,18 +20,13 @@ def get_service() -> Service:
     return current_app.extensions[EXTENSION_KEY]
 
 
-_host_urls: dict[tuple[str, str], str] = {}
-
-
 def host_url() -> str:
-    """``request.host_url`` ("http://host/"), memoised: werkzeug's IRI handling costs more than a lookup."""
-    key = (request.scheme, request.host)
-    url = _host_urls.get(key)
-    if url is None:
-        url = request.host_url
-        if len(_host_urls) < 1024:  # Host headers come from clients: bound the memo
-            _host_urls[key] = url
-    return url
+    """The base of the absolute URLs in responses: PUBLIC_URL when configured, else "/" (relative URLs).
+
+    Never the request's Host header: responses are cacheable (``Cache-Control: public``), and a
+    forged Host would otherwise be echoed into banner URLs served to everyone from a shared cache.
+    """
+    return get_service().settings.public_url or "/"
 
 
 def int_param(name: str, default: int, lo: int, hi: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 
@@ -27,6 +28,14 @@ from .matching import Matcher
 from .problems import RateLimited, Unavailable, UpstreamFailed, unknown_app
 from .ratelimit import RateLimiter
 from .uploads import Upload, decode_upload
+
+_PATH = re.compile(r"(?<![\w:/.])/(?:[^\s/]+/)+(?=[^\s/])")  # an absolute path's folders (not a URL's)
+
+
+def without_paths(text: str) -> str:
+    """A message for clients: server paths shortened to their last part ("…/checkpoints/x.pth" stays useful)."""
+    return _PATH.sub("…/", text)
+
 
 ABSENT = "absent"  # cached fallback result: the CDN has no banner for this appid
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ class Service:
             torch_threads=settings.torch_threads,
             models=ModelCache(),  # one model per backbone for this app, shared by its strategies
         )
+        self.preload = self._check_preload(settings.preload_models)
         self.limiter = RateLimiter(*settings.upload_rate_limit) if settings.upload_rate_limit else None
         self.fetcher = (
             BannerFetcher(
@@ -54,6 +64,7 @@ class Service:
                 settings.fallback_timeout,
                 int(settings.fallback_max_mb * 2**20),
                 settings.fallback_cache_size,
+                settings.fallback_negative_ttl,
             )
             if settings.fallback_fetch
             else None
@@ -103,17 +114,26 @@ class Service:
             "default": name == self.default_strategy,
         }
 
-    def preload_models(self, wanted: list[str]) -> None:
+    def _check_preload(self, wanted: list[str]) -> list[str]:
+        """PRELOAD_MODELS resolved to the index's strategies; a name it lacks stops start-up (ValueError)."""
+        if wanted == ["all"]:
+            return list(self.strategy_names)
+        resolved = [self.resolve_strategy(w) for w in wanted]
+        unknown = [w for w, r in zip(wanted, resolved, strict=True) if r is None]
+        if unknown:
+            raise ValueError(
+                f"PRELOAD_MODELS={','.join(wanted)!r}: {', '.join(unknown)} not in the index "
+                f"(it has {', '.join(self.strategy_names)}; or 'all')"
+            )
+        return list(dict.fromkeys(resolved))
+
+    def preload_models(self, wanted: list[str] | None = None) -> None:
         """Load the backbones (and searchers) of these strategies now rather than on the first upload."""
-        names = self.strategy_names if wanted == ["all"] else [self.resolve_strategy(w) or w for w in wanted]
-        for name in names:
-            if name not in self.index.strategies:
-                log.warning("PRELOAD_MODELS: %s is not in the index; ignored", name)
-                continue
+        for name in self._check_preload(wanted) if wanted is not None else self.preload:
             try:
                 self.matcher.extractor(name)
                 self.matcher.searcher(name)
-            except WeightsUnavailable as e:
+            except WeightsUnavailable as e:  # weights may appear later; uploads answer 503 until then
                 log.warning("PRELOAD_MODELS: %s: %s", name, e)
 
     # -- payloads ------------------------------------------------------------------------------------
@@ -160,16 +180,26 @@ class Service:
             )
 
     def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, dict[str, float]]:
+        """The embedding; a 503 without server paths when the weights are missing (the log has them in full)."""
         try:
             return self.matcher.embed(strategy, image)
         except WeightsUnavailable as e:
-            raise Unavailable("weights_unavailable", f"image search is unavailable for {strategy}: {e}") from None
+            log.warning("image search unavailable for %s: %s", strategy, e)
+            raise Unavailable(
+                "weights_unavailable", f"image search is unavailable for {strategy}: {without_paths(str(e))}"
+            ) from None
+        except (OverflowError, MemoryError) as e:  # core.images bounds sizes first: a last line of defence
+            raise ImageRejected("too_large_after_resize", f"the image is too large to preprocess ({e})") from None
+
+    def _resize_to(self, strategy: str):
+        """How the strategy's preprocessing resizes an image (core.images bounds the result before decoding)."""
+        return self.index.strategies[strategy].strategy.preprocessing.pil_resized_size
 
     def upload_payload(
         self, data: bytes, strategy: str, k: int, host_url: str
     ) -> tuple[dict, dict[str, float], Upload]:
         """Matches for an uploaded image's bytes, decoded with the configured limits."""
-        upload = decode_upload(data, self.settings.max_image_pixels)
+        upload = decode_upload(data, self.settings.max_image_pixels, self._resize_to(strategy))
         vec, timings = self.embed_or_503(strategy, upload.image)
         found = self.matcher.search(strategy, vec, k)
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
@@ -219,19 +249,23 @@ class Service:
         }
 
     # -- unknown appids: optional CDN fallback -------------------------------------------------------
-    def fallback_match(self, appid: int, strategy: str, k: int, host_url: str) -> dict:
-        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on)."""
+    def fallback_match(self, appid: int, strategy: str, k: int, host_url: str, client: str = "-") -> dict:
+        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on).
+
+        A cache miss costs a model pass, so it counts against the upload rate limit like an upload.
+        """
         if self.fetcher is None:
             raise unknown_app(appid)
         key = (appid, strategy)
         cached = self.fetcher.cached(key)
         if cached is None:
-            cached = self._fetch_and_embed(appid, strategy)
-            self.fetcher.remember(key, cached)
+            self.check_rate_limit(client)
+            cached = self.fetcher.flights.run(key, lambda: self._fetch_and_embed(appid, strategy))
+        if isinstance(cached, UpstreamFailed):  # a fresh exception: the cached one is shared between threads
+            raise UpstreamFailed(cached.code, cached.message)
         if cached is ABSENT:
             raise unknown_app(appid, "is not in the index and Steam has no banner for it")
-        vec = cached
-        found = self.matcher.search(strategy, vec, k)
+        found = self.matcher.search(strategy, cached, k)
         return {
             "strategy": strategy,
             "k": len(found.rows),
@@ -246,16 +280,22 @@ class Service:
         }
 
     def _fetch_and_embed(self, appid: int, strategy: str):
+        """The embedding, ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
+        key = (appid, strategy)
         try:
             data = self.fetcher.fetch(appid)
+            if data is None:
+                self.fetcher.remember(key, ABSENT)
+                return ABSENT
+            image = open_image(data, max_pixels=self.settings.max_image_pixels, resize_to=self._resize_to(strategy))
         except FetchFailed as e:
-            raise UpstreamFailed("fallback_failed", f"appid {appid} is not in the index and {e}") from None
-        if data is None:
-            return ABSENT
-        try:
-            image = open_image(data, max_pixels=self.settings.max_image_pixels)
+            failed = UpstreamFailed("fallback_failed", f"appid {appid} is not in the index and {e}")
+            self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
+            return failed
         except ImageRejected as e:
-            message = f"the CDN's banner for {appid} is not usable: {e.message}"
-            raise UpstreamFailed("fallback_failed", message) from None
+            failed = UpstreamFailed("fallback_failed", f"the CDN's banner for {appid} is not usable: {e.message}")
+            self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
+            return failed
         vec, _ = self.embed_or_503(strategy, image)
+        self.fetcher.remember(key, vec)
         return vec

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import request
@@ -124,18 +125,20 @@ def read_upload_bytes() -> bytes:
     return data
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Upload:
+def decode_upload(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tuple[int, int]]) -> Upload:
+    """Decode with the limits of core.images, ``resize_to`` being the strategy's preprocessing resize."""
     start = time.perf_counter()
-    image = open_image(data, max_pixels=max_pixels)  # ImageRejected: a 400 with its own code
+    image = open_image(data, max_pixels=max_pixels, resize_to=resize_to)  # ImageRejected: a 400 with its code
     decode_ms = (time.perf_counter() - start) * 1000
     fmt = getattr(image, "format", None) or _sniff_format(data)
+    width, height = image.info.get("source_size", image.size)  # a huge image is decoded reduced
     return Upload(
         image=image,
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         format=fmt,
-        width=image.width,
-        height=image.height,
+        width=width,
+        height=height,
         decode_ms=decode_ms,
     )
 

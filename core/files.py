@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,19 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile(): a full disk, without errno
+
+
+def os_error_words(e: OSError) -> str:
+    """An OSError for people: a full disk or quota is said in words, with the file it hit."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device{where}"
+    if e.errno is None and _SHORT_WRITE.search(str(e)):
+        return f"no space left on device (a write was cut short: {e})"
+    return str(e)
 
 
 def temp_name(path: Path) -> Path:

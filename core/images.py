@@ -7,13 +7,23 @@ is decoded, so decompression bombs cost nothing), or a corrupt/truncated
 file. Any mode is converted to RGB the way a viewer would show it:
 transparency composited on white, 16-bit greyscale scaled rather than
 clipped, EXIF orientation applied.
+
+Cost is bounded before any pixel is decoded, from the header alone: the pixel
+cap, an aspect-ratio cap and, when the caller says how the image will be
+resized (``resize_to``), a cap on the resized size (a 1 x 40000 image is tiny
+but becomes 256 x 10,240,000 under ``dino``'s shorter-edge resize). For JPEGs
+the scans are counted from the markers (a progressive file can repeat empty
+scans by the thousand, each a pass over every block), and a JPEG much larger
+than needed is decoded at a reduced DCT scale (``draft``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +32,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: far above any banner, far below a bomb
+MAX_ASPECT_RATIO = 20  # long edge / short edge; banners are 2:3, wide capsules about 2:1
+MAX_RESIZED_PIXELS = 2_000_000  # after the model's resize (dino at 20:1 gives 256 x 5120 = 1.3 Mpx)
+MAX_JPEG_SCANS = 64  # progressive JPEGs use about 10; libjpeg has no limit of its own
+MAX_JPEG_SCAN_WORK = 1_000_000_000  # scans x pixels: each scan is a pass over every block of its components
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the next marker after entropy-coded data
 
 
 class ImageRejected(ValueError):
@@ -38,8 +53,14 @@ def open_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] = ALLOWED_FORMATS,
+    resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """Decode source (bytes, a path or a binary file) into a fully loaded RGB image."""
+    """Decode source (bytes, a path or a binary file) into a fully loaded RGB image.
+
+    ``resize_to(width, height)`` is the (width, height) the caller will resize to (see
+    ``core.dino.preprocess``): it bounds the resized size, and lets a huge JPEG be decoded
+    at a reduced scale that is still at least twice that size.
+    """
     fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
         with warnings.catch_warnings():
@@ -61,22 +82,114 @@ def open_image(
             raise ImageRejected(
                 "too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
             )
-        try:
-            if img.format == "PNG":
-                # Pillow checks the CRC of image data chunks only in verify(), which leaves the
-                # image unusable: verify the chunks (no decompression), then open it again.
-                img.verify()
-                img = _reopen(source, fp, formats)
-            img.seek(0)  # first frame of an animation
-            img.load()
-        except Exception as e:  # truncated data, bad checksums, broken streams
-            raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
+        target = check_geometry(width, height, resize_to)
+        if img.format == "JPEG":
+            check_jpeg_scans(_read_all(source, fp), width * height)
+            side = 2 * max(target) if target is not None else 0  # square: the same whatever the EXIF rotation
+            if side and side <= min(width, height):
+                img.draft(None, (side, side))  # DCT scaling: 1/2..1/8 of the work and memory
+        img = _load(img, source, fp, formats)
+        scale = width / img.width  # > 1 after a draft
         with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
             img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        shown = (round(img.width * scale), round(img.height * scale))
+        out = to_rgb(_reduce_for(img, resize_to))
+        out.info["source_size"] = shown  # (width, height) as shown, before any reduction
+        return out
     finally:
         if fp is not source:
             fp.close()
+
+
+def check_geometry(
+    width: int, height: int, resize_to: Callable[[int, int], tuple[int, int]] | None = None
+) -> tuple[int, int] | None:
+    """Refuse extreme aspect ratios and absurd resized sizes; returns the resized (width, height), if known."""
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageRejected(
+            "extreme_aspect_ratio",
+            f"image is {width}x{height}, an aspect ratio of {ratio:,.0f}:1; the limit is {MAX_ASPECT_RATIO}:1",
+        )
+    if resize_to is None:
+        return None
+    rw, rh = resize_to(width, height)
+    if rw * rh > MAX_RESIZED_PIXELS:
+        raise ImageRejected(
+            "too_large_after_resize",
+            f"image is {width}x{height}, which the model's preprocessing resizes to {rw}x{rh} = {rw * rh:,} pixels; "
+            f"the limit is {MAX_RESIZED_PIXELS:,}",
+        )
+    return rw, rh
+
+
+def _reduce_for(img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None) -> Image.Image:
+    """Shrink an image many times larger than needed by an integer factor (box filter), keeping at least
+    twice the resized size: the mode conversions that follow (alpha on white: three full-size copies)
+    then cost a fraction of the memory. Banners of ordinary sizes are left exactly as they are."""
+    if resize_to is None:
+        return img
+    tw, th = resize_to(img.width, img.height)
+    factor = min(img.width // (2 * tw), img.height // (2 * th))
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not support (palette): convert at full size instead
+        return img
+
+
+def check_jpeg_scans(data: bytes, pixels: int) -> int:
+    """Count a JPEG's scans from its markers (no decoding); refuse more than the decode-work budget allows."""
+    limit = min(MAX_JPEG_SCANS, max(1, MAX_JPEG_SCAN_WORK // max(1, pixels)))
+    scans, i, n = 0, 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, RSTn, TEM: no length
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # SOS: a scan header, then entropy-coded data up to the next marker
+            scans += 1
+            if scans > limit:
+                raise ImageRejected(
+                    "too_much_decoding_work",
+                    f"JPEG has more than {limit} scans for {pixels:,} pixels; the limit is {MAX_JPEG_SCANS} scans and "
+                    f"{MAX_JPEG_SCAN_WORK:,} scan-pixels (progressive JPEGs normally have about 10)",
+                )
+            found = _JPEG_MARKER.search(data, end)
+            end = found.start() if found else n
+        i = end
+    return scans
+
+
+def _read_all(source: object, fp: object) -> bytes:
+    if isinstance(source, bytes | bytearray):
+        return bytes(source)
+    if isinstance(source, str | Path):
+        return Path(source).read_bytes()
+    position = fp.tell()
+    fp.seek(0)
+    data = fp.read()
+    fp.seek(position)
+    return data
+
+
+def _load(img: Image.Image, source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:
+    """Decode the pixels (the first frame); any failure of the data is a ``corrupt_image``."""
+    try:
+        if img.format == "PNG":
+            # Pillow checks the CRC of image data chunks only in verify(), which leaves the
+            # image unusable: verify the chunks (no decompression), then open it again.
+            img.verify()
+            img = _reopen(source, fp, formats)
+        img.seek(0)  # first frame of an animation
+        img.load()
+    except Exception as e:  # truncated data, bad checksums, broken streams
+        raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
+    return img
 
 
 def _reopen(source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:

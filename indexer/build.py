@@ -23,7 +23,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from core.dino.extract import (
 from core.dino.strategies import Strategy
 from core.dino.timing import StageTimer, UtilisationSampler
 from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
-from core.files import sha256_file, sha256_files
+from core.files import os_error_words, sha256_file, sha256_files
 from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
 from core.knn import topk_table
 from core.knn_device import topk_table_device
@@ -131,8 +131,13 @@ def _check_config(cfg: BuildConfig) -> None:
         raise SourceError(f"--out {cfg.out} exists and is not a folder")
 
 
+class BuildFailed(RuntimeError):
+    """The build stopped (a full disk, an unwritable folder); the message says what became of the index."""
+
+
 def build_index(cfg: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
+    cfg = _resolve_out(cfg)
     _check_config(cfg)
     apps = load_apps(cfg.apps_file) if cfg.apps_file else None
     plan = plan_sources(cfg.images, apps)
@@ -147,55 +152,30 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
     timer = StageTimer(device)
     notes = []
     work = cfg.out.parent / f".{cfg.out.name}.work"
-    with EmbeddingCache(work) as cache:
-        note = recover(cfg.out)
-        if note:
-            notes.append(note)
-        checkpoints, ckpt_sha = {}, {}
-        for s in cfg.strategies:
-            code = s.backbone.code
-            if code not in checkpoints:
-                checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
-                ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
-        keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], precision) for s in cfg.strategies}
-        with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
-            if str(device).startswith("cuda"):  # load the models onto the GPU while the CPU hashes the banners
-                loading = loader.submit(_load_models, cfg.strategies, device, checkpoints, ckpt_sha, timer)
+    try:
+        with EmbeddingCache(work) as cache:
+            note = recover(cfg.out)
+            if note:
+                notes.append(note)
+            rows, skipped, embedded, embed_seconds, utilisation = _build_in(cfg, device, precision, plan, cache, timer)
             t0 = time.perf_counter()
-            shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
-            timer.add("hashing", time.perf_counter() - t0)
-            if str(device).startswith("cuda"):
-                loading.result()
-
-        embed_start = time.perf_counter()
-        with UtilisationSampler(device) as utilisation:
-            embedded = _embed_missing(
-                cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer
-            )
-        embed_seconds = time.perf_counter() - embed_start
-
-        rows = [i for i, h in enumerate(shas) if h not in cache.failed]
-        skipped = [
-            {"appid": plan.sources[i].appid, "file": plan.sources[i].path.name, "reason": cache.failed[h]}
-            for i, h in enumerate(shas)
-            if h in cache.failed
-        ]
-        for s in skipped:
-            print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
-        if len(rows) < 2:
-            raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
-        _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer)
-        t0 = time.perf_counter()
-        cache.consolidate()
-        timer.add("writing", time.perf_counter() - t0)
+            try:
+                cache.consolidate()
+            except OSError as e:  # the index is complete and in place; the cache's chunks are kept
+                notes.append(
+                    f"the new index is in place at {cfg.out}, but merging the embedding cache failed "
+                    f"({os_error_words(e)}); the next build reads its chunks instead"
+                )
+            timer.add("writing", time.perf_counter() - t0)
+    except OSError as e:
+        raise BuildFailed(f"{os_error_words(e)}. {_previous_index_state(cfg.out)}") from e
     embedded = min(embedded, len(rows))
-    reused = len(rows) - embedded
     return BuildSummary(
         out=cfg.out,
         rows=len(rows),
         strategies=[s.name for s in cfg.strategies],
         embedded=embedded,
-        reused=reused,
+        reused=len(rows) - embedded,
         skipped=skipped,
         missing_images=len(plan.missing_images),
         seconds=time.perf_counter() - start,
@@ -203,8 +183,65 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         notes=notes,
         timings=timer.totals(),
         counts=dict(timer.counts),
-        gpu_utilisation=utilisation.mean,
+        gpu_utilisation=utilisation,
     )
+
+
+def _resolve_out(cfg: BuildConfig) -> BuildConfig:
+    """Write through symlinks to the real folder: the link stays a link, and builds given the link and
+    the target share one lock (the lock and the staging folder live beside the real folder)."""
+    real = cfg.out.resolve()
+    return cfg if real == cfg.out.absolute() else replace(cfg, out=real)
+
+
+def _previous_index_state(out: Path) -> str:
+    """What a failed build left at ``out``, from the folder itself (the writer swaps it in last)."""
+    if out.is_dir():
+        return f"The index at {out} is unchanged; finished batches are kept: free some space and run again to resume."
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if olds:
+        return f"The previous index is at {olds[-1]}; the next build puts it back first."
+    return f"No index was written to {out}; finished batches are kept: run again to resume."
+
+
+def _build_in(cfg: BuildConfig, device: str, precision: str, plan, cache: EmbeddingCache, timer: StageTimer):
+    """Checkpoints, hashes, embeddings and the index, under the cache's lock.
+
+    Returns (rows, skipped, embedded, embed_seconds, mean GPU utilisation).
+    """
+    checkpoints, ckpt_sha = {}, {}
+    for s in cfg.strategies:
+        code = s.backbone.code
+        if code not in checkpoints:
+            checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
+            ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
+    keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], precision) for s in cfg.strategies}
+    with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
+        if str(device).startswith("cuda"):  # load the models onto the GPU while the CPU hashes the banners
+            loading = loader.submit(_load_models, cfg.strategies, device, checkpoints, ckpt_sha, timer)
+        t0 = time.perf_counter()
+        shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
+        timer.add("hashing", time.perf_counter() - t0)
+        if str(device).startswith("cuda"):
+            loading.result()
+
+    embed_start = time.perf_counter()
+    with UtilisationSampler(device) as utilisation:
+        embedded = _embed_missing(cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer)
+    embed_seconds = time.perf_counter() - embed_start
+
+    rows = [i for i, h in enumerate(shas) if h not in cache.failed]
+    skipped = [
+        {"appid": plan.sources[i].appid, "file": plan.sources[i].path.name, "reason": cache.failed[h]}
+        for i, h in enumerate(shas)
+        if h in cache.failed
+    ]
+    for s in skipped:
+        print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
+    if len(rows) < 2:
+        raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
+    _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer)
+    return rows, skipped, embedded, embed_seconds, utilisation.mean
 
 
 def _load_models(strategies, device, checkpoints, ckpt_sha, timer: StageTimer) -> None:

@@ -22,7 +22,9 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,6 +46,9 @@ class BuildLocked(RuntimeError):
     pass
 
 
+_HELD: set[str] = set()  # cache folders locked by this process
+
+
 class EmbeddingCache:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -52,26 +57,42 @@ class EmbeddingCache:
         self.vectors: dict[str, dict[str, np.ndarray]] = {}
         self.failed: dict[str, str] = {}
         self._lock_fd: int | None = None
+        self._lock_key = ""
 
     # -- locking ---------------------------------------------------------------------------------
     def __enter__(self) -> EmbeddingCache:
+        """Take the build lock: a POSIX record lock, which dies with this process.
+
+        Not ``flock``: that lock belongs to the open file, which forked children (the
+        DataLoader's decoding workers) share, so an orphaned child kept a killed build's
+        lock. A record lock is the process's own and is released when it exits, however.
+        Record locks do not exclude within one process, hence ``_HELD``.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         self.chunks.mkdir(exist_ok=True)
         self.store.mkdir(exist_ok=True)
-        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        key = str(self.folder.resolve())
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if key in _HELD:
+                raise BlockingIOError
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN or EACCES: another process holds it
             os.close(fd)
             raise BuildLocked(f"another build is using {self.folder}; wait for it to finish") from None
-        self._lock_fd = fd
-        self._load()
+        _HELD.add(key)
+        self._lock_fd, self._lock_key = fd, key
+        try:
+            self._load()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            os.close(self._lock_fd)  # releases the record lock
+            _HELD.discard(self._lock_key)
             self._lock_fd = None
 
     # -- reading ---------------------------------------------------------------------------------
@@ -80,7 +101,10 @@ class EmbeddingCache:
             self._load_npz(path)
         failed = self.store / FAILED
         if failed.is_file():
-            self.failed.update(json.loads(failed.read_text()))
+            try:
+                self.failed.update(json.loads(failed.read_text()))
+            except (OSError, ValueError, TypeError) as e:  # retried on this run instead: nothing is lost
+                print(f"warning: ignoring unreadable cache file {failed}: {e}", file=sys.stderr)
         for path in sorted(self.chunks.glob("*.npz")):
             self._load_npz(path)
         for tmp in [*self.chunks.glob(".*"), *self.store.glob(".*")]:
@@ -97,8 +121,8 @@ class EmbeddingCache:
                         table.update(zip(shas, feats, strict=True))
                 if "failed_sha256" in z.files:
                     self.failed.update(zip(map(str, z["failed_sha256"]), map(str, z["failed_reason"]), strict=True))
-        except (OSError, ValueError, KeyError) as e:  # written atomically, so only outside damage gets here
-            print(f"warning: ignoring unreadable cache file {path}: {e}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # only outside damage gets here
+            print(f"warning: ignoring unreadable cache file {path}: {e or type(e).__name__}", file=sys.stderr)
 
     def get(self, key: str, sha: str) -> np.ndarray | None:
         return self.vectors.get(key, {}).get(sha)

@@ -39,7 +39,7 @@ def test_match_appid_equals_tables(client, built_index):
             np.testing.assert_allclose([m["score"] for m in body["matches"]], sco[row, :7], atol=1e-6)
             m = body["matches"][0]
             assert m["store_url"] == f"https://store.steampowered.com/app/{m['appid']}/"
-            assert m["banner_url"] == f"http://localhost/banners/{m['appid']}.jpg"
+            assert m["banner_url"] == f"/banners/{m['appid']}.jpg"  # relative: no PUBLIC_URL, never the Host
     default = client.get(f"/match/{apps[0]['appid']}").get_json()
     assert default["strategy"] == "ComplexB16" and default["k"] == 10
     assert client.get(f"/match/{apps[0]['appid']}?strategy=complexs16").get_json()["strategy"] == "ComplexS16"
@@ -174,6 +174,7 @@ def test_upload_without_weights_is_503_and_lookups_still_work(make_client, built
     assert r.status_code == 503
     err = error_of(r)
     assert err["code"] == "weights_unavailable" and "dino_vitbase16_pretrain.pth" in err["message"]
+    assert str(tmp_path) not in r.get_data(as_text=True)  # no server paths in bodies (the log has them)
     assert client.get("/match/10").status_code == 200
     assert client.post("/match", data=data, content_type="image/jpeg").status_code == 503  # remembered, fast
 

@@ -1,4 +1,4 @@
-"""Exact cosine kNN (app/knn.py): equal to a float64 brute force over the stored values, ties by the lower index.
+"""Exact cosine kNN (core/knn.py): equal to a float64 brute force over the stored values, ties by the lower index.
 
 The references here are deliberately plain: dot products and a stable sort, so that a bug in the
 prefilter bound, the candidate selection or the tie-break shows up as a difference. For float16
@@ -108,11 +108,12 @@ def test_single_row_gives_empty_table():
     assert neighbours.dtype == np.int32 and scores.dtype == np.float32
 
 
-def test_float64_storage_and_numpy_backend(monkeypatch):
+def test_float64_storage_left_unchanged():
     table = unit_rows(120, 48, seed=3, dtype=np.float64)  # not exact in float32: residual terms in the bound
+    original = table.copy()
     assert_table_exact(table, 7, 50)
-    monkeypatch.setattr(knn._Float32Products, "use_mkldnn", lambda self: False)
-    assert_table_exact(table, 7, 50)
+    ExactSearch(table).search(table[0], 3)
+    np.testing.assert_array_equal(table, original)
     assert_table_exact(table.astype(np.float16), 7, 50)
 
 
@@ -134,8 +135,8 @@ def test_duplicates_and_ties_by_lower_index_any_chunk(dtype):
     assert_table_exact(table, 39, 3, reference)
 
 
-def test_many_identical_rows_use_the_full_row_fallback():
-    """150 copies of one row: every copy has 149 candidates at score 1, far beyond the top-k margin."""
+def test_many_identical_rows_tie_beyond_k():
+    """150 copies of one row: every copy has 149 others at score 1, so the k-th score is shared far beyond k."""
     table = unit_rows(400, 32, seed=5)
     table[np.arange(0, 300, 2)] = table[1]
     assert_table_exact(table, 5, 64)
@@ -247,20 +248,37 @@ def test_search_from_many_threads():
         np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
 
 
-def test_search_fallbacks_stay_exact(monkeypatch):
+def test_search_without_prefilter_stays_exact(monkeypatch):
     table = unit_rows(500, 64, seed=12, dtype=np.float64)  # float16 copy with residuals
     search = ExactSearch(table)
+    assert search.uses_prefilter
     query = queries_near(table, 2, seed=3)[0]
     assert_search_exact(search, table, query, 10, exclude=4)
-    with monkeypatch.context() as patch:  # float16 reductions switched on: the kernel is no longer trusted
-        patch.setattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", lambda: True)
-        assert search._candidates(query.astype(np.float64), 10, 4) is None
-        assert_search_exact(search, table, query, 10, exclude=4)
+    assert_search_exact(search, table, query * 1e6, 3)  # scaled queries: the prefilter sees q / |q|
+    assert_search_exact(search, table, np.zeros(64, np.float32), 5)  # all scores tie at 0: lowest rows
     big = (unit_rows(300, 16, seed=2, dtype=np.float32) * 1e5).astype(np.float32)  # beyond float16 range
     big_search = ExactSearch(big)
     assert not big_search.uses_prefilter
     assert_search_exact(big_search, big, query[:16] / np.linalg.norm(query[:16]), 7)
-    assert_search_exact(search, table, query * 1e6, 3)  # the float16 query overflows: full pass
+
+
+def test_a_prefilter_beyond_its_bound_is_not_used(monkeypatch):
+    """A float16 product that accumulated in float16 (errors far above the float32 bound) is refused."""
+    table = unit_rows(800, 384, seed=6)
+    real_mv = torch.mv
+
+    def float16_accumulation(matrix, vector):
+        total = torch.zeros(len(matrix), dtype=torch.float16)
+        for column, value in zip(matrix.T, vector, strict=True):
+            total += column * value  # float16 tensors: every partial sum rounded to float16
+        return total
+
+    monkeypatch.setattr(knn.torch, "mv", float16_accumulation)
+    search = ExactSearch(table)
+    assert not search.uses_prefilter
+    monkeypatch.setattr(knn.torch, "mv", real_mv)
+    for i, query in enumerate(queries_near(table, 6, seed=2)):
+        assert_search_exact(search, table, query, 10, exclude=i)
 
 
 def test_search_single_row_and_exclude_everything():

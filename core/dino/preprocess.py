@@ -16,7 +16,7 @@ queries are embedded exactly as the index was.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,6 +49,15 @@ class Preprocessing:
         if isinstance(self.resize, int):
             raise ValueError(f"preprocessing {self.name!r} has no fixed output size")
         return self.resize
+
+    def pil_resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``resized_size`` in Pillow's order, (width, height): for ``core.images.open_image(resize_to=)``.
+
+        Lets an image be refused before decoding when its resized form would be absurd: ``dino``
+        scales the shorter edge to 256, so a 1 x N image would become 256 x 256N.
+        """
+        h, w = self.resized_size(max(1, height), max(1, width))
+        return w, h
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image to a normalised (3, H, W) float32 tensor."""
@@ -169,6 +178,18 @@ PREPROCESSINGS: dict[str, Preprocessing] = {
     "full": Preprocessing("full", resize=(336, 224), crop=None),
 }
 DEFAULT_PREPROCESSING = "dino"
+
+
+def largest_resize(preps: Sequence[Preprocessing]) -> Callable[[int, int], tuple[int, int]]:
+    """The resized (width, height) with the most pixels over several modes: what decoding must allow for.
+
+    A partial of a module function, not a closure, so DataLoader workers can pickle it.
+    """
+    return functools.partial(_largest_resize, tuple(preps))
+
+
+def _largest_resize(preps: tuple[Preprocessing, ...], width: int, height: int) -> tuple[int, int]:
+    return max((p.pil_resized_size(width, height) for p in preps), key=lambda wh: wh[0] * wh[1])
 
 
 def get_preprocessing(name: str) -> Preprocessing:

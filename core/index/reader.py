@@ -12,7 +12,8 @@ Layout (written by ``scripts/build_index.py``)::
 
 Arrays are memory-mapped read-only: gunicorn workers share one copy of the
 pages through the page cache, and start-up does not read them into memory
-(except to verify their sha256, which ``verify="quick"`` skips). Anything
+(except to verify their sha256, which ``verify="quick"`` skips; the small
+neighbour and score tables are range-checked in both modes). Anything
 missing, partial, of another format version or inconsistent stops loading
 with an ``IndexInvalid`` that says what and where: the service never serves
 wrong data.
@@ -84,8 +85,8 @@ def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[st
         raise IndexInvalid(f"{path}: missing")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise IndexInvalid(f"{path}: not a readable .npy file ({e})") from None
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty or cut-short file
+        raise IndexInvalid(f"{path}: not a readable .npy file ({e or type(e).__name__})") from None
     if arr.shape != shape:
         raise IndexInvalid(f"{path}: shape {arr.shape}, expected {shape}")
     if arr.dtype.name not in dtypes or arr.dtype.name != spec.get("dtype"):
@@ -96,7 +97,7 @@ def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[st
 
 
 def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] | None = None) -> LoadedIndex:
-    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (shapes only)."""
+    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (no sha256)."""
     if verify not in ("full", "quick"):
         raise ValueError("verify must be 'full' or 'quick'")
     root = Path(path)
@@ -155,7 +156,7 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> S
     emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, strategy.dim), EMBEDDING_DTYPES, verify)
     nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), verify)
     sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), verify)
-    if verify == "full" and n and k:
+    if n and k:  # both modes: the tables are small (N x K) and a bad row index would be served or crash
         rows = np.arange(n, dtype=np.int64)[:, None]
         if nbr.min() < 0 or nbr.max() >= n or bool((nbr == rows).any()):
             raise IndexInvalid(f"{folder / ARRAYS[1]}: indices out of range or a row listed as its own neighbour")

@@ -5,7 +5,9 @@ Everything is written into a hidden staging folder beside the target
 previous index (if any) is renamed aside, the staging folder renamed into
 place, and the previous one deleted. A crash or a full disk while writing
 leaves the previous index untouched; a crash between the two renames is
-repaired by ``recover`` at the start of the next build.
+repaired by ``recover`` at the start of the next build, and a failed second
+rename puts the previous index back at once. ``replaced`` says whether the
+new index is in place, so a caller can report what happened truthfully.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class IndexWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+        self.replaced = False  # True once the new index is in place
 
     def __enter__(self) -> IndexWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,9 +85,16 @@ class IndexWriter:
             fsync_dir(folder)
         atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
         old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        if self.out.exists():
+        had_old = self.out.exists()
+        if had_old:
             os.rename(self.out, old)
-        os.rename(self.staging, self.out)
+        try:
+            os.rename(self.staging, self.out)
+        except OSError:
+            if had_old:
+                os.rename(old, self.out)
+            raise
+        self.replaced = True
         fsync_dir(self.out.parent)
         shutil.rmtree(old, ignore_errors=True)
 

@@ -6,7 +6,7 @@
 
 Interrupt it at any time and run it again: it resumes from the last finished
 batch. Run it again after adding banners: only the new ones are embedded.
-Exit codes: 0 done, 1 failed (the previous index is left as it was), 2 bad input.
+Exit codes: 0 done, 1 failed (the message says what became of the previous index), 2 bad input.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.apps import AppsInvalid
     from core.dino.strategies import UnknownStrategy, parse_strategies
     from core.dino.weights import WeightsUnavailable
-    from indexer.build import BuildConfig, build_index
+    from core.files import os_error_words
+    from indexer.build import BuildConfig, BuildFailed, build_index
     from indexer.cache import BuildLocked
 
     try:
@@ -119,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsUnavailable as e:
         print(f"error: {e} Or pass --weights [BACKBONE=]PATH.", file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"error: {e}. The previous index (if any) is unchanged; run again to resume.", file=sys.stderr)
+    except BuildFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # before anything was written (reading the inputs)
+        print(f"error: {os_error_words(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished batches are kept; run the same command again to resume.", file=sys.stderr)
