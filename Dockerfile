@@ -18,6 +18,8 @@ RUN pip install -r requirements.txt
 RUN useradd --create-home --uid 10001 app && mkdir -p /srv/data /srv/torch && chown app /srv/data /srv/torch
 COPY core/ core/
 COPY app/ app/
+COPY core/ core/
+COPY serving/ serving/
 COPY wsgi.py gunicorn.conf.py ./
 ENV PORT=8000 INDEX_DIR=/srv/data/index BANNERS_DIR=/srv/data/banners TORCH_HOME=/srv/torch
 USER app

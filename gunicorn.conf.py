@@ -1,22 +1,20 @@
 """gunicorn settings for the service (used by the Procfile, the Dockerfile and the tests).
 
-Worker class: gthread. Each worker process serves several requests at once in
-threads (8 by default), so a slow client uploading a large image ties up one
-thread, not the worker: lookups keep flowing on the others. The app reads an
-upload's body itself with a timeout per receive (UPLOAD_READ_TIMEOUT, 10 s)
-and for the whole body (UPLOAD_TIMEOUT, 30 s), so even a stalled client frees
-its thread with a 408. Inference and the search release the GIL (torch and
-numpy kernels), so threads also overlap CPU work. The sync class would need a
-buffering proxy in front to be safe from slow clients; gevent/eventlet would
-not help CPU-bound model inference.
+Worker class: serving.worker.BufferedWorker (serving/worker.py). Each worker process runs one event
+loop that reads whole requests, headers and body, under total deadlines (HEADER_TIMEOUT,
+UPLOAD_TIMEOUT) before the app sees them, so slow clients hold no thread; runs lookups inline, as a
+sync worker would, with keep-alive and no GIL contention; and runs model passes in a small pool of
+lower-priority threads (UPLOAD_CONCURRENCY per worker, then a short queue, then 503 Retry-After).
+The workers balance their keep-alive connections through a board in shared memory, which /health
+also reads: it answers 200 only when every worker serves. The README's "Serving" section says why.
 
-preload_app: the master loads and checks the index once, before forking, so a
-bad index stops start-up with one message, and the memory-mapped tables are
-shared by all workers. Models are loaded lazily inside each worker (torch's
-thread pool must not exist before fork), once per backbone per worker.
+preload_app: the master loads and checks the index once, before forking, so a bad index stops
+start-up with one message, and the memory-mapped tables are shared by all workers. Models are loaded
+lazily inside each worker (torch's thread pool must not exist before fork), once per backbone per
+worker.
 
-Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2),
-GUNICORN_THREADS (default 8), GUNICORN_TIMEOUT (default 120 s).
+Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2), GUNICORN_TIMEOUT (default
+120 s).
 """
 
 import contextlib
@@ -34,8 +32,7 @@ def _env_int(name: str, default: int, lo: int = 1) -> int:
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 8000)}"
 workers = _env_int("WEB_CONCURRENCY", 2)
-worker_class = "gthread"
-threads = _env_int("GUNICORN_THREADS", 8)
+worker_class = "serving.worker.BufferedWorker"
 # Deploy (issue 11): with INDEX_URL the index is fetched after the port is bound, in each worker (app/boot.py),
 # so the app is not preloaded: the master binds $PORT at once and never imports the app.
 preload_app = not os.environ.get("INDEX_URL", "").strip()

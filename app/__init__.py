@@ -82,6 +82,7 @@ def _flask_app(settings: Settings) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_UPLOAD_MB"] = settings.max_upload_mb
     app.config["STARTED_AT"] = time.time()
+    app.config["SERVING"] = _serving_limits(app, settings)
     app.json.sort_keys = False
     app.json.compact = True
     if settings.proxy_hops:
@@ -125,6 +126,35 @@ def _register_compression(app: Flask) -> None:
         COMPRESS_STREAMS=False,
     )
     Compress(app)
+
+
+def _serving_limits(app: Flask, settings: Settings) -> dict:
+    """What gunicorn's worker (serving.worker.BufferedWorker) enforces before and around the app.
+
+    Heavy requests (a model pass: uploads, and lookups of unknown appids when the CDN fallback is on)
+    run in the worker's bounded, low-priority thread pool; everything else inline.
+    """
+
+    def is_heavy(method: str, path: str) -> bool:
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            return True
+        from .params import EXTENSION_KEY
+
+        service = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
+        if service is None or service.fetcher is None or not path.startswith("/match/"):
+            return False
+        appid = path[len("/match/") :]
+        return not (appid.isdigit() and appid.isascii() and service.catalog.get(int(appid)) is not None)
+
+    return {
+        "header_timeout": settings.header_timeout,
+        "body_timeout": settings.upload_timeout,
+        "max_body_bytes": settings.max_upload_bytes,
+        "heavy_slots": settings.upload_concurrency,
+        "heavy_queue": settings.upload_queue,
+        "queue_timeout": settings.upload_queue_timeout,
+        "is_heavy": is_heavy,
+    }
 
 
 def _register_cors(app: Flask, origins: list[str]) -> None:

@@ -191,9 +191,12 @@ def health():
         body = {"status": "starting", "detail": detail, "uptime_s": round(time.time() - started, 1)}
         return jsonify(body), 503, {"Retry-After": "5"}
     by_workers = metrics.models_loaded_by_workers(svc.matcher.loaded_backbones())
-    return jsonify(
+    ready, workers = _workers_ready()
+    body = jsonify(
         {
-            "status": "ok",
+            "status": "ok" if ready >= workers else "starting",
+            "workers_ready": ready,
+            "workers": workers,
             "apps": len(svc.catalog),
             "strategies": svc.strategy_names,
             "default_strategy": svc.default_strategy,
@@ -204,3 +207,11 @@ def health():
             "uptime_s": round(time.time() - started, 1),
         }
     )
+    body.status_code = 200 if ready >= workers else 503  # ready means every worker serves
+    return body
+
+
+def _workers_ready() -> tuple[int, int]:
+    """(serving workers, configured workers) from gunicorn's worker (serving.worker); (1, 1) elsewhere."""
+    probe = request.environ.get("serving.ready")
+    return probe() if probe is not None else (1, 1)

@@ -117,6 +117,10 @@ class Settings:
     max_image_pixels: int = 40_000_000
     upload_timeout: float = 30.0
     upload_read_timeout: float = 10.0
+    header_timeout: float = 10.0  # serving.worker: from a request's first byte to the end of its headers
+    upload_concurrency: int = 1  # serving.worker: model passes at once per worker
+    upload_queue: int = 8  # serving.worker: uploads waiting for one, per worker (beyond: 503)
+    upload_queue_timeout: float = 10.0  # serving.worker: how long one may wait (then 503)
     cors_origins: list[str] = field(default_factory=list)
     torch_threads: int | None = None
     index_verify: str = "full"
@@ -178,6 +182,10 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, 1, 1_000_000_000),
             upload_timeout=_float(env, "UPLOAD_TIMEOUT", 30.0, 0.1, 3600),
             upload_read_timeout=_float(env, "UPLOAD_READ_TIMEOUT", 10.0, 0.1, 3600),
+            header_timeout=_float(env, "HEADER_TIMEOUT", 10.0, 0.1, 3600),
+            upload_concurrency=_int(env, "UPLOAD_CONCURRENCY", 1, 1, 64),
+            upload_queue=_int(env, "UPLOAD_QUEUE", 8, 0, 10_000),
+            upload_queue_timeout=_float(env, "UPLOAD_QUEUE_TIMEOUT", 10.0, 0.1, 3600),
             cors_origins=_list(env, "CORS_ORIGINS"),
             torch_threads=threads or None,
             index_verify=verify,

@@ -10,22 +10,21 @@ next benchmark (``run_all`` builds them once); without it they go to a temporary
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from devtools.server import GunicornServer as Server
+from devtools.server import connection_owner, connections_per_worker, free_port, running_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -374,161 +373,6 @@ def gunicorn_settings(env: dict[str, str] | None = None) -> dict:
         os.environ.clear()
         os.environ.update(saved)
     return {k: v for k, v in scope.items() if isinstance(v, int | str | bool) and not k.startswith("__")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _no_control_socket() -> list[str]:
-    """gunicorn >= 24 opens a control socket at a fixed path (~/.gunicorn/gunicorn.ctl, shared by every
-    instance) and takes seconds to close it at exit: benchmark servers run without it."""
-    try:
-        from gunicorn.config import Config
-
-        return ["--no-control-socket"] if "control_socket_disable" in Config().settings else []
-    except ImportError:
-        return []
-
-
-class Server:
-    """gunicorn with the project's config (or another), on 127.0.0.1 and a free port (no control socket)."""
-
-    def __init__(
-        self,
-        env: dict[str, str],
-        log_path: Path,
-        app: str = "wsgi:app",
-        config: str = "gunicorn.conf.py",
-        workers: int = 2,
-        cgroup: MemoryCgroup | None = None,
-    ) -> None:
-        self.port = free_port()
-        self.host = "127.0.0.1"
-        self.url = f"http://{self.host}:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, "HOST": self.host, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers)} | env
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", config, *_no_control_socket(), app],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=cgroup.join if cgroup else None,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 120.0) -> float:
-        """Seconds from launch to the first 200 from /health."""
-        while time.monotonic() - self.started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
-                conn.request("GET", "/health")
-                ok = conn.getresponse().status == 200
-                conn.close()
-                if ok:
-                    return time.monotonic() - self.started
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"gunicorn did not answer /health within {timeout} s:\n{self.output()[-3000:]}")
-
-    def workers(self, expect: int | None = None, timeout: float = 30.0) -> list[int]:
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        deadline = time.monotonic() + timeout
-        while True:
-            pids = sorted(int(p) for p in children.read_text().split()) if children.exists() else []
-            if expect is None or len(pids) == expect or time.monotonic() > deadline:
-                return pids
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM), then any worker still alive is killed by its pid.
-
-        Not SIGINT/SIGQUIT (gunicorn's quick shutdown): a gthread worker that gets SIGQUIT while its main
-        thread is inside ThreadPoolExecutor.submit (e.g. a client closing its keep-alive connection at
-        that moment) deadlocks on the executor's lock in its signal handler (seen with gunicorn 27)."""
-        workers = self.workers()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)  # gunicorn.conf.py's graceful_timeout is 30 s
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in workers:  # orphaned workers of this server, if any
-            with contextlib.suppress(OSError):
-                if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-        self.log.close()
-
-
-@contextlib.contextmanager
-def running_server(env: dict[str, str], log_dir: Path, name: str = "gunicorn", **kw) -> Iterator[Server]:
-    srv = Server(env, log_dir / f"{name}.log", **kw)
-    try:
-        srv.startup_s = srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
-# -- which worker holds a connection ---------------------------------------------------------------
-def _socket_inodes(pid: int) -> set[str]:
-    out = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir() if fd_dir.exists() else []:
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(target[8:-1])
-    return out
-
-
-def connection_owner(server_port: int, client_port: int, pids: Sequence[int]) -> int | None:
-    """The worker holding the server side of our 127.0.0.1 connection from ``client_port`` (via /proc/net/tcp)."""
-    local = f"0100007F:{server_port:04X}"
-    remote = f"0100007F:{client_port:04X}"
-    inode = None
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if parts[1] == local and parts[2] == remote:
-                inode = parts[9]
-                break
-    if inode is None:
-        return None
-    for pid in pids:
-        if inode in _socket_inodes(pid):
-            return pid
-    return None
-
-
-def connections_per_worker(server_port: int, pids: Sequence[int]) -> list[int]:
-    """How many established connections to 127.0.0.1:server_port each worker holds (from /proc)."""
-    local = f"0100007F:{server_port:04X}"
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if parts[1] == local and parts[3] == "01":  # ESTABLISHED, server side
-                inodes.add(parts[9])
-    return [len(inodes & _socket_inodes(pid)) for pid in pids]
 
 
 def pin_connections(srv: Server, pids: Sequence[int], tries: int = 60) -> dict[int, http.client.HTTPConnection]:

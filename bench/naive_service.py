@@ -1,9 +1,9 @@
-"""A deliberately naive design of GET /match/<appid>, the baseline of bench/serve.py.
+"""The bare baseline of bench/serve.py: GET /match/<appid> as a minimal Flask app, from in-memory arrays.
 
-Per request it reads apps.json and the strategy's table files (neighbours.npy, scores.npy) from disk
-and scans the app list for the appid; no memory map, no dict, nothing kept between requests. The
-answer has the same shape and values as the real service's. Served by the same gunicorn settings
-(``bench/naive_gunicorn.conf.py``)::
+It loads apps.json and the strategy's tables once, at import (gunicorn's preload), keeps a dict from
+appid to row, and answers with ``jsonify``: the same JSON shape and values as the real service, with
+nothing else (no parameter checks, no error mapping, no headers). Served by gunicorn's sync workers
+(``bench/naive_gunicorn.conf.py``), the framework's floor for this answer::
 
     INDEX_DIR=... gunicorn -c bench/naive_gunicorn.conf.py bench.naive_service:app
 """
@@ -20,6 +20,13 @@ from flask import Flask, jsonify, request
 app = Flask(__name__)
 INDEX_DIR = Path(os.environ.get("INDEX_DIR", "data/index"))
 CDN = "https://cdn.cloudflare.steamstatic.com/steam/apps"
+APPS = json.loads((INDEX_DIR / "apps.json").read_text(encoding="utf-8"))
+ROW = {a["appid"]: i for i, a in enumerate(APPS)}
+TABLES = {
+    d.name: (np.load(d / "neighbours.npy"), np.load(d / "scores.npy"))
+    for d in sorted(INDEX_DIR.iterdir())
+    if (d / "neighbours.npy").is_file()
+}
 
 
 def describe(appid: int, name: str) -> dict:
@@ -35,23 +42,18 @@ def describe(appid: int, name: str) -> dict:
 def match(appid: int):
     strategy = request.args.get("strategy", "ComplexB16")
     k = int(request.args.get("k", 10))
-    apps = json.loads((INDEX_DIR / "apps.json").read_text(encoding="utf-8"))
-    neighbours = np.load(INDEX_DIR / strategy / "neighbours.npy")
-    scores = np.load(INDEX_DIR / strategy / "scores.npy")
-    row = None
-    for i, a in enumerate(apps):
-        if a["appid"] == appid:
-            row = i
-            break
+    neighbours, scores = TABLES[strategy]
+    row = ROW.get(appid)
     if row is None:
         return jsonify({"error": {"code": "unknown_appid", "message": f"appid {appid} is not in the index"}}), 404
     matches = [
-        {"rank": r, **describe(apps[j]["appid"], apps[j]["name"]), "score": round(float(s), 6)}
-        for r, (j, s) in enumerate(zip(neighbours[row, :k], scores[row, :k], strict=True), 1)
+        {"rank": r, **describe(APPS[j]["appid"], APPS[j]["name"]), "score": round(float(s), 6)}
+        for r, (j, s) in enumerate(zip(neighbours[row, :k].tolist(), scores[row, :k].tolist(), strict=True), 1)
     ]
-    q = apps[row]
-    query = describe(q["appid"], q["name"])
-    return jsonify({"strategy": strategy, "k": len(matches), "query": query, "matches": matches})
+    q = APPS[row]
+    return jsonify(
+        {"strategy": strategy, "k": len(matches), "query": describe(q["appid"], q["name"]), "matches": matches}
+    )
 
 
 @app.get("/health")

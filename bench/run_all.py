@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (name, arguments at full size, arguments with --quick): sized for ~8 minutes on 2 cores
 BENCHES = {
     "extract": (["--seconds", "1"], ["--quick", "--end-to-end"]),
-    "serve": (["--duration", "10", "--naive-duration", "5"], ["--quick"]),
+    "serve": (["--duration", "6"], ["--quick"]),
     "upload": (["--requests", "3"], ["--quick"]),
     "memory": (["--get-requests", "1000"], ["--quick"]),
     "knn": (["--queries", "100"], ["--n", "2000", "--dim", "64", "--queries", "20"]),

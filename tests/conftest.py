@@ -12,7 +12,6 @@ import hashlib
 import http.server
 import json
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from core.dino.backbones import BACKBONES
 from core.dino.vit import VisionTransformer
+from devtools.server import GunicornServer, free_port  # noqa: F401 - the shared launcher, re-exported to tests
 from indexer.synthetic import synthetic_banner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,80 +215,6 @@ def client(app):
 def make_client(make_app):
     """A test client of an app made with these Settings overrides."""
     return lambda **overrides: make_app(**overrides).test_client()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GunicornServer:
-    """The real service: gunicorn with the project's config, on 127.0.0.1 and a free port."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        import subprocess
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "WEB_CONCURRENCY": "2"} | env
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop(), the server outlives this call
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Seconds from launch to the first /health answer."""
-        import time
-
-        import requests
-
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}: {self.output()[-2000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return time.monotonic() - start
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"gunicorn did not answer /health within {timeout} s: {self.output()[-2000:]}")
-
-    def workers(self, expect: int | None = None, timeout: float = 20.0) -> list[int]:
-        """The worker pids (waiting up to timeout for ``expect`` of them to be up)."""
-        import time
-
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        deadline = time.monotonic() + timeout
-        while True:
-            pids = [int(p) for p in children.read_text().split()] if children.exists() else []
-            if expect is None or len(pids) == expect or time.monotonic() > deadline:
-                return pids
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def server_env(built: BuiltIndex, **extra: str) -> dict[str, str]:

@@ -160,12 +160,16 @@ def test_bounded_mixed_load_every_answer_checked(server, built_index):
             r = http.get(f"{server.url}/match/{apps[target]['appid']}", params={"strategy": strategy}, timeout=30)
             want = [apps[i]["appid"] for i in tables[strategy][target]]
             return r.status_code == 200 and [m["appid"] for m in r.json()["matches"]] == want
-        r = http.post(
-            f"{server.url}/match?strategy={strategy}&k=3",
-            data=banners[target],
-            headers={"Content-Type": "image/jpeg"},
-            timeout=60,
-        )
+        for _ in range(5):  # a well-behaved client: 503 "busy" (upload admission) means try again after Retry-After
+            r = http.post(
+                f"{server.url}/match?strategy={strategy}&k=3",
+                data=banners[target],
+                headers={"Content-Type": "image/jpeg"},
+                timeout=60,
+            )
+            if r.status_code != 503 or "Retry-After" not in r.headers:
+                break
+            time.sleep(int(r.headers["Retry-After"]))
         return r.status_code == 200 and r.json()["matches"][0]["appid"] == target
 
     start = time.monotonic()

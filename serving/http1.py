@@ -1,0 +1,163 @@
+"""Where an HTTP/1.1 request ends in a byte buffer, without parsing more of it than that.
+
+The worker reads requests into memory before gunicorn's parser and the app see them; it needs to
+know when a request is complete (the end of the headers, then Content-Length bytes or the last
+chunk) and to refuse bad framing at once. Everything else in the request (the request line, header
+syntax, smuggling checks) stays with gunicorn's parser, which reads the same bytes afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
+MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
+MAX_TRAILERS = 8192
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+
+class RequestError(Exception):
+    """A request the worker answers itself (bad framing, too large, too slow, overloaded)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> bytes:
+    """A complete HTTP/1.1 response in the API's error shape, that closes the connection."""
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+    extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+@dataclass
+class Framing:
+    """How the body after a request's headers is delimited: ``length`` bytes, or chunked."""
+
+    chunked: bool
+    length: int
+    expect_continue: bool
+
+
+def head_framing(head: bytes) -> Framing:
+    """The body framing announced by a request's header block (request line excluded or not).
+
+    Conflicting or malformed framing is refused here (RFC 9112 section 6.3), before any body byte is
+    read: both Content-Length and Transfer-Encoding, differing or non-numeric Content-Lengths, a
+    transfer coding other than chunked.
+    """
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    expect = False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length":
+            lengths.append(value.strip(b" \t"))
+        elif name == b"transfer-encoding":
+            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+        elif name == b"expect":
+            expect = value.strip(b" \t").lower() == b"100-continue"
+    if codings:
+        if lengths:
+            raise RequestError(400, "bad_framing", "both Content-Length and Transfer-Encoding were sent")
+        if codings != [b"chunked"]:
+            shown = b", ".join(codings).decode("latin-1")
+            raise RequestError(501, "unsupported_transfer_coding", f"transfer coding {shown!r} is not supported")
+        return Framing(True, 0, expect)
+    if not lengths:
+        return Framing(False, 0, expect)
+    if len(set(lengths)) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
+        shown = b", ".join(lengths).decode("latin-1")[:40]
+        raise RequestError(400, "bad_content_length", f"invalid Content-Length {shown!r}")
+    return Framing(False, int(lengths[0]), expect)
+
+
+class ChunkScanner:
+    """Walks a chunked body as its bytes arrive, checking the framing; says where the body ends.
+
+    ``scan(buf)`` is called again whenever more bytes are in ``buf`` (which holds the request from
+    its first byte); it returns the index just past the body once the last chunk and the trailers are
+    in, else None. A malformed chunk size (``zz``, ``-5``) or a missing CRLF raises a 400 at once; a
+    body that grows past ``max_bytes`` decoded bytes raises a 413.
+    """
+
+    def __init__(self, start: int, max_bytes: int) -> None:
+        self.pos = start
+        self.max_bytes = max_bytes
+        self.size = 0  # decoded bytes so far
+        self._remaining: int | None = None  # bytes of the current chunk still to come (None: a size line)
+        self._trailers = False
+
+    def scan(self, buf: bytearray) -> int | None:
+        while True:
+            if self._trailers:
+                return self._scan_trailers(buf)
+            if self._remaining is None:
+                if not self._scan_size(buf):
+                    return None
+            else:
+                end = self.pos + self._remaining
+                if len(buf) < end + 2:
+                    return None
+                if buf[end : end + 2] != b"\r\n":
+                    raise RequestError(400, "bad_chunked_body", "a chunk's data is not followed by CRLF")
+                self.pos = end + 2
+                self._remaining = None
+
+    def _scan_size(self, buf: bytearray) -> bool:
+        eol = buf.find(b"\r\n", self.pos)
+        if eol < 0:
+            if len(buf) - self.pos > MAX_CHUNK_LINE:
+                raise RequestError(400, "bad_chunk_size", "a chunk-size line is too long")
+            return False
+        token = bytes(buf[self.pos : eol]).split(b";", 1)[0].rstrip(b" \t")
+        if not _HEX.fullmatch(token):
+            shown = token[:20].decode("latin-1")
+            raise RequestError(400, "bad_chunk_size", f"invalid chunk size {shown!r} (expected hexadecimal digits)")
+        size = int(token, 16)
+        self.pos = eol + 2
+        if size == 0:
+            self._trailers = True
+            return True
+        self.size += size
+        if self.size > self.max_bytes:
+            raise RequestError(413, "too_large", f"the body is larger than the {self.max_bytes} bytes allowed")
+        self._remaining = size
+        return True
+
+    def _scan_trailers(self, buf: bytearray) -> int | None:
+        start = self.pos
+        while True:
+            eol = buf.find(b"\r\n", self.pos)
+            if eol < 0:
+                if len(buf) - start > MAX_TRAILERS:
+                    raise RequestError(400, "bad_chunked_body", "the trailer section is too long")
+                return None
+            if eol == self.pos:
+                return eol + 2
+            self.pos = eol + 2

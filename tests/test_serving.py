@@ -1,0 +1,298 @@
+"""How the service is served (serving/): request framing, the workers' board, and the real gunicorn service
+with its worker class: readiness, balanced connections, slow clients, upload admission, bad framing."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+import requests
+from conftest import GunicornServer, server_env
+
+from devtools.server import connection_owner, connections_per_worker
+from serving.board import READY, Board
+from serving.http1 import ChunkScanner, RequestError, error_response, head_framing
+
+# -- framing (no server) ----------------------------------------------------------------------------
+
+
+def test_head_framing_reads_length_chunked_and_expect():
+    assert head_framing(b"POST / HTTP/1.1\r\nContent-Length: 12\r\nHost: x").length == 12
+    assert head_framing(b"POST / HTTP/1.1\r\ntransfer-encoding: Chunked").chunked
+    assert head_framing(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3").expect_continue
+    assert head_framing(b"GET / HTTP/1.1\r\nHost: x") == head_framing(b"GET / HTTP/1.1")
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked", 400, "bad_framing"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4", 400, "bad_content_length"),
+        (b"POST / HTTP/1.1\r\nContent-Length: -3", 400, "bad_content_length"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 0x10", 400, "bad_content_length"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501, "unsupported_transfer_coding"),
+    ],
+)
+def test_head_framing_refuses_ambiguous_bodies(head, status, code):
+    with pytest.raises(RequestError) as e:
+        head_framing(head)
+    assert (e.value.status, e.value.code) == (status, code)
+
+
+def _scan_bytewise(body: bytes, max_bytes: int = 1000) -> int | None:
+    """Feed a chunked body one byte at a time, as a trickling client would; the end index, once found."""
+    buf = bytearray()
+    scanner = ChunkScanner(0, max_bytes)
+    for b in body:
+        buf.append(b)
+        end = scanner.scan(buf)
+        if end is not None:
+            return end
+    return None
+
+
+def test_chunk_scanner_finds_the_end_with_extensions_and_trailers():
+    body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\nNEXT"
+    assert _scan_bytewise(body) == len(body) - len(b"NEXT")
+    assert _scan_bytewise(b"5\r\nhel") is None  # incomplete: wait for more
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"zz\r\nabc\r\n", 400, "bad_chunk_size"),
+        (b"-5\r\nabc\r\n", 400, "bad_chunk_size"),
+        (b"\r\n", 400, "bad_chunk_size"),
+        (b"3\r\nabcXY", 400, "bad_chunked_body"),
+        (b"400\r\n", 413, "too_large"),
+    ],
+)
+def test_chunk_scanner_refuses_bad_chunks(body, status, code):
+    with pytest.raises(RequestError) as e:
+        _scan_bytewise(body, max_bytes=1000)
+    assert (e.value.status, e.value.code) == (status, code)
+
+
+def test_error_response_is_the_api_shape():
+    raw = error_response(503, "busy", "try later", retry_after=1)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head and b"Connection: close" in head
+    assert json.loads(body) == {"error": {"code": "busy", "message": "try later"}}
+
+
+def test_board_counts_live_ready_workers_only():
+    board = Board(rows=4)
+    mine, other = board.claim(), board.claim()
+    assert board.ready() == []
+    board.set(mine, READY, 3)
+    assert board.ready() == [(mine, os.getpid(), 3)] and board.fewest_connections_elsewhere(other) == 3
+    pid = os.fork()
+    if pid == 0:  # a worker that says it serves, then dies without cleaning up (SIGKILL)
+        board.set(other, READY, 0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert [row for row, _, _ in board.ready()] == [mine]
+    assert board.claim() == other  # the dead worker's row is reused
+
+
+# -- the real service (gunicorn.conf.py, serving.worker.BufferedWorker) ----------------------------
+
+
+class StartWatcher(GunicornServer):
+    """A server whose every /health answer, from launch on, is recorded as (status, body)."""
+
+    def watch_until(self, status: int, timeout: float = 120.0) -> list[tuple[int, dict]]:
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()[-3000:]
+            try:
+                r = requests.get(self.url + "/health", timeout=5)
+                seen.append((r.status_code, r.json()))
+                if r.status_code == status:
+                    return seen
+            except requests.RequestException:
+                pass
+            time.sleep(0.02)
+        raise AssertionError(f"not ready in {timeout} s: {self.output()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(built_index, tmp_path_factory):
+    """2 workers, short deadlines, one model pass per worker and no queue; ViT-S/16 loaded before serving."""
+    env = server_env(
+        built_index,
+        HEADER_TIMEOUT="2",
+        UPLOAD_TIMEOUT="3",
+        UPLOAD_CONCURRENCY="1",
+        UPLOAD_QUEUE="0",
+        PRELOAD_MODELS="SimpleS16",
+    )
+    srv = StartWatcher(env, tmp_path_factory.mktemp("serving") / "gunicorn.log")
+    try:
+        srv.start_seen = srv.watch_until(200)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def raw_exchange(srv, data: bytes, timeout: float = 10.0, pause: float = 0.0) -> bytes:
+    """Send raw bytes (then wait `pause` s), read until the server closes or `timeout`."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as s:
+        s.sendall(data)
+        if pause:
+            time.sleep(pause)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            out += b"<timeout>"
+    return out
+
+
+def json_body(reply: bytes) -> dict:
+    return json.loads(reply.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.slow
+def test_ready_only_when_every_worker_serves_even_after_a_worker_dies(served):
+    assert all(body["workers_ready"] == 2 for status, body in served.start_seen if status == 200)
+    assert all(body["status"] == "starting" for status, body in served.start_seen if status != 200)
+    old = served.workers(expect=2)
+    os.kill(old[0], signal.SIGKILL)
+    served.watch_until(503, timeout=10)  # noticed within a poll or two (the board re-checks pids every 0.1 s)
+    seen = served.watch_until(200, timeout=60)  # the replacement loads its model, then serves
+    starting = [body for status, body in seen if status == 503]
+    assert starting and all(b["status"] == "starting" and b["workers_ready"] == 1 for b in starting), seen[:3]
+    assert seen[-1][1]["workers_ready"] == 2 and old[0] not in served.workers(expect=2)
+
+
+@pytest.mark.slow
+def test_keep_alive_connections_spread_over_the_workers(served):
+    pids = served.workers(expect=2)
+    deadline = time.monotonic() + 10  # the workers balance all their connections: let earlier tests' go first
+    while sum(connections_per_worker(served.port, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    conns = [http.client.HTTPConnection("127.0.0.1", served.port, timeout=10) for _ in range(8)]
+    try:
+        for _ in range(6):  # a worker over its share closes surplus connections; the clients reconnect
+            for c in conns:
+                c.request("GET", "/match/10?k=3")
+                r = c.getresponse()
+                assert r.status == 200
+                r.read()
+            if all(c.sock is not None for c in conns):  # none was closed in this round: settled
+                break
+        owners = [connection_owner(served.port, c.sock.getsockname()[1], pids) for c in conns]
+        split = [owners.count(pid) for pid in pids]
+        assert sum(split) == 8 and max(split) - min(split) <= 1, (split, owners)
+    finally:
+        for c in conns:
+            c.close()
+
+
+@pytest.mark.slow
+def test_slow_clients_get_408_and_lookups_keep_flowing(served):
+    slow = []
+    for i in range(32):  # half stall in the headers, half trickle a body
+        s = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        if i % 2:
+            s.sendall(b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+        else:
+            s.sendall(b"GET /match/10 HTTP/1.1\r\n")
+        slow.append(s)
+    try:
+        for s in slow:  # one more byte each: still nowhere near a complete request
+            s.sendall(b"X")
+        with requests.Session() as http:
+            for _ in range(40):
+                assert http.get(f"{served.url}/match/10?k=3", timeout=10).status_code == 200
+        for i, s in enumerate(slow):  # then the total deadline (2 s headers, 3 s body) answers each
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert json_body(reply)["error"]["code"] == ("upload_timeout" if i % 2 else "request_timeout")
+    finally:
+        for s in slow:
+            s.close()
+
+
+@pytest.mark.slow
+def test_oversized_declared_body_is_refused_before_it_is_sent(served):
+    reply = raw_exchange(served, b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 413") and json_body(reply)["error"]["code"] == "too_large"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [b"zz", b"-5"])
+def test_bad_chunk_size_is_400_json(served, size):
+    head = b"POST /match?strategy=SimpleS16 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    reply = raw_exchange(served, head + b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\nabc\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert json_body(reply)["error"]["code"] == "bad_chunk_size"
+
+
+@pytest.mark.slow
+def test_disconnect_mid_chunk_logs_one_line(served):
+    start = len(served.output())
+    head = b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served.port)) as s:
+        s.sendall(head + b"100\r\nonly a few bytes of the chunk")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while "in the middle of a request" not in served.output()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    log = served.output()[start:]
+    assert log.count("in the middle of a request") == 1, log
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line", [b"GARBAGE", b"GET /match/10 HTTP/9.9", b"GET  HTTP/1.1"])
+def test_malformed_request_line_gets_json(served, line):
+    reply = raw_exchange(served, line + b"\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert json_body(reply)["error"]["code"] == "bad_request"
+
+
+@pytest.mark.slow
+def test_pipelined_requests_are_answered_in_order(served):
+    two = b"GET /match/10?k=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    two += b"GET /match/20?k=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    reply = raw_exchange(served, two)
+    first, second = reply.split(b"HTTP/1.1 200 OK")[1:]
+    assert b'"k":1' in first and b'"appid":10' in first and b'"k":2' in second
+
+
+@pytest.mark.slow
+def test_uploads_beyond_the_model_slots_get_503_with_retry_after(served, built_index):
+    image = (built_index.banners / "30.jpg").read_bytes()
+    head = "POST /match?strategy=SimpleS16&k=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    head += f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n"
+    socks = [socket.create_connection(("127.0.0.1", served.port), timeout=60) for _ in range(6)]
+    try:
+        for s in socks:  # all at once: 2 workers x 1 slot, no queue
+            s.sendall(head.encode() + image)
+        replies = []
+        for s in socks:
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            replies.append(reply)
+    finally:
+        for s in socks:
+            s.close()
+    statuses = sorted(int(r.split(b" ", 2)[1]) for r in replies)
+    assert set(statuses) == {200, 503} and statuses.count(200) <= 2, statuses
+    busy = next(r for r in replies if r.startswith(b"HTTP/1.1 503"))
+    assert b"Retry-After: 1" in busy and json_body(busy)["error"]["code"] == "busy"
+    ok = next(r for r in replies if r.startswith(b"HTTP/1.1 200"))
+    assert json_body(ok)["matches"][0]["appid"] == 30
