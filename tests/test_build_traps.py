@@ -166,9 +166,7 @@ def test_unreadable_cache_files_are_skipped_with_a_warning(tmp_path, capsys):
     assert "ignoring unreadable cache file" in err and "empty.npz" in err and "failed.json" in err
 
 
-@pytest.mark.parametrize(
-    "name", ["GUNICORN_THREADS", "GUNICORN_TIMEOUT", "PORT"]
-)  # WEB_CONCURRENCY: gunicorn parses it first
+@pytest.mark.parametrize("name", ["GUNICORN_TIMEOUT", "PORT"])  # WEB_CONCURRENCY: gunicorn parses it first
 def test_bad_gunicorn_settings_stop_with_one_line(name):
     env = {**os.environ, name: "abc"}
     r = subprocess.run(

@@ -21,7 +21,7 @@ from PIL import Image
 from app import StartupError
 from app.config import ConfigError, Settings
 from app.params import EXTENSION_KEY
-from app.problems import RateLimited, UpstreamFailed
+from app.problems import UpstreamFailed
 from core.dino.preprocess import PREPROCESSINGS, largest_resize
 from core.images import MAX_ASPECT_RATIO, ImageRejected, check_jpeg_scans, open_image
 from core.index import IndexInvalid, load_index
@@ -237,13 +237,19 @@ def test_fallback_applies_the_image_limits(fallback):
 
 
 @pytest.mark.slow  # a model load
-def test_fallback_model_pass_counts_against_the_upload_rate_limit(fallback):
-    _, make = fallback
-    svc = make(upload_rate_limit=(1, 3600.0))
-    svc.fallback_match(4321, "SimpleS16", 3, "/", "1.2.3.4")
-    with pytest.raises(RateLimited):
-        svc.fallback_match(4322, "SimpleS16", 3, "/", "1.2.3.4")
-    assert svc.fallback_match(4321, "SimpleS16", 3, "/", "1.2.3.4")["k"] == 3  # cached: no model pass, no charge
+def test_fallback_model_pass_counts_against_the_upload_rate_limit(built_index, make_app):
+    cdn = FakeCDN((built_index.banners / "30.jpg").read_bytes())
+    try:
+        app = make_app(fallback_fetch=True, cdn_url=cdn.url, fallback_timeout=1, upload_rate_limit=(1, 3600.0))
+        client = app.test_client()
+        assert client.get("/match/4321?strategy=SimpleS16&k=3").status_code == 200
+        r = client.get("/match/4322?strategy=SimpleS16&k=3")  # a second model pass: over the upload budget
+        assert r.status_code == 429 and r.get_json()["error"]["code"] == "rate_limited"
+        cached = client.get("/match/4321?strategy=SimpleS16&k=3")  # cached: no model pass, no charge
+        assert cached.status_code == 200 and cached.get_json()["k"] == 3
+        assert client.get("/match/10?k=3").status_code == 200  # indexed games are never charged
+    finally:
+        cdn.close()
 
 
 # -- headers and URLs ----------------------------------------------------------------------------------
