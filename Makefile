@@ -7,7 +7,7 @@ DATA ?= data
 APPS ?= catalogs/default_games.json
 DEMO_STRATEGIES ?= SimpleS16,ComplexS16,SimpleB16,ComplexB16
 
-.PHONY: demo serve index banners test lint bench clean-venv check-online
+.PHONY: demo serve index banners test test-fast lint bench clean-venv check-online
 
 # -- environments ---------------------------------------------------------------------------------
 # Here and in CI: requirements-dev.txt (the pins of requirements.txt, torch from the default index, test tools).
@@ -38,6 +38,9 @@ serve: $(VENV)/.runtime
 # -- checks ---------------------------------------------------------------------------------------
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.dev  # the fast lane: tests under ~2 s each
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,18 @@ import subprocess
 import time
 from pathlib import Path
 
+HEADLESS_FLAGS = [  # a quiet, offline headless Chromium: no sandbox (root), no GPU, no background traffic
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+
 
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -51,15 +63,7 @@ class Chromium:
             os.dup2(child_out, 4)
 
         flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
+            *HEADLESS_FLAGS,
             "--remote-debugging-pipe",
             f"--user-data-dir={profile}",
             "about:blank",

@@ -24,6 +24,7 @@ def error_of(resp):
     return resp.get_json()["error"]
 
 
+@pytest.mark.slow
 def test_match_appid_equals_tables(client, built_index):
     apps = apps_of(built_index)
     for strategy in built_index.strategies:
@@ -179,6 +180,7 @@ def test_upload_without_weights_is_503_and_lookups_still_work(make_client, built
     assert client.post("/match", data=data, content_type="image/jpeg").status_code == 503  # remembered, fast
 
 
+@pytest.mark.slow
 def test_upload_with_other_weights_is_refused(make_client, built_index, monkeypatch, install_checkpoints):
     install_checkpoints("B16", seed=1)  # random weights other than the index's
     client = make_client()

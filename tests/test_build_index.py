@@ -82,6 +82,7 @@ def test_layout_manifest_and_tables(built_index):
     load_index(idx)  # the service's own checks accept it
 
 
+@pytest.mark.slow
 def test_embeddings_equal_single_image_extraction(built_index, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
     ex = Extractor(parse_strategies(",".join(built_index.strategies)), models=ModelCache())
@@ -94,6 +95,7 @@ def test_embeddings_equal_single_image_extraction(built_index, monkeypatch):
             np.testing.assert_allclose(stored, single[name][0], atol=1e-3, rtol=0)  # float16 storage
 
 
+@pytest.mark.slow
 def test_float32_storage_and_corrupt_images_skipped(tmp_path, install_checkpoints):
     install_checkpoints("S16")
     apps = make_catalog(tmp_path / "banners", 6)
@@ -129,6 +131,7 @@ def test_float32_storage_and_corrupt_images_skipped(tmp_path, install_checkpoint
     np.testing.assert_allclose(emb[2], single, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_apps_list_names_and_missing(tmp_path, install_checkpoints):
     install_checkpoints("S16")
     apps = make_catalog(tmp_path / "banners", 4)
@@ -153,6 +156,7 @@ def test_apps_list_names_and_missing(tmp_path, install_checkpoints):
     assert index.manifest["missing_images"] == [12345]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -170,6 +174,7 @@ def test_bad_input_changes_nothing(tmp_path, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["banners"]
 
 
+@pytest.mark.slow
 def test_bad_apps_file_and_empty_folder(tmp_path):
     (tmp_path / "banners").mkdir()
     (tmp_path / "apps.json").write_text('[{"appid": "ten"}]')
@@ -184,6 +189,7 @@ def test_bad_apps_file_and_empty_folder(tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.slow
 def test_missing_weights_without_network(tmp_path, torch_home):
     make_catalog(tmp_path / "banners", 3)
     r = run_cli(
@@ -200,6 +206,7 @@ def test_missing_weights_without_network(tmp_path, torch_home):
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.slow
 def test_explicit_weights_path(tmp_path, torch_home, checkpoint_store):
     make_catalog(tmp_path / "banners", 3)
     r = run_cli(
@@ -217,6 +224,7 @@ def test_explicit_weights_path(tmp_path, torch_home, checkpoint_store):
     assert manifest["strategies"]["SimpleS16"]["checkpoint"]["sha256"] == sha256_of(checkpoint_store("S16"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints):
     install_checkpoints("B16")
     make_catalog(tmp_path / "banners", 18)
@@ -262,6 +270,7 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints
     assert not list(tmp_path.glob(".index.staging-*")) and not list(chunks.glob("*.npz"))
 
 
+@pytest.mark.slow
 def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints):
     install_checkpoints("S16")
     make_catalog(tmp_path / "banners", 8)

@@ -421,6 +421,7 @@ def test_cli_end_to_end(cdn, tmp_path):
     assert (out / "30.jpg").read_bytes() == banner_bytes(30)
 
 
+@pytest.mark.slow
 def test_cli_uses_default_list_without_apps(cdn, tmp_path):
     n = len(json.loads(DEFAULT_LIST.read_text(encoding="utf-8")))
     out = tmp_path / "out"

@@ -53,6 +53,7 @@ def catalog_index(tmp_path_factory, checkpoint_store):
     return root, apps
 
 
+@pytest.mark.slow
 def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
     why = MemoryCgroup.unavailable()
     if why:

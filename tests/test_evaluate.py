@@ -130,6 +130,7 @@ def test_originals_embed_as_the_index_did(built_index, index, extractors):
         np.testing.assert_allclose(feats[name], stored, atol=2e-3)  # float16 storage
 
 
+@pytest.mark.slow
 def test_mild_alterations_stay_nearest_to_their_original(built_index, index, extractors):
     """cos(altered i, banner i) > cos(altered i, banner j) for every other j, for JPEG, resize and flip.
 
@@ -156,6 +157,7 @@ def test_mild_alterations_stay_nearest_to_their_original(built_index, index, ext
             assert s[row] > 0.98, (name, alt, row)
 
 
+@pytest.mark.slow
 def test_copy_detection_recall_is_high_for_mild_alterations(built_index, index, extractors):
     det = ev.copy_detection(
         index, built_index.banners, S16, queries=3, k=5, seed=0, extractors=extractors, progress=False
@@ -236,6 +238,7 @@ def test_overlap_at_k_disjoint_and_identical():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(built_index, tmp_path):
     md = tmp_path / "results.md"
     r = run_cli(

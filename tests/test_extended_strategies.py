@@ -41,6 +41,7 @@ def extended_index(tmp_path, install_checkpoints):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_extended_strategies_are_built_and_recorded(extended_index):
     index = load_index(extended_index / "index")
     assert list(index.strategies) == NAMES.split(",")
@@ -58,6 +59,7 @@ def test_extended_strategies_are_built_and_recorded(extended_index):
     assert index.manifest["strategies"]["MultiScaleS16"]["params"]["scales"][1] == pytest.approx(2**-0.5)
 
 
+@pytest.mark.slow
 def test_extended_features_equal_independent_computations(extended_index):
     """Each stored row against a computation from the model's own intermediate outputs."""
     index = load_index(extended_index / "index")
@@ -88,6 +90,7 @@ def test_extended_features_equal_independent_computations(extended_index):
         np.testing.assert_allclose(stored, F.normalize(vec, dim=-1)[0].numpy(), atol=1e-3, err_msg=name)
 
 
+@pytest.mark.slow
 def test_extended_strategies_are_served(extended_index, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(extended_index / "torch_home"))
     client = create_app(

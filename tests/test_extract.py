@@ -20,6 +20,7 @@ def s16_b16(install_checkpoints):
     install_checkpoints("S16", "B16")
 
 
+@pytest.mark.slow
 def test_all_eight_strategies_dims_and_four_forwards(install_checkpoints, tmp_path, monkeypatch):
     install_checkpoints("S16", "S8", "B16", "B8")
     ex = Extractor(parse_strategies("all"), models=ModelCache())
@@ -63,6 +64,7 @@ def test_features_equal_official_formulas(s16_b16, tmp_path):
     np.testing.assert_allclose(feats["ComplexB16"], complex_b.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_folder_batches_equal_single_images(s16_b16, tmp_path, num_workers):
     paths = [make_banner(tmp_path / f"{i}.jpg", seed=i) for i in range(7)]

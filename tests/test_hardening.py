@@ -23,6 +23,8 @@ from PIL import Image
 from app import StartupError, create_app
 from app.config import ConfigError, Settings
 
+pytestmark = pytest.mark.slow  # the real gunicorn service: seconds to start and stop
+
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -122,6 +124,7 @@ def _check_still_correct(server, built_index) -> None:
     assert up.status_code == 200 and up.json()["matches"][0]["appid"] == apps[5]["appid"]
 
 
+@pytest.mark.slow
 def test_hostile_inputs_get_clear_4xx_and_the_server_stays_correct(server, built_index):
     failures = []
     for name, kwargs, status, code in HOSTILE:
@@ -142,6 +145,7 @@ def test_hostile_inputs_get_clear_4xx_and_the_server_stays_correct(server, built
     _check_still_correct(server, built_index)
 
 
+@pytest.mark.slow
 def test_bounded_mixed_load_every_answer_checked(server, built_index):
     apps = json.loads((built_index.index / "apps.json").read_text())
     tables = {s: np.load(built_index.index / s / "neighbours.npy") for s in built_index.strategies}
@@ -188,6 +192,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_under_repeated_uploads(server, built_index):
     data = (built_index.banners / "10.jpg").read_bytes()
 
@@ -229,6 +234,7 @@ def test_worker_crash_is_recovered(server, built_index):
     _check_still_correct(server, built_index)
 
 
+@pytest.mark.slow
 def test_slow_uploads_do_not_block_lookups(built_index, tmp_path):
     env = server_env(built_index, UPLOAD_READ_TIMEOUT="2", UPLOAD_TIMEOUT="4", GUNICORN_THREADS="4")
     srv = GunicornServer(env, tmp_path / "log")
@@ -409,6 +415,7 @@ def test_fallback_fetch_only_from_the_cdn(built_index, monkeypatch):
         cdn.close()
 
 
+@pytest.mark.slow
 def test_fallback_unreachable_cdn_is_502(built_index):
     app = create_app(
         Settings(index_dir=built_index.index, fallback_fetch=True, cdn_url="http://127.0.0.1:9", fallback_timeout=1)

@@ -76,6 +76,7 @@ def post(url: str, data: bytes, content_type: str = "image/png", path: str = "/m
     return requests.post(url + path, data=data, headers={"Content-Type": content_type}, timeout=30)
 
 
+@pytest.mark.slow
 def test_tiny_images_that_would_cost_gigabytes_get_a_4xx_with_bounded_memory(confined, built_index):
     srv, group = confined
     warm = (built_index.banners / "30.jpg").read_bytes()
@@ -110,6 +111,7 @@ def test_tiny_images_that_would_cost_gigabytes_get_a_4xx_with_bounded_memory(con
     assert again["matches"][0]["appid"] == 30 or again["matches"][0]["score"] > 0.9
 
 
+@pytest.mark.slow
 def test_headers_urls_and_form_parts_over_http(confined):
     srv, _ = confined
     r = requests.get(srv.url + "/match/10?k=5", headers={"Host": "evil.example"}, timeout=10)

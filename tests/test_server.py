@@ -11,15 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from browser import Chromium, find_chromium
+from browser import HEADLESS_FLAGS, Chromium, find_chromium
 from conftest import ROOT, GunicornServer, server_env
 from PIL import Image, ImageChops, ImageStat
+
+pytestmark = pytest.mark.slow  # the real gunicorn service: seconds to start and stop
 
 
 def apps_of(built):
     return json.loads((built.index / "apps.json").read_text())
 
 
+@pytest.mark.slow
 def test_starts_quickly_with_two_workers(server):
     assert server.startup_s < 60  # to the first 200 from /health: both workers serving
     assert len(server.workers(expect=2)) == 2
@@ -74,6 +77,7 @@ def test_error_codes_over_http(server, method, path, kwargs, status, code):
     assert r.json()["error"]["code"] == code
 
 
+@pytest.mark.slow
 def test_uploaded_indexed_banner_finds_itself(server, built_index):
     for appid in (10, 130, 240):
         data = (built_index.banners / f"{appid}.jpg").read_bytes()
@@ -98,15 +102,7 @@ def test_uploaded_indexed_banner_finds_itself(server, built_index):
 
 def _screenshot(url: str, out, images: bool = True) -> Image.Image:
     flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
+        *HEADLESS_FLAGS,
         f"--user-data-dir={out.parent / ('profile-' + out.stem)}",
         "--window-size=1280,1400",
         f"--screenshot={out}",
@@ -122,6 +118,7 @@ def _screenshot(url: str, out, images: bool = True) -> Image.Image:
     return Image.open(out).convert("RGB")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     find_chromium() is None and not os.environ.get("REQUIRE_CHROMIUM"),
     reason="Chromium is not installed (.ci/run installs it and sets REQUIRE_CHROMIUM=1)",
@@ -226,6 +223,7 @@ def test_procfile_and_docker_use_the_same_entry_point():
     assert "download.pytorch.org/whl/cpu" in (ROOT / "requirements.txt").read_text()
 
 
+@pytest.mark.slow
 def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
     """PORT and WEB_CONCURRENCY from the environment, as a Heroku-like platform sets them."""
     env = server_env(built_index, WEB_CONCURRENCY="1", INDEX_VERIFY="quick", PRELOAD_MODELS="simples16")

@@ -102,6 +102,7 @@ def test_dinov2_matches_official_outputs():
         np.testing.assert_allclose(out.patch.numpy(), want_patch, atol=TOL, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("keys_file", "mapping"),
     [

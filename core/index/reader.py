@@ -1,18 +1,6 @@
 """The index folder: its format, and loading it with every check the service relies on.
 
-Layout (written by ``scripts/build_index.py``)::
-
-    manifest.json              format and version, creation time, apps, and per strategy:
-                               dim, k, backbone, checkpoint file and sha256, preprocessing,
-                               style parameters, and the shape, dtype and sha256 of its files
-    apps.json                  [{"appid": 10, "name": "Counter-Strike"}, ...] in row order
-    <Strategy>/embeddings.npy  (N, D) float16/float32, L2-normalised, row i = apps[i]
-    <Strategy>/neighbours.npy  (N, K) int32 row indices, best first, the row itself excluded
-    <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour
-    <Strategy>/variants/<variant>/{embeddings,neighbours,scores}.npy
-                               optional (``--variants mirror,flip``): the same for the mirrored/flipped
-                               banners as queries against the plain embeddings (the row itself excluded);
-                               listed in the strategy's manifest entry under "variants"
+The layout and its names are in ``layout.py``.
 
 Arrays are memory-mapped read-only: gunicorn workers share one copy of the
 pages through the page cache, and start-up does not read them into memory.
