@@ -10,6 +10,7 @@ Answers read from the tables carry an ``ETag`` and ``Cache-Control``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, render_template, request
 
@@ -41,6 +42,12 @@ def _json(body: str | dict, etag: str) -> Response:
     return get_service().http_cache.mark(resp, etag)
 
 
+def _cached_json(etag: str, build: Callable[[], str | dict]) -> Response:
+    """304 when the client holds this ETag; else the JSON ``build()`` makes, with its ETag."""
+    cached = get_service().http_cache.not_modified(etag)
+    return cached if cached is not None else _json(build(), etag)
+
+
 @bp.get("/match/<appid>")
 def match_appid(appid: str):
     svc = get_service()
@@ -55,10 +62,7 @@ def match_appid(appid: str):
         return jsonify(svc.fallback_match(app_id, strategy, k, host_url(), offset, variant))
     host = host_url()
     etag = svc.http_cache.etag("m", app_id, strategy, k, offset, variant, host)
-    cached = svc.http_cache.not_modified(etag)
-    if cached is not None:
-        return cached
-    return _json(svc.table_payload_json(strategy, game, k, host, offset, variant), etag)
+    return _cached_json(etag, lambda: svc.table_payload_json(strategy, game, k, host, offset, variant))
 
 
 @bp.get("/match")
@@ -73,10 +77,7 @@ def match_batch():
     svc.check_variant(strategy, variant)
     host = host_url()
     etag = svc.http_cache.etag("b", ",".join(map(str, appids)), strategy, k, offset, variant, host)
-    cached = svc.http_cache.not_modified(etag)
-    if cached is not None:
-        return cached
-    return _json(svc.batch_payload_json(strategy, appids, k, host, offset, variant), etag)
+    return _cached_json(etag, lambda: svc.batch_payload_json(strategy, appids, k, host, offset, variant))
 
 
 @bp.post("/match")
@@ -104,11 +105,10 @@ def match_upload():
 def strategies():
     svc = get_service()
     etag = svc.http_cache.etag("strategies")
-    cached = svc.http_cache.not_modified(etag)
-    if cached is not None:
-        return cached
-    body = {"default": svc.default_strategy, "strategies": [svc.describe_strategy(n) for n in svc.strategy_names]}
-    return _json(body, etag)
+    return _cached_json(
+        etag,
+        lambda: {"default": svc.default_strategy, "strategies": [svc.describe_strategy(n) for n in svc.strategy_names]},
+    )
 
 
 @bp.get("/apps/<appid>")
@@ -117,10 +117,7 @@ def app_info(appid: str):
     game = svc.game(parse_appid(appid))
     host = host_url()
     etag = svc.http_cache.etag("app", game.appid, host)
-    cached = svc.http_cache.not_modified(etag)
-    if cached is not None:
-        return cached
-    return _json(svc.catalog.describe_row(game.row, host) | {"strategies": svc.strategy_names}, etag)
+    return _cached_json(etag, lambda: svc.catalog.describe_row(game.row, host) | {"strategies": svc.strategy_names})
 
 
 @bp.get("/apps")
@@ -134,11 +131,12 @@ def app_search():
     limit = int_param("limit", 20, 1, 100)
     host = host_url()
     etag = svc.http_cache.etag("search", q, limit, host)
-    cached = svc.http_cache.not_modified(etag)
-    if cached is not None:
-        return cached
-    games = svc.catalog.search(q, limit)
-    return _json({"query": q, "results": [svc.catalog.describe_row(g.row, host) for g in games]}, etag)
+
+    def build():
+        games = svc.catalog.search(q, limit)
+        return {"query": q, "results": [svc.catalog.describe_row(g.row, host) for g in games]}
+
+    return _cached_json(etag, build)
 
 
 @bp.get("/unique")
@@ -150,11 +148,12 @@ def unique():
     offset = int_param("offset", 0, 0, total - 1)
     host = host_url()
     etag = svc.http_cache.etag("unique", strategy, n, offset, host)
-    cached = svc.http_cache.not_modified(etag)
-    if cached is not None:
-        return cached
-    games = svc.unique_payload(strategy, n, host, offset)
-    return _json({"strategy": strategy, "n": len(games), "offset": offset, "games": games}, etag)
+
+    def build():
+        games = svc.unique_payload(strategy, n, host, offset)
+        return {"strategy": strategy, "n": len(games), "offset": offset, "games": games}
+
+    return _cached_json(etag, build)
 
 
 @bp.get("/compare/<appid>")
