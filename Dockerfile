@@ -18,7 +18,6 @@ RUN pip install -r requirements.txt
 RUN useradd --create-home --uid 10001 app && mkdir -p /srv/data /srv/torch && chown app /srv/data /srv/torch
 COPY core/ core/
 COPY app/ app/
-COPY core/ core/
 COPY serving/ serving/
 COPY wsgi.py gunicorn.conf.py ./
 ENV PORT=8000 INDEX_DIR=/srv/data/index BANNERS_DIR=/srv/data/banners TORCH_HOME=/srv/torch
@@ -26,7 +25,7 @@ USER app
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+CMD ["python", "-m", "serving.launch"]
 
 FROM service AS baked
 COPY data/index /srv/data/index

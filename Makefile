@@ -30,10 +30,10 @@ demo: check-online $(VENV)/.runtime
 	-$(PY) scripts/download_banners.py --apps $(APPS) --out $(DATA)/banners
 	$(PY) scripts/build_index.py --images $(DATA)/banners --out $(DATA)/index --apps $(APPS) --strategies $(DEMO_STRATEGIES)
 	@echo "Serving on http://127.0.0.1:$(PORT)/ (Ctrl-C to stop)"
-	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(PY) -m serving.launch
 
 serve: $(VENV)/.runtime
-	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(PY) -m serving.launch
 
 # -- checks ---------------------------------------------------------------------------------------
 test: $(VENV)/.dev

@@ -14,21 +14,14 @@ lazily inside each worker (torch's thread pool must not exist before fork), once
 worker.
 
 Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2), GUNICORN_TIMEOUT (default
-120 s).
+120 s). Started by ``python -m serving.launch`` (Procfile, Dockerfile), which checks them first.
 """
 
 import contextlib
 import os
 import sys
 
-
-def _env_int(name: str, default: int, lo: int = 1) -> int:
-    """A whole-number setting; a bad one stops start-up with one line (not a traceback)."""
-    raw = os.environ.get(name, "").strip() or str(default)
-    if not raw.isascii() or not raw.isdigit() or int(raw) < lo:
-        sys.exit(f"error: cannot start: {name}={raw!r}: expected a whole number of at least {lo}")
-    return int(raw)
-
+from serving.env import env_int_or_exit as _env_int
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 8000)}"
 workers = _env_int("WEB_CONCURRENCY", 2)

@@ -150,6 +150,7 @@ def _serving_limits(app: Flask, settings: Settings) -> dict:
         "header_timeout": settings.header_timeout,
         "body_timeout": settings.upload_timeout,
         "max_body_bytes": settings.max_upload_bytes,
+        "max_buffered_bytes": int(settings.upload_buffer_mb * 2**20),
         "heavy_slots": settings.upload_concurrency,
         "heavy_queue": settings.upload_queue,
         "queue_timeout": settings.upload_queue_timeout,

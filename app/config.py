@@ -108,6 +108,17 @@ def _networks(env: Mapping[str, str], name: str) -> list[str]:
     return out
 
 
+def _upload_buffer_mb(env: Mapping[str, str]) -> float:
+    """UPLOAD_BUFFER_MB: at least MAX_UPLOAD_MB, or the largest allowed upload could never be received."""
+    upload = _float(env, "MAX_UPLOAD_MB", 8.0, 0.01, 1024)
+    buffer = _float(env, "UPLOAD_BUFFER_MB", max(64.0, upload), 0.01, 65536)
+    if buffer < upload:
+        raise ConfigError(
+            f"UPLOAD_BUFFER_MB={buffer:g} is less than MAX_UPLOAD_MB={upload:g}: one upload would not fit"
+        )
+    return buffer
+
+
 @dataclass(frozen=True)
 class Settings:
     index_dir: Path = Path("data/index")
@@ -121,6 +132,7 @@ class Settings:
     upload_concurrency: int = 1  # serving.worker: model passes at once per worker
     upload_queue: int = 8  # serving.worker: uploads waiting for one, per worker (beyond: 503)
     upload_queue_timeout: float = 10.0  # serving.worker: how long one may wait (then 503)
+    upload_buffer_mb: float = 64.0  # serving.worker: request bodies held in memory at once, per worker (then 503)
     cors_origins: list[str] = field(default_factory=list)
     torch_threads: int | None = None
     index_verify: str = "full"
@@ -186,6 +198,7 @@ class Settings:
             upload_concurrency=_int(env, "UPLOAD_CONCURRENCY", 1, 1, 64),
             upload_queue=_int(env, "UPLOAD_QUEUE", 8, 0, 10_000),
             upload_queue_timeout=_float(env, "UPLOAD_QUEUE_TIMEOUT", 10.0, 0.1, 3600),
+            upload_buffer_mb=_upload_buffer_mb(env),
             cors_origins=_list(env, "CORS_ORIGINS"),
             torch_threads=threads or None,
             index_verify=verify,

@@ -2,9 +2,10 @@
 
 Development only (not part of the installed packages): ``tests/`` and ``bench/`` import it from the
 repository root (``python -m bench.X`` runs there; pytest's ``pythonpath`` setting adds it).
-``GunicornServer(env, log_path)`` starts ``gunicorn -c gunicorn.conf.py wsgi:app`` (or another app and
-config) with the environment given, ``wait_ready()`` waits for ``/health`` to answer 200 (every worker
-serving), ``stop()`` stops it gracefully; ``running_server`` does all three around a block.
+``GunicornServer(env, log_path)`` starts the Procfile's command, ``python -m serving.launch``, i.e.
+``gunicorn -c gunicorn.conf.py wsgi:app`` (or gunicorn with another app and config) with the
+environment given, ``wait_ready()`` waits for ``/health`` to answer 200 (every worker serving),
+``stop()`` stops it gracefully; ``running_server`` does all three around a block.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from serving import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +62,12 @@ class GunicornServer:
         full_env = {**os.environ, "HOST": self.host, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers)} | env
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.started = time.monotonic()
+        if (config, app) == (launch.CONFIG, launch.APP):  # the Procfile's command
+            argv = [sys.executable, "-m", "serving.launch", *_no_control_socket()]
+        else:
+            argv = [sys.executable, "-m", "gunicorn", "-c", config, *_no_control_socket(), app]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", config, *_no_control_socket(), app],
+            argv,
             cwd=ROOT,
             env=full_env,
             stdout=self.log,

@@ -74,6 +74,7 @@ class Limits:
     body_timeout: float = 30.0  # from the end of the headers to the end of the body
     write_timeout: float = 30.0  # for a response to be taken by the client
     max_body_bytes: int = 8 * 2**20
+    max_buffered_bytes: int = 64 * 2**20  # bodies held at once (received, waiting, running), per worker
     heavy_slots: int = 1  # heavy requests run at once, per worker
     heavy_queue: int = 8  # heavy requests waiting for a slot, per worker
     queue_timeout: float = 10.0  # how long one may wait
@@ -94,7 +95,7 @@ class Limits:
 
 class Conn:
     __slots__ = ("addr", "buf", "deadline", "events", "framing", "head_end", "keep", "out", "phase", "scanner")
-    __slots__ += ("server", "shed", "sock", "drained")
+    __slots__ += ("server", "shed", "sock", "drained", "held")
 
     def __init__(self, sock: socket.socket, addr, server, deadline: float) -> None:
         self.sock, self.addr, self.server = sock, addr, server
@@ -105,6 +106,7 @@ class Conn:
         self.out = memoryview(b"")
         self.keep = self.shed = False
         self.drained = 0
+        self.held = 0  # body bytes this connection counts against the worker's budget
 
 
 class _Out:
@@ -162,6 +164,7 @@ class BufferedWorker(base.Worker):
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.nconns = self.shedding = self.heavy_busy = 0
+        self.held = 0  # body bytes held in memory by all connections (max_buffered_bytes)
         self.finished: deque[tuple[Conn, Future]] = deque()
         self.waiting: deque[tuple[Conn, bytes, float]] = deque()
         self.accepting = False
@@ -329,6 +332,7 @@ class BufferedWorker(base.Worker):
             conn.sock.close()
         self.nconns -= 1
         self.shedding -= conn.shed
+        self._hold(conn, 0)
         self.board.set_conns(self.row, self.nconns)
 
     def _expired(self, conn: Conn) -> None:
@@ -410,15 +414,28 @@ class BufferedWorker(base.Worker):
                 raise RequestError(413, "too_large", f"the upload is larger than the {mb:g} MB limit")
             if framing.chunked:
                 conn.scanner = ChunkScanner(conn.head_end, self.limits.max_body_bytes)
+            else:
+                self._hold(conn, framing.length)  # all of it, before a byte is read
             if framing.chunked or framing.length:
                 conn.phase = BODY
                 conn.deadline = time.monotonic() + self.limits.body_timeout
                 if framing.expect_continue and len(conn.buf) == conn.head_end:
                     _send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         if conn.scanner is not None:
+            self._hold(conn, len(conn.buf) - conn.head_end)  # a chunked body: what has come so far
             return conn.scanner.scan(conn.buf)
         end = conn.head_end + conn.framing.length
         return end if len(conn.buf) >= end else None
+
+    def _hold(self, conn: Conn, nbytes: int) -> None:
+        """Count `nbytes` of body for this connection against the worker's budget, or refuse the request:
+        bodies wait in memory (while received, queued, run), and many large ones at once would exhaust it."""
+        total = self.held - conn.held + nbytes
+        if nbytes > conn.held and total > self.limits.max_buffered_bytes:
+            mb = self.limits.max_buffered_bytes / 2**20
+            message = f"the server holds {mb:g} MB of uploads already; try again in a moment"
+            raise RequestError(503, "busy", message, retry_after=1)
+        self.held, conn.held = total, nbytes
 
     # -- running requests ------------------------------------------------------------------------------
     def _dispatch(self, conn: Conn, raw: bytes) -> None:
@@ -524,6 +541,7 @@ class BufferedWorker(base.Worker):
 
     # -- writing ---------------------------------------------------------------------------------------
     def _respond(self, conn: Conn, parts: list[bytes], keep: bool) -> None:
+        self._hold(conn, 0)  # the request's body is no longer needed
         conn.out = memoryview(b"".join(parts))
         conn.keep = keep and self.alive
         conn.phase = WRITE

@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,32 @@ from indexer.synthetic import synthetic_banner
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@dataclass
+class CliRun:
+    """What a command printed and returned, like subprocess.CompletedProcess."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_main(capsys) -> Callable[..., CliRun]:
+    """Run a command's ``main(argv)`` in this process: the same code as the script, without the seconds a
+    new interpreter spends importing torch. Environment variables: set them with ``monkeypatch``."""
+
+    def run(main: Callable[[list[str]], int], *args: str) -> CliRun:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return CliRun(code, out, err)
+
+    return run
 
 
 def sha256_of(path: Path) -> str:

@@ -21,18 +21,15 @@ from core.dino.weights import ModelCache
 from core.images import open_image
 from core.index import FORMAT, FORMAT_VERSION, IndexWriter, load_index, recover
 from indexer.build import BuildConfig, BuildFailed, build_index
+from indexer.cli import build_index as build_index_cli
 
 SCRIPT = ROOT / "scripts" / "build_index.py"
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--quiet"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
+@pytest.fixture
+def run_cli(run_main):
+    """scripts/build_index.py's main(), in this process, with --quiet."""
+    return lambda *args: run_main(build_index_cli.main, *args, "--quiet")
 
 
 def brute_force(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +93,7 @@ def test_embeddings_equal_single_image_extraction(built_index, monkeypatch):
 
 
 @pytest.mark.slow
-def test_float32_storage_and_corrupt_images_skipped(tmp_path, install_checkpoints):
+def test_float32_storage_and_corrupt_images_skipped(tmp_path, install_checkpoints, run_cli):
     install_checkpoints("S16")
     apps = make_catalog(tmp_path / "banners", 6)
     (tmp_path / "banners" / "7.jpg").write_bytes(b"<html>not a banner</html>")
@@ -132,7 +129,7 @@ def test_float32_storage_and_corrupt_images_skipped(tmp_path, install_checkpoint
 
 
 @pytest.mark.slow
-def test_apps_list_names_and_missing(tmp_path, install_checkpoints):
+def test_apps_list_names_and_missing(tmp_path, install_checkpoints, run_cli):
     install_checkpoints("S16")
     apps = make_catalog(tmp_path / "banners", 4)
     make_banner(tmp_path / "banners" / "999.jpg", seed=1)  # not in the list: ignored
@@ -167,7 +164,7 @@ def test_apps_list_names_and_missing(tmp_path, install_checkpoints):
         (["--weights", "S8=a.pth", "--strategies", "SimpleS16"], "which no requested strategy uses"),
     ],
 )
-def test_bad_input_changes_nothing(tmp_path, args, message):
+def test_bad_input_changes_nothing(tmp_path, args, message, run_cli):
     make_catalog(tmp_path / "banners", 3)
     r = run_cli("--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"), *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -175,7 +172,7 @@ def test_bad_input_changes_nothing(tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_bad_apps_file_and_empty_folder(tmp_path):
+def test_bad_apps_file_and_empty_folder(tmp_path, run_cli):
     (tmp_path / "banners").mkdir()
     (tmp_path / "apps.json").write_text('[{"appid": "ten"}]')
     r = run_cli(
@@ -190,8 +187,9 @@ def test_bad_apps_file_and_empty_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_weights_without_network(tmp_path, torch_home):
+def test_missing_weights_without_network(tmp_path, torch_home, run_cli, monkeypatch):
     make_catalog(tmp_path / "banners", 3)
+    monkeypatch.setenv("DINO_BASE_URL", "http://127.0.0.1:9")
     r = run_cli(
         "--images",
         str(tmp_path / "banners"),
@@ -199,7 +197,6 @@ def test_missing_weights_without_network(tmp_path, torch_home):
         str(tmp_path / "index"),
         "--strategies",
         "SimpleS16",
-        env={"DINO_BASE_URL": "http://127.0.0.1:9"},
     )
     assert r.returncode == 1
     assert "dino_deitsmall16_pretrain.pth" in r.stderr and str(torch_home) in r.stderr
@@ -207,7 +204,7 @@ def test_missing_weights_without_network(tmp_path, torch_home):
 
 
 @pytest.mark.slow
-def test_explicit_weights_path(tmp_path, torch_home, checkpoint_store):
+def test_explicit_weights_path(tmp_path, torch_home, checkpoint_store, run_cli):
     make_catalog(tmp_path / "banners", 3)
     r = run_cli(
         "--images",
@@ -225,7 +222,7 @@ def test_explicit_weights_path(tmp_path, torch_home, checkpoint_store):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints):
+def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints, run_cli):
     install_checkpoints("B16")
     make_catalog(tmp_path / "banners", 18)
     (tmp_path / "banners" / "5.jpg").write_bytes(b"junk")
@@ -271,7 +268,7 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints
 
 
 @pytest.mark.slow
-def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints):
+def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints, run_cli):
     install_checkpoints("S16")
     make_catalog(tmp_path / "banners", 8)
     common = [

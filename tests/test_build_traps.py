@@ -166,11 +166,12 @@ def test_unreadable_cache_files_are_skipped_with_a_warning(tmp_path, capsys):
     assert "ignoring unreadable cache file" in err and "empty.npz" in err and "failed.json" in err
 
 
-@pytest.mark.parametrize("name", ["GUNICORN_TIMEOUT", "PORT"])  # WEB_CONCURRENCY: gunicorn parses it first
+@pytest.mark.parametrize("name", ["GUNICORN_TIMEOUT", "PORT", "WEB_CONCURRENCY", "TORCH_THREADS"])
 def test_bad_gunicorn_settings_stop_with_one_line(name):
+    """The Procfile's command checks them before gunicorn, which parses WEB_CONCURRENCY as it is imported."""
     env = {**os.environ, name: "abc"}
     r = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        [sys.executable, "-m", "serving.launch"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -178,4 +179,5 @@ def test_bad_gunicorn_settings_stop_with_one_line(name):
         timeout=60,
     )
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"error: cannot start: {name}='abc': expected a whole number of at least 1"
+    least = 0 if name == "TORCH_THREADS" else 1
+    assert r.stderr.strip() == f"error: cannot start: {name}='abc': expected a whole number of at least {least}"

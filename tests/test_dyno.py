@@ -11,13 +11,12 @@ from __future__ import annotations
 import http.client
 import os
 import random
-import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, sha256_of
+from conftest import sha256_of
 
 from bench.common import MemoryCgroup, Server, banner_jpeg, pin_many
 from core.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
@@ -28,14 +27,6 @@ UPLOADS = 16
 LOOKUPS = 300
 
 pytestmark = pytest.mark.slow
-
-
-def procfile_web() -> tuple[str, str]:
-    """The gunicorn config and app of the Procfile's web command (which must be plain gunicorn)."""
-    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("web:"))
-    argv = shlex.split(line.removeprefix("web:"))
-    assert argv[0] == "gunicorn" and argv[1] == "-c" and len(argv) == 4, f"unexpected Procfile command: {argv}"
-    return argv[2], argv[3]
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +50,13 @@ def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
     if why:
         pytest.skip(f"cannot limit memory like a dyno: {why}")
     root, apps = catalog_index
-    config, app = procfile_web()
     env = {
         "INDEX_DIR": str(root / "index"),
         "BANNERS_DIR": str(root / "banners"),
         "TORCH_HOME": str(root / "torch_home"),
     }
     with MemoryCgroup(DYNO_BYTES) as cgroup:
-        srv = Server(env, tmp_path / "gunicorn.log", app=app, config=config, cgroup=cgroup)
+        srv = Server(env, tmp_path / "gunicorn.log", cgroup=cgroup)  # the Procfile's command (test_server.py)
         try:
             srv.wait_ready()
             workers = srv.workers(expect=2)

@@ -216,9 +216,9 @@ def test_refuses_to_start_without_an_index(tmp_path):
 
 def test_procfile_and_docker_use_the_same_entry_point():
     procfile = (ROOT / "Procfile").read_text()
-    assert procfile.strip() == "web: gunicorn -c gunicorn.conf.py wsgi:app"
+    assert procfile.strip() == "web: python -m serving.launch"  # what GunicornServer runs (devtools/server.py)
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "gunicorn.conf.py" in dockerfile and "wsgi:app" in dockerfile
+    assert 'CMD ["python", "-m", "serving.launch"]' in dockerfile
     assert "pip install -r requirements.txt" in dockerfile and "USER " in dockerfile  # CPU torch: requirements.txt
     assert "download.pytorch.org/whl/cpu" in (ROOT / "requirements.txt").read_text()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -124,13 +125,15 @@ class StartWatcher(GunicornServer):
 
 @pytest.fixture(scope="module")
 def served(built_index, tmp_path_factory):
-    """2 workers, short deadlines, one model pass per worker and no queue; ViT-S/16 loaded before serving."""
+    """2 workers, short deadlines, one model pass per worker and no queue, 12 MB of bodies per worker;
+    ViT-S/16 loaded before serving."""
     env = server_env(
         built_index,
         HEADER_TIMEOUT="2",
         UPLOAD_TIMEOUT="3",
         UPLOAD_CONCURRENCY="1",
         UPLOAD_QUEUE="0",
+        UPLOAD_BUFFER_MB="12",
         PRELOAD_MODELS="SimpleS16",
     )
     srv = StartWatcher(env, tmp_path_factory.mktemp("serving") / "gunicorn.log")
@@ -228,6 +231,31 @@ def test_slow_clients_get_408_and_lookups_keep_flowing(served):
 def test_oversized_declared_body_is_refused_before_it_is_sent(served):
     reply = raw_exchange(served, b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413") and json_body(reply)["error"]["code"] == "too_large"
+
+
+@pytest.mark.slow
+def test_bodies_beyond_the_memory_budget_get_503_and_closing_frees_it(served, built_index):
+    """6 uploads declaring 5 MB each, none sent: a worker holds 2 (10 of its 12 MB), so 2 or more get 503."""
+    head = b"POST /match?strategy=SimpleS16 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    socks = [socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(6)]
+    try:
+        for s in socks:
+            s.sendall(head + f"Content-Length: {5 * 2**20}\r\n\r\n".encode())
+        time.sleep(0.5)  # refusals are immediate; the others wait for their bodies (3 s deadline)
+        refused = [s for s in socks if select.select([s], [], [], 0)[0]]
+        assert 2 <= len(refused) <= 4, len(refused)
+        for s in refused:
+            reply = s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in reply, reply[:300]
+            assert json_body(reply)["error"]["code"] == "busy" and "12 MB" in json_body(reply)["error"]["message"]
+    finally:
+        for s in socks:
+            s.close()
+    image = (built_index.banners / "30.jpg").read_bytes()
+    for _ in range(4):  # the closed connections gave their share back: uploads get through on both workers
+        headers = {"Content-Type": "image/jpeg"}
+        r = requests.post(f"{served.url}/match?strategy=SimpleS16&k=1", data=image, headers=headers, timeout=30)
+        assert r.status_code == 200 and r.json()["matches"][0]["appid"] == 30
 
 
 @pytest.mark.slow
