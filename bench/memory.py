@@ -24,7 +24,6 @@ from pathlib import Path
 
 from bench.common import (
     QUICK_APPS,
-    MemoryCgroup,
     Results,
     Workspace,
     add_index_options,
@@ -38,8 +37,7 @@ from bench.common import (
     print_table,
     running_server,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from devtools.cgroup import MemoryCgroup
 
 STARTUP_TARGET_S = 3.0
 PSS_TARGET_MIB = 900.0
@@ -133,10 +131,10 @@ def main() -> None:
                         c.close()
                 replaced = srv.workers() != pids
         finally:
-            peak = cgroup.peak_bytes() / 2**20 if cgroup else None
+            peak = cgroup.peak() / 2**20 if cgroup else None
             kills = cgroup.oom_kills() if cgroup else None
             if cgroup:
-                cgroup.close()
+                cgroup.remove()
     report(res, rows, snaps, size, startup, peak, kills, replaced, args)
 
 
