@@ -10,6 +10,7 @@ next benchmark (``run_all`` builds them once); without it they go to a temporary
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -17,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -261,6 +262,17 @@ class Workspace:
             "ALLOW_WEIGHTS_DOWNLOAD": "0",
             **extra,
         }
+
+
+@contextlib.contextmanager
+def service_workspace(args: argparse.Namespace, codes: Sequence[str]) -> Iterator[tuple[Workspace, dict, Path]]:
+    """What the benchmarks of the running service start from: the workspace (``--workdir``) with the
+    random checkpoints of ``codes`` and the synthetic index of ``--apps`` games (``ensure_index``'s
+    record of it), and a temporary folder for the server's log."""
+    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as logs:
+        ws.ensure_checkpoints(codes)
+        params = ws.ensure_index(args.apps)
+        yield ws, params, Path(logs)
 
 
 def load_apps(index: Path) -> list[dict]:
