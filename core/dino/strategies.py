@@ -72,7 +72,8 @@ class Needs:
 
 
 class Style:
-    """A pooling of backbone outputs. Subclasses set ``name``/``summary`` and implement the methods."""
+    """A pooling of backbone outputs. Subclasses set ``name``/``summary``, implement ``pool``, and override
+    ``needs``/``dim`` when they read more than the final [CLS] token."""
 
     name = ""
     summary = ""  # technical: what it computes, in the DINO papers' terms
