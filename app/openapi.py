@@ -230,7 +230,8 @@ UPLOAD_BODY = {
 }
 
 
-def _paths() -> dict:
+def _match_paths() -> dict:
+    """The lookups by appid and the upload search (GET and POST /match)."""
     table_params = [STRATEGY, K, OFFSET, MIRROR, FLIP]
     return {
         "/match/{appid}": {
@@ -270,6 +271,12 @@ def _paths() -> dict:
                 requestBody=UPLOAD_BODY,
             ),
         },
+    }
+
+
+def _index_paths() -> dict:
+    """What the index holds: strategies and games."""
+    return {
         "/strategies": {
             "get": _op(
                 "The built strategies",
@@ -303,6 +310,12 @@ def _paths() -> dict:
                 tag="index",
             )
         },
+    }
+
+
+def _ranking_paths() -> dict:
+    """Lookups across the whole table: the most unique games, strategies compared."""
+    return {
         "/unique": {
             "get": _op(
                 "Games whose best match is least similar, least similar first",
@@ -333,6 +346,12 @@ def _paths() -> dict:
                 },
             )
         },
+    }
+
+
+def _service_paths() -> dict:
+    """The service's own state and this document."""
+    return {
         "/health": {
             "get": _op("Service state, true for every worker", [], {"200": _ok("Health", "ok")}, tag="service")
         },
@@ -353,6 +372,12 @@ def _paths() -> dict:
             )
         },
         "/docs": {"get": _op("This document as a page", [], {"200": _html("the API reference")}, tag="service")},
+    }
+
+
+def _gallery_paths() -> dict:
+    """The HTML pages: home, gallery and random redirect."""
+    return {
         "/": {
             "get": _op(
                 "Home page: search by name, upload form, the most unique banners",
@@ -385,6 +410,12 @@ def _paths() -> dict:
                 tag="pages",
             )
         },
+    }
+
+
+def _file_paths() -> dict:
+    """The upload form's page, banners and static files."""
+    return {
         "/upload": {
             "post": _op(
                 "The upload form's result page",
@@ -413,6 +444,18 @@ def _paths() -> dict:
                 tag="pages",
             )
         },
+    }
+
+
+def _paths() -> dict:
+    """Every path, in the order the document lists them."""
+    return {
+        **_match_paths(),
+        **_index_paths(),
+        **_ranking_paths(),
+        **_service_paths(),
+        **_gallery_paths(),
+        **_file_paths(),
     }
 
 

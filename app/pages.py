@@ -101,15 +101,7 @@ def render(appid: str):
     strategy = strategy_param(svc)
     k = k_param(svc, strategy, default=20)
     payload = svc.table_payload(strategy, svc.game(app_id), k, host_url())
-    return render_template(
-        "gallery.html",
-        payload=payload,
-        upload=None,
-        strategies=[strategy_info(n) for n in svc.strategy_names],
-        strategy=strategy,
-        k=k,
-        more=more_links(k, svc.max_k(strategy)),
-    )
+    return _gallery(svc, payload, strategy, k, upload=None, more=more_links(k, svc.max_k(strategy)))
 
 
 @bp.get("/render/")
@@ -136,14 +128,20 @@ def upload():
     data = read_upload(svc.settings)
     payload, _, uploaded = svc.upload_payload(data, strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)
+    # an upload is not stored: there is no page to ask for more of it
+    return _gallery(svc, payload, strategy, k, upload=thumb, more=[])
+
+
+def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more: list) -> str:
+    """The gallery page of a game's matches (``upload`` None) or of an uploaded image's (its thumbnail)."""
     return render_template(
         "gallery.html",
         payload=payload,
-        upload=thumb,
+        upload=upload,
         strategies=[strategy_info(n) for n in svc.strategy_names],
         strategy=strategy,
         k=k,
-        more=[],  # an upload is not stored: there is no page to ask for more of it
+        more=more,
     )
 
 

@@ -10,6 +10,7 @@ next benchmark (``run_all`` builds them once); without it they go to a temporary
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -17,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -263,6 +264,17 @@ class Workspace:
         }
 
 
+@contextlib.contextmanager
+def service_workspace(args: argparse.Namespace, codes: Sequence[str]) -> Iterator[tuple[Workspace, dict, Path]]:
+    """What the benchmarks of the running service start from: the workspace (``--workdir``) with the
+    random checkpoints of ``codes`` and the synthetic index of ``--apps`` games (``ensure_index``'s
+    record of it), and a temporary folder for the server's log."""
+    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as logs:
+        ws.ensure_checkpoints(codes)
+        params = ws.ensure_index(args.apps)
+        yield ws, params, Path(logs)
+
+
 def load_apps(index: Path) -> list[dict]:
     return json.loads((index / "apps.json").read_text(encoding="utf-8"))
 
@@ -292,73 +304,6 @@ def write_banners(folder: Path, n: int) -> list[Path]:
             make_banner(i).save(path, format="JPEG", quality=90)
         paths.append(path)
     return paths
-
-
-# -- a memory limit like a dyno's: a cgroup v1 memory group ------------------------------------------
-CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
-
-
-class MemoryCgroup:
-    """A cgroup v1 memory group with a hard limit and no swap (what a 1 GB dyno or container gives).
-
-    Processes started with ``preexec_fn=cgroup.join`` (and their children) run inside it; the kernel's
-    OOM killer acts when they together exceed the limit, and ``oom_kills()`` counts its kills.
-    """
-
-    def __init__(self, limit_bytes: int, name: str | None = None) -> None:
-        why = self.unavailable()
-        if why:
-            raise RuntimeError(why)
-        self.path = CGROUP_MEMORY / (name or f"steam-dino-{os.getpid()}-{time.monotonic_ns()}")
-        self.path.mkdir()
-        self.limit_bytes = limit_bytes
-        (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-        memsw = self.path / "memory.memsw.limit_in_bytes"
-        if memsw.exists():  # no swap either (absent when the kernel does not account swap)
-            memsw.write_text(str(limit_bytes))
-
-    @staticmethod
-    def unavailable() -> str | None:
-        """Why a memory group cannot be made here (None: it can)."""
-        if not (CGROUP_MEMORY / "memory.limit_in_bytes").is_file():
-            return f"no cgroup v1 memory controller mounted at {CGROUP_MEMORY}"
-        if not os.access(CGROUP_MEMORY, os.W_OK):
-            return f"{CGROUP_MEMORY} is not writable (needs root)"
-        return None
-
-    def join(self) -> None:
-        """Move the calling process into the group (use as Popen's preexec_fn)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-
-    def _read(self, name: str) -> str:
-        return (self.path / name).read_text()
-
-    def peak_bytes(self) -> int:
-        return int(self._read("memory.max_usage_in_bytes"))
-
-    def oom_kills(self) -> int:
-        """Processes the OOM killer killed in the group (older kernels: 1 if it ever hit the limit under OOM)."""
-        fields = dict(line.split() for line in self._read("memory.oom_control").splitlines())
-        if "oom_kill" in fields:
-            return int(fields["oom_kill"])
-        return int(fields.get("under_oom", 0))
-
-    def close(self) -> None:
-        """Remove the group (its processes must have exited)."""
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
-
-    def __enter__(self) -> MemoryCgroup:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- the service under gunicorn ---------------------------------------------------------------------

@@ -46,8 +46,6 @@ from core.dino.strategies import parse_strategies
 from core.dino.vit import count_flops
 from core.dino.weights import ModelCache
 
-ROOT = Path(__file__).resolve().parent.parent
-
 S16_TARGET = 0.75  # ViT-S/16 at >= 75% of the measured matmul rate
 
 
@@ -171,6 +169,15 @@ def bench_cpu_backbone(code: str, ckpt: Path, args) -> dict:
 def run_cpu(args, ws: Workspace, res: Results) -> None:
     threads = configure_threads(args.threads)
     print(f"{machine_line()}; torch {torch.__version__}, {threads} threads, fp32, device cpu", flush=True)
+    rows, matmul = measure_cpu(args, ws)
+    record_cpu(res, rows, matmul)
+    print()
+    print_cpu(rows, threads, matmul)
+
+
+def measure_cpu(args, ws: Workspace) -> tuple[list[dict], float]:
+    """Each backbone's figures (``bench_cpu_backbone``, with "frac" of the matmul rate) and that rate,
+    measured before the models and again after them (the higher is kept, in case the load changed)."""
     matmul, per_size = matmul_rate(args.matmul_sizes, torch.device("cpu"))
     sizes = ", ".join(f"{n}: {g:.0f}" for n, g in per_size.items())
     print(f"fp32 matmul rate: {matmul:.1f} GFLOP/s (best of torch.mm at {sizes})", flush=True)
@@ -187,6 +194,10 @@ def run_cpu(args, ws: Workspace, res: Results) -> None:
         matmul = again
     for r in rows:
         r["frac"] = r["gflops"] / matmul
+    return rows, matmul
+
+
+def record_cpu(res: Results, rows: list[dict], matmul: float) -> None:
     res.add("fp32 matmul rate (torch.mm, best)", matmul, "GFLOP/s")
     for r in rows:
         label = r["label"]
@@ -197,7 +208,9 @@ def run_cpu(args, ws: Workspace, res: Results) -> None:
         else:
             res.add(f"{label} share of matmul rate", 100 * r["frac"], "%")
         res.add(f"{label} speed-up over the naive loop", r["speedup"], "x", "> 1x", r["speedup"] > 1)
-    print()
+
+
+def print_cpu(rows: list[dict], threads: int, matmul: float) -> None:
     print_table(
         [
             "backbone",
@@ -273,7 +286,6 @@ def run_device(args, ws: Workspace, res: Results) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         configure_threads(args.threads)
-    precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{machine_line()}; torch {torch.__version__}, device {name}", flush=True)
     matmul, _ = matmul_rate(args.matmul_sizes, device)
@@ -284,50 +296,7 @@ def run_device(args, ws: Workspace, res: Results) -> None:
     paths = banners * repeats
     rows = []
     for code in args.backbones:
-        backbone = BACKBONES[code]
-        ckpt, _ = ws.checkpoint(code)
-        strategies = strategies_of(code)
-        models = ModelCache()
-        flops = count_flops(backbone.config, 224, 224, cls_only_last_block=not merged_needs(strategies).patch_tokens)
-        ex32 = Extractor(strategies, device=str(device), checkpoints={code: ckpt}, models=models)
-        x = batch_of(preprocessed(ex32, min(args.batch, 16)), args.batch).to(device)
-        decode = decode_rate(ex32, paths, args.batch, args.workers)
-        reference = None
-        for precision in precisions:
-            ex = Extractor(strategies, device=str(device), precision=precision, checkpoints={code: ckpt}, models=models)
-            feats = ex.embed_tensors([x])  # warm-up (and the features compared across precisions)
-            if reference is None:
-                reference = feats
-            tensor, _ = best_rate(lambda ex=ex, x=x: ex.embed_tensors([x]), args.batch, 2, args.seconds)
-            files_rate(ex, banners[: args.batch * 2], args.batch, args.workers)  # warm-up: workers, caches
-            e2e = files_rate(ex, paths, args.batch, args.workers)
-            dev = max(float(np.abs(feats[s.name] - reference[s.name]).max()) for s in strategies)
-            cos = min(float((feats[s.name] * reference[s.name]).sum(axis=1).min()) for s in strategies)
-            if e2e >= 0.8 * tensor:
-                bound = "compute"
-            elif decode <= 1.25 * e2e:
-                bound = "decoding"
-            else:
-                bound = "pipeline"  # neither alone: transfers, worker start-up, or both sharing the CPU
-            rows.append(
-                [
-                    backbone.label,
-                    precision,
-                    args.batch,
-                    tensor,
-                    e2e,
-                    decode,
-                    bound,
-                    dev,
-                    cos,
-                    f"{100 * flops * tensor / 1e9 / matmul:.0f}%",
-                ]
-            )
-            res.add(f"{backbone.label} {precision} img/s from JPEG files", e2e, "img/s", note=f"bound by {bound}")
-            res.add(f"{backbone.label} {precision} img/s on tensors", tensor, "img/s")
-            if precision != "fp32":
-                res.add(f"{backbone.label} {precision} min cosine vs fp32", cos)
-        del ex32, models
+        rows += bench_device_backbone(code, ws.checkpoint(code)[0], args, device, banners, paths, matmul, res)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()
@@ -348,6 +317,45 @@ def run_device(args, ws: Workspace, res: Results) -> None:
         title=f"Extraction on {name}: {len(paths)} JPEG files ({len(banners)} distinct 300x450 banners), "
         f"{args.workers} DataLoader workers",
     )
+
+
+def bench_device_backbone(
+    code: str, ckpt: Path, args, device: torch.device, banners: list[Path], paths: list[Path], matmul: float, res
+) -> list[list]:
+    """One backbone's table rows, one per precision (fp32 first: the reference of the others)."""
+    backbone = BACKBONES[code]
+    precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
+    strategies = strategies_of(code)
+    models = ModelCache()
+    flops = count_flops(backbone.config, 224, 224, cls_only_last_block=not merged_needs(strategies).patch_tokens)
+    ex32 = Extractor(strategies, device=str(device), checkpoints={code: ckpt}, models=models)
+    x = batch_of(preprocessed(ex32, min(args.batch, 16)), args.batch).to(device)
+    decode = decode_rate(ex32, paths, args.batch, args.workers)
+    reference = None
+    rows = []
+    for precision in precisions:
+        ex = Extractor(strategies, device=str(device), precision=precision, checkpoints={code: ckpt}, models=models)
+        feats = ex.embed_tensors([x])  # warm-up (and the features compared across precisions)
+        if reference is None:
+            reference = feats
+        tensor, _ = best_rate(lambda ex=ex, x=x: ex.embed_tensors([x]), args.batch, 2, args.seconds)
+        files_rate(ex, banners[: args.batch * 2], args.batch, args.workers)  # warm-up: workers, caches
+        e2e = files_rate(ex, paths, args.batch, args.workers)
+        dev = max(float(np.abs(feats[s.name] - reference[s.name]).max()) for s in strategies)
+        cos = min(float((feats[s.name] * reference[s.name]).sum(axis=1).min()) for s in strategies)
+        if e2e >= 0.8 * tensor:
+            bound = "compute"
+        elif decode <= 1.25 * e2e:
+            bound = "decoding"
+        else:
+            bound = "pipeline"  # neither alone: transfers, worker start-up, or both sharing the CPU
+        mm_share = f"{100 * flops * tensor / 1e9 / matmul:.0f}%"
+        rows.append([backbone.label, precision, args.batch, tensor, e2e, decode, bound, dev, cos, mm_share])
+        res.add(f"{backbone.label} {precision} img/s from JPEG files", e2e, "img/s", note=f"bound by {bound}")
+        res.add(f"{backbone.label} {precision} img/s on tensors", tensor, "img/s")
+        if precision != "fp32":
+            res.add(f"{backbone.label} {precision} min cosine vs fp32", cos)
+    return rows
 
 
 def main() -> None:

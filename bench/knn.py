@@ -114,6 +114,19 @@ def ratio(ours: float, baseline: float) -> str:
 
 
 def main() -> None:
+    args, n, n_source = parse_args()
+    torch.set_num_threads(args.torch_threads or max(1, cpu_cores() // 2))
+    table = unit_vectors(n, args.dim, args.dtype, args.seed)
+    print(f"N = {n} ({n_source}), D = {args.dim}, k = {args.k}, {args.dtype}, torch threads {torch.get_num_threads()}")
+    rows = table_rows(table, args.k) + query_rows(table, args)
+    width = max(len(name) for name, _ in rows)
+    print("-" * (width + 32))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def parse_args() -> tuple[argparse.Namespace, int, str]:
+    """The options, the number of rows and where that number comes from."""
     n_default, n_source = catalog_size()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=None, help=f"rows (default: {n_default}, {n_source})")
@@ -125,23 +138,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=None, help="default: cores / 2, as in each of 2 workers")
     args = parser.parse_args()
-    torch.set_num_threads(args.torch_threads or max(1, cpu_cores() // 2))
-    n = args.n or n_default
     if args.n:
-        n_source = "--n"
+        return args, args.n, "--n"
+    return args, n_default, n_source
 
-    table = unit_vectors(n, args.dim, args.dtype, args.seed)
-    rows: list[tuple[str, str]] = []
-    print(f"N = {n} ({n_source}), D = {args.dim}, k = {args.k}, {args.dtype}, torch threads {torch.get_num_threads()}")
 
+def table_rows(table: np.ndarray, k: int) -> list[tuple[str, str]]:
+    """The whole table's top k: ours against numpy float32 and, when installed, faiss."""
     t0 = time.perf_counter()
-    neighbours, scores = topk_table(table, args.k)
+    neighbours, scores = topk_table(table, k)
     ours = time.perf_counter() - t0
-    plain = numpy_table(table, args.k)
-    rows.append(("topk_table, all rows (exact)", f"{ours:8.2f} s"))
-    rows.append(("numpy float32 table (not exact)", f"{plain:8.2f} s"))
-    rows.append(("  topk_table / numpy", ratio(ours, plain)))
-    result = faiss_table(table, args.k)
+    plain = numpy_table(table, k)
+    rows = [
+        ("topk_table, all rows (exact)", f"{ours:8.2f} s"),
+        ("numpy float32 table (not exact)", f"{plain:8.2f} s"),
+        ("  topk_table / numpy", ratio(ours, plain)),
+    ]
+    result = faiss_table(table, k)
     if isinstance(result, str):
         rows.append(("faiss IndexFlatIP, all rows", result))
     else:
@@ -151,7 +164,11 @@ def main() -> None:
         rows.append(("faiss IndexFlatIP, all rows", f"{f_time:8.2f} s"))
         rows.append(("  identical neighbour lists", f"{same:8.2%}"))
         rows.append(("  max score difference", f"{diff:10.2e}"))
+    return rows
 
+
+def query_rows(table: np.ndarray, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Single queries: ExactSearch over the stored (memory-mapped) table against the numpy matvec."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "embeddings.npy", table)
         stored = np.load(Path(tmp) / "embeddings.npy", mmap_mode="r")
@@ -169,16 +186,13 @@ def main() -> None:
             t, plain_idx = timed(lambda q: numpy_topk(table32, q, args.query_k), queries)
             plain_t += t
         differ = sum(not np.array_equal(a, b) for a, b in zip(exact_idx, plain_idx, strict=True))
-    rows.append((f"ExactSearch build (memmap{'' if args.dtype == 'float16' else ', float16 copy'})", f"{build:8.2f} s"))
-    rows.append((f"ExactSearch.search, k={args.query_k}", percentiles(exact_t)))
-    rows.append(("numpy float32 matvec + argpartition", percentiles(plain_t)))
-    rows.append(("  ExactSearch / numpy, medians", ratio(float(np.median(exact_t)), float(np.median(plain_t)))))
-    rows.append(("  top-k lists differing from exact", f"{differ} / {len(queries)}"))
-
-    width = max(len(name) for name, _ in rows)
-    print("-" * (width + 32))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    return [
+        (f"ExactSearch build (memmap{'' if args.dtype == 'float16' else ', float16 copy'})", f"{build:8.2f} s"),
+        (f"ExactSearch.search, k={args.query_k}", percentiles(exact_t)),
+        ("numpy float32 matvec + argpartition", percentiles(plain_t)),
+        ("  ExactSearch / numpy, medians", ratio(float(np.median(exact_t)), float(np.median(plain_t)))),
+        ("  top-k lists differing from exact", f"{differ} / {len(queries)}"),
+    ]
 
 
 if __name__ == "__main__":

@@ -16,17 +16,15 @@ and the OOM killer's kills (target: none; total PSS after the uploads <= 900 MiB
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import random
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import (
     QUICK_APPS,
-    MemoryCgroup,
     Results,
-    Workspace,
     add_index_options,
     banner_jpeg,
     base_parser,
@@ -37,9 +35,9 @@ from bench.common import (
     pin_many,
     print_table,
     running_server,
+    service_workspace,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from devtools.cgroup import MemoryCgroup
 
 STARTUP_TARGET_S = 3.0
 PSS_TARGET_MIB = 900.0
@@ -65,6 +63,30 @@ def upload_all(conns: list[http.client.HTTPConnection], strategy: str) -> None:
 
 
 def main() -> None:
+    args = parse_args()
+    codes = chosen_backbones(args)
+    res = Results("memory")
+    print(machine_line(), flush=True)
+    cgroup = memory_limit(args.limit_mib)
+    with service_workspace(args, codes) as (ws, params, logs):
+        size = sum(f.stat().st_size for f in ws.index.rglob("*.npy")) / 2**20
+        print(
+            f"index: {params['apps']:,} apps, {len(params['strategies'])} strategies, {size:.0f} MiB of tables",
+            flush=True,
+        )
+        try:
+            with running_server(ws.server_env(), logs, "memory", cgroup=cgroup) as srv:
+                startup = srv.startup_s
+                rows, snaps, replaced = measure(srv, ws.index, params["strategies"], codes, args)
+        finally:
+            peak = cgroup.peak() / 2**20 if cgroup else None
+            kills = cgroup.oom_kills() if cgroup else None
+            if cgroup:
+                cgroup.remove()
+    report(res, rows, snaps, size, startup, peak, kills, replaced, args)
+
+
+def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__.splitlines()[0])
     add_index_options(p, backbones=True)
     p.set_defaults(backbones="B16")
@@ -72,72 +94,56 @@ def main() -> None:
     p.add_argument("--uploads", type=int, default=16, help="concurrent uploads per backbone, half per worker")
     p.add_argument("--limit-mib", type=int, default=1024, help="memory limit of the cgroup (0: none)")
     args = p.parse_args()
-    codes = chosen_backbones(args)
     if args.quick:
         args.apps, args.get_requests, args.uploads = args.apps or QUICK_APPS, 100, 4
-    res = Results("memory")
-    print(machine_line(), flush=True)
-    why = MemoryCgroup.unavailable() if args.limit_mib else "no limit asked"
-    cgroup = None if why else MemoryCgroup(args.limit_mib * 2**20)
-    print(f"memory limit: {f'{args.limit_mib} MiB (cgroup v1)' if cgroup else f'none ({why})'}", flush=True)
-    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as logs:
-        ws.ensure_checkpoints(codes)
-        params = ws.ensure_index(args.apps)
-        size = sum(f.stat().st_size for f in ws.index.rglob("*.npy")) / 2**20
-        print(
-            f"index: {params['apps']:,} apps, {len(params['strategies'])} strategies, {size:.0f} MiB of tables",
-            flush=True,
-        )
-        rows, snaps = [], {}
-        try:
-            with running_server(ws.server_env(), Path(logs), "memory", cgroup=cgroup) as srv:
-                startup = srv.startup_s
-                pids = srv.workers(expect=2)
-                if len(pids) != 2:
-                    raise RuntimeError(f"expected 2 workers, found {pids}")
-                pinned = pin_many(srv, pids, max(1, args.uploads // 2))
-                if sorted(pinned) != sorted(pids):
-                    raise RuntimeError(f"could not reach every worker with a connection ({sorted(pinned)} of {pids})")
-                procs = [("master", srv.pid)] + [(f"worker {i + 1}", pid) for i, pid in enumerate(pids)]
+    return args
 
-                def snapshot(phase: str) -> None:
-                    snaps[phase] = {name: memory_of(pid, ws.index) for name, pid in procs}
-                    for name, _ in procs:
-                        m = snaps[phase][name]
-                        row = [
-                            m["rss"],
-                            m["pss"],
-                            m["uss"],
-                            m["anon"],
-                            m["tables_rss"],
-                            m["tables_pss"],
-                            m["tables_uss"],
-                        ]
-                        rows.append([phase, name, *row])
-                    total = sum(m["pss"] for m in snaps[phase].values())
-                    rows.append([phase, "total PSS", None, total, None, None, None, None, None])
 
-                snapshot("start")
-                rng = random.Random(0)
-                appids = [a["appid"] for a in load_apps(ws.index)]
-                for conns in pinned.values():
-                    for i in range(args.get_requests):
-                        strategy = params["strategies"][i % len(params["strategies"])]
-                        request(conns[0], "GET", f"/match/{rng.choice(appids)}?strategy={strategy}&k=10")
-                snapshot("after GETs")
-                for code in codes:
-                    pinned = pin_many(srv, pids, max(1, args.uploads // 2))  # fresh: idle ones time out
-                    upload_all([c for cs in pinned.values() for c in cs], f"Complex{code}")
-                    snapshot(f"+ {code} upload")
-                    for c in (c for cs in pinned.values() for c in cs):
-                        c.close()
-                replaced = srv.workers() != pids
-        finally:
-            peak = cgroup.peak_bytes() / 2**20 if cgroup else None
-            kills = cgroup.oom_kills() if cgroup else None
-            if cgroup:
-                cgroup.close()
-    report(res, rows, snaps, size, startup, peak, kills, replaced, args)
+def memory_limit(limit_mib: int) -> MemoryCgroup | None:
+    """A memory group limited to ``limit_mib`` MiB, or None (no limit asked, or no cgroup here: said why)."""
+    why = MemoryCgroup.unavailable() if limit_mib else "no limit asked"
+    cgroup = None if why else MemoryCgroup(limit_mib * 2**20)
+    print(f"memory limit: {f'{limit_mib} MiB (cgroup v1)' if cgroup else f'none ({why})'}", flush=True)
+    return cgroup
+
+
+def measure(srv, index: Path, strategies: list[str], codes: list[str], args) -> tuple[list, dict, bool]:
+    """The memory table's rows and each phase's snapshot (start, after the GETs, after each backbone's
+    uploads), and whether gunicorn replaced a worker meanwhile."""
+    pids = srv.workers(expect=2)
+    if len(pids) != 2:
+        raise RuntimeError(f"expected 2 workers, found {pids}")
+    pinned = pin_many(srv, pids, max(1, args.uploads // 2))
+    if sorted(pinned) != sorted(pids):
+        raise RuntimeError(f"could not reach every worker with a connection ({sorted(pinned)} of {pids})")
+    procs = [("master", srv.pid)] + [(f"worker {i + 1}", pid) for i, pid in enumerate(pids)]
+    rows, snaps = [], {}
+    snapshot("start", procs, index, rows, snaps)
+    rng = random.Random(0)
+    appids = [a["appid"] for a in load_apps(index)]
+    for conns in pinned.values():
+        for i in range(args.get_requests):
+            strategy = strategies[i % len(strategies)]
+            request(conns[0], "GET", f"/match/{rng.choice(appids)}?strategy={strategy}&k=10")
+    snapshot("after GETs", procs, index, rows, snaps)
+    for code in codes:
+        pinned = pin_many(srv, pids, max(1, args.uploads // 2))  # fresh: idle ones time out
+        upload_all([c for cs in pinned.values() for c in cs], f"Complex{code}")
+        snapshot(f"+ {code} upload", procs, index, rows, snaps)
+        for c in (c for cs in pinned.values() for c in cs):
+            c.close()
+    return rows, snaps, srv.workers() != pids
+
+
+def snapshot(phase: str, procs: list[tuple[str, int]], index: Path, rows: list, snaps: dict) -> None:
+    """Each process's memory now, into ``snaps[phase]`` and the table's rows (and the total PSS)."""
+    snaps[phase] = {name: memory_of(pid, index) for name, pid in procs}
+    for name, _ in procs:
+        m = snaps[phase][name]
+        row = [m["rss"], m["pss"], m["uss"], m["anon"], m["tables_rss"], m["tables_pss"], m["tables_uss"]]
+        rows.append([phase, name, *row])
+    total = sum(m["pss"] for m in snaps[phase].values())
+    rows.append([phase, "total PSS", None, total, None, None, None, None, None])
 
 
 def report(res, rows, snaps, size, startup, peak, kills, replaced, args) -> None:

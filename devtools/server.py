@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from devtools.cgroup import MemoryCgroup
 from serving import launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ class GunicornServer:
         app: str = "wsgi:app",
         config: str = "gunicorn.conf.py",
         workers: int = 2,
-        cgroup: object | None = None,  # a memory group whose ``join`` runs in the child (bench.common.MemoryCgroup)
+        cgroup: MemoryCgroup | None = None,  # a memory group the child joins before it runs gunicorn
     ) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"

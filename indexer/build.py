@@ -256,6 +256,22 @@ def _load_models(strategies, device, checkpoints, ckpt_sha, timer: StageTimer) -
     timer.add("models", time.perf_counter() - t0)
 
 
+def _missing(
+    strategies: list[Strategy], shas: list[str], keys: dict[str, str], cache: EmbeddingCache
+) -> tuple[list[Strategy], list[int]]:
+    """The strategies the cache lacks some banner's features for, and those banners (indices into ``shas``);
+    banners that failed before are not tried again."""
+    todo_strategies = [
+        s for s in strategies if any(h not in cache.failed and not cache.has(keys[s.name], h) for h in shas)
+    ]
+    todo = [
+        i
+        for i, h in enumerate(shas)
+        if h not in cache.failed and any(not cache.has(keys[s.name], h) for s in todo_strategies)
+    ]
+    return todo_strategies, todo
+
+
 def _embed_missing(
     cfg: BuildConfig,
     device: str,
@@ -269,14 +285,7 @@ def _embed_missing(
     timer: StageTimer,
 ) -> int:
     """Embed the banners the cache lacks for some strategy; returns how many were embedded (not failed)."""
-    todo_strategies = [
-        s for s in cfg.strategies if any(h not in cache.failed and not cache.has(keys[s.name], h) for h in shas)
-    ]
-    todo = [
-        i
-        for i, h in enumerate(shas)
-        if h not in cache.failed and any(not cache.has(keys[s.name], h) for s in todo_strategies)
-    ]
+    todo_strategies, todo = _missing(cfg.strategies, shas, keys, cache)
     if not todo:
         return 0
     t0 = time.perf_counter()

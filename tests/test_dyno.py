@@ -18,8 +18,9 @@ import pytest
 import requests
 from conftest import sha256_of
 
-from bench.common import MemoryCgroup, Server, banner_jpeg, pin_many
+from bench.common import Server, banner_jpeg, pin_many
 from core.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
+from devtools.cgroup import MemoryCgroup
 from indexer.synthetic import load_catalog, write_synthetic_index
 
 DYNO_BYTES = 2**30

@@ -9,8 +9,6 @@ cgroup (v1) is mounted, as in unprivileged containers.
 from __future__ import annotations
 
 import os
-import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import requests
 from conftest import GunicornServer, server_env
 from test_limits import png, png_header, scan_bomb, webp
 
+from devtools.cgroup import MemoryCgroup
+
 pytestmark = pytest.mark.slow
 
 CGROUPS = Path("/sys/fs/cgroup/memory")
@@ -26,42 +26,12 @@ LIMIT = 4 * 2**30  # the group's hard limit: what a regression may take before i
 PEAK_GROWTH = 600 * 2**20  # what all the hostile uploads together may add to the service's peak
 
 
-class MemoryCgroup:
-    """A cgroup v1 memory group with a hard limit; processes moved in before they fork stay in, children too."""
-
-    def __init__(self, name: str, limit: int) -> None:
-        self.path = CGROUPS / name
-        self.path.mkdir()
-        (self.path / "memory.limit_in_bytes").write_text(str(limit))
-
-    def add(self, pid: int) -> None:
-        (self.path / "cgroup.procs").write_text(str(pid))
-
-    def peak(self) -> int:
-        return int((self.path / "memory.max_usage_in_bytes").read_text())
-
-    def reset_peak(self) -> None:
-        (self.path / "memory.max_usage_in_bytes").write_text("0")
-
-    def oom_kills(self) -> int:
-        match = re.search(r"oom_kill (\d+)", (self.path / "memory.oom_control").read_text())
-        return int(match.group(1)) if match else 0
-
-    def remove(self) -> None:
-        for _ in range(50):  # the processes are gone; the kernel frees the group shortly after
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def confined(built_index, tmp_path_factory):
     """The service (Procfile settings, 2 workers) inside a memory group; yields (server, group)."""
     if not (CGROUPS / "cgroup.procs").exists() or not os.access(CGROUPS, os.W_OK):
         pytest.skip("needs a writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory (root, not a container)")
-    group = MemoryCgroup(f"steam-dino-test-{os.getpid()}", LIMIT)
+    group = MemoryCgroup(LIMIT, f"steam-dino-test-{os.getpid()}")
     srv = GunicornServer(server_env(built_index), tmp_path_factory.mktemp("confined") / "gunicorn.log")
     group.add(srv.proc.pid)  # before the master forks its workers (it is still importing)
     try:

@@ -72,7 +72,8 @@ class Needs:
 
 
 class Style:
-    """A pooling of backbone outputs. Subclasses set ``name``/``summary`` and implement the methods."""
+    """A pooling of backbone outputs. Subclasses set ``name``/``summary``, implement ``pool``, and override
+    ``needs``/``dim`` when they read more than the final [CLS] token."""
 
     name = ""
     summary = ""  # technical: what it computes, in the DINO papers' terms
@@ -112,10 +113,12 @@ class Style:
         return out
 
     def needs(self, params: dict) -> Needs:
-        raise NotImplementedError
+        """What it reads from a forward pass; by default the final [CLS] token alone."""
+        return Needs()
 
     def dim(self, backbone: Backbone, params: dict) -> int:
-        raise NotImplementedError
+        """Width of its features; by default one token's."""
+        return backbone.dim
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         """(B, dim) features, before L2 normalisation."""
@@ -126,12 +129,6 @@ class Simple(Style):
     name = "Simple"
     summary = "final normed [CLS] token (DINO eval_knn)"
     plain = "the model's overall impression of the picture"
-
-    def needs(self, params: dict) -> Needs:
-        return Needs(1, False)
-
-    def dim(self, backbone: Backbone, params: dict) -> int:
-        return backbone.dim
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         return outputs[1.0].cls[:, -1]
@@ -227,9 +224,6 @@ class MultiScale(Style):
 
     def needs(self, params: dict) -> Needs:
         return Needs(1, False, tuple(params["scales"]))
-
-    def dim(self, backbone: Backbone, params: dict) -> int:
-        return backbone.dim
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         import torch

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
 from indexer.sources import SourceError
 
 # Known here without importing torch, so that --help and argument errors answer at once;
@@ -123,20 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = build_index(cfg)
     except (SourceError, AppsInvalid, UnknownStrategy, UnknownVariant, BuildLocked) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e, BAD_INPUT)
     except WeightsUnavailable as e:
-        print(f"error: {e} Or pass --weights [BACKBONE=]PATH.", file=sys.stderr)
-        return 1
+        return error(f"{e} Or pass --weights [BACKBONE=]PATH.", FAILED)
     except BuildFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error(e, FAILED)
     except OSError as e:  # before anything was written (reading the inputs)
-        print(f"error: {os_error_words(e)}", file=sys.stderr)
-        return 1
+        return error(os_error_words(e), FAILED)
     except KeyboardInterrupt:
-        print("interrupted: finished batches are kept; run the same command again to resume.", file=sys.stderr)
-        return 130
+        return interrupted("finished batches are kept; run the same command again to resume.")
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
     print(summary.line())

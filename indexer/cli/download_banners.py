@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from core.steam import DEFAULT_CDN_URL
+from indexer.cli._common import BAD_INPUT, error, interrupted
 
 # The shipped list of well-known games, so that a newcomer can run the pipeline end to end.
 DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_games.json"
@@ -81,20 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apps = load_apps(args.apps if args.apps is not None else DEFAULT_APPS_FILE)
     except AppsInvalid as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc, BAD_INPUT)
     url = urlparse(args.cdn_url)
     if url.scheme not in ("http", "https") or not url.netloc:
-        print(f"error: --cdn-url must be an http(s) URL, got {args.cdn_url!r}", file=sys.stderr)
-        return 2
+        return error(f"--cdn-url must be an http(s) URL, got {args.cdn_url!r}", BAD_INPUT)
     if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} exists and is not a folder", file=sys.stderr)
-        return 2
+        return error(f"--out {args.out} exists and is not a folder", BAD_INPUT)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        print(f"error: cannot create {args.out}: {exc}", file=sys.stderr)
-        return 2
+        return error(f"cannot create {args.out}: {exc}", BAD_INPUT)
     n_dupes = len(apps) - len({a["appid"] for a in apps})
     if n_dupes:
         print(f"note: {n_dupes} duplicated appid entries, each appid is fetched once", file=sys.stderr)
@@ -112,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:
-        print("interrupted: files already written are complete; rerun to resume", file=sys.stderr)
-        return 130
+        return interrupted("files already written are complete; rerun to resume")
 
     failed = list(summary.failed.items())
     for appid, reason in failed[:MAX_FAILURE_LINES]:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from indexer.cli._common import BAD_INPUT, FAILED, error
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # Plain mistakes are answered at once, before the seconds that importing torch and the app take.
     problem = check_args(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return error(problem, BAD_INPUT)
 
     from core.dino.weights import WeightsUnavailable
     from core.index import IndexInvalid, load_index
@@ -92,21 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
         )
     except (EvaluationError, IndexInvalid) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WeightsUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error(e, BAD_INPUT)
+    except (WeightsUnavailable, OSError) as e:
+        return error(e, FAILED)
     print(format_table(detection, overlap))
     if args.markdown is not None:
         try:
             write_text_atomic(args.markdown, to_markdown(detection, overlap))
         except OSError as e:
-            print(f"error: --markdown {args.markdown}: {e}", file=sys.stderr)
-            return 1
+            return error(f"--markdown {args.markdown}: {e}", FAILED)
         print(f"wrote {args.markdown}")
     print(summary_line(overlap.strategies, detection, time.monotonic() - start))
     return 0

@@ -10,8 +10,9 @@ Exit codes: 0 done, 1 failed (I/O), 2 bad input (no index, unknown strategy, ind
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from indexer.cli._common import BAD_INPUT, FAILED, error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,16 +30,13 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = None if args.strategies.strip() == "all" else [s.strip() for s in args.strategies.split(",") if s.strip()]
     if wanted == []:
-        print("error: --strategies: give at least one name, or 'all'", file=sys.stderr)
-        return 2
+        return error("--strategies: give at least one name, or 'all'", BAD_INPUT)
     try:
         packed = pack_index(args.index, args.out, wanted)
     except IndexInvalid as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e, BAD_INPUT)
     except OSError as e:
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 1
+        return error(f"cannot write {args.out}: {e}", FAILED)
     print(f"{packed.path}: {packed.size / 2**20:.1f} MiB, strategies {', '.join(packed.strategies)}")
     print(f"INDEX_SHA256={packed.sha256}")
     return 0

@@ -1,0 +1,26 @@
+"""How the offline commands end: one way to report a failure, and the exit codes they share.
+
+Every command says what went wrong in one line on stderr (``error: ...``) and exits with BAD_INPUT (2)
+when the arguments or inputs are wrong and nothing was changed, FAILED (1) when the work itself failed
+(I/O, weights, a build), and INTERRUPTED (130) on Ctrl-C, saying what was kept.
+"""
+
+from __future__ import annotations
+
+import sys
+
+FAILED = 1
+BAD_INPUT = 2
+INTERRUPTED = 130
+
+
+def error(message: object, code: int = BAD_INPUT) -> int:
+    """Print ``error: message`` on stderr; returns ``code``, for ``return error(...)`` in a ``main``."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def interrupted(kept: str) -> int:
+    """Print what an interrupt left behind (``kept``) on stderr; returns INTERRUPTED."""
+    print(f"interrupted: {kept}", file=sys.stderr)
+    return INTERRUPTED
