@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DINO_CODES = ("S16", "S8", "B16", "B8")
 QUICK_APPS = 2000  # games in the index with --quick (every benchmark the same, so that they share it)
+UPLOAD_SEEDS = 24  # the banners that serve, upload and memory post are seeds below this (Workspace.ensure_uploads)
 MB = 2**20
 
 
@@ -146,8 +147,9 @@ def chosen_backbones(args: argparse.Namespace) -> list[str]:
 
 
 def machine_line() -> str:
-    """Cores, load and the torch build, to read the figures against; warns when the CPU is shared."""
-    from core.dino.extract import cpu_cores
+    """Cores and load, to read the figures against; warns when the CPU is shared (torch-free: imports
+    nothing heavy, so that the benchmarks of the service never import torch themselves)."""
+    from core.cpu import cpu_cores
 
     cores = cpu_cores()
     load = os.getloadavg()[0]
@@ -174,6 +176,7 @@ class Workspace:
         self.index = self.root / "index"
         self.banners = self.root / "banners"  # empty: the service points banner URLs at the CDN
         self.banners.mkdir(exist_ok=True)
+        self.uploads = self.root / "uploads"  # the JPEG banners the benchmarks post, by seed
 
     def cleanup(self) -> None:
         if self._tmp:
@@ -254,6 +257,14 @@ class Workspace:
         )
         return info
 
+    def upload_jpeg(self, seed: int) -> bytes:
+        """Banner ``seed`` as the JPEG bytes the benchmarks post, written once into the workspace."""
+        return banner_jpeg(seed, self.uploads)
+
+    def ensure_uploads(self, n: int = UPLOAD_SEEDS) -> None:
+        for seed in range(n):
+            self.upload_jpeg(seed)
+
     def server_env(self, **extra: str) -> dict[str, str]:
         return {
             "INDEX_DIR": str(self.index),
@@ -287,11 +298,22 @@ def make_banner(seed: int, size: tuple[int, int] = (300, 450)):
     return synthetic_banner(seed, size)
 
 
-def banner_jpeg(seed: int) -> bytes:
+def banner_jpeg(seed: int, cache: Path | None = None) -> bytes:
+    """Banner ``seed`` as JPEG bytes; with ``cache``, read from ``<cache>/<seed>.jpg`` when written before.
+    Making one imports indexer.synthetic, and torch with it (seconds): the benchmarks of the service,
+    which have no other use for torch, read the ones ``run_all`` wrote into the workspace."""
     import io
 
+    path = cache / f"{seed}.jpg" if cache is not None else None
+    if path is not None and path.is_file():
+        return path.read_bytes()
     buf = io.BytesIO()
     make_banner(seed).save(buf, format="JPEG", quality=90)
+    if path is not None:
+        from core.files import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
     return buf.getvalue()
 
 

@@ -182,7 +182,7 @@ def main() -> None:
     if args.quick:
         args.n, args.device, args.precision, args.subset = min(args.n, 48), "cpu", "", min(args.subset, 16)
         args.strategies = "SimpleS16,ComplexS16" if args.strategies == "all" else args.strategies
-    from core.dino.extract import cpu_cores
+    from core.cpu import cpu_cores
 
     res = Results("gpu_build")
     with Workspace(args.workdir) as ws:

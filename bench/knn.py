@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.dino.extract import cpu_cores
+from core.cpu import cpu_cores
 from core.knn import ExactSearch, topk_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,6 @@ from bench.common import (
     QUICK_APPS,
     Results,
     add_index_options,
-    banner_jpeg,
     base_parser,
     chosen_backbones,
     load_apps,
@@ -52,11 +51,11 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, body: byte
         raise RuntimeError(f"{method} {path}: {r.status} {data[:300]!r}")
 
 
-def upload_all(conns: list[http.client.HTTPConnection], strategy: str) -> None:
-    """One upload per connection, all at once."""
+def upload_all(conns: list[http.client.HTTPConnection], strategy: str, bodies: list[bytes]) -> None:
+    """One upload per connection (of ``bodies[i]`` on ``conns[i]``), all at once."""
 
     def one(i: int) -> None:
-        request(conns[i], "POST", f"/match?strategy={strategy}&k=10", banner_jpeg(7 + i))
+        request(conns[i], "POST", f"/match?strategy={strategy}&k=10", bodies[i])
 
     with ThreadPoolExecutor(len(conns)) as pool:
         list(pool.map(one, range(len(conns))))
@@ -77,7 +76,8 @@ def main() -> None:
         try:
             with running_server(ws.server_env(), logs, "memory", cgroup=cgroup) as srv:
                 startup = srv.startup_s
-                rows, snaps, replaced = measure(srv, ws.index, params["strategies"], codes, args)
+                bodies = [ws.upload_jpeg(7 + i) for i in range(max(2, args.uploads))]  # at least one per worker
+                rows, snaps, replaced = measure(srv, ws.index, params["strategies"], codes, bodies, args)
         finally:
             peak = cgroup.peak() / 2**20 if cgroup else None
             kills = cgroup.oom_kills() if cgroup else None
@@ -107,7 +107,9 @@ def memory_limit(limit_mib: int) -> MemoryCgroup | None:
     return cgroup
 
 
-def measure(srv, index: Path, strategies: list[str], codes: list[str], args) -> tuple[list, dict, bool]:
+def measure(
+    srv, index: Path, strategies: list[str], codes: list[str], bodies: list[bytes], args
+) -> tuple[list, dict, bool]:
     """The memory table's rows and each phase's snapshot (start, after the GETs, after each backbone's
     uploads), and whether gunicorn replaced a worker meanwhile."""
     pids = srv.workers(expect=2)
@@ -128,9 +130,10 @@ def measure(srv, index: Path, strategies: list[str], codes: list[str], args) -> 
     snapshot("after GETs", procs, index, rows, snaps)
     for code in codes:
         pinned = pin_many(srv, pids, max(1, args.uploads // 2))  # fresh: idle ones time out
-        upload_all([c for cs in pinned.values() for c in cs], f"Complex{code}")
+        conns = [c for cs in pinned.values() for c in cs]
+        upload_all(conns, f"Complex{code}", bodies[: len(conns)])
         snapshot(f"+ {code} upload", procs, index, rows, snaps)
-        for c in (c for cs in pinned.values() for c in cs):
+        for c in conns:
             c.close()
     return rows, snaps, srv.workers() != pids
 

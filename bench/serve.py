@@ -47,7 +47,6 @@ from bench.common import (
     Server,
     Workspace,
     add_index_options,
-    banner_jpeg,
     base_parser,
     connections_per_worker,
     gunicorn_settings,
@@ -258,7 +257,7 @@ def measure(ws: Workspace, logs: Path, client: str, paths: list[str], sample: li
         with SlowClients(ours.host, ours.port, args.slow_clients) as slow:
             out["ours beside slow clients"] = load(ours, client, paths, args, args.duration, args.requests)
         out["ours beside slow clients"]["note"] = f"{args.slow_clients} slow clients ({dict(slow.counts)})"
-        with Uploaders(ours.host, ours.port, args.uploaders, banner_jpeg(7)) as up:
+        with Uploaders(ours.host, ours.port, args.uploaders, ws.upload_jpeg(7)) as up:
             out["ours beside uploaders"] = load(ours, client, paths, args, args.duration, args.requests)
         out["ours beside uploaders"]["note"] = f"{args.uploaders} uploaders, answered {dict(sorted(up.counts.items()))}"
         index = ws.index

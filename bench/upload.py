@@ -23,7 +23,6 @@ from bench.common import (
     QUICK_APPS,
     Results,
     add_index_options,
-    banner_jpeg,
     base_parser,
     chosen_backbones,
     connection_owner,
@@ -41,7 +40,7 @@ def torch_threads() -> int:
     """What gunicorn.conf.py's post_fork gives each of the 2 workers when TORCH_THREADS is not set."""
     if os.environ.get("TORCH_THREADS"):
         return int(os.environ["TORCH_THREADS"])
-    from core.dino.extract import cpu_cores
+    from core.cpu import cpu_cores
 
     return max(1, cpu_cores() // 2)
 
@@ -82,8 +81,9 @@ def main() -> None:
         )
         with running_server(ws.server_env(), logs, "upload") as srv:
             pids = srv.workers(expect=2)
+            bodies = [ws.upload_jpeg(seed) for seed in range(args.requests + 1)]
             for code in codes:
-                row, times = measure(srv, pids, f"Complex{code}", args.requests, res)
+                row, times = measure(srv, pids, f"Complex{code}", bodies, res)
                 rows.append(row)
                 searches.extend(times)
     print()
@@ -91,16 +91,17 @@ def main() -> None:
     res.write(args.json)
 
 
-def measure(srv, pids: list[int], strategy: str, requests: int, res: Results) -> tuple[list, list[float]]:
-    """One warm-up upload (it loads the model), then ``requests`` timed ones on the same keep-alive
-    connection: the table's row and each upload's search time."""
+def measure(srv, pids: list[int], strategy: str, bodies: list[bytes], res: Results) -> tuple[list, list[float]]:
+    """One warm-up upload of ``bodies[0]`` (it loads the model), then the others, timed, on the same
+    keep-alive connection: the table's row and each upload's search time."""
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=600)
-    _, _, first = post(conn, strategy, banner_jpeg(0))  # loads the model in this worker
+    _, _, first = post(conn, strategy, bodies[0])  # loads the model in this worker
     port = conn.sock.getsockname()[1]
     worker = connection_owner(srv.port, port, pids)
     timings, rtts = [], []
-    for i in range(requests):
-        t, _, rtt = post(conn, strategy, banner_jpeg(i + 1))
+    requests = len(bodies) - 1
+    for body in bodies[1:]:
+        t, _, rtt = post(conn, strategy, body)
         timings.append(t)
         rtts.append(rtt)
     same = conn.sock is not None and conn.sock.getsockname()[1] == port
