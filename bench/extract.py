@@ -122,7 +122,7 @@ def bench_cpu_backbone(code: str, ckpt: Path, args) -> dict:
     flops = count_flops(backbone.config, 224, 224, cls_only_last_block=not needs.patch_tokens)
     slow = backbone.patch_size < 16
     batches = args.batches8 if slow else args.batches
-    min_iters = 1 if slow else 2
+    min_iters = 1 if slow or args.quick else 2
     base = preprocessed(ex, max(1, min(8, max(batches), args.naive_images)))
     ex.embed_tensors([batch_of(base, 1)])  # warm-up: threads, allocator, kernels
     rates = {}
@@ -137,7 +137,7 @@ def bench_cpu_backbone(code: str, ckpt: Path, args) -> dict:
     complex_params = next(s for s in strategies if s.style.name == "Complex").params
     n, avgpool = complex_params["n_last_blocks"], complex_params["avgpool_patchtokens"]
     imgs = base[: args.naive_images]
-    if not slow:  # warm-up (skipped for /8 models, where one image costs seconds)
+    if not (slow or args.quick):  # warm-up (skipped for /8 models, where one image costs seconds)
         reference_features(ref, imgs[:1], n, avgpool)
     done, t0, ref_out = 0, time.perf_counter(), []
     while done < len(imgs) and (done == 0 or time.perf_counter() - t0 < args.seconds):
@@ -338,8 +338,11 @@ def bench_device_backbone(
         feats = ex.embed_tensors([x])  # warm-up (and the features compared across precisions)
         if reference is None:
             reference = feats
-        tensor, _ = best_rate(lambda ex=ex, x=x: ex.embed_tensors([x]), args.batch, 2, args.seconds)
-        files_rate(ex, banners[: args.batch * 2], args.batch, args.workers)  # warm-up: workers, caches
+        tensor, _ = best_rate(
+            lambda ex=ex, x=x: ex.embed_tensors([x]), args.batch, 1 if args.quick else 2, args.seconds
+        )
+        if not args.quick:
+            files_rate(ex, banners[: args.batch * 2], args.batch, args.workers)  # warm-up: workers, caches
         e2e = files_rate(ex, paths, args.batch, args.workers)
         dev = max(float(np.abs(feats[s.name] - reference[s.name]).max()) for s in strategies)
         cos = min(float((feats[s.name] * reference[s.name]).sum(axis=1).min()) for s in strategies)
@@ -387,11 +390,11 @@ def main() -> None:
         args.backbones = args.backbones if "--backbones" in sys.argv else ["S16"]
         args.batches, args.batches8, args.seconds, args.naive_images = [1, 2], [1, 2], 0.0, 1
         args.matmul_sizes = [256, 512]
-        args.files, args.min_images = min(args.files, 8), 8
+        args.files, args.min_images = min(args.files, 2), 2
     if device_mode:
         from core.dino.extract import default_batch_size, default_num_workers
 
-        args.batch = args.batch or (4 if args.quick else default_batch_size(args.device))
+        args.batch = args.batch or (2 if args.quick else default_batch_size(args.device))
         args.workers = default_num_workers() if args.workers is None else args.workers
         if args.quick:
             args.workers = min(args.workers, 1)

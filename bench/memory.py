@@ -95,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit-mib", type=int, default=1024, help="memory limit of the cgroup (0: none)")
     args = p.parse_args()
     if args.quick:
-        args.apps, args.get_requests, args.uploads = args.apps or QUICK_APPS, 100, 4
+        args.apps, args.get_requests, args.uploads = args.apps or QUICK_APPS, 100, 2
     return args
 
 

@@ -2,7 +2,8 @@
 then beside 64 slow clients and beside 32 uploaders.
 
     python -m bench.serve [--apps N] [--duration 10] [--connections 8] [--client auto|wrk|python]
-                          [--uploaders 32] [--slow-clients 64] [--quick] [--json PATH]
+                          [--uploaders 32] [--slow-clients 64] [--slow-interval 1]
+                          [--quick] [--json PATH]
 
 The real service (gunicorn, gunicorn.conf.py, 2 workers) over a synthetic index of the whole catalog
 (29,982 games, k=100, random tables), loaded from 127.0.0.1 with ``GET /match/<appid>?k=10`` over
@@ -215,13 +216,14 @@ def parse_args():
     p.add_argument("--timeout", type=float, default=10.0, help="wrk: request timeout (s)")
     p.add_argument("--verify", type=int, default=25, help="appids whose answers are checked, for every strategy")
     p.add_argument("--slow-clients", type=int, default=64, help="slow clients of phase 3")
+    p.add_argument("--slow-interval", type=float, default=1.0, help="seconds between the slow clients' bytes")
     p.add_argument("--uploaders", type=int, default=32, help="uploaders of phase 4")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
         args.apps = args.apps or QUICK_APPS
-        args.duration, args.requests, args.verify, args.rounds = 1, 300, 3, 1
-        args.slow_clients, args.uploaders = 8, 4
+        args.duration, args.requests, args.verify, args.rounds = 1, 100, 2, 1
+        args.slow_clients, args.slow_interval, args.uploaders = 4, 0.25, 2
     client = args.client
     if client == "auto":  # --quick: the Python client, the fallback that must work where wrk is missing
         client = "wrk" if shutil.which("wrk") and not args.quick else "python"
@@ -254,7 +256,7 @@ def measure(ws: Workspace, logs: Path, client: str, paths: list[str], sample: li
             load(srv, client, paths, args, 1.0, min(1000, args.requests // 5))
         out["ours warm"] = load(ours, client, paths, args, args.duration, args.requests, args.rounds)
         out["bare warm"] = load(bare, client, paths, args, args.duration, args.requests, args.rounds)
-        with SlowClients(ours.host, ours.port, args.slow_clients) as slow:
+        with SlowClients(ours.host, ours.port, args.slow_clients, args.slow_interval) as slow:
             out["ours beside slow clients"] = load(ours, client, paths, args, args.duration, args.requests)
         out["ours beside slow clients"]["note"] = f"{args.slow_clients} slow clients ({dict(slow.counts)})"
         with Uploaders(ours.host, ours.port, args.uploaders, ws.upload_jpeg(7)) as up:
