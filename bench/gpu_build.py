@@ -1,7 +1,7 @@
 """The whole-catalog build on a GPU, end to end, on a bare machine with only this repository.
 
     python -m bench.gpu_build [--n 29982] [--device cuda] [--precision bf16] [--subset 2048] [--workdir DIR]
-    python -m bench.gpu_build --quick          # 48 banners, CPU, two strategies: checks that it runs
+    python -m bench.gpu_build --quick          # 8 banners, CPU, two strategies: checks that it runs
 
 1. writes ``--n`` synthetic 600x900 JPEG banners with film grain (about 230 KB each, like Steam's
    ``library_600x900.jpg``), in processes, and random checkpoints of the four real DINO shapes;
@@ -33,7 +33,7 @@ CATALOG = 29_982
 
 
 def _write_one(job: tuple[int, str]) -> int:
-    from indexer.synthetic import textured_banner_jpeg
+    from indexer.synthetic import textured_banner_jpeg  # imported by write_catalog before the fork
 
     seed, path = job
     p = Path(path)
@@ -50,6 +50,8 @@ def write_catalog(folder: Path, n: int, processes: int) -> tuple[list[Path], flo
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{10 * (i + 1)}.jpg" for i in range(n)]
     t0 = time.perf_counter()
+    import indexer.synthetic  # noqa: F401 - once, here: it imports torch (seconds), then each fork has it
+
     with get_context("fork").Pool(processes) as pool:
         sizes = pool.map(_write_one, [(i, str(p)) for i, p in enumerate(paths)], chunksize=64)
     return paths, time.perf_counter() - t0, sum(sizes) / len(sizes) / 1000
@@ -180,7 +182,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="", help="also build with these --batch-size values (e.g. 512)")
     args = p.parse_args()
     if args.quick:
-        args.n, args.device, args.precision, args.subset = min(args.n, 48), "cpu", "", min(args.subset, 16)
+        args.n, args.device, args.precision, args.subset = min(args.n, 8), "cpu", "", min(args.subset, 4)
         args.strategies = "SimpleS16,ComplexS16" if args.strategies == "all" else args.strategies
     from core.cpu import cpu_cores
 
