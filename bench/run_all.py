@@ -1,13 +1,15 @@
 """Every benchmark, at sizes that fit a few minutes on a 2-core machine, and one combined table.
 
-    python -m bench.run_all [--quick] [--workdir DIR] [--markdown PATH] [--only extract,serve,...]
+    python -m bench.run_all [--quick] [--workdir DIR] [--markdown PATH] [--only extract,serve,...] [--jobs 1]
 
 Runs bench/extract.py, serve.py, upload.py, memory.py and knn.py one after the other (each as its own
 process, printing its own table), sharing one workspace (random checkpoints, the synthetic index of
 the whole catalog and the banners to upload, made once), then prints one line per measured figure
-with its target and PASS / MISS where there is one. ``--markdown`` also writes that table as Markdown (for the README);
-``--quick`` runs everything at tiny sizes (the smoke test). Exit status 0 even when a target is
-missed (the table says so); 1 when a benchmark fails to run.
+with its target and PASS / MISS where there is one. ``--markdown`` also writes that table as Markdown
+(for the README); ``--quick`` runs everything at tiny sizes (the smoke test), where ``--jobs 2`` may
+run two benchmarks at once (their figures then mean even less; each one's output is printed whole,
+in order). Exit status 0 even when a target is missed (the table says so); 1 when a benchmark fails
+to run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import DINO_CODES, QUICK_APPS, Figure, Workspace, machine_line, print_table, read_results, verdict
@@ -32,30 +35,56 @@ BENCHES = {
     "serve": (["--duration", "6"], ["--quick"]),
     "upload": (["--requests", "3"], ["--quick"]),
     "memory": (["--get-requests", "1000"], ["--quick"]),
-    "knn": (["--queries", "100"], ["--n", "2000", "--dim", "64", "--queries", "20"]),
+    "knn": (["--queries", "100"], ["--n", "500", "--dim", "64", "--queries", "10"]),
 }
 
 
-def run(name: str, args: list[str], workdir: Path, out: Path) -> tuple[list[Figure], float, str]:
-    """Run one benchmark, echoing its output; its figures (from --json, or parsed for knn.py)."""
+def run(name: str, args: list[str], workdir: Path, out: Path, echo: bool = True) -> tuple[int, str, str, float]:
+    """Run one benchmark: its exit status, its header line and output (both echoed as they come when
+    ``echo``) and seconds."""
     cmd = [sys.executable, "-m", f"bench.{name}", *args]
     if name != "knn":  # knn.py is a plain command: no workspace, no --json; its table is parsed
         cmd += ["--workdir", str(workdir), "--json", str(out)]
-    print(f"\n=== {name}: {' '.join(Path(c).name if c.endswith('.py') else c for c in cmd[1:])}", flush=True)
+    header = f"\n=== {name}: {' '.join(Path(c).name if c.endswith('.py') else c for c in cmd[1:])}\n"
+    if echo:
+        print(header, end="", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
         lines.append(line)
     rc = proc.wait()
-    elapsed = time.perf_counter() - t0
-    text = "".join(lines)
-    if rc != 0:
-        raise RuntimeError(f"bench/{name}.py exited with {rc}")
-    figures = knn_figures(text) if name == "knn" else read_results(out)
-    return figures, elapsed, text
+    return rc, header, "".join(lines), time.perf_counter() - t0
+
+
+def run_benches(
+    names: list[str], quick: bool, workdir: Path, tmp: Path, jobs: int
+) -> tuple[list[Figure], list[tuple[str, float]], list[str]]:
+    """Each benchmark as its own command, ``jobs`` at a time (their outputs then printed whole, in order):
+    their figures, (name, seconds) and the names of those that failed to run."""
+    figures, timings, failed = [], [], []
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = {
+            name: pool.submit(run, name, BENCHES[name][1 if quick else 0], workdir, tmp / f"{name}.json", jobs <= 1)
+            for name in names
+        }
+        for name, future in futures.items():
+            rc, header, text, elapsed = future.result()
+            if jobs > 1:
+                print(header + text, end="", flush=True)
+            try:
+                if rc != 0:
+                    raise RuntimeError(f"bench/{name}.py exited with {rc}")
+                figures.extend(knn_figures(text) if name == "knn" else read_results(tmp / f"{name}.json"))
+            except (RuntimeError, OSError, ValueError) as e:
+                print(f"!!! {e}", flush=True)
+                failed.append(name)
+                continue
+            timings.append((name, elapsed))
+    return figures, timings, failed
 
 
 def knn_figures(text: str) -> list[Figure]:
@@ -84,6 +113,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None, help="workspace to use and keep (default: temporary)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the combined table as Markdown")
     p.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ", ".join(BENCHES))
+    p.add_argument("--jobs", type=int, default=1, help="benchmarks run at once (default 1: each alone, as measured)")
     args = p.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHES]
@@ -92,25 +122,14 @@ def main() -> None:
     start = time.perf_counter()
     print(machine_line(), flush=True)
     load_start = os.getloadavg()[0]
-    figures: list[Figure] = []
-    timings = []
-    failed = []
     with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ws.ensure_checkpoints(["S16"] if args.quick else DINO_CODES)
         ws.ensure_index(QUICK_APPS if args.quick else None)
         ws.ensure_uploads()  # so that serve, upload and memory need not import torch to make them
-        timings.append(("workspace (checkpoints, index, uploads)", time.perf_counter() - t0))
-        for name in names:
-            full, quick = BENCHES[name]
-            try:
-                figs, elapsed, _ = run(name, quick if args.quick else full, ws.root, Path(tmp) / f"{name}.json")
-            except (RuntimeError, OSError, ValueError) as e:
-                print(f"!!! {e}", flush=True)
-                failed.append(name)
-                continue
-            figures.extend(figs)
-            timings.append((name, elapsed))
+        timings = [("workspace (checkpoints, index, uploads)", time.perf_counter() - t0)]
+        figures, bench_timings, failed = run_benches(names, args.quick, ws.root, Path(tmp), args.jobs)
+        timings += bench_timings
     total = time.perf_counter() - start
     print()
     print_table(
@@ -120,7 +139,9 @@ def main() -> None:
     )
     missed = [f"{f.bench}: {f.name}" for f in figures if f.passed is False]
     spent = ", ".join(f"{n} {s:.0f} s" for n, s in timings)
-    print(f"time: {total:.0f} s ({spent}); load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    at_once = f", {args.jobs} benchmarks at a time" if args.jobs > 1 else ""
+    load_end = os.getloadavg()[0]
+    print(f"time: {total:.0f} s ({spent}{at_once}); load average {load_start:.1f} at start, {load_end:.1f} at end")
     print("targets: " + ("all met" if not missed else f"{len(missed)} missed: " + "; ".join(missed)))
     if failed:
         print(f"FAILED to run: {', '.join(failed)}")
