@@ -146,6 +146,14 @@ def chosen_backbones(args: argparse.Namespace) -> list[str]:
     return [c.strip() for c in args.backbones.split(",") if c.strip()]
 
 
+def skip_exit_collection() -> None:
+    """Last thing a benchmark that used torch does: Python's garbage collection at exit, over all of
+    torch's objects, takes seconds, and the process is ending anyway (``gc.freeze`` leaves them out)."""
+    import gc
+
+    gc.freeze()
+
+
 def machine_line() -> str:
     """Cores and load, to read the figures against; warns when the CPU is shared (torch-free: imports
     nothing heavy, so that the benchmarks of the service never import torch themselves)."""

@@ -37,6 +37,7 @@ from bench.common import (
     machine_line,
     make_banner,
     print_table,
+    skip_exit_collection,
     write_banners,
 )
 from bench.reference_vit import reference_features, reference_model
@@ -406,6 +407,7 @@ def main() -> None:
             print(flush=True)
             run_device(args, ws, res)
     res.write(args.json)
+    skip_exit_collection()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import skip_exit_collection
 from core.cpu import cpu_cores
 from core.knn import ExactSearch, topk_table
 
@@ -123,6 +124,7 @@ def main() -> None:
     print("-" * (width + 32))
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    skip_exit_collection()
 
 
 def parse_args() -> tuple[argparse.Namespace, int, str]:
