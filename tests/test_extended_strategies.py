@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -23,22 +24,30 @@ from indexer.build import BuildConfig, build_index
 NAMES = "GemS16,MultiScaleS16,ComplexS16@full,SimpleS16@square,SimpleS14"
 
 
-@pytest.fixture
-def extended_index(tmp_path, install_checkpoints):
-    install_checkpoints("S16", "S14")
-    apps = make_catalog(tmp_path / "banners", 8)
-    (tmp_path / "apps.json").write_text(json.dumps(apps))
-    build_index(
-        BuildConfig(
-            images=tmp_path / "banners",
-            out=tmp_path / "index",
-            strategies=parse_strategies(NAMES),
-            k=5,
-            apps_file=tmp_path / "apps.json",
-            progress=False,
+@pytest.fixture(scope="module")
+def extended_index(tmp_path_factory, checkpoint_store):
+    """8 banners, the extended strategies, built once for this module; TORCH_HOME is ``torch_home`` in it."""
+    root = tmp_path_factory.mktemp("extended")
+    ckpt = root / "torch_home" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    for code in ("S16", "S14"):
+        src = checkpoint_store(code)
+        os.symlink(src, ckpt / src.name)
+    apps = make_catalog(root / "banners", 8)
+    (root / "apps.json").write_text(json.dumps(apps))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(root / "torch_home"))
+        build_index(
+            BuildConfig(
+                images=root / "banners",
+                out=root / "index",
+                strategies=parse_strategies(NAMES),
+                k=5,
+                apps_file=root / "apps.json",
+                progress=False,
+            )
         )
-    )
-    return tmp_path
+    return root
 
 
 @pytest.mark.slow
@@ -60,8 +69,9 @@ def test_extended_strategies_are_built_and_recorded(extended_index):
 
 
 @pytest.mark.slow
-def test_extended_features_equal_independent_computations(extended_index):
+def test_extended_features_equal_independent_computations(extended_index, monkeypatch):
     """Each stored row against a computation from the model's own intermediate outputs."""
+    monkeypatch.setenv("TORCH_HOME", str(extended_index / "torch_home"))
     index = load_index(extended_index / "index")
     appid = index.apps[2]["appid"]
     img = open_image(extended_index / "banners" / f"{appid}.jpg")
