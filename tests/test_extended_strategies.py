@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_catalog
+from conftest import build_generated_index
 
 from app import create_app
 from app.config import Settings
@@ -19,7 +16,6 @@ from core.dino.strategies import parse_strategies
 from core.dino.weights import ModelCache
 from core.images import open_image
 from core.index import load_index
-from indexer.build import BuildConfig, build_index
 
 NAMES = "GemS16,MultiScaleS16,ComplexS16@full,SimpleS16@square,SimpleS14"
 
@@ -27,27 +23,7 @@ NAMES = "GemS16,MultiScaleS16,ComplexS16@full,SimpleS16@square,SimpleS14"
 @pytest.fixture(scope="module")
 def extended_index(tmp_path_factory, checkpoint_store):
     """8 banners, the extended strategies, built once for this module; TORCH_HOME is ``torch_home`` in it."""
-    root = tmp_path_factory.mktemp("extended")
-    ckpt = root / "torch_home" / "hub" / "checkpoints"
-    ckpt.mkdir(parents=True)
-    for code in ("S16", "S14"):
-        src = checkpoint_store(code)
-        os.symlink(src, ckpt / src.name)
-    apps = make_catalog(root / "banners", 8)
-    (root / "apps.json").write_text(json.dumps(apps))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(root / "torch_home"))
-        build_index(
-            BuildConfig(
-                images=root / "banners",
-                out=root / "index",
-                strategies=parse_strategies(NAMES),
-                k=5,
-                apps_file=root / "apps.json",
-                progress=False,
-            )
-        )
-    return root
+    return build_generated_index(tmp_path_factory.mktemp("extended"), checkpoint_store, NAMES.split(","), n=8, k=5).root
 
 
 @pytest.mark.slow
