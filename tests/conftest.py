@@ -8,6 +8,7 @@ official layout, written once per test session and linked into a fresh
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -180,35 +181,35 @@ class BuiltIndex:
     strategies: list[str]
 
 
-@pytest.fixture(scope="session")
-def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
-    """An index of 24 generated banners (SimpleS16, ComplexS16, ComplexB16; k=10), built once per session."""
+def build_generated_index(root: Path, checkpoint_store, names: list[str], n: int, k: int, **options) -> BuiltIndex:
+    """``n`` generated banners in ``root/banners`` and their index of ``names`` in ``root/index``, with the
+    random checkpoints linked into ``root/torch_home`` (TORCH_HOME for anything that embeds against it)."""
     from core.dino.strategies import parse_strategies
     from indexer.build import BuildConfig, build_index
 
-    root = tmp_path_factory.mktemp("built")
+    strategies = parse_strategies(",".join(names))
     torch_home = root / "torch_home"
     ckpt = torch_home / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
-    for code in ("S16", "B16"):
+    for code in dict.fromkeys(s.backbone.code for s in strategies):
         src = checkpoint_store(code)
         os.symlink(src, ckpt / src.name)
-    apps = make_catalog(root / "banners", 24)
+    apps = make_catalog(root / "banners", n)
     (root / "apps.json").write_text(json.dumps(apps))
-    names = ["SimpleS16", "ComplexS16", "ComplexB16"]
+    config = BuildConfig(
+        images=root / "banners", out=root / "index", strategies=strategies, k=k, apps_file=root / "apps.json"
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(torch_home))
-        build_index(
-            BuildConfig(
-                images=root / "banners",
-                out=root / "index",
-                strategies=parse_strategies(",".join(names)),
-                k=10,
-                apps_file=root / "apps.json",
-                progress=False,
-            )
-        )
+        build_index(dataclasses.replace(config, progress=False, **options))
     return BuiltIndex(root, root / "index", root / "banners", torch_home, apps, names)
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
+    """An index of 24 generated banners (SimpleS16, ComplexS16, ComplexB16; k=10), built once per session."""
+    names = ["SimpleS16", "ComplexS16", "ComplexB16"]
+    return build_generated_index(tmp_path_factory.mktemp("built"), checkpoint_store, names, n=24, k=10)
 
 
 @pytest.fixture

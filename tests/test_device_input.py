@@ -24,7 +24,7 @@ from core.dino.preprocess import PREPROCESSINGS
 from core.dino.strategies import parse_strategies
 from core.dino.timing import StageTimer
 from core.dino.weights import ModelCache
-from core.images import DEFAULT_MAX_PIXELS, open_image
+from core.images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
 from core.knn import topk_table
 from core.knn_device import topk_table_device
 from indexer.synthetic import synthetic_banner, textured_banner_jpeg
@@ -80,6 +80,15 @@ def test_only_plain_jpegs_go_to_the_device_decoder():
     img.save(png, format="PNG")
     assert not plain_jpeg(png.getvalue(), DEFAULT_MAX_PIXELS)
     assert not plain_jpeg(b"\xff\xd8\xff\xe0 not a jpeg", DEFAULT_MAX_PIXELS)
+    # what open_image refuses for its geometry or decoding work goes to the CPU path, which refuses it
+    assert not plain_jpeg(jpeg(Image.new("RGB", (30, 900))), DEFAULT_MAX_PIXELS)  # 30:1
+    assert plain_jpeg(jpeg(Image.new("RGB", (40, 600))), DEFAULT_MAX_PIXELS)  # 15:1
+    dino = PREPROCESSINGS["dino"].pil_resized_size  # 256 on the short edge: 15:1 of a 2000-wide image is fine
+    assert plain_jpeg(jpeg(Image.new("RGB", (150, 2000))), DEFAULT_MAX_PIXELS, dino)
+    assert not plain_jpeg(jpeg(Image.new("RGB", (150, 2000))), DEFAULT_MAX_PIXELS, lambda w, h: (w * 8, h * 8))
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+    assert plain_jpeg(plain[:-2] + empty_scan * 10 + b"\xff\xd9", DEFAULT_MAX_PIXELS)
+    assert not plain_jpeg(plain[:-2] + empty_scan * 70 + b"\xff\xd9", DEFAULT_MAX_PIXELS)  # over 64 scans
 
 
 @pytest.fixture
@@ -91,6 +100,8 @@ def mixed_files(tmp_path):
     exif[0x0112] = 8
     synthetic_banner(8).save(tmp_path / "rot.jpg", exif=exif)
     files.append(tmp_path / "rot.jpg")
+    Image.new("RGB", (30, 900), "gray").save(tmp_path / "thin.jpg")  # 30:1, over the aspect-ratio limit
+    files.append(tmp_path / "thin.jpg")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     (tmp_path / "trunc.jpg").write_bytes(files[0].read_bytes()[:1500])
     return [*files, tmp_path / "bad.jpg", tmp_path / "trunc.jpg", tmp_path / "missing.jpg"]
@@ -129,13 +140,16 @@ def test_fallbacks_are_the_cpu_path_and_counted(mixed_files):
         for r, i in enumerate(b.indices):
             rows[i] = [t[r] for t in b.tensors]
         failures.update(dict(b.failures))
-    assert sorted(failures) == [7, 8, 9]
-    assert failures[7].startswith(("not_an_image", "corrupt_image")) and failures[8].startswith("corrupt_image")
-    assert failures[9].startswith("unreadable")
+    assert sorted(failures) == [7, 8, 9, 10]
+    with pytest.raises(ImageRejected) as refused:  # the CPU path's refusal, word for word
+        open_image(mixed_files[7])
+    assert failures[7] == f"extreme_aspect_ratio: {refused.value.message}"
+    assert failures[8].startswith(("not_an_image", "corrupt_image")) and failures[9].startswith("corrupt_image")
+    assert failures[10].startswith("unreadable")
     assert sorted(rows) == list(range(7))
-    # 5 JPEGs less the refused one on the "device"; the PNG, the rotated JPEG, the refused one and the
-    # two broken files on the CPU path
-    assert timer.counts["decoded on the device"] == 4 and timer.counts["decoded on the CPU"] == 5
+    # 5 JPEGs less the refused one on the "device"; the PNG, the rotated JPEG, the refused one, the thin
+    # one and the two broken files on the CPU path
+    assert timer.counts["decoded on the device"] == 4 and timer.counts["decoded on the CPU"] == 6
     assert 1 in calls  # the refused batch was retried file by file
     for i in (2, 4, 6):  # through Pillow: exactly the CPU path
         want = [p.transform()(open_image(mixed_files[i])) for p in (PREPROCESSINGS["dino"], PREPROCESSINGS["full"])]

@@ -55,6 +55,9 @@ def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
         "INDEX_DIR": str(root / "index"),
         "BANNERS_DIR": str(root / "banners"),
         "TORCH_HOME": str(root / "torch_home"),
+        # default settings but one: 8 uploads queue per worker, and on a loaded machine the last may wait
+        # past the default 10 s and get 503 busy by design (test_serving.py); this test is about memory
+        "UPLOAD_QUEUE_TIMEOUT": "120",
     }
     with MemoryCgroup(DYNO_BYTES) as cgroup:
         srv = Server(env, tmp_path / "gunicorn.log", cgroup=cgroup)  # the Procfile's command (test_server.py)

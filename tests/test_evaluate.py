@@ -239,12 +239,13 @@ def test_overlap_at_k_disjoint_and_identical():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(built_index, tmp_path):
+def test_cli_end_to_end(built_index, tmp_path, cli, run_main, monkeypatch):
     md = tmp_path / "results.md"
-    r = run_cli(
+    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+    r = run_main(
+        cli.main,
         *("--index", str(built_index.index), "--images", str(built_index.banners)),
         *("--strategies", "SimpleS16,ComplexS16", "--queries", "1", "--k", "5", "--markdown", str(md)),
-        env={"TORCH_HOME": str(built_index.torch_home)},
     )
     assert r.returncode == 0, r.stderr
     out = r.stdout

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_catalog
+from conftest import build_generated_index
 
 from app import create_app
 from app.config import Settings
@@ -18,27 +16,14 @@ from core.dino.strategies import parse_strategies
 from core.dino.weights import ModelCache
 from core.images import open_image
 from core.index import load_index
-from indexer.build import BuildConfig, build_index
 
 NAMES = "GemS16,MultiScaleS16,ComplexS16@full,SimpleS16@square,SimpleS14"
 
 
-@pytest.fixture
-def extended_index(tmp_path, install_checkpoints):
-    install_checkpoints("S16", "S14")
-    apps = make_catalog(tmp_path / "banners", 8)
-    (tmp_path / "apps.json").write_text(json.dumps(apps))
-    build_index(
-        BuildConfig(
-            images=tmp_path / "banners",
-            out=tmp_path / "index",
-            strategies=parse_strategies(NAMES),
-            k=5,
-            apps_file=tmp_path / "apps.json",
-            progress=False,
-        )
-    )
-    return tmp_path
+@pytest.fixture(scope="module")
+def extended_index(tmp_path_factory, checkpoint_store):
+    """8 banners, the extended strategies, built once for this module; TORCH_HOME is ``torch_home`` in it."""
+    return build_generated_index(tmp_path_factory.mktemp("extended"), checkpoint_store, NAMES.split(","), n=8, k=5).root
 
 
 @pytest.mark.slow
@@ -60,8 +45,9 @@ def test_extended_strategies_are_built_and_recorded(extended_index):
 
 
 @pytest.mark.slow
-def test_extended_features_equal_independent_computations(extended_index):
+def test_extended_features_equal_independent_computations(extended_index, monkeypatch):
     """Each stored row against a computation from the model's own intermediate outputs."""
+    monkeypatch.setenv("TORCH_HOME", str(extended_index / "torch_home"))
     index = load_index(extended_index / "index")
     appid = index.apps[2]["appid"]
     img = open_image(extended_index / "banners" / f"{appid}.jpg")

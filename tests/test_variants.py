@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_catalog
+from conftest import build_generated_index
 from PIL import Image
 
 from core.index import IndexInvalid, load_index
@@ -49,32 +49,10 @@ def test_variant_tables_are_a_float64_brute_force():
 @pytest.fixture(scope="module")
 def variant_index(tmp_path_factory, checkpoint_store):
     """8 banners, SimpleS16, k=4, built with --variants mirror,flip through the command line's code."""
-    import os
-
-    from core.dino.strategies import parse_strategies
-    from indexer.build import BuildConfig, build_index
-
     root = tmp_path_factory.mktemp("variants")
-    ckpt = root / "torch_home" / "hub" / "checkpoints"
-    ckpt.mkdir(parents=True)
-    src = checkpoint_store("S16")
-    os.symlink(src, ckpt / src.name)
-    apps = make_catalog(root / "banners", 8)
-    (root / "apps.json").write_text(json.dumps(apps))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(root / "torch_home"))
-        build_index(
-            BuildConfig(
-                images=root / "banners",
-                out=root / "index",
-                strategies=parse_strategies("SimpleS16"),
-                k=4,
-                apps_file=root / "apps.json",
-                progress=False,
-                variants=parse_variants("mirror,flip"),
-            )
-        )
-    return root
+    return build_generated_index(
+        root, checkpoint_store, ["SimpleS16"], n=8, k=4, variants=parse_variants("mirror,flip")
+    ).root
 
 
 @pytest.mark.slow

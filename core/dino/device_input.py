@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from core.images import ImageRejected, open_image
+from core.images import ImageRejected, check_geometry, check_jpeg_scans, open_image
 
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, largest_resize
 from .timing import StageTimer
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -53,8 +53,12 @@ def nvjpeg_decoder(device: str | torch.device) -> Decoder:
     return decode
 
 
-def plain_jpeg(data: bytes, max_pixels: int) -> bool:
-    """Whether a decoder of plain JPEGs gives what ``open_image`` gives for these bytes (see module doc)."""
+def plain_jpeg(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tuple[int, int]] | None = None) -> bool:
+    """Whether a decoder of plain JPEGs gives what ``open_image`` gives for these bytes (see module doc).
+
+    Images that ``open_image`` would refuse for their geometry or decoding work (extreme aspect ratio,
+    too large once resized with ``resize_to``, too many scans) are not plain: the CPU path refuses them,
+    with its message, before the device spends memory on them."""
     if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return False
     i, adobe_rgb = 2, False
@@ -83,9 +87,19 @@ def plain_jpeg(data: bytes, max_pixels: int) -> bool:
                 and comps in (1, 3)
                 and not (comps == 3 and (adobe_rgb or ids == (82, 71, 66)))  # RGB, not YCbCr, samples
                 and 0 < height * width <= max_pixels
+                and _within_limits(data, width, height, resize_to)
             )
         i += 2 + length
     return False
+
+
+def _within_limits(data: bytes, width: int, height: int, resize_to) -> bool:
+    try:
+        check_geometry(width, height, resize_to)
+        check_jpeg_scans(data, width * height)
+    except ImageRejected:
+        return False
+    return True
 
 
 def _be16(data: bytes, *offsets: int) -> list[int]:
@@ -143,6 +157,7 @@ class DeviceBatches:
         self.decoder = decoder or nvjpeg_decoder(device)
         self.read_workers = max(1, read_workers)
         self.max_pixels = max_pixels
+        self.resize_to = largest_resize(self.preprocessings)  # the geometry limits, as on the CPU path
         self.timer = timer or StageTimer(device)
         self.prepare_workers = max(1, prepare_workers)
         self._local = threading.local()  # each preparing thread's own CUDA stream
@@ -198,7 +213,7 @@ class DeviceBatches:
         for j, data in enumerate(datas):
             if isinstance(data, str):
                 failures.append((positions[j], data))
-            elif plain_jpeg(data, self.max_pixels):
+            elif plain_jpeg(data, self.max_pixels, self.resize_to):
                 jpegs.append(j)
             else:
                 others.append(j)
@@ -236,7 +251,7 @@ class DeviceBatches:
 
     def _cpu_path(self, data: bytes) -> list[torch.Tensor] | str:
         try:
-            img = open_image(data, max_pixels=self.max_pixels)
+            img = open_image(data, max_pixels=self.max_pixels, resize_to=self.resize_to)
             return [t(img) for t in self.cpu_transforms]
         except ImageRejected as e:
             return f"{e.code}: {e.message}"

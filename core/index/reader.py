@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from core.apps import AppsInvalid, validate_apps
+from core.cpu import cpu_cores
 from core.dino.strategies import Strategy
-from core.files import sha256_file
+from core.files import sha256_file, sha256_files
 from core.variants import UnknownVariant, variant_name
 
 from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
@@ -85,7 +86,23 @@ def _read_json(path: Path, what: str):
         raise IndexInvalid(f"{path}: unreadable {what}: {e}") from None
 
 
-def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[str, ...], verify: str) -> np.ndarray:
+class _Digests:
+    """The sha256 of the index's files, computed together in threads before they are checked one by one:
+    reading and hashing release the GIL, so start-up verifies on every core."""
+
+    def __init__(self, root: Path, strategies: list[str]) -> None:
+        folders = [root / name for name in strategies if isinstance(name, str) and name not in ("", ".", "..")]
+        tables = sorted(p for f in folders if f.parent == root for p in f.rglob("*.npy") if p.is_file())
+        paths = [root / APPS, *tables]
+        self._known = dict(zip(paths, sha256_files(paths, workers=cpu_cores()), strict=True))
+
+    def of(self, path: Path) -> str:
+        return self._known.get(path) or sha256_file(path)
+
+
+def _open_array(
+    path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[str, ...], digests: _Digests | None
+) -> np.ndarray:
     if not path.is_file():
         raise IndexInvalid(f"{path}: missing")
     try:
@@ -96,7 +113,7 @@ def _open_array(path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[st
         raise IndexInvalid(f"{path}: shape {arr.shape}, expected {shape}")
     if arr.dtype.name not in dtypes or arr.dtype.name != spec.get("dtype"):
         raise IndexInvalid(f"{path}: dtype {arr.dtype.name}, manifest says {spec.get('dtype')} (allowed: {dtypes})")
-    if verify == "full" and sha256_file(path) != spec.get("sha256"):
+    if digests is not None and digests.of(path) != spec.get("sha256"):
         raise IndexInvalid(f"{path}: sha256 does not match the manifest (a partial copy or a changed file)")
     return arr
 
@@ -124,8 +141,6 @@ def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] 
     n = len(apps)
     if manifest.get("num_apps") != n:
         raise IndexInvalid(f"{apps_path}: {n} apps, manifest says {manifest.get('num_apps')}")
-    if verify == "full" and sha256_file(apps_path) != manifest.get("apps_sha256"):
-        raise IndexInvalid(f"{apps_path}: sha256 does not match the manifest")
     entries = manifest.get("strategies")
     if not isinstance(entries, dict) or not entries:
         raise IndexInvalid(f"{root / MANIFEST}: no strategies")
@@ -133,14 +148,17 @@ def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] 
     missing = [s for s in wanted if s not in entries]
     if missing:
         raise IndexInvalid(f"{root}: strategies {missing} are not in this index (it has {sorted(entries)})")
+    digests = _Digests(root, wanted) if verify == "full" else None
+    if digests is not None and digests.of(apps_path) != manifest.get("apps_sha256"):
+        raise IndexInvalid(f"{apps_path}: sha256 does not match the manifest")
     appids = np.array([a["appid"] for a in apps], dtype=np.int64)
     index = LoadedIndex(root, manifest, apps, appids, {int(a): i for i, a in enumerate(appids)})
     for name in wanted:
-        index.strategies[name] = _load_strategy(root, name, entries[name], n, verify)
+        index.strategies[name] = _load_strategy(root, name, entries[name], n, digests)
     return index
 
 
-def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> StrategyIndex:
+def _load_strategy(root: Path, name: str, entry: dict, n: int, digests: _Digests | None) -> StrategyIndex:
     where = f"{root / MANIFEST} [{name}]"
     if not isinstance(entry, dict):
         raise IndexInvalid(f"{where}: not an object")
@@ -158,16 +176,18 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, verify: str) -> S
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("sha256"), str):
         raise IndexInvalid(f"{where}: no checkpoint sha256 recorded")
     folder = root / name
-    emb, nbr, sco = _load_tables(folder, files, (n, strategy.dim, k), verify)
-    variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), verify)
+    emb, nbr, sco = _load_tables(folder, files, (n, strategy.dim, k), digests)
+    variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), digests)
     return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants)
 
 
-def _load_tables(folder: Path, files: dict, shape: tuple[int, int, int], verify: str) -> tuple[np.ndarray, ...]:
+def _load_tables(
+    folder: Path, files: dict, shape: tuple[int, int, int], digests: _Digests | None
+) -> tuple[np.ndarray, ...]:
     n, dim, k = shape
-    emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, dim), EMBEDDING_DTYPES, verify)
-    nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), verify)
-    sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), verify)
+    emb = _open_array(folder / ARRAYS[0], files[ARRAYS[0]], (n, dim), EMBEDDING_DTYPES, digests)
+    nbr = _open_array(folder / ARRAYS[1], files[ARRAYS[1]], (n, k), ("int32",), digests)
+    sco = _open_array(folder / ARRAYS[2], files[ARRAYS[2]], (n, k), ("float32",), digests)
     if n and k:  # both modes: the tables are small (N x K) and a bad row index would be served or crash
         _check_tables(folder / ARRAYS[1], folder / ARRAYS[2], n)
     return emb, nbr, sco
@@ -193,7 +213,9 @@ def _check_tables(nbr_path: Path, sco_path: Path, n: int) -> None:
             raise IndexInvalid(f"{sco_path}: scores not finite or not sorted best first")
 
 
-def _load_variants(folder: Path, where: str, entries: object, shape: tuple[int, int, int], verify: str) -> dict:
+def _load_variants(
+    folder: Path, where: str, entries: object, shape: tuple[int, int, int], digests: _Digests | None
+) -> dict:
     """The optional mirror/flip tables (an index without them is complete: they are an option of the build)."""
     if not isinstance(entries, dict):
         raise IndexInvalid(f"{where}: 'variants' must be an object")
@@ -208,5 +230,5 @@ def _load_variants(folder: Path, where: str, entries: object, shape: tuple[int, 
         files = entry.get("files") if isinstance(entry, dict) else None
         if not isinstance(files, dict) or set(files) != set(ARRAYS):
             raise IndexInvalid(f"{where} variant {name}: 'files' must describe {', '.join(ARRAYS)}")
-        out[name] = VariantTables(*_load_tables(folder / VARIANTS_DIR / name, files, shape, verify))
+        out[name] = VariantTables(*_load_tables(folder / VARIANTS_DIR / name, files, shape, digests))
     return out
