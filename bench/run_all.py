@@ -82,10 +82,10 @@ def run_benches(
             for name in names
         }
         for name, future in futures.items():
-            rc, header, text, elapsed = future.result()
-            if jobs > 1:
-                print(header + text, end="", flush=True)
             try:
+                rc, header, text, elapsed = future.result()
+                if jobs > 1:
+                    print(header + text, end="", flush=True)
                 if rc != 0:
                     raise RuntimeError(f"bench/{name}.py exited with {rc}")
                 figures.extend(knn_figures(text) if name == "knn" else read_results(tmp / f"{name}.json"))
