@@ -21,15 +21,15 @@ import contextlib
 import os
 import sys
 
-from serving.env import env_int_or_exit as _env_int
+from serving.env import PRELOAD_TORCH, env_bool, env_int, or_exit
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 8000)}"
-workers = _env_int("WEB_CONCURRENCY", 2)
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{or_exit(env_int, 'PORT', 8000)}"
+workers = or_exit(env_int, "WEB_CONCURRENCY", 2)
 worker_class = "serving.worker.BufferedWorker"
 # Deploy (issue 11): with INDEX_URL the index is fetched after the port is bound, in each worker (app/boot.py),
 # so the app is not preloaded: the master binds $PORT at once and never imports the app.
 preload_app = not os.environ.get("INDEX_URL", "").strip()
-timeout = _env_int("GUNICORN_TIMEOUT", 120)  # the first upload per backbone loads its model
+timeout = or_exit(env_int, "GUNICORN_TIMEOUT", 120)  # the first upload per backbone loads its model
 graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None  # "-" for stdout
@@ -49,7 +49,7 @@ def post_fork(server, worker):
     """
     from core.cpu import cpu_cores
 
-    threads = _env_int("TORCH_THREADS", 0, lo=0) or max(1, cpu_cores() // max(1, workers))
+    threads = or_exit(env_int, "TORCH_THREADS", 0, 0) or max(1, cpu_cores() // max(1, workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -73,12 +73,16 @@ def _limit_malloc_arenas() -> None:
 def when_ready(server):
     """Deploy (issue 11): import torch in the master once $PORT is bound, before the workers are forked.
 
-    The import's own memory (~140 MiB with the CPU build, ~280 MiB with the CUDA one: libraries' relocated
-    data, the Python modules) is then shared by the workers, copy-on-write, instead of being made again in
-    each. Importing starts no thread (torch's pool starts on the first parallel op, in a worker).
+    The import's own memory (~140 MiB of anonymous memory with the CPU build, ~280 MiB with the CUDA one:
+    relocated library data, the Python modules) is then shared by the workers, copy-on-write, instead of
+    being made again in each. Importing starts no thread (torch's pool starts on the first parallel op, in
+    a worker). The price is start-up time: the workers are forked once the import is done (2-4 s with
+    the CPU build). PRELOAD_TORCH=0 skips it: workers answer sooner, and each imports torch on its first
+    model pass.
     """
-    import torch  # noqa: F401
-    import torchvision.transforms  # noqa: F401
+    if or_exit(env_bool, *PRELOAD_TORCH):
+        import torch  # noqa: F401
+        import torchvision.transforms  # noqa: F401
 
 
 def post_worker_init(worker):

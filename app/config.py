@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from core.env import parse_bool
 from core.steam import DEFAULT_CDN_URL
 
 
@@ -48,14 +49,10 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: flo
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+    try:
+        return parse_bool(name, env.get(name), default)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _list(env: Mapping[str, str], name: str) -> list[str]:

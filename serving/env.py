@@ -1,14 +1,18 @@
-"""Whole-number settings that gunicorn itself needs (PORT, WEB_CONCURRENCY, ...), read from the environment.
+"""Settings that gunicorn itself needs (PORT, WEB_CONCURRENCY, ...), read from the environment.
 
 One reader for the launcher (serving/launch.py) and gunicorn.conf.py: a bad value stops start-up with
-one line naming the variable, never a traceback. The app's own settings are in app/config.py.
+one line naming the variable, never a traceback. The app's own settings are in app/config.py; both
+parse values with core/env.py.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+from core.env import parse_bool, parse_whole
 
 # name, default, least value: what serving/launch.py checks before gunicorn starts
 GUNICORN_SETTINGS = (
@@ -17,6 +21,9 @@ GUNICORN_SETTINGS = (
     ("GUNICORN_TIMEOUT", 120, 1),
     ("TORCH_THREADS", 0, 0),
 )
+PRELOAD_TORCH = ("PRELOAD_TORCH", True)  # gunicorn.conf.py: import torch in the master before forking
+
+T = TypeVar("T")
 
 
 class EnvError(ValueError):
@@ -24,16 +31,24 @@ class EnvError(ValueError):
 
 
 def env_int(name: str, default: int, lo: int = 1, env: Mapping[str, str] | None = None) -> int:
-    raw = (os.environ if env is None else env).get(name, "").strip() or str(default)
-    if not raw.isascii() or not raw.isdigit() or int(raw) < lo:
-        raise EnvError(f"{name}={raw!r}: expected a whole number of at least {lo}")
-    return int(raw)
-
-
-def env_int_or_exit(name: str, default: int, lo: int = 1) -> int:
-    """``env_int`` for gunicorn.conf.py, where an exception would be printed with its traceback."""
     try:
-        return env_int(name, default, lo)
+        return parse_whole(name, (os.environ if env is None else env).get(name), default, lo)
+    except ValueError as e:
+        raise EnvError(str(e)) from None
+
+
+def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    try:
+        return parse_bool(name, (os.environ if env is None else env).get(name), default)
+    except ValueError as e:
+        raise EnvError(str(e)) from None
+
+
+def or_exit(read: Callable[..., T], *args) -> T:
+    """``read(*args)`` (env_int, env_bool) for gunicorn.conf.py, where an exception would be printed with
+    its traceback: a bad value stops start-up with one line instead."""
+    try:
+        return read(*args)
     except EnvError as e:
         sys.exit(f"error: cannot start: {e}")
 
@@ -41,3 +56,4 @@ def env_int_or_exit(name: str, default: int, lo: int = 1) -> int:
 def check_gunicorn_settings(env: Mapping[str, str] | None = None) -> None:
     for name, default, lo in GUNICORN_SETTINGS:
         env_int(name, default, lo, env)
+    env_bool(*PRELOAD_TORCH, env)

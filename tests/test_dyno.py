@@ -63,6 +63,7 @@ def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
         srv = Server(env, tmp_path / "gunicorn.log", cgroup=cgroup)  # the Procfile's command (test_server.py)
         try:
             srv.wait_ready()
+            assert "libtorch" in Path(f"/proc/{srv.pid}/maps").read_text()  # imported before forking: shared
             workers = srv.workers(expect=2)
             pinned = pin_many(srv, workers, UPLOADS // 2)
             assert sorted(pinned) == sorted(workers) and all(len(c) == UPLOADS // 2 for c in pinned.values())

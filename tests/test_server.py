@@ -231,6 +231,7 @@ def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
     try:
         assert srv.wait_ready() < 60
         assert len(srv.workers(expect=1)) == 1
+        assert "libtorch" not in Path(f"/proc/{srv.pid}/maps").read_text()  # PRELOAD_TORCH=0 (server_env)
         assert requests.get(f"{srv.url}/match/10", timeout=5).status_code == 200
         # PRELOAD_MODELS (names as for ?strategy=): the worker loaded ViT-S/16 before serving; an unknown
         # name stops start-up instead (test_limits.py)
