@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +238,19 @@ def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
         assert requests.get(f"{srv.url}/health", timeout=5).json()["models_loaded"] == ["S16"]
     finally:
         srv.stop()
+
+
+def test_gunicorn_hooks_leave_the_start_up_heap_out_of_garbage_collection(tmp_path):
+    """when_ready (master, before forking) and post_worker_init freeze what start-up made: a full collection
+    over the catalog and torch's modules stalled every request in flight for ~0.5 s (bench.serve's p99)."""
+    code = (
+        "import gc, runpy, types; conf = runpy.run_path('gunicorn.conf.py'); "
+        "conf['when_ready'](None); a = gc.get_freeze_count(); "
+        "conf['post_worker_init'](types.SimpleNamespace(wsgi=types.SimpleNamespace(extensions={}))); "
+        "print(a, gc.get_freeze_count())"
+    )
+    env = {**os.environ, "PRELOAD_TORCH": "0", "PORT": "8000", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    master, worker = map(int, r.stdout.split())
+    assert master > 1000 and worker >= master
