@@ -77,13 +77,11 @@ def when_ready(server):
     The import's own memory (~140 MiB of anonymous memory with the CPU build, ~280 MiB with the CUDA one:
     relocated library data, the Python modules) is then shared by the workers, copy-on-write, instead of
     being made again in each. Importing starts no thread (torch's pool starts on the first parallel op, in
-    a worker). The price is start-up time: the workers are forked once the import is done (2-4 s with
-    the CPU build). PRELOAD_TORCH=0 skips it: workers answer sooner, and each imports torch on its first
-    model pass.
+    a worker). The price is start-up time: the workers are forked once the import is done.
+    PRELOAD_TORCH=0 skips it: workers answer sooner, and each imports torch on its first model pass.
     """
     if or_exit(env_bool, *PRELOAD_TORCH):
-        import torch  # noqa: F401
-        import torchvision.transforms  # noqa: F401
+        import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
     _freeze_heap()
 
 
