@@ -22,15 +22,15 @@ import gc
 import os
 import sys
 
-from serving.env import PRELOAD_TORCH, env_bool, env_int, or_exit
+from serving.env import gunicorn_int, or_exit, preload_torch
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{or_exit(env_int, 'PORT', 8000)}"
-workers = or_exit(env_int, "WEB_CONCURRENCY", 2)
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{or_exit(gunicorn_int, 'PORT')}"
+workers = or_exit(gunicorn_int, "WEB_CONCURRENCY")
 worker_class = "serving.worker.BufferedWorker"
 # Deploy (issue 11): with INDEX_URL the index is fetched after the port is bound, in each worker (app/boot.py),
 # so the app is not preloaded: the master binds $PORT at once and never imports the app.
 preload_app = not os.environ.get("INDEX_URL", "").strip()
-timeout = or_exit(env_int, "GUNICORN_TIMEOUT", 120)  # the first upload per backbone loads its model
+timeout = or_exit(gunicorn_int, "GUNICORN_TIMEOUT")  # the first upload per backbone loads its model
 graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None  # "-" for stdout
@@ -50,7 +50,7 @@ def post_fork(server, worker):
     """
     from core.cpu import cpu_cores
 
-    threads = or_exit(env_int, "TORCH_THREADS", 0, 0) or max(1, cpu_cores() // max(1, workers))
+    threads = or_exit(gunicorn_int, "TORCH_THREADS") or max(1, cpu_cores() // max(1, workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -80,7 +80,7 @@ def when_ready(server):
     a worker). The price is start-up time: the workers are forked once the import is done.
     PRELOAD_TORCH=0 skips it: workers answer sooner, and each imports torch on its first model pass.
     """
-    if or_exit(env_bool, *PRELOAD_TORCH):
+    if or_exit(preload_torch):
         import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
     _freeze_heap()
 

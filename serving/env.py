@@ -14,14 +14,13 @@ from typing import TypeVar
 
 from core.env import parse_bool, parse_whole
 
-# name, default, least value: what serving/launch.py checks before gunicorn starts
-GUNICORN_SETTINGS = (
-    ("PORT", 8000, 1),
-    ("WEB_CONCURRENCY", 2, 1),
-    ("GUNICORN_TIMEOUT", 120, 1),
-    ("TORCH_THREADS", 0, 0),
-)
-PRELOAD_TORCH = ("PRELOAD_TORCH", True)  # gunicorn.conf.py: import torch in the master before forking
+# name -> (default, least value): the whole numbers gunicorn.conf.py reads, checked first by serving/launch.py
+GUNICORN_SETTINGS = {
+    "PORT": (8000, 1),
+    "WEB_CONCURRENCY": (2, 1),
+    "GUNICORN_TIMEOUT": (120, 1),
+    "TORCH_THREADS": (0, 0),  # 0: cores / workers
+}
 
 T = TypeVar("T")
 
@@ -44,9 +43,20 @@ def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> 
         raise EnvError(str(e)) from None
 
 
+def gunicorn_int(name: str, env: Mapping[str, str] | None = None) -> int:
+    """One of GUNICORN_SETTINGS, with its default and least value."""
+    default, lo = GUNICORN_SETTINGS[name]
+    return env_int(name, default, lo, env)
+
+
+def preload_torch(env: Mapping[str, str] | None = None) -> bool:
+    """PRELOAD_TORCH (default on): gunicorn.conf.py imports torch in the master before forking."""
+    return env_bool("PRELOAD_TORCH", True, env)
+
+
 def or_exit(read: Callable[..., T], *args) -> T:
-    """``read(*args)`` (env_int, env_bool) for gunicorn.conf.py, where an exception would be printed with
-    its traceback: a bad value stops start-up with one line instead."""
+    """``read(*args)`` (gunicorn_int, preload_torch) for gunicorn.conf.py, where an exception would be printed
+    with its traceback: a bad value stops start-up with one line instead."""
     try:
         return read(*args)
     except EnvError as e:
@@ -54,6 +64,6 @@ def or_exit(read: Callable[..., T], *args) -> T:
 
 
 def check_gunicorn_settings(env: Mapping[str, str] | None = None) -> None:
-    for name, default, lo in GUNICORN_SETTINGS:
-        env_int(name, default, lo, env)
-    env_bool(*PRELOAD_TORCH, env)
+    for name in GUNICORN_SETTINGS:
+        gunicorn_int(name, env)
+    preload_torch(env)

@@ -158,14 +158,11 @@ def _vertical_first(height: int, width: int, out_h: int, out_w: int, mode: str) 
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-    want = torch.from_numpy(np.array(img.resize((out_w, out_h), _PIL_FILTERS[mode]))).permute(2, 0, 1).float()
+    want = torch.from_numpy(np.array(img.resize((out_w, out_h), _PIL_RESAMPLE[mode]))).permute(2, 0, 1).float()
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
     h_first = _pil_pass(_pil_pass(x, (height, out_w), mode), (out_h, out_w), mode)[0]
     v_first = _pil_pass(_pil_pass(x, (out_h, width), mode), (out_h, out_w), mode)[0]
     return bool((v_first != want).sum() < (h_first != want).sum())
-
-
-_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def _pil_pass(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
