@@ -101,13 +101,22 @@ def _flask_app(settings: Settings) -> Flask:
     _register_cors(app, settings.cors_origins)
     _register_compression(app)
 
+    cdn_origin = "/".join(settings.cdn_url.split("/", 3)[:3])
+    html_policy = (  # pages, /compare for browsers, error pages: no scripts, images from here or the CDN
+        f"default-src 'self'; img-src 'self' data: {cdn_origin}; style-src 'self'; script-src 'none'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+    )
+
     @app.after_request
     def _security_headers(resp):
-        """On every response, JSON and images included; the pages set their own CSP first (kept)."""
+        """On every response, JSON and images included; a view's own policy (/docs) is kept."""
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "same-origin")
-        resp.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        html = resp.mimetype == "text/html"
+        resp.headers.setdefault(
+            "Content-Security-Policy", html_policy if html else "default-src 'none'; frame-ancestors 'none'"
+        )
         return resp
 
     return app

@@ -60,21 +60,6 @@ def more_links(k: int, max_k: int) -> list[tuple[str, int]]:
     return links
 
 
-@bp.after_app_request
-def security_headers(resp):
-    """Every HTML answer (pages, /compare for browsers, error pages on any URL) forbids scripts and framing."""
-    if resp.mimetype == "text/html":
-        cdn = get_service().settings.cdn_url.split("/", 3)
-        cdn_origin = "/".join(cdn[:3])
-        resp.headers["Content-Security-Policy"] = (
-            f"default-src 'self'; img-src 'self' data: {cdn_origin}; style-src 'self'; script-src 'none'; "
-            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
-        )
-        resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Referrer-Policy"] = "same-origin"
-    return resp
-
-
 @bp.get("/")
 def home():
     svc = get_service()

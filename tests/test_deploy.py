@@ -215,6 +215,9 @@ def test_answers_503_starting_until_the_index_is_in_place(packed, archive_server
     for path in ("/match/10", "/strategies", "/apps?q=game"):
         r = client.get(path)
         assert r.status_code == 503 and r.get_json()["error"]["code"] == "starting", path
+    page = client.get("/")  # a browser gets the HTML error page, with the pages' policy
+    assert page.status_code == 503 and page.mimetype == "text/html"
+    assert "script-src 'none'" in page.headers["Content-Security-Policy"]
     handler.release.set()
     h = _wait_ready(client).get_json()
     assert h["status"] == "ok" and h["apps"] == 40 and h["strategies"] == ["ComplexB16"]
