@@ -49,7 +49,7 @@ def topk_table_device(
         block = x[start:stop] @ x.T
         local = torch.arange(stop - start, device=block.device)
         block[local, local + start] = -torch.inf  # never the row itself
-        cols, vals = _best_k(block, k)
+        cols, vals = best_k(block, k)
         neighbours.append(cols.to(torch.int32).cpu())
         scores.append(vals.float().cpu())
         if progress is not None:
@@ -57,7 +57,7 @@ def topk_table_device(
     return torch.cat(neighbours).numpy(), torch.cat(scores).numpy()
 
 
-def _best_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k best columns by (-score, column): top k + margin, then an exact order of those.
 
     A row whose last kept candidate ties with its k-th best may have tied columns left out, so it is

@@ -13,10 +13,12 @@ import hashlib
 from functools import partial
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from core.dino.extract import Extractor, default_batch_size
 from core.index import IndexWriter, write_variant
+from core.knn_device import best_k
 from core.variants import apply_variant
 
 from .cache import EmbeddingCache
@@ -80,10 +82,9 @@ def variant_tables(queries: np.ndarray, table: np.ndarray, k: int, chunk_rows: i
         block = np.asarray(queries[start : start + chunk_rows], dtype=np.float64) @ base.T
         rows = np.arange(block.shape[0])
         block[rows, rows + start] = -np.inf
-        cols = np.broadcast_to(np.arange(n), block.shape)
-        order = np.lexsort((cols, -block), axis=1)[:, :k]
-        nbr[start : start + len(rows)] = order
-        sco[start : start + len(rows)] = np.take_along_axis(block, order, axis=1)
+        cols, vals = best_k(torch.from_numpy(block), k)  # the device tables' exact top k, here on the CPU
+        nbr[start : start + len(rows)] = cols.numpy()
+        sco[start : start + len(rows)] = vals.numpy()
     return nbr, sco
 
 
