@@ -129,7 +129,8 @@ def pixel_checks(paths: list[Path], device: str) -> tuple[float, float, float]:
 def fidelity(args, paths: list[Path], weights: dict[str, Path], res: Results) -> None:
     import torch
 
-    from core.dino.extract import Extractor, cpu_cores
+    from core.cpu import cpu_cores
+    from core.dino.extract import Extractor
     from core.dino.strategies import parse_strategies
 
     strategies = parse_strategies(args.strategies)

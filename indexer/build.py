@@ -31,10 +31,10 @@ import torch
 from tqdm import tqdm
 
 from core.apps import load_apps
+from core.cpu import cpu_cores
 from core.dino.extract import (
     Extractor,
     configure_threads,
-    cpu_cores,
     default_batch_size,
     default_device,
     default_precision,

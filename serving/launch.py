@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .env import EnvError, check_gunicorn_settings
+from .env import check_gunicorn_settings, or_exit
 
 CONFIG = "gunicorn.conf.py"
 APP = "wsgi:app"
@@ -23,10 +23,7 @@ def gunicorn_argv(options: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        check_gunicorn_settings()
-    except EnvError as e:
-        sys.exit(f"error: cannot start: {e}")
+    or_exit(check_gunicorn_settings)
     args = gunicorn_argv(sys.argv[1:] if argv is None else argv)
     os.execv(args[0], args)
 

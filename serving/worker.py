@@ -366,7 +366,7 @@ class BufferedWorker(base.Worker):
             if conn.phase in (HEAD, BODY):
                 self.log.info(
                     "client %s closed the connection in the middle of a request (%s, %d bytes received)",
-                    conn.addr[0] if isinstance(conn.addr, tuple) else conn.addr,
+                    _ip(conn),
                     PHASE_NAMES[conn.phase],
                     len(conn.buf),
                 )
