@@ -53,6 +53,8 @@ def _no_model_pass() -> bool:
     try:
         svc = get_service()
         appid = parse_appid((request.view_args or {}).get("appid", ""))
+        if svc.catalog.get(appid) is not None:  # every lookup of an indexed game, whatever its parameters
+            return True
         strategy, variant = strategy_param(svc), variant_param()
     except Problem:
         return True  # the view answers it with its 4xx or 503
