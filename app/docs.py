@@ -29,10 +29,18 @@ def service_document() -> dict:
     return specialise(document(), svc.strategy_names, max_k, len(svc.catalog), svc.settings.max_batch, variants)
 
 
+def _document() -> dict:
+    """service_document(), made once per app (the index does not change under a running service); read only."""
+    cached = current_app.extensions.get("openapi_document")
+    if cached is None:
+        cached = current_app.extensions["openapi_document"] = service_document()
+    return cached
+
+
 def _document_json() -> str:
     cached = current_app.extensions.get("openapi_json")
     if cached is None:
-        cached = current_app.extensions["openapi_json"] = json.dumps(service_document(), indent=1)
+        cached = current_app.extensions["openapi_json"] = json.dumps(_document(), indent=1)
     return cached
 
 
@@ -45,7 +53,7 @@ def openapi_json():
 
 @bp.get("/docs")
 def docs_page():
-    doc = service_document()
+    doc = _document()
     operations = [
         {"method": method.upper(), "path": path, **op}
         for path, item in doc["paths"].items()
