@@ -11,25 +11,27 @@ within ``2 E`` of the k-th best: a row left out scores below ``t_k - E``, under 
 
 - ``topk_table`` (offline): float32 products of a chunk of rows against all rows (numpy's BLAS),
   then each row's best k + margin, rescored.
-- ``ExactSearch`` (one upload): one float16 matrix-vector product (torch) on the stored array itself,
-  memory-mapped, half the bytes of float32. Its bound assumes float32 accumulation; a probe at
-  start-up checks that the kernel keeps to it, else every search scans in float64.
+- ``ExactSearch`` (one upload): exact integer scores of an int8 sketch of the rows (``core.sketch``),
+  each with its own bound, so the threshold is the k-th best lower bound and a row is kept when its
+  upper bound reaches it. A probe at start-up checks the integer kernel, else every search scans
+  in float64.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
-import torch
+
+from core.cpu import cpu_cores
+from core.sketch import Int8Sketch, sketch_fits
 
 __all__ = ["ExactSearch", "check_count", "check_table", "topk_table"]
 
 _U32 = 2.0**-24  # unit roundoff of float32 (the prefilter's accumulator)
-_U16 = 2.0**-11  # unit roundoff of float16 (the prefilter's inputs and output)
 _SAFETY = 1.0 + 2.0**-20  # widens every bound past the float64 rounding of the bound itself
 _MAX_NORM = 2.0**40  # rows beyond this are not normalised embeddings (and could overflow float32 sums)
+_RESCORE_ROWS = 32  # candidates rescored per step of an upload search, best upper bound first
 _SCAN_ROWS = 256  # rows per step of a float64 pass (3 MB at D = 1536): small transients in each worker
 
 
@@ -154,32 +156,26 @@ def topk_table(
 class ExactSearch:
     """Exact top k of one query against a fixed table; built once, then safe to call from many threads.
 
-    For float16 storage (what the index keeps) the prefilter reads the stored array itself, so a
-    memory-mapped table stays in the page cache that forked workers share; other dtypes are copied
-    once to float16 (2 N D bytes). Besides that, a searcher keeps two numbers for its error bound.
+    The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table),
+    whose exact integer scores come with a per-row error bound; the stored rows are read only for
+    the candidates it leaves, so a memory-mapped table is mostly never paged in by searches.
+    ``threads``: the prefilter's threads (default: the cores this process may use).
     """
 
-    def __init__(self, embeddings: np.ndarray) -> None:
+    def __init__(self, embeddings: np.ndarray, threads: int | None = None) -> None:
         table = check_table(embeddings)
         self._table = table
         self.n, self.dim = table.shape
-        norms = _row_norms(table)
-        if table.dtype == np.float16 and table.flags.c_contiguous:
-            low, residual = table, 0.0
-        else:
-            with np.errstate(over="ignore"):
-                low = np.ascontiguousarray(table, dtype=np.float16)
-            residual = float(_row_norms(low, table).max()) if np.isfinite(low).all() else np.inf
-        self._norm_max = float(norms.max())  # of the stored rows
-        self._residual_max = residual  # of the stored rows minus their float16 copy
-        self._low = _tensor(low) if np.isfinite(residual) else None
-        if self._low is not None and not self._prefilter_keeps_its_bound():
-            self._low = None
+        _row_norms(table)  # refuses NaN, infinities and rows far from unit length
+        self._sketch: Int8Sketch | None = None
+        if sketch_fits(self.dim):
+            sketch = Int8Sketch(table, threads=threads if threads is not None else cpu_cores())
+            self._sketch = sketch if sketch.kernel_is_exact() else None
 
     @property
     def uses_prefilter(self) -> bool:
-        """Whether searches run the float16 prefilter (False: a full float64 scan, slower, as exact)."""
-        return self._low is not None
+        """Whether searches run the int8 prefilter (False: a full float64 scan, slower, as exact)."""
+        return self._sketch is not None
 
     def search(self, query: np.ndarray, k: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k rows most similar to ``query``: ``(rows int64, scores float32)``, best first, exact.
@@ -196,10 +192,11 @@ class ExactSearch:
         k = min(k, self.n - (exclude is not None))
         if k == 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        rows = self._candidates(q, k, exclude) if self._low is not None else np.arange(self.n)
-        if exclude is not None:
-            rows = rows[rows != exclude]
-        scores = self._exact_scores(q, rows)
+        if self._sketch is not None:
+            rows, scores = self._rescored(q, k, exclude)
+        else:
+            rows = np.arange(self.n) if exclude is None else np.delete(np.arange(self.n), exclude)
+            scores = self._exact_scores(q, rows)
         best = np.lexsort((rows, -scores))[:k]
         return rows[best].astype(np.int64), scores[best].astype(np.float32)
 
@@ -214,32 +211,31 @@ class ExactSearch:
             raise ValueError("query contains NaN or infinite values")
         return q
 
-    def _prefilter(self, q: np.ndarray, rows: slice = slice(None)) -> tuple[np.ndarray, float]:
-        """Approximate scores of ``q / |q|`` (float64 view of float16 results) and their error bound E."""
-        norm = float(np.linalg.norm(q))
-        unit = q / norm if norm > 0 else q
-        q16 = unit.astype(np.float16)  # |unit| = 1: no overflow
-        approx = torch.mv(self._low[rows], torch.from_numpy(q16)).numpy().astype(np.float64)
-        q16_norm = float(np.linalg.norm(q16.astype(np.float64)))
-        low_max = self._norm_max + self._residual_max
-        gamma = self.dim * _U32 / (1.0 - self.dim * _U32)  # float32 accumulation of D products
-        bound = (
-            self._residual_max
-            + low_max * float(np.linalg.norm(unit - q16))  # the query's rounding to float16
-            + (gamma + _U16 * (1.0 + gamma)) * low_max * q16_norm  # accumulation, then float16 output
-            + self.dim * 2.0**-124  # underflow of products or partial sums
-            + 2.0**-25  # a float16 output below the normal range
-        )
-        return approx, bound * _SAFETY
+    def _rescored(self, q: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of every row that can reach the top k, and of no more than the bounds need.
 
-    def _candidates(self, q: np.ndarray, k: int, exclude: int | None) -> np.ndarray:
-        """Rows whose prefilter score is within 2 E of the k-th best (ascending): all that can be in the top k."""
-        approx, bound = self._prefilter(q)
+        Candidates are the rows whose upper bound reaches the k-th best lower bound. They are rescored
+        by decreasing upper bound, and the rest are dropped once the next upper bound is below the
+        k-th best exact score so far: then no later row can be in the top k, not even as a tie.
+        """
+        norm = float(np.linalg.norm(q))
+        approx, bound = self._sketch.scores(q / norm if norm > 0 else q)
         if exclude is not None:
             approx[exclude] = -np.inf
-        kth = np.partition(approx, self.n - k)[self.n - k]
-        threshold = kth - 2.0 * bound
-        return np.flatnonzero(approx >= threshold - 2.0**-40 * (abs(threshold) + 1.0))
+        upper = approx + bound
+        kth = np.partition(approx - bound, self.n - k)[self.n - k]  # k rows score at least this
+        rows = np.flatnonzero(upper >= kth - _tie_slack(kth))
+        rows = rows[np.argsort(-upper[rows], kind="stable")]
+        scores = np.empty(rows.size)
+        done = 0
+        while done < rows.size:
+            if done >= k:
+                reached = np.partition(scores[:done], done - k)[done - k] / (norm or 1.0)  # of the unit query
+                if upper[rows[done]] < reached - _tie_slack(reached):
+                    break
+            scores[done : done + _RESCORE_ROWS] = self._exact_scores(q, rows[done : done + _RESCORE_ROWS])
+            done += _RESCORE_ROWS
+        return rows[:done], scores[:done]
 
     def _exact_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """float64 scores, each one dot product as in ``topk_table`` (identical rows score identically)."""
@@ -249,21 +245,7 @@ class ExactSearch:
             scores[start : start + part.size] = np.einsum("nd,d->n", np.asarray(self._table[part], dtype=np.float64), q)
         return scores
 
-    def _prefilter_keeps_its_bound(self) -> bool:
-        """Does torch's float16 product keep to the float32-accumulation bound on real rows?"""
-        probe = slice(0, min(self.n, _SCAN_ROWS))
-        rows = np.asarray(self._table[probe], dtype=np.float64)
-        rng = np.random.default_rng(0)
-        for q in (rows[min(len(rows) - 1, 7)], rng.standard_normal(self.dim)):
-            approx, bound = self._prefilter(q, probe)
-            truth = rows @ (q / max(float(np.linalg.norm(q)), 1e-300))
-            if not (np.abs(approx - truth) <= bound).all():
-                return False
-        return True
 
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor on the array's memory, also for a read-only memmap (without torch's warning: never written to)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
+def _tie_slack(score: float) -> float:
+    """Room for the float64 rounding between a unit query's scores and the raw query's rescaled ones."""
+    return 2.0**-40 * (abs(score) + 1.0)

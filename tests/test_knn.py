@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
-from core import knn
+from core import knn, sketch
 from core.knn import ExactSearch, topk_table
 
 
@@ -248,8 +247,8 @@ def test_search_from_many_threads():
         np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
 
 
-def test_search_without_prefilter_stays_exact(monkeypatch):
-    table = unit_rows(500, 64, seed=12, dtype=np.float64)  # float16 copy with residuals
+def test_search_of_scaled_zero_and_large_queries_and_rows(monkeypatch):
+    table = unit_rows(500, 64, seed=12, dtype=np.float64)
     search = ExactSearch(table)
     assert search.uses_prefilter
     query = queries_near(table, 2, seed=3)[0]
@@ -258,26 +257,36 @@ def test_search_without_prefilter_stays_exact(monkeypatch):
     assert_search_exact(search, table, np.zeros(64, np.float32), 5)  # all scores tie at 0: lowest rows
     big = (unit_rows(300, 16, seed=2, dtype=np.float32) * 1e5).astype(np.float32)  # beyond float16 range
     big_search = ExactSearch(big)
-    assert not big_search.uses_prefilter
+    assert big_search.uses_prefilter
     assert_search_exact(big_search, big, query[:16] / np.linalg.norm(query[:16]), 7)
 
 
-def test_a_prefilter_beyond_its_bound_is_not_used(monkeypatch):
-    """A float16 product that accumulated in float16 (errors far above the float32 bound) is refused."""
-    table = unit_rows(800, 384, seed=6)
-    real_mv = torch.mv
-
-    def float16_accumulation(matrix, vector):
-        total = torch.zeros(len(matrix), dtype=torch.float16)
-        for column, value in zip(matrix.T, vector, strict=True):
-            total += column * value  # float16 tensors: every partial sum rounded to float16
-        return total
-
-    monkeypatch.setattr(knn.torch, "mv", float16_accumulation)
+def test_search_without_prefilter_stays_exact(monkeypatch):
+    """Tables whose int8 sums could overflow int32 are scanned in float64 (here: the limit lowered)."""
+    monkeypatch.setattr(knn, "sketch_fits", lambda dim: False)
+    table = clustered_rows(700, 96, centres=5, noise=0.1, seed=5)
     search = ExactSearch(table)
     assert not search.uses_prefilter
-    monkeypatch.setattr(knn.torch, "mv", real_mv)
-    for i, query in enumerate(queries_near(table, 6, seed=2)):
+    for i, query in enumerate(queries_near(table, 6, seed=4)):
+        assert_search_exact(search, table, query, 12, exclude=i * 50)
+
+
+def test_a_kernel_with_wrong_sums_is_not_used(monkeypatch):
+    """An integer kernel that is off by one anywhere in the probe is refused: every search scans in float64."""
+    real = sketch._kernel()
+
+    class OffByOne:
+        @staticmethod
+        def cdist(a, b, **kwargs):
+            out = np.asarray(real.cdist(a, b, **kwargs), dtype=np.float64)
+            out[..., -1] += 1
+            return out
+
+    monkeypatch.setattr(sketch, "_kernel", lambda: OffByOne)
+    table = unit_rows(800, 384, seed=6)
+    search = ExactSearch(table)
+    assert not search.uses_prefilter
+    for i, query in enumerate(queries_near(table, 4, seed=2)):
         assert_search_exact(search, table, query, 10, exclude=i)
 
 

@@ -1,0 +1,120 @@
+"""An int8 sketch of an embedding table: approximate scores of one query, each with a rigorous error bound.
+
+An upload's search is bound by memory bandwidth: one pass over the float16 table reads 2 N D bytes.
+The sketch keeps each row as int8 codes (a quarter of float32's bytes, half of float16's), so that
+the pass reads half as much, and the exact integer dot products come from SimSIMD's SIMD kernels
+(numpy and torch have no int8 matrix-vector product that accumulates without overflow).
+
+Row i is stored as ``x_i ~ s_i * (t * c_i)``: ``t`` a per-column scale (so that a few large feature
+dimensions do not coarsen all the others), ``s_i`` a per-row scale, ``c_i`` int8 codes in [-127, 127].
+A query ``u`` is coded the same way as ``u * t ~ s_q * c_q``. Then ``s_q s_i (c_q . c_i)`` differs
+from ``u . x_i`` by ``u . e_i + s_i (u t - s_q c_q) . c_i`` (``e_i`` the row's rounding), so by at most
+``|u| |e_i| + s_i |c_i| |u t - s_q c_q|``: both norms per row are computed once, in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Int8Sketch", "sketch_fits"]
+
+_LEVELS = 127  # codes in [-127, 127]: |c_q . c_i| <= D 127**2 fits int32 for D < 133,000
+_ROWS = 1024  # rows quantised per step: bounded float64 temporaries
+_SLACK = 1.0 + 2.0**-30  # covers the float64 rounding of the bound's own terms
+_TINY = 2.0**-40  # and, absolutely, of the float64 scores themselves (|score| <= ~1)
+
+
+def sketch_fits(dim: int) -> bool:
+    """Whether int32 sums of D int8 products cannot overflow."""
+    return dim * _LEVELS**2 < 2**31
+
+
+def _kernel():
+    import simsimd  # imported here: table builds (core.knn.topk_table) do not need it
+
+    return simsimd
+
+
+class Int8Sketch:
+    """int8 codes of a table's rows, with what bounds their scores' error; immutable once built."""
+
+    def __init__(self, table: np.ndarray, threads: int = 1) -> None:
+        n, dim = table.shape
+        if not sketch_fits(dim):
+            raise ValueError(f"dimension {dim} is too large for int32 sums of int8 products")
+        self.threads = max(1, int(threads))
+        peak = _column_peaks(table)
+        self.column_scale = np.where(peak > 0, peak, 1.0)
+        self.codes = np.empty((n, dim), dtype=np.int8)
+        self.row_scale = np.empty(n)
+        self.row_error = np.empty(n)  # |e_i| = |x_i - s_i t c_i|
+        self.code_norm = np.empty(n)  # s_i |c_i|
+        for start in range(0, n, _ROWS):
+            self._quantise(np.asarray(table[start : start + _ROWS], dtype=np.float64), start)
+
+    def _quantise(self, rows: np.ndarray, start: int) -> None:
+        """Codes, scales and error norms of rows [start, start + len(rows)), in float64 and mostly in place."""
+        stop = start + len(rows)
+        work = rows / self.column_scale
+        self.row_scale[start:stop] = _round_to_codes(work)
+        self.codes[start:stop] = work
+        self.code_norm[start:stop] = self.row_scale[start:stop] * np.sqrt(np.einsum("ij,ij->i", work, work))
+        work *= self.row_scale[start:stop, None]
+        work *= self.column_scale
+        np.subtract(rows, work, out=work)  # each row's rounding error e_i, its sign aside
+        self.row_error[start:stop] = np.sqrt(np.einsum("ij,ij->i", work, work))
+
+    def scores(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate ``unit . x_i`` for every row (float64) and each one's error bound."""
+        scaled = unit * self.column_scale
+        codes = scaled[None].copy()
+        scale = float(_round_to_codes(codes)[0])
+        query_error = scaled - scale * codes[0]
+        approx = (scale * self.row_scale) * self.dots(codes[0].astype(np.int8))
+        bound = float(np.linalg.norm(unit)) * self.row_error + float(np.linalg.norm(query_error)) * self.code_norm
+        return approx, bound * _SLACK + _TINY
+
+    def dots(self, query_codes: np.ndarray) -> np.ndarray:
+        """Exact integer dot products of int8 query codes with every row's codes, as float64."""
+        out = _kernel().cdist(query_codes[None], self.codes, metric="dot", threads=self.threads)
+        return np.asarray(out, dtype=np.float64).reshape(-1)
+
+    def kernel_is_exact(self) -> bool:
+        """Do the kernel's sums equal numpy's int64 ones here (extreme codes included)? Checked once per table."""
+        rows = self.codes[:256]
+        rng = np.random.default_rng(0)
+        for query in (np.full(rows.shape[1], 127, np.int8), rng.integers(-127, 128, rows.shape[1], dtype=np.int8)):
+            truth = rows.astype(np.int64) @ query.astype(np.int64)
+            if not np.array_equal(self.dots(query)[: len(rows)], truth.astype(np.float64)):
+                return False
+        extreme = np.full((1, rows.shape[1]), -127, np.int8)
+        return float(np.asarray(_kernel().cdist(extreme, extreme, metric="dot"))[0, 0]) == rows.shape[1] * 127.0**2
+
+
+def _column_peaks(table: np.ndarray) -> np.ndarray:
+    """Each column's largest |value|, as float64.
+
+    For float16, on the bits: without the sign bit, finite float16 values order as their uint16
+    patterns do, and integer reductions are many times faster than numpy's float16 ones.
+    """
+    peak = np.zeros(table.shape[1])
+    for start in range(0, table.shape[0], _ROWS):
+        rows = np.asarray(table[start : start + _ROWS])
+        if rows.dtype == np.float16:
+            bits = (rows.view(np.uint16) & np.uint16(0x7FFF)).max(axis=0)
+            np.maximum(peak, bits.view(np.float16).astype(np.float64), out=peak)
+        else:
+            np.maximum(peak, np.abs(rows).max(axis=0), out=peak)
+    return peak
+
+
+def _round_to_codes(rows: np.ndarray) -> np.ndarray:
+    """Round float64 rows, in place, to integers in [-127, 127] of the row's peak; return each row's scale.
+
+    An all-zero row gets scale 0 and codes 0.
+    """
+    peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))
+    rows *= np.divide(_LEVELS, peak, out=np.zeros_like(peak), where=peak > 0)[:, None]
+    np.rint(rows, out=rows)
+    np.clip(rows, -_LEVELS, _LEVELS, out=rows)
+    return peak / _LEVELS

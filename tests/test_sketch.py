@@ -1,0 +1,86 @@
+"""The int8 sketch (core/sketch.py): its scores stay within their bounds, and the bounds are tight enough to help."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.knn import ExactSearch
+from core.sketch import Int8Sketch, sketch_fits
+
+
+def normalised(x: np.ndarray, dtype) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(dtype)
+
+
+def tables() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    outliers = rng.standard_normal((400, 96))
+    outliers[:, [5, 40]] *= 60.0  # a few large feature dimensions, as DINO's have
+    mixed = rng.standard_normal((300, 64))
+    mixed[::7] = 0.0  # all-zero rows
+    mixed[:, 3] = 0.0  # an all-zero column
+    mixed[1] = 0.0
+    mixed[1, 9] = 1.0  # a row with one non-zero value: codes at the extremes
+    return {
+        "random float16": normalised(rng.standard_normal((500, 128)), np.float16),
+        "outlier columns float16": normalised(outliers, np.float16),
+        "zeros and extremes float32": normalised(mixed, np.float32),
+        "float64": normalised(rng.standard_normal((200, 48)), np.float64),
+    }
+
+
+def queries(table: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    dim = table.shape[1]
+    spiky = np.zeros(dim)
+    spiky[-1] = 1.0
+    near = table[5].astype(np.float64) + 1e-3 * rng.standard_normal(dim)
+    return [rng.standard_normal(dim), near, table[7].astype(np.float64), spiky, np.zeros(dim)]
+
+
+@pytest.mark.parametrize("name", list(tables()))
+def test_every_score_is_within_its_bound(name):
+    table = tables()[name]
+    sketch = Int8Sketch(table)
+    assert sketch.kernel_is_exact()
+    rng = np.random.default_rng(1)
+    for q in queries(table, rng):
+        norm = np.linalg.norm(q)
+        unit = q / norm if norm > 0 else q
+        approx, bound = sketch.scores(unit)
+        truth = (table.astype(np.longdouble) @ unit.astype(np.longdouble)).astype(np.float64)
+        assert (np.abs(approx - truth) <= bound).all(), name
+        assert (bound < 0.1).all(), "a bound this loose would rescore most rows"
+
+
+def test_codes_use_the_int8_range_and_zero_rows_stay_zero():
+    table = tables()["zeros and extremes float32"]
+    sketch = Int8Sketch(table)
+    assert sketch.codes.dtype == np.int8 and sketch.codes.shape == table.shape
+    assert np.abs(sketch.codes).max() == 127 and sketch.codes.min() >= -127
+    assert not sketch.codes[::7].any() and not sketch.row_scale[::7].any() and not sketch.row_error[::7].any()
+    assert sketch.codes[1, 9] == 127 and sketch.row_error[1] == 0.0  # represented exactly
+
+
+def test_the_kernel_sums_are_exact_at_the_int32_edge():
+    rows = np.full((3, 1024), 127, np.int8)
+    rows[1] = -127
+    rows[2, ::2] = -127
+    sketch = Int8Sketch(rows.astype(np.float32))
+    q = np.full(1024, -127, np.int8)
+    np.testing.assert_array_equal(sketch.dots(q), (rows.astype(np.int64) @ q.astype(np.int64)).astype(np.float64))
+    assert sketch_fits(133_000) and not sketch_fits(134_000)
+    with pytest.raises(ValueError, match="too large"):
+        Int8Sketch(np.zeros((1, 134_000), np.float16))
+
+
+def test_an_upload_search_rescores_few_rows():
+    """The point of the sketch: on random rows (the worst case: scores crowd together), k = 10 rescoring
+    reads a small fraction of the table, not all of it."""
+    rng = np.random.default_rng(0)
+    table = normalised(rng.standard_normal((20_000, 384)), np.float16)
+    search = ExactSearch(table)
+    q = rng.standard_normal(384)
+    rows, _ = search._rescored(q, 10, None)
+    assert 10 <= rows.size < 400
