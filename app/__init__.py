@@ -26,6 +26,14 @@ class StartupError(RuntimeError):
     """The service cannot start; the message says why and what to do."""
 
 
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "same-origin"),
+)
+NON_HTML_POLICY = "default-src 'none'; frame-ancestors 'none'"
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """The app over the local index (loaded and checked now), or, with INDEX_URL, one that fetches it first."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +99,7 @@ def _flask_app(settings: Settings) -> Flask:
 
     from . import api, docs, limits, metrics, pages
     from .errors import register_error_handlers
+    from .fast_lookups import FastLookups
 
     register_error_handlers(app)
     metrics.install(app)
@@ -110,15 +119,17 @@ def _flask_app(settings: Settings) -> Flask:
     @app.after_request
     def _security_headers(resp):
         """On every response, JSON and images included; a view's own policy (/docs) is kept."""
-        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        resp.headers.setdefault("X-Frame-Options", "DENY")
-        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        for name, value in SECURITY_HEADERS:
+            resp.headers.setdefault(name, value)
         html = resp.mimetype == "text/html"
-        resp.headers.setdefault(
-            "Content-Security-Policy", html_policy if html else "default-src 'none'; frame-ancestors 'none'"
-        )
+        resp.headers.setdefault("Content-Security-Policy", html_policy if html else NON_HTML_POLICY)
         return resp
 
+    # Outermost: plain lookups skip Flask (and ProxyFix, which they do not need); the headers are the
+    # hooks' above for a JSON answer to a request without Origin or Accept-Encoding.
+    vary = "Accept-Encoding, Origin" if settings.cors_origins else "Accept-Encoding"
+    json_headers = [*SECURITY_HEADERS, ("Content-Security-Policy", NON_HTML_POLICY), ("Vary", vary)]
+    app.wsgi_app = FastLookups(app, app.wsgi_app, json_headers)
     return app
 
 

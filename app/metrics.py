@@ -76,14 +76,19 @@ def install(app: Flask) -> None:
         t0 = g.get("metrics_t0")
         if t0 is not None:
             rule = request.url_rule
-            key = (rule.rule if rule is not None else "unmatched", request.method, resp.status_code)
-            child = _children.get(key)
-            if child is None:
-                child = _children.setdefault(key, REQUEST_SECONDS.labels(*key))
-            child.observe(time.perf_counter() - t0)
+            observe_request(rule.rule if rule is not None else "unmatched", request.method, resp.status_code, t0)
         return resp
 
     app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])
+
+
+def observe_request(endpoint: str, method: str, status: int, started: float) -> None:
+    """Count one answered request and its time since ``started`` (``time.perf_counter()``)."""
+    key = (endpoint, method, status)
+    child = _children.get(key)
+    if child is None:
+        child = _children.setdefault(key, REQUEST_SECONDS.labels(*key))
+    child.observe(time.perf_counter() - started)
 
 
 def metrics_view() -> Response:

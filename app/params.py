@@ -33,17 +33,21 @@ def starting() -> Unavailable:
     return Unavailable("starting", f"the service is starting: {detail}; try again shortly", retry_after=5)
 
 
-def host_url() -> str:
+def host_url(svc: Service | None = None) -> str:
     """The base of the absolute URLs in responses: PUBLIC_URL when configured, else "/" (relative URLs).
 
     Never the request's Host header: responses are cacheable (``Cache-Control: public``), and a
     forged Host would otherwise be echoed into banner URLs served to everyone from a shared cache.
     """
-    return get_service().settings.public_url or "/"
+    return (svc or get_service()).settings.public_url or "/"
 
 
 def int_param(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
+    return int_value(request.args.get(name), name, default, lo, hi)
+
+
+def int_value(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    """A parameter's integer value (``default`` when absent or empty), or a 400 naming the allowed range."""
     if raw is None or raw == "":
         return default
     raw = raw.strip()
@@ -91,8 +95,13 @@ def strategies_param(svc: Service, name: str = "strategies") -> list[str]:
 
 
 def k_param(svc: Service, strategy: str, default: int = 10) -> int:
+    return k_value(svc, strategy, request.args.get("k"), default)
+
+
+def k_value(svc: Service, strategy: str, raw: str | None, default: int = 10) -> int:
+    """How many matches to answer: 1 to the table's width (0 for a table without neighbours)."""
     hi = svc.max_k(strategy)
-    return int_param("k", min(default, hi), 1, hi) if hi >= 1 else 0
+    return int_value(raw, "k", min(default, hi), 1, hi) if hi >= 1 else 0
 
 
 def offset_param(svc: Service, strategy: str) -> int:

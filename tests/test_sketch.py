@@ -79,8 +79,8 @@ def test_an_upload_search_rescores_few_rows():
     """The point of the sketch: on random rows (the worst case: scores crowd together), k = 10 rescoring
     reads a small fraction of the table, not all of it."""
     rng = np.random.default_rng(0)
-    table = normalised(rng.standard_normal((20_000, 384)), np.float16)
+    table = normalised(rng.standard_normal((8000, 256)), np.float16)
     search = ExactSearch(table)
-    q = rng.standard_normal(384)
-    rows, _ = search._rescored(q, 10, None)
-    assert 10 <= rows.size < 400
+    for _ in range(5):
+        rows, _ = search._rescored(rng.standard_normal(256), 10, None)
+        assert 10 <= rows.size <= 96  # a few steps of 32 rows, of 8,000
