@@ -25,6 +25,7 @@ from PIL import Image
 
 from core.dino.weights import MODELS, ModelCache, WeightsUnavailable
 from core.index import LoadedIndex
+from core.table_rows import RowReader
 
 if TYPE_CHECKING:
     from core.dino.extract import Extractor
@@ -61,6 +62,7 @@ class Matcher:
         self._searchers: dict[str, ExactSearch] = {}
         self._failures: dict[str, tuple[float, str]] = {}
         self._unique: dict[str, np.ndarray] = {}
+        self._tables: dict[tuple[str, str], tuple[RowReader, RowReader]] = {}
         self._threads_set = False
         # Forward passes at once in this process: each already uses all of the worker's torch threads, so more
         # would only share the same cores while multiplying activation memory (a 1 GB dyno has no room for it).
@@ -71,16 +73,24 @@ class Matcher:
         self, name: str, row: int, k: int, offset: int = 0, variant: str = ""
     ) -> tuple[np.ndarray, np.ndarray]:
         """Matches ``offset`` to ``offset + k`` of a row's table (a mirror/flip variant's when given)."""
-        s = self.index.strategies[name]
-        t = s.variants[variant] if variant else s
-        return t.neighbours[row, offset : offset + k], t.scores[row, offset : offset + k]
+        neighbours, scores = self._readers(name, variant)
+        return neighbours.part(row, offset, offset + k), scores.part(row, offset, offset + k)
+
+    def _readers(self, name: str, variant: str = "") -> tuple[RowReader, RowReader]:
+        """The table's rows read without mapping them (``core.table_rows``: a worker's memory stays flat)."""
+        readers = self._tables.get((name, variant))
+        if readers is None:
+            s = self.index.strategies[name]
+            t = s.variants[variant] if variant else s
+            readers = self._tables.setdefault((name, variant), (RowReader(t.neighbours), RowReader(t.scores)))
+        return readers
 
     def unique(self, name: str, n: int) -> list[int]:
         """Rows whose best match is least similar, least similar first (ties: lower row first)."""
         order = self._unique.get(name)
         if order is None:
             s = self.index.strategies[name]
-            best = np.asarray(s.scores[:, 0]) if s.k else np.zeros(len(self.index), np.float32)
+            best = self._readers(name)[1].column(0) if s.k else np.zeros(len(self.index), np.float32)
             order = np.argsort(best, kind="stable")
             self._unique[name] = order
         return order[:n].tolist()
@@ -132,7 +142,8 @@ class Matcher:
             with self._lock:
                 se = self._searchers.get(name)
                 if se is None:
-                    se = ExactSearch(self.index.strategies[name].embeddings)
+                    s = self.index.strategies[name]
+                    se = ExactSearch(s.embeddings, sketch=s.sketch)
                     self._searchers[name] = se
         return se
 

@@ -269,17 +269,13 @@ class Service:
         return self.url_fetcher.fetch(url)
 
     def unique_payload(self, strategy: str, n: int, host_url: str, offset: int = 0) -> list[dict]:
-        s = self.index.strategies[strategy]
         out = []
         for row in self.matcher.unique(strategy, offset + n)[offset:]:
             entry = self.catalog.describe_row(row, host_url)
-            if s.k:
-                best = self.catalog.games[int(s.neighbours[row, 0])]
-                entry["best_match"] = {
-                    "appid": best.appid,
-                    "name": best.name,
-                    "score": round(float(s.scores[row, 0]), 6),
-                }
+            rows, scores = self.matcher.table_matches(strategy, row, 1)
+            if len(rows):
+                best = self.catalog.games[int(rows[0])]
+                entry["best_match"] = {"appid": best.appid, "name": best.name, "score": round(float(scores[0]), 6)}
             out.append(entry)
         return out
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from core.cpu import cpu_cores
 from core.sketch import Int8Sketch, sketch_fits
+from core.table_rows import RowReader
 
 __all__ = ["ExactSearch", "check_count", "check_table", "topk_table"]
 
@@ -159,18 +160,24 @@ class ExactSearch:
     The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table),
     whose exact integer scores come with a per-row error bound; the stored rows are read only for
     the candidates it leaves, so a memory-mapped table is mostly never paged in by searches.
-    ``threads``: the prefilter's threads (default: the cores this process may use).
+    ``sketch``: the table's stored sketch (``Int8Sketch.of(embeddings)``, as the index keeps it; the
+    table is then not read at all here), else one is made now. ``threads``: the prefilter's threads
+    (default: the cores this process may use).
     """
 
-    def __init__(self, embeddings: np.ndarray, threads: int | None = None) -> None:
+    def __init__(self, embeddings: np.ndarray, threads: int | None = None, sketch: Int8Sketch | None = None) -> None:
         table = check_table(embeddings)
         self._table = table
+        # the rescored rows, read without mapping the file (check_table's array is a plain view of it)
+        self._rows = RowReader(embeddings if isinstance(embeddings, np.memmap) else table)
         self.n, self.dim = table.shape
-        _row_norms(table)  # refuses NaN, infinities and rows far from unit length
-        self._sketch: Int8Sketch | None = None
-        if sketch_fits(self.dim):
-            sketch = Int8Sketch(table, threads=threads if threads is not None else cpu_cores())
-            self._sketch = sketch if sketch.kernel_is_exact() else None
+        self._threads = threads if threads is not None else cpu_cores()
+        if sketch is not None and sketch.codes.shape != table.shape:
+            raise ValueError(f"the sketch's shape {sketch.codes.shape} is not the table's {table.shape}")
+        if sketch is None:
+            _row_norms(table)  # refuses NaN, infinities and rows far from unit length
+            sketch = Int8Sketch.of(table) if sketch_fits(self.dim) else None
+        self._sketch = sketch if sketch is not None and sketch.kernel_is_exact() else None
 
     @property
     def uses_prefilter(self) -> bool:
@@ -219,7 +226,7 @@ class ExactSearch:
         k-th best exact score so far: then no later row can be in the top k, not even as a tie.
         """
         norm = float(np.linalg.norm(q))
-        approx, bound = self._sketch.scores(q / norm if norm > 0 else q)
+        approx, bound = self._sketch.scores(q / norm if norm > 0 else q, self._threads)
         if exclude is not None:
             approx[exclude] = -np.inf
         upper = approx + bound
@@ -242,7 +249,7 @@ class ExactSearch:
         scores = np.empty(rows.size)
         for start in range(0, rows.size, _SCAN_ROWS):
             part = rows[start : start + _SCAN_ROWS]
-            scores[start : start + part.size] = np.einsum("nd,d->n", np.asarray(self._table[part], dtype=np.float64), q)
+            scores[start : start + part.size] = np.einsum("nd,d->n", self._rows.rows(part).astype(np.float64), q)
         return scores
 
 

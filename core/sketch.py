@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["Int8Sketch", "sketch_fits"]
 
-_LEVELS = 127  # codes in [-127, 127]: |c_q . c_i| <= D 127**2 fits int32 for D < 133,000
+_LEVELS = 127  # codes in [-127, 127] (a stored -128 is harmless: sums fit int32 for D < 131,072 either way)
 _ROWS = 1024  # rows quantised per step: bounded float64 temporaries
 _SLACK = 1.0 + 2.0**-30  # covers the float64 rounding of the bound's own terms
 _TINY = 2.0**-40  # and, absolutely, of the float64 scores themselves (|score| <= ~1)
@@ -26,7 +26,7 @@ _TINY = 2.0**-40  # and, absolutely, of the float64 scores themselves (|score| <
 
 def sketch_fits(dim: int) -> bool:
     """Whether int32 sums of D int8 products cannot overflow."""
-    return dim * _LEVELS**2 < 2**31
+    return dim * 128**2 < 2**31
 
 
 def _kernel():
@@ -36,52 +36,64 @@ def _kernel():
 
 
 class Int8Sketch:
-    """int8 codes of a table's rows, with what bounds their scores' error; immutable once built."""
+    """int8 codes of a table's rows, with what bounds their scores' error; immutable once made.
 
-    def __init__(self, table: np.ndarray, threads: int = 1) -> None:
+    ``Int8Sketch.of(table)`` makes one; the index stores its ``arrays()`` beside the embeddings
+    (``<Strategy>/sketch/``), so that the service maps them, shared by its workers, instead of
+    making a private copy in each.
+    """
+
+    FILES = ("codes.npy", "columns.npy", "rows.npy")
+
+    def __init__(self, codes: np.ndarray, column_scale: np.ndarray, rows: np.ndarray) -> None:
+        n, dim = codes.shape
+        if codes.dtype != np.int8 or column_scale.shape != (dim,) or rows.shape != (3, n):
+            shapes = f"{codes.shape} {codes.dtype}, {column_scale.shape}, {rows.shape}"
+            raise ValueError(f"inconsistent sketch arrays: {shapes}")
+        if not sketch_fits(dim):
+            raise ValueError(f"dimension {dim} is too large for int32 sums of int8 products")
+        self.codes = codes
+        self.column_scale = column_scale
+        self.rows = rows
+        self.row_scale, self.row_error, self.code_norm = rows  # s_i; |e_i| = |x_i - s_i t c_i|; s_i |c_i|
+
+    @classmethod
+    def of(cls, table: np.ndarray) -> Int8Sketch:
+        """The sketch of a 2-D float table (a memmap is read a block of rows at a time)."""
         n, dim = table.shape
         if not sketch_fits(dim):
             raise ValueError(f"dimension {dim} is too large for int32 sums of int8 products")
-        self.threads = max(1, int(threads))
         peak = _column_peaks(table)
-        self.column_scale = np.where(peak > 0, peak, 1.0)
-        self.codes = np.empty((n, dim), dtype=np.int8)
-        self.row_scale = np.empty(n)
-        self.row_error = np.empty(n)  # |e_i| = |x_i - s_i t c_i|
-        self.code_norm = np.empty(n)  # s_i |c_i|
+        column_scale = np.where(peak > 0, peak, 1.0)
+        codes = np.empty((n, dim), dtype=np.int8)
+        rows = np.empty((3, n))
         for start in range(0, n, _ROWS):
-            self._quantise(np.asarray(table[start : start + _ROWS], dtype=np.float64), start)
+            block = np.asarray(table[start : start + _ROWS], dtype=np.float64)
+            _quantise(block, column_scale, codes[start : start + len(block)], rows[:, start : start + len(block)])
+        return cls(codes, column_scale, rows)
 
-    def _quantise(self, rows: np.ndarray, start: int) -> None:
-        """Codes, scales and error norms of rows [start, start + len(rows)), in float64 and mostly in place."""
-        stop = start + len(rows)
-        work = rows / self.column_scale
-        self.row_scale[start:stop] = _round_to_codes(work)
-        self.codes[start:stop] = work
-        self.code_norm[start:stop] = self.row_scale[start:stop] * np.sqrt(np.einsum("ij,ij->i", work, work))
-        work *= self.row_scale[start:stop, None]
-        work *= self.column_scale
-        np.subtract(rows, work, out=work)  # each row's rounding error e_i, its sign aside
-        self.row_error[start:stop] = np.sqrt(np.einsum("ij,ij->i", work, work))
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the index stores, by file name."""
+        return dict(zip(self.FILES, (self.codes, self.column_scale, self.rows), strict=True))
 
-    def scores(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, unit: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Approximate ``unit . x_i`` for every row (float64) and each one's error bound."""
         scaled = unit * self.column_scale
         codes = scaled[None].copy()
         scale = float(_round_to_codes(codes)[0])
         query_error = scaled - scale * codes[0]
-        approx = (scale * self.row_scale) * self.dots(codes[0].astype(np.int8))
+        approx = (scale * self.row_scale) * self.dots(codes[0].astype(np.int8), threads)
         bound = float(np.linalg.norm(unit)) * self.row_error + float(np.linalg.norm(query_error)) * self.code_norm
         return approx, bound * _SLACK + _TINY
 
-    def dots(self, query_codes: np.ndarray) -> np.ndarray:
+    def dots(self, query_codes: np.ndarray, threads: int = 1) -> np.ndarray:
         """Exact integer dot products of int8 query codes with every row's codes, as float64."""
-        out = _kernel().cdist(query_codes[None], self.codes, metric="dot", threads=self.threads)
+        out = _kernel().cdist(query_codes[None], self.codes, metric="dot", threads=max(1, threads))
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
     def kernel_is_exact(self) -> bool:
         """Do the kernel's sums equal numpy's int64 ones here (extreme codes included)? Checked once per table."""
-        rows = self.codes[:256]
+        rows = np.asarray(self.codes[:256])
         rng = np.random.default_rng(0)
         for query in (np.full(rows.shape[1], 127, np.int8), rng.integers(-127, 128, rows.shape[1], dtype=np.int8)):
             truth = rows.astype(np.int64) @ query.astype(np.int64)
@@ -89,6 +101,19 @@ class Int8Sketch:
                 return False
         extreme = np.full((1, rows.shape[1]), -127, np.int8)
         return float(np.asarray(_kernel().cdist(extreme, extreme, metric="dot"))[0, 0]) == rows.shape[1] * 127.0**2
+
+
+def _quantise(block: np.ndarray, column_scale: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> None:
+    """A float64 block's codes and its rows' scale, error norm and code norm, mostly in place."""
+    work = block / column_scale
+    row_scale = _round_to_codes(work)
+    codes[:] = work
+    rows[0] = row_scale
+    rows[2] = row_scale * np.sqrt(np.einsum("ij,ij->i", work, work))
+    work *= row_scale[:, None]
+    work *= column_scale
+    np.subtract(block, work, out=work)  # each row's rounding error e_i, its sign aside
+    rows[1] = np.sqrt(np.einsum("ij,ij->i", work, work))
 
 
 def _column_peaks(table: np.ndarray) -> np.ndarray:

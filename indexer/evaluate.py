@@ -355,7 +355,8 @@ class _Ranker:
 
     def __init__(self, index: LoadedIndex, names: list[str], extractors: Sequence[Extractor], k: int) -> None:
         self.index, self.names, self.extractors, self.k = index, names, extractors, k
-        self.searchers = {n: ExactSearch(index.strategies[n].embeddings) for n in names}
+        tables = {n: index.strategies[n] for n in names}
+        self.searchers = {n: ExactSearch(t.embeddings, sketch=t.sketch) for n, t in tables.items()}
         self.rows: list[int] = []
         self.pending: list[tuple[int, str, Image.Image]] = []  # (row, alteration, image) waiting for a batch
         self.ranks = {n: {a: [] for a in ALTERATIONS} for n in names}

@@ -16,10 +16,10 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from core.files import atomic_file, atomic_write_bytes, sha256_file
-from core.index import APPS, ARRAYS, MANIFEST, load_index
+from core.index import APPS, ARRAYS, MANIFEST, SKETCH_DIR, VARIANTS_DIR, LoadedIndex, load_index
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ def pack_index(index_dir: Path, out: Path, strategies: list[str] | None = None) 
     index = load_index(index_dir, verify="full", strategies=strategies)
     names = list(index.strategies)
     manifest = dict(index.manifest) | {"strategies": {n: index.manifest["strategies"][n] for n in names}}
-    files = [(APPS, index_dir / APPS)] + [(f"{n}/{a}", index_dir / n / a) for n in names for a in ARRAYS]
+    files = [(APPS, index_dir / APPS)] + [(rel, index_dir / rel) for n in names for rel in strategy_files(n, index)]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as raw:
         stream = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if out.name.endswith(".gz") else raw
         with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for folder in sorted({rel.split("/")[0] for rel, _ in files if "/" in rel}):
+            for folder in sorted({str(parent) for rel, _ in files for parent in PurePosixPath(rel).parents} - {"."}):
                 tar.addfile(_info(folder, 0, tarfile.DIRTYPE))
             for rel, path in sorted(files):
                 with open(path, "rb") as f:
@@ -66,3 +66,13 @@ def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInf
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def strategy_files(name: str, index: LoadedIndex) -> list[str]:
+    """Every file of a strategy the manifest lists: its tables, its sketch and its variants' tables."""
+    entry = index.manifest["strategies"][name]
+    rels = [f"{name}/{a}" for a in ARRAYS]
+    rels += [f"{name}/{SKETCH_DIR}/{f}" for f in entry.get("sketch", {}).get("files", {})]
+    for variant, v in entry.get("variants", {}).items():
+        rels += [f"{name}/{VARIANTS_DIR}/{variant}/{a}" for a in v["files"]]
+    return rels

@@ -20,6 +20,7 @@ from core.dino.strategies import parse_strategies
 from core.dino.weights import ModelCache
 from core.images import open_image
 from core.index import FORMAT, FORMAT_VERSION, IndexWriter, load_index, recover
+from core.sketch import Int8Sketch
 from indexer.build import BuildConfig, BuildFailed, build_index
 from indexer.cli import build_index as build_index_cli
 
@@ -58,7 +59,15 @@ def test_layout_manifest_and_tables(built_index):
     assert set(manifest["strategies"]) == set(built_index.strategies)
     ckpt = built_index.torch_home / "hub" / "checkpoints"
     for name, entry in manifest["strategies"].items():
-        assert sorted(p.name for p in (idx / name).iterdir()) == ["embeddings.npy", "neighbours.npy", "scores.npy"]
+        assert sorted(p.name for p in (idx / name).iterdir()) == [
+            "embeddings.npy",
+            "neighbours.npy",
+            "scores.npy",
+            "sketch",
+        ]
+        assert sorted(p.name for p in (idx / name / "sketch").iterdir()) == sorted(entry["sketch"]["files"])
+        for fname, spec in entry["sketch"]["files"].items():
+            assert spec["sha256"] == sha256_of(idx / name / "sketch" / fname)
         assert entry["k"] == 10
         assert entry["checkpoint"]["sha256"] == sha256_of(ckpt / entry["checkpoint"]["file"])
         assert entry["preprocessing"]["name"] == "dino" and entry["preprocessing"]["crop"] == [224, 224]
@@ -76,7 +85,11 @@ def test_layout_manifest_and_tables(built_index):
         assert not (nbr == np.arange(24)[:, None]).any()
     assert manifest["strategies"]["ComplexS16"]["params"] == {"n_last_blocks": 4, "avgpool_patchtokens": False}
     assert manifest["strategies"]["ComplexB16"]["dim"] == 1536
-    load_index(idx)  # the service's own checks accept it
+    loaded = load_index(idx)  # the service's own checks accept it
+    for name, s in loaded.strategies.items():  # the stored sketch is the one the embeddings give
+        made = Int8Sketch.of(np.asarray(s.embeddings)).arrays()
+        for fname, array in s.sketch.arrays().items():
+            np.testing.assert_array_equal(array, made[fname], err_msg=f"{name}/sketch/{fname}")
 
 
 @pytest.mark.slow

@@ -109,9 +109,11 @@ def test_pack_writes_chosen_strategies_and_sha256(small_index, packed, tmp_path)
         names = sorted(tar.getnames())
         tar.extractall(tmp_path / "x", filter="data")
     arrays = [f"ComplexB16/{a}" for a in ("embeddings.npy", "neighbours.npy", "scores.npy")]
-    assert names == ["ComplexB16", *arrays, "apps.json", "manifest.json"]
+    sketch = [f"ComplexB16/sketch/{a}" for a in ("codes.npy", "columns.npy", "rows.npy")]
+    assert names == ["ComplexB16", *arrays, "ComplexB16/sketch", *sketch, "apps.json", "manifest.json"]
     unpacked = load_index(tmp_path / "x", verify="full")
     assert list(unpacked.strategies) == ["ComplexB16"] and len(unpacked) == 40
+    assert unpacked.strategies["ComplexB16"].sketch is not None
     again = pack_index(small_index, tmp_path / "again.tar.gz", ["ComplexB16"])
     assert again.sha256 == sha, "the same index must pack to the same bytes"
 

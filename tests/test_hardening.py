@@ -203,10 +203,10 @@ def test_memory_stays_bounded_under_repeated_uploads(server, built_index):
         return r.status_code
 
     with ThreadPoolExecutor(4) as pool:
-        assert set(pool.map(upload, range(12))) == {200}  # both workers have loaded ViT-S/16 by now
+        assert set(pool.map(upload, range(8))) == {200}  # both workers have loaded ViT-S/16 by now
     before = {pid: _rss_kb(pid) for pid in server.workers()}
     with ThreadPoolExecutor(4) as pool:
-        assert set(pool.map(upload, range(40))) == {200}
+        assert set(pool.map(upload, range(24))) == {200}
     after = {pid: _rss_kb(pid) for pid in server.workers()}
     growth_mb = {pid: (after[pid] - before[pid]) / 1024 for pid in before if pid in after}
     assert growth_mb and max(growth_mb.values()) < 60, growth_mb

@@ -42,7 +42,7 @@ def queries(table: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", list(tables()))
 def test_every_score_is_within_its_bound(name):
     table = tables()[name]
-    sketch = Int8Sketch(table)
+    sketch = Int8Sketch.of(table)
     assert sketch.kernel_is_exact()
     rng = np.random.default_rng(1)
     for q in queries(table, rng):
@@ -56,7 +56,7 @@ def test_every_score_is_within_its_bound(name):
 
 def test_codes_use_the_int8_range_and_zero_rows_stay_zero():
     table = tables()["zeros and extremes float32"]
-    sketch = Int8Sketch(table)
+    sketch = Int8Sketch.of(table)
     assert sketch.codes.dtype == np.int8 and sketch.codes.shape == table.shape
     assert np.abs(sketch.codes).max() == 127 and sketch.codes.min() >= -127
     assert not sketch.codes[::7].any() and not sketch.row_scale[::7].any() and not sketch.row_error[::7].any()
@@ -67,12 +67,12 @@ def test_the_kernel_sums_are_exact_at_the_int32_edge():
     rows = np.full((3, 1024), 127, np.int8)
     rows[1] = -127
     rows[2, ::2] = -127
-    sketch = Int8Sketch(rows.astype(np.float32))
+    sketch = Int8Sketch.of(rows.astype(np.float32))
     q = np.full(1024, -127, np.int8)
     np.testing.assert_array_equal(sketch.dots(q), (rows.astype(np.int64) @ q.astype(np.int64)).astype(np.float64))
-    assert sketch_fits(133_000) and not sketch_fits(134_000)
+    assert sketch_fits(131_071) and not sketch_fits(131_072)
     with pytest.raises(ValueError, match="too large"):
-        Int8Sketch(np.zeros((1, 134_000), np.float16))
+        Int8Sketch.of(np.zeros((1, 134_000), np.float16))
 
 
 def test_an_upload_search_rescores_few_rows():
@@ -84,3 +84,39 @@ def test_an_upload_search_rescores_few_rows():
     for _ in range(5):
         rows, _ = search._rescored(rng.standard_normal(256), 10, None)
         assert 10 <= rows.size <= 96  # a few steps of 32 rows, of 8,000
+
+
+def test_the_index_loader_checks_the_sketch_and_does_without_one(built_index, tmp_path):
+    import json
+    import shutil
+
+    from core.index import IndexInvalid, load_index
+
+    bad = tmp_path / "index"
+    shutil.copytree(built_index.index, bad)
+    rows_path = bad / "ComplexS16" / "sketch" / "rows.npy"
+    rows = np.load(rows_path)
+    rows[1, 3] = -1.0  # a negative error norm: every bound would be wrong
+    np.save(rows_path, rows)
+    with pytest.raises(IndexInvalid, match="sha256"):
+        load_index(bad)
+    with pytest.raises(IndexInvalid, match="not finite and positive"):
+        load_index(bad, verify="quick")
+    np.save(rows_path, rows[:, :5])
+    with pytest.raises(IndexInvalid, match=r"rows.npy: shape \(3, 5\)"):
+        load_index(bad, verify="quick")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["strategies"]["ComplexS16"]["sketch"]  # an index from before sketches
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    index = load_index(bad, verify="quick")
+    assert index.strategies["ComplexS16"].sketch is None and index.strategies["SimpleS16"].sketch is not None
+    table = index.strategies["ComplexS16"].embeddings
+    search = ExactSearch(table)  # made in memory, as the service does then
+    assert search.uses_prefilter
+    q = np.asarray(table[3], dtype=np.float64)
+    assert (
+        search.search(q, 4, exclude=3)[0].tolist()
+        == ExactSearch(table, sketch=Int8Sketch.of(table)).search(q, 4, exclude=3)[0].tolist()
+    )
+    with pytest.raises(ValueError, match="shape"):
+        ExactSearch(table, sketch=index.strategies["SimpleS16"].sketch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -113,3 +114,13 @@ def test_loader_checks_variant_files(variant_index, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexInvalid, match="missing"):
         load_index(bad, verify="quick")
+
+
+def test_pack_keeps_the_variant_tables(variant_index, tmp_path):
+    from indexer.pack import pack_index
+
+    packed = pack_index(variant_index / "index", tmp_path / "index.tar")
+    with tarfile.open(packed.path) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    unpacked = load_index(tmp_path / "x")
+    assert sorted(unpacked.strategies["SimpleS16"].variants) == ["flip", "mirror", "mirror+flip"]

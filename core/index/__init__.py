@@ -1,6 +1,6 @@
 """The index format, in one place: its layout, the reader (with every check) and the atomic writer."""
 
-from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
+from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 from .reader import IndexInvalid, LoadedIndex, StrategyIndex, VariantTables, load_index
 from .writer import IndexWriter, make_manifest, recover, staging_dir, swap_in, write_strategy, write_variant
 
@@ -11,6 +11,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "SKETCH_DIR",
     "VARIANTS_DIR",
     "IndexInvalid",
     "IndexWriter",

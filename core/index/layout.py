@@ -9,6 +9,9 @@ Layout (written by ``scripts/build_index.py``)::
     <Strategy>/embeddings.npy  (N, D) float16/float32, L2-normalised, row i = apps[i]
     <Strategy>/neighbours.npy  (N, K) int32 row indices, best first, the row itself excluded
     <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour
+    <Strategy>/sketch/*.npy    the embeddings' int8 sketch (core/sketch.py), the upload search's
+                               prefilter: codes.npy (N, D) int8, columns.npy (D,) and rows.npy (3, N)
+                               float64; optional (an index without it gets one made in memory)
     <Strategy>/variants/<variant>/*.npy   optional mirror/flip query tables (same three arrays)
 """
 
@@ -19,3 +22,4 @@ APPS = "apps.json"
 ARRAYS = ("embeddings.npy", "neighbours.npy", "scores.npy")
 EMBEDDING_DTYPES = ("float16", "float32")
 VARIANTS_DIR = "variants"
+SKETCH_DIR = "sketch"

@@ -25,9 +25,10 @@ from core.apps import AppsInvalid, validate_apps
 from core.cpu import cpu_cores
 from core.dino.strategies import Strategy
 from core.files import sha256_file, sha256_files
+from core.sketch import Int8Sketch
 from core.variants import UnknownVariant, variant_name
 
-from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
+from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 
 
 class IndexInvalid(RuntimeError):
@@ -54,6 +55,7 @@ class StrategyIndex:
     checkpoint: dict
     entry: dict
     variants: dict[str, VariantTables] = field(default_factory=dict)
+    sketch: Int8Sketch | None = None  # the upload search's prefilter, when the index has it
 
     @property
     def name(self) -> str:
@@ -101,7 +103,7 @@ class _Digests:
 
 
 def _open_array(
-    path: Path, spec: dict, shape: tuple[int, int], dtypes: tuple[str, ...], digests: _Digests | None
+    path: Path, spec: dict, shape: tuple[int, ...], dtypes: tuple[str, ...], digests: _Digests | None
 ) -> np.ndarray:
     if not path.is_file():
         raise IndexInvalid(f"{path}: missing")
@@ -178,7 +180,8 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, digests: _Digests
     folder = root / name
     emb, nbr, sco = _load_tables(folder, files, (n, strategy.dim, k), digests)
     variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), digests)
-    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants)
+    sketch = _load_sketch(folder / SKETCH_DIR, where, entry.get("sketch"), (n, strategy.dim), digests)
+    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants, sketch)
 
 
 def _load_tables(
@@ -232,3 +235,26 @@ def _load_variants(
             raise IndexInvalid(f"{where} variant {name}: 'files' must describe {', '.join(ARRAYS)}")
         out[name] = VariantTables(*_load_tables(folder / VARIANTS_DIR / name, files, shape, digests))
     return out
+
+
+def _load_sketch(
+    folder: Path, where: str, entry: object, shape: tuple[int, int], digests: _Digests | None
+) -> Int8Sketch | None:
+    """The optional int8 sketch of the embeddings: shapes, dtypes and sha256 checked, and its scales and
+    norms (3 N + D numbers) finite and non-negative, since every search's bounds are made of them."""
+    if entry is None:
+        return None
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(files, dict) or set(files) != set(Int8Sketch.FILES):
+        raise IndexInvalid(f"{where} sketch: 'files' must describe {', '.join(Int8Sketch.FILES)}")
+    n, dim = shape
+    shapes = {
+        "codes.npy": ((n, dim), ("int8",)),
+        "columns.npy": ((dim,), ("float64",)),
+        "rows.npy": ((3, n), ("float64",)),
+    }
+    arrays = [_open_array(folder / f, files[f], *shapes[f], digests) for f in Int8Sketch.FILES]
+    codes, columns, rows = arrays
+    if not (np.isfinite(columns).all() and (columns > 0).all() and np.isfinite(rows).all() and (rows >= 0).all()):
+        raise IndexInvalid(f"{folder}: sketch scales or norms not finite and positive")
+    return Int8Sketch(codes, columns, rows)

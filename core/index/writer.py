@@ -21,8 +21,9 @@ import numpy as np
 
 from core.dino.strategies import Strategy
 from core.files import atomic_write_json, fsync_dir, sha256_file
+from core.sketch import Int8Sketch, sketch_fits
 
-from .layout import FORMAT, FORMAT_VERSION, MANIFEST, VARIANTS_DIR
+from .layout import FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 
 
 def _hidden(out: Path, tag: str) -> list[Path]:
@@ -120,14 +121,18 @@ def write_strategy(
     checkpoint: dict,
     **extra: object,
 ) -> dict:
-    """Write one strategy's three arrays; returns its manifest entry (settings, checkpoint, files)."""
+    """Write one strategy's three arrays and its sketch; returns its manifest entry (settings, checkpoint, files)."""
     name = strategy.name
     files = {
         "embeddings.npy": writer.write_array(f"{name}/embeddings.npy", embeddings),
         "neighbours.npy": writer.write_array(f"{name}/neighbours.npy", neighbours.astype(np.int32)),
         "scores.npy": writer.write_array(f"{name}/scores.npy", scores.astype(np.float32)),
     }
-    return strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
+    entry = strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
+    if sketch_fits(embeddings.shape[1]):
+        arrays = Int8Sketch.of(embeddings).arrays()
+        entry["sketch"] = {"files": {f: writer.write_array(f"{name}/{SKETCH_DIR}/{f}", a) for f, a in arrays.items()}}
+    return entry
 
 
 def write_variant(

@@ -1,0 +1,87 @@
+"""Rows of a memory-mapped table, read with ``pread`` instead of through the mapping.
+
+The index's tables are memory-mapped (``np.load(mmap_mode="r")``), which costs nothing until a page
+is touched. But touching one row of a mapping maps far more than the row: the kernel maps a whole
+page-cache folio (up to a few MiB on current kernels) and faults around it, so a few hundred random
+lookups leave every table wholly mapped in every worker. The pages are shared, but they count in each
+worker's RSS, which is what a Heroku-like host meters (its R14 "memory quota exceeded"). Read with
+``pread``, the same bytes come from the same page cache (the start-up verification already read the
+files) and nothing is mapped: lookups and the search's rescoring no longer grow a worker's memory.
+
+Arrays that are not whole read-only memory-mapped files (a view, an in-memory array) are read by
+ordinary indexing, with the same results.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+
+import numpy as np
+
+_CHUNK_BYTES = 1 << 22  # whole-column reads go a few MB at a time
+
+
+class RowReader:
+    """Reads rows (or parts of rows) of one 2-D C-ordered table; safe from many threads and after fork."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = table
+        self.shape = table.shape
+        self.dtype = table.dtype
+        self._fd: int | None = None
+        whole_file = isinstance(table, np.memmap) and isinstance(table.base, mmap.mmap) and table.filename
+        if whole_file and table.ndim == 2 and table.flags.c_contiguous:
+            self._fd = os.open(table.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            weakref.finalize(self, os.close, self._fd)
+            self._offset = int(table.offset)
+            self._row_bytes = table.shape[1] * table.dtype.itemsize
+
+    @property
+    def reads_files(self) -> bool:
+        """Whether rows come from ``pread`` (else from ordinary indexing)."""
+        return self._fd is not None
+
+    def part(self, row: int, start: int, stop: int) -> np.ndarray:
+        """``table[row, start:stop]`` (clipped to the row), read-only."""
+        start, stop, _ = slice(start, stop).indices(self.shape[1])
+        if self._fd is None:
+            return np.array(self.table[row, start:stop])
+        if not 0 <= row < self.shape[0]:
+            raise IndexError(f"row {row} is out of range for {self.shape[0]} rows")
+        count = max(0, stop - start)
+        at = self._offset + row * self._row_bytes + start * self.dtype.itemsize
+        return self._read(at, count * self.dtype.itemsize, (count,))
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """``table[rows]`` for an int array of row indices, as a new (len(rows), D) array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._fd is None:
+            return np.asarray(self.table[rows])
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row indices out of range for {self.shape[0]} rows")
+        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
+        for first, last in zip([0, *breaks.tolist()], [*breaks.tolist(), rows.size], strict=True):
+            at = self._offset + int(rows[first]) * self._row_bytes
+            out[first:last] = self._read(at, (last - first) * self._row_bytes, (last - first, self.shape[1]))
+        return out
+
+    def column(self, j: int) -> np.ndarray:
+        """``table[:, j]``, reading the file a few MB at a time (for one-off summaries of a whole table)."""
+        if self._fd is None:
+            return np.array(self.table[:, j])
+        step = max(1, _CHUNK_BYTES // self._row_bytes)
+        out = np.empty(self.shape[0], dtype=self.dtype)
+        for first in range(0, self.shape[0], step):
+            count = min(step, self.shape[0] - first)
+            block = self._read(self._offset + first * self._row_bytes, count * self._row_bytes, (count, self.shape[1]))
+            out[first : first + count] = block[:, j]
+        return out
+
+    def _read(self, at: int, nbytes: int, shape: tuple[int, ...]) -> np.ndarray:
+        data = os.pread(self._fd, nbytes, at)
+        if len(data) != nbytes:
+            raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
+        return np.frombuffer(data, dtype=self.dtype).reshape(shape)  # read-only, as the mapping was

@@ -1,0 +1,89 @@
+"""RowReader (core/table_rows.py): the same values as indexing the table, without mapping its pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.table_rows import RowReader
+
+
+def mapped_kib(path: Path) -> int:
+    """This process's resident KiB of ``path``'s mappings (/proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5:
+            current = parts[5] if len(parts) > 5 else None
+        elif parts[0] == "Rss:" and current == str(path):
+            total += int(parts[1])
+    return total
+
+
+@pytest.fixture
+def stored(tmp_path):
+    table = np.random.default_rng(0).integers(-1000, 1000, (5000, 100), dtype=np.int32)
+    path = tmp_path / "neighbours.npy"
+    np.save(path, table)
+    return table, path
+
+
+def test_reads_equal_indexing_and_map_nothing(stored):
+    table, path = stored
+    mapped = np.load(path, mmap_mode="r")
+    reader = RowReader(mapped)
+    assert reader.reads_files
+    rng = np.random.default_rng(1)
+    for row in rng.integers(0, 5000, 300).tolist():
+        np.testing.assert_array_equal(reader.part(row, 3, 13), table[row, 3:13])
+    rows = np.array([7, 8, 9, 4000, 12, 13, 4999, 0])  # runs and single rows, in any order
+    np.testing.assert_array_equal(reader.rows(rows), table[rows])
+    np.testing.assert_array_equal(reader.column(0), table[:, 0])
+    np.testing.assert_array_equal(reader.part(5, 95, 200), table[5, 95:])  # clipped like a slice
+    assert reader.part(5, 100, 110).size == 0
+    if Path("/proc/self/smaps").exists():
+        assert mapped_kib(path) == 0, "reading rows must not map the file's pages"
+
+
+def test_views_and_arrays_in_memory_are_indexed(stored):
+    table, path = stored
+    view = np.load(path, mmap_mode="r")[10:20]
+    for source in (view, table):
+        reader = RowReader(source)
+        assert not reader.reads_files
+        np.testing.assert_array_equal(reader.part(2, 0, 5), source[2, :5])
+        np.testing.assert_array_equal(reader.rows(np.array([1, 3])), source[[1, 3]])
+        np.testing.assert_array_equal(reader.column(4), source[:, 4])
+
+
+def test_bad_rows_and_a_changed_file_are_errors(stored):
+    _, path = stored
+    reader = RowReader(np.load(path, mmap_mode="r"))
+    with pytest.raises(IndexError):
+        reader.part(5000, 0, 3)
+    with pytest.raises(IndexError):
+        reader.rows(np.array([1, -1]))
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(OSError, match="short read"):
+        reader.part(4000, 0, 10)
+
+
+def test_an_upload_search_with_a_stored_sketch_maps_no_embeddings(tmp_path):
+    from core.knn import ExactSearch
+    from core.sketch import Int8Sketch
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3000, 64))
+    table = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    path = tmp_path / "embeddings.npy"
+    np.save(path, table)
+    search = ExactSearch(np.load(path, mmap_mode="r"), sketch=Int8Sketch.of(table))
+    q = rng.standard_normal(64)
+    rows, _ = search.search(q, 5)
+    exact = table.astype(np.float64) @ q
+    assert rows.tolist() == np.lexsort((np.arange(3000), -exact))[:5].tolist()
+    if Path("/proc/self/smaps").exists():
+        assert mapped_kib(path) == 0
