@@ -80,15 +80,20 @@ def _limit_malloc_arenas() -> None:
 
 
 def when_ready(server):
-    """Deploy (issue 11): import torch in the master once $PORT is bound, before the workers are forked.
+    """Deploy (issue 11): the workers share torch's memory without /health waiting for its import.
 
     The import's own memory (~140 MiB of anonymous memory with the CPU build, ~280 MiB with the CUDA one:
-    relocated library data, the Python modules) is then shared by the workers, copy-on-write, instead of
-    being made again in each. Importing starts no thread (torch's pool starts on the first parallel op, in
-    a worker). The price is start-up time: the workers are forked once the import is done.
-    PRELOAD_TORCH=0 skips it: workers answer sooner, and each imports torch on its first model pass.
+    relocated library data, the Python modules) is shared by the workers, copy-on-write, only if they are
+    forked after it. ``serving/refresh.py`` imports it in the master once the first workers serve, then
+    replaces them one at a time. With INDEX_URL (no preloading: the port is bound and the workers then fetch
+    the index, which takes longer than the import) it is imported here, before the first fork. PRELOAD_TORCH=0
+    skips it: each worker imports torch on its first model pass.
     """
-    if or_exit(preload_torch):
+    if or_exit(preload_torch) and preload_app:
+        from serving.refresh import share_torch_after_start
+
+        share_torch_after_start(server)
+    elif or_exit(preload_torch):  # INDEX_URL: the workers fetch the index first, so nothing waits on the import
         import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
     _freeze_heap()
 

@@ -196,6 +196,7 @@ def health():
             "status": "ok" if ready >= workers else "starting",
             "workers_ready": ready,
             "workers": workers,
+            "workers_sharing_torch": _workers_sharing_torch(),
             "apps": len(svc.catalog),
             "strategies": svc.strategy_names,
             "default_strategy": svc.default_strategy,
@@ -208,6 +209,12 @@ def health():
     )
     body.status_code = 200 if ready >= workers else 503  # ready means every worker serves
     return body
+
+
+def _workers_sharing_torch() -> int:
+    """Serving workers forked after the master imported torch (serving/refresh.py); 0 elsewhere."""
+    probe = request.environ.get("serving.sharing_torch")
+    return probe() if probe is not None else 0
 
 
 def _workers_ready() -> tuple[int, int]:

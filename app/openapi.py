@@ -128,6 +128,13 @@ SCHEMAS: dict[str, dict] = {
         index_build=STR,
         models_loaded={"type": "array", "items": STR, "description": "backbones loaded in any live worker"},
         models_loaded_workers={"type": "object", "additionalProperties": INT, "description": "workers per backbone"},
+        workers_ready=INT,
+        workers=INT,
+        workers_sharing_torch={
+            "type": "integer",
+            "description": "serving workers that share the master's torch (it is imported after start, then the "
+            "workers are replaced one by one); until then an upload's worker imports torch itself",
+        },
         uptime_s=NUM,
     ),
 }

@@ -37,6 +37,7 @@ from bench.common import (
     service_workspace,
 )
 from devtools.cgroup import MemoryCgroup
+from serving.env import preload_torch
 
 STARTUP_TARGET_S = 3.0
 PSS_TARGET_MIB = 900.0
@@ -79,6 +80,7 @@ def main() -> None:
             env = ws.server_env(UPLOAD_QUEUE_TIMEOUT="300")
             with running_server(env, logs, "memory", cgroup=cgroup) as srv:
                 startup = srv.startup_s
+                shared = srv.wait_torch_shared() if preload_torch() else None
                 bodies = [ws.upload_jpeg(7 + i) for i in range(max(2, args.uploads))]  # at least one per worker
                 rows, snaps, replaced = measure(srv, ws.index, params["strategies"], codes, bodies, args)
         finally:
@@ -86,7 +88,7 @@ def main() -> None:
             kills = cgroup.oom_kills() if cgroup else None
             if cgroup:
                 cgroup.remove()
-    report(res, rows, snaps, size, startup, peak, kills, replaced, args)
+    report(res, rows, snaps, size, (startup, shared), peak, kills, replaced, args)
 
 
 def parse_args() -> argparse.Namespace:
@@ -152,7 +154,9 @@ def snapshot(phase: str, procs: list[tuple[str, int]], index: Path, rows: list, 
     rows.append([phase, "total PSS", None, total, None, None, None, None, None])
 
 
-def report(res, rows, snaps, size, startup, peak, kills, replaced, args) -> None:
+def report(res, rows, snaps, size, times, peak, kills, replaced, args) -> None:
+    """``times``: seconds from launch to the first /health 200, and to every worker sharing torch (or None)."""
+    startup, shared_s = times
     print()
     print_table(
         ["phase", "process", "RSS MiB", "PSS MiB", "USS MiB", "anon MiB", "tables RSS", "tables PSS", "tables USS"],
@@ -164,6 +168,8 @@ def report(res, rows, snaps, size, startup, peak, kills, replaced, args) -> None
         f"verdict: launch to first /health answer {startup:.2f} s (target <= {STARTUP_TARGET_S:g} s, no model "
         f"loaded): {'PASS' if ok else 'MISS'}"
     )
+    if shared_s is not None:
+        print(f"torch imported in the master and shared by fresh workers {shared_s:.2f} s after launch")
     last = snaps[list(snaps)[-1]]
     after_get = snaps["after GETs"]
     w1, w2 = after_get["worker 1"], after_get["worker 2"]
@@ -180,6 +186,8 @@ def report(res, rows, snaps, size, startup, peak, kills, replaced, args) -> None
             f"workers replaced: {'yes' if replaced else 'no'}"
         )
     res.add("launch to first /health (no models)", startup, "s", f"<= {STARTUP_TARGET_S:g} s", ok)
+    if shared_s is not None:
+        res.add("launch to every worker sharing torch", shared_s, "s")
     res.add("master RSS at start", snaps["start"]["master"]["rss"], "MiB")
     res.add("worker RSS at start (max)", max(snaps["start"][w]["rss"] for w in ("worker 1", "worker 2")), "MiB")
     res.add("tables private to the 2nd worker (USS)", w2["tables_uss"], "MiB", "~0 (shared)", shared)

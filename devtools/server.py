@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import signal
 import socket
@@ -96,6 +97,23 @@ class GunicornServer:
                 pass
             time.sleep(0.02)
         raise RuntimeError(f"gunicorn did not answer /health within {timeout} s:\n{self.output()[-3000:]}")
+
+    def wait_torch_shared(self, timeout: float = 120.0) -> float:
+        """Seconds from launch until every serving worker shares the master's torch (serving/refresh.py) and
+        the workers it replaced are gone."""
+        while time.monotonic() - self.started < timeout:
+            try:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
+                conn.request("GET", "/health")
+                health = json.loads(conn.getresponse().read() or b"{}")
+                conn.close()
+                shared = health.get("workers_sharing_torch", 0) >= health.get("workers", 1) > 0
+                if shared and len(self.workers()) == health["workers"]:
+                    return time.monotonic() - self.started
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"the workers did not all share torch within {timeout} s:\n{self.output()[-3000:]}")
 
     def workers(self, expect: int | None = None, timeout: float = 30.0) -> list[int]:
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children")

@@ -50,7 +50,7 @@ def gunicorn_int(name: str, env: Mapping[str, str] | None = None) -> int:
 
 
 def preload_torch(env: Mapping[str, str] | None = None) -> bool:
-    """PRELOAD_TORCH (default on): gunicorn.conf.py imports torch in the master before forking."""
+    """PRELOAD_TORCH (default on): the master imports torch once the workers serve, then refreshes them."""
     return env_bool("PRELOAD_TORCH", True, env)
 
 

@@ -53,13 +53,14 @@ from gunicorn.http import RequestParser, wsgi
 from gunicorn.http import errors as http_errors
 from gunicorn.workers import base
 
-from .board import FREE, READY, STOPPING, Board
+from .board import FREE, READY, STOPPING, TORCH_SHARED, Board
 from .http1 import MAX_HEAD_BYTES, ChunkScanner, RequestError, error_response, head_framing
 
 TICK = 0.25  # seconds between deadline sweeps and heartbeats
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval in the workers
 ACCEPT_RECHECK = 0.002  # a worker over its share looks again at a pending connection after this long
 ACCEPT_GRACE = 0.02  # and takes it anyway once it has waited this long (the others are busy or stuck)
+LAME_DUCK_SECONDS = 1.0  # a stopping worker's idle keep-alive connections may still send one request
 LINGER_SECONDS = 5.0  # after a final answer, how long to read and drop what the client still sends
 LINGER_BYTES = 256 * 2**20
 IDLE, HEAD, BODY, BUSY, WRITE, LINGER = range(6)
@@ -154,10 +155,16 @@ class BufferedWorker(base.Worker):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # in the master, before fork
+        self.board = self.shared_board()
+        self.row = self.board.claim()
+        self.torch_shared = "torch" in sys.modules  # imported by the master already (serving/refresh.py)
+
+    @classmethod
+    def shared_board(cls) -> Board:
+        """The workers' board, made in the master the first time it is needed (before the first fork)."""
         if BufferedWorker._board is None:
             BufferedWorker._board = Board()
-        self.board = BufferedWorker._board
-        self.row = self.board.claim()
+        return BufferedWorker._board
 
     # -- start and main loop -------------------------------------------------------------------------
     def init_process(self) -> None:
@@ -194,6 +201,7 @@ class BufferedWorker(base.Worker):
         self.sel.register(self.PIPE[0], selectors.EVENT_READ, self._on_wakeup)
         for listener in self.sockets:
             listener.setblocking(False)
+        self.board.set_flags(self.row, TORCH_SHARED if self.torch_shared else 0)
         self.board.set(self.row, READY, 0)
         next_tick = 0.0
         while self.alive:
@@ -227,14 +235,23 @@ class BufferedWorker(base.Worker):
             self._respond(conn, [self._busy_answer()], False)
 
     def _drain_and_stop(self) -> None:
-        """Graceful stop: no new connections; requests under way finish (graceful_timeout at most)."""
+        """Graceful stop: no new connections; requests under way finish (graceful_timeout at most).
+
+        An idle keep-alive connection has LAME_DUCK_SECONDS to send one more request, answered with
+        ``Connection: close``, and a connection closed after its answer lingers as long: closing either at
+        once would race with a request or an answer already on its way, which the client would see as a
+        reset. So a restart under load (the workers' refresh once the master has
+        imported torch, serving/refresh.py) loses no request.
+        """
         self._set_accepting(False)
         self.board.set(self.row, STOPPING)
-        deadline = time.monotonic() + self.cfg.graceful_timeout
+        now = time.monotonic()
+        deadline, lame_until = now + self.cfg.graceful_timeout, now + LAME_DUCK_SECONDS
         next_tick = 0.0
         while time.monotonic() < deadline:
-            for conn in [c for c in self.conns.values() if c.phase in (IDLE, LINGER)]:
-                self._close(conn)
+            if time.monotonic() >= lame_until:  # lingering ones too: their client has had the answer's FIN
+                for conn in [c for c in self.conns.values() if c.phase in (IDLE, LINGER)]:
+                    self._close(conn)
             if not self.conns:
                 break
             next_tick = self._loop_once(next_tick)
@@ -508,6 +525,7 @@ class BufferedWorker(base.Worker):
             environ.pop("HTTP_TRANSFER_ENCODING", None)
             environ["wsgi.multithread"] = True
             environ["serving.ready"] = self.workers_ready
+            environ["serving.sharing_torch"] = self.workers_sharing_torch
             self._count_request()
             if not self.alive:
                 resp.force_close()
@@ -539,11 +557,15 @@ class BufferedWorker(base.Worker):
         """(workers serving now, workers configured): the readiness that /health reports."""
         return len(self.board.ready()), self.cfg.workers
 
+    def workers_sharing_torch(self) -> int:
+        """Serving workers forked after the master imported torch (/health; serving/refresh.py)."""
+        return len(self.board.sharing_torch())
+
     # -- writing ---------------------------------------------------------------------------------------
     def _respond(self, conn: Conn, parts: list[bytes], keep: bool) -> None:
         self._hold(conn, 0)  # the request's body is no longer needed
         conn.out = memoryview(b"".join(parts))
-        conn.keep = keep and self.alive
+        conn.keep = keep  # what the answer told the client; a stopping worker's drain closes idle ones later
         conn.phase = WRITE
         conn.deadline = time.monotonic() + self.limits.write_timeout
         self._flush(conn)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import http.server
 import json
 import os
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -266,3 +268,40 @@ def server(built_index, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+class Lookups:
+    """Lookups on 4 keep-alive connections in threads until the block ends: answers and failures counted."""
+
+    def __init__(self, srv, apps: list[dict]) -> None:
+        self.srv, self.apps = srv, apps
+        self.answered, self.failures = 0, []
+        self.stop = threading.Event()
+
+    def __enter__(self) -> Lookups:
+        self.threads = [threading.Thread(target=self._run, args=(seed,)) for seed in range(4)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        conn = http.client.HTTPConnection(self.srv.host, self.srv.port, timeout=30)
+        while not self.stop.is_set():
+            try:
+                conn.request("GET", f"/match/{rng.choice(self.apps)['appid']}?k=10")
+                r = conn.getresponse()
+                r.read()
+                if r.status == 200:
+                    self.answered += 1
+                else:
+                    self.failures.append(r.status)
+            except (OSError, http.client.HTTPException) as e:  # a reset or a closed connection: a lost request
+                self.failures.append(repr(e))
+                conn.close()
+        conn.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 from browser import HEADLESS_FLAGS, Chromium, find_chromium
-from conftest import ROOT, GunicornServer, server_env
+from conftest import ROOT, GunicornServer, Lookups, server_env
 from PIL import Image, ImageChops, ImageStat
 
 pytestmark = pytest.mark.slow  # the real gunicorn service: seconds to start and stop
@@ -225,13 +225,19 @@ def test_procfile_and_docker_use_the_same_entry_point():
 
 @pytest.mark.slow
 def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
-    """PORT and WEB_CONCURRENCY from the environment, as a Heroku-like platform sets them."""
+    """PORT and WEB_CONCURRENCY from the environment, as a Heroku-like platform sets them; torch is imported
+    by the master after start, and the worker replaced by one that shares it (PRELOAD_TORCH's default)."""
     env = server_env(built_index, WEB_CONCURRENCY="1", INDEX_VERIFY="quick", PRELOAD_MODELS="simples16")
-    srv = GunicornServer(env, tmp_path / "log")
+    srv = GunicornServer(env | {"PRELOAD_TORCH": "1"}, tmp_path / "log")
     try:
         assert srv.wait_ready() < 60
-        assert len(srv.workers(expect=1)) == 1
-        assert "libtorch" not in Path(f"/proc/{srv.pid}/maps").read_text()  # PRELOAD_TORCH=0 (server_env)
+        first = srv.workers(expect=1)
+        with Lookups(srv, built_index.apps) as during_refresh:
+            srv.wait_torch_shared()
+        assert during_refresh.failures == [] and during_refresh.answered > 0, during_refresh.failures[:5]
+        assert len(srv.workers(expect=1)) == 1 and srv.workers() != first
+        assert "libtorch" in Path(f"/proc/{srv.pid}/maps").read_text()
+        assert requests.get(f"{srv.url}/health", timeout=5).json()["workers_sharing_torch"] == 1
         assert requests.get(f"{srv.url}/match/10", timeout=5).status_code == 200
         # PRELOAD_MODELS (names as for ?strategy=): the worker loaded ViT-S/16 before serving; an unknown
         # name stops start-up instead (test_limits.py)
