@@ -39,7 +39,7 @@ serve: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.dev  # the fast lane: tests under ~2 s each
+test-fast: $(VENV)/.dev  # the fast lane: tests under ~1-2 s each
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev

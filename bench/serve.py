@@ -18,7 +18,9 @@ JSON from in-memory arrays with nothing else) under gunicorn's sync workers
 Phases, each reported as a ratio to the baseline measured in the same run:
 1. cold: each service is started and loaded the moment its ``/health`` first answers 200 (one run of
    fresh connections: where they land decides the figure);
-2. warm: after a warm-up, in rounds of fresh connections (the split of connections per worker shown);
+2. warm: once the master has imported torch and replaced our workers with ones that share it
+   (serving/refresh.py: during the cold phase or soon after), and after a warm-up, in rounds of fresh
+   connections (the split of connections per worker shown);
 3. beside slow clients: half sending a header line, half a body byte, every second (--slow-clients);
 4. beside uploaders: --uploaders threads posting banners (ViT-S/16) back to back, waiting only when
    answered 503 (for its Retry-After); lookups compared with ours warm.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import os
 import random
 import re
 import shutil
@@ -58,6 +61,7 @@ from bench.common import (
     verify_matches,
 )
 from bench.pressure import SlowClients, Uploaders
+from serving.env import preload_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,6 +256,9 @@ def measure(ws: Workspace, logs: Path, client: str, paths: list[str], sample: li
     try:
         bare_conf = {"app": "bench.naive_service:app", "config": "bench/naive_gunicorn.conf.py"}
         bare, out["bare cold"] = start_cold(ws.server_env(), logs / "bare.log", client, paths, args, **bare_conf)
+        if preload_torch({**os.environ, **ours_env}):  # warm: the workers' refresh (serving/refresh.py) is over
+            shared = ours.wait_torch_shared()
+            print(f"ours: first /health 200 {ours.startup_s:.2f} s after launch; every worker sharing torch {shared:.1f} s")
         for srv in (ours, bare):  # warm-up
             load(srv, client, paths, args, 1.0, min(1000, args.requests // 5))
         out["ours warm"] = load(ours, client, paths, args, args.duration, args.requests, args.rounds)

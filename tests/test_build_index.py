@@ -315,6 +315,7 @@ def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints, 
     np.testing.assert_allclose(np.load(tmp_path / "fresh" / "ComplexS16" / "embeddings.npy"), emb, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_keeps_the_previous_index(tmp_path, install_checkpoints, monkeypatch):
     install_checkpoints("S16")
     make_catalog(tmp_path / "banners", 5)

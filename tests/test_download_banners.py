@@ -200,6 +200,7 @@ def test_503_is_retried_then_succeeds(cdn, tmp_path):
     assert (tmp_path / "20.jpg").read_bytes() == banner_bytes(20)
 
 
+@pytest.mark.slow
 def test_429_honours_retry_after(cdn, tmp_path):
     cdn.routes[30] = "429_once"
     cdn.retry_after = "1"
@@ -399,6 +400,7 @@ def test_default_list_is_valid():
 # --- the CLI -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(cdn, tmp_path):
     cdn.routes.update({10: "ok", 20: "ok", 30: "html"})  # 40: 404
     apps = tmp_path / "apps.json"

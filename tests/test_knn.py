@@ -152,6 +152,7 @@ def test_clustered_near_ties_are_exact(dtype, noise):
     assert_table_exact(table, 25, 128)
 
 
+@pytest.mark.slow
 def test_moderate_size_and_progress():
     table = clustered_rows(3000, 384, centres=40, noise=0.3, seed=2)
     done = []

@@ -223,6 +223,7 @@ def test_fallback_concurrent_misses_share_one_fetch_and_one_model_pass(fallback)
     assert all(r["matches"] == results[0]["matches"] for r in results) and results[0]["matches"][0]["appid"] == 30
 
 
+@pytest.mark.slow
 def test_fallback_has_a_total_deadline_not_one_per_read(fallback):
     _, make = fallback
     svc = make()
