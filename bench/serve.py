@@ -258,7 +258,7 @@ def measure(ws: Workspace, logs: Path, client: str, paths: list[str], sample: li
         bare, out["bare cold"] = start_cold(ws.server_env(), logs / "bare.log", client, paths, args, **bare_conf)
         if preload_torch({**os.environ, **ours_env}):  # warm: the workers' refresh (serving/refresh.py) is over
             shared = ours.wait_torch_shared()
-            print(f"ours: first /health 200 {ours.startup_s:.2f} s after launch; every worker sharing torch {shared:.1f} s")
+            print(f"ours: first /health 200 {ours.startup_s:.2f} s after launch; all share torch at {shared:.1f} s")
         for srv in (ours, bare):  # warm-up
             load(srv, client, paths, args, 1.0, min(1000, args.requests // 5))
         out["ours warm"] = load(ours, client, paths, args, args.duration, args.requests, args.rounds)
