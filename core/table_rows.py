@@ -62,10 +62,13 @@ class RowReader:
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"row indices out of range for {self.shape[0]} rows")
         out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        into = memoryview(out).cast("B")  # read straight into the result: no bytes object per row
+        size = self._row_bytes
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
         for first, last in zip([0, *breaks.tolist()], [*breaks.tolist(), rows.size], strict=True):
-            at = self._offset + int(rows[first]) * self._row_bytes
-            out[first:last] = self._read(at, (last - first) * self._row_bytes, (last - first, self.shape[1]))
+            at = self._offset + int(rows[first]) * size
+            if os.preadv(self._fd, [into[first * size : last * size]], at) != (last - first) * size:
+                raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
         return out
 
     def column(self, j: int) -> np.ndarray:
