@@ -43,8 +43,7 @@ class Catalog:
     def __init__(self, apps: list[dict], banners_dir: Path | None, cdn_url: str) -> None:
         self.games = [Game(i, int(a["appid"]), a["name"]) for i, a in enumerate(apps)]
         self.by_appid = {g.appid: g for g in self.games}
-        self._folded = [fold(g.name) for g in self.games]
-        self._words = [f.split() for f in self._folded]
+        self._names: tuple[list[str], list[list[str]]] | None = None  # folded names and their words: names()
         self.cdn_url = cdn_url
         self.banners_dir = banners_dir
         self.local_banners = set(scan_banners(banners_dir).found) if banners_dir else set()
@@ -67,6 +66,14 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.games)
+
+    def names(self) -> tuple[list[str], list[list[str]]]:
+        """Every name folded for search, and its words: made on the first search, not at start-up (0.2-0.3 s
+        of a worker's first name search instead of every start; two threads racing make the same lists)."""
+        if self._names is None:
+            folded = [fold(g.name) for g in self.games]
+            self._names = folded, [f.split() for f in folded]
+        return self._names
 
     def get(self, appid: int) -> Game | None:
         return self.by_appid.get(appid)
@@ -98,7 +105,8 @@ class Catalog:
             return []
         terms = q.split()
         ranked: list[tuple[int, int, int, Game]] = []
-        for game, name, words in zip(self.games, self._folded, self._words, strict=True):
+        folded, words_of = self.names()
+        for game, name, words in zip(self.games, folded, words_of, strict=True):
             if q not in name and not all(t in name for t in terms):
                 continue
             if name == q:

@@ -16,6 +16,8 @@ wrong data.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 from core.apps import AppsInvalid, validate_apps
 from core.cpu import cpu_cores
 from core.dino.strategies import Strategy
-from core.files import sha256_file, sha256_files
+from core.files import sha256_file
 from core.sketch import Int8Sketch
 from core.variants import UnknownVariant, variant_name
 
@@ -74,9 +76,16 @@ class LoadedIndex:
     appids: np.ndarray
     row_of: dict[int, int]
     strategies: dict[str, StrategyIndex] = field(default_factory=dict)
+    pending: Callable[[], None] | None = None  # the deferred sha256 comparisons (load_index(wait=False))
 
     def __len__(self) -> int:
         return len(self.apps)
+
+    def wait_verified(self) -> None:
+        """Return once every file's sha256 matched the manifest; IndexInvalid otherwise."""
+        if self.pending is not None:
+            self.pending()
+            self.pending = None
 
 
 def _read_json(path: Path, what: str):
@@ -89,17 +98,36 @@ def _read_json(path: Path, what: str):
 
 
 class _Digests:
-    """The sha256 of the index's files, computed together in threads before they are checked one by one:
-    reading and hashing release the GIL, so start-up verifies on every core."""
+    """The sha256 of the index's files, hashed in threads from the start (reading and hashing release the
+    GIL, so start-up verifies on every core while the main thread goes on), compared with the manifest as
+    each file is opened or, deferred, all at once in ``check``."""
 
-    def __init__(self, root: Path, strategies: list[str]) -> None:
+    def __init__(self, root: Path, strategies: list[str], defer: bool = False) -> None:
         folders = [root / name for name in strategies if isinstance(name, str) and name not in ("", ".", "..")]
         tables = sorted(p for f in folders if f.parent == root for p in f.rglob("*.npy") if p.is_file())
-        paths = [root / APPS, *tables]
-        self._known = dict(zip(paths, sha256_files(paths, workers=cpu_cores()), strict=True))
+        pool = ThreadPoolExecutor(max(1, cpu_cores()), thread_name_prefix="sha256")
+        self._futures = {path: pool.submit(sha256_file, path) for path in [root / APPS, *tables]}
+        pool.shutdown(wait=False)  # its threads end with the last file
+        self.defer = defer
+        self._expected: list[tuple[Path, object]] = []
 
     def of(self, path: Path) -> str:
-        return self._known.get(path) or sha256_file(path)
+        future = self._futures.get(path)
+        return future.result() if future is not None else sha256_file(path)
+
+    def expect(self, path: Path, sha256: object) -> None:
+        """Compare now, or at ``check`` when deferred."""
+        if self.defer:
+            self._expected.append((path, sha256))
+        elif self.of(path) != sha256:
+            raise IndexInvalid(f"{path}: sha256 does not match the manifest (a partial copy or a changed file)")
+
+    def check(self) -> None:
+        """Wait for the deferred comparisons; IndexInvalid names the first file that does not match."""
+        self.defer = False
+        expected, self._expected = self._expected, []
+        for path, sha256 in expected:
+            self.expect(path, sha256)
 
 
 def _open_array(
@@ -115,13 +143,20 @@ def _open_array(
         raise IndexInvalid(f"{path}: shape {arr.shape}, expected {shape}")
     if arr.dtype.name not in dtypes or arr.dtype.name != spec.get("dtype"):
         raise IndexInvalid(f"{path}: dtype {arr.dtype.name}, manifest says {spec.get('dtype')} (allowed: {dtypes})")
-    if digests is not None and digests.of(path) != spec.get("sha256"):
-        raise IndexInvalid(f"{path}: sha256 does not match the manifest (a partial copy or a changed file)")
+    if digests is not None:
+        digests.expect(path, spec.get("sha256"))
     return arr
 
 
-def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] | None = None) -> LoadedIndex:
-    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (no sha256)."""
+def load_index(
+    path: str | Path, *, verify: str = "full", strategies: list[str] | None = None, wait: bool = True
+) -> LoadedIndex:
+    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (no sha256).
+
+    ``wait=False`` returns before the files' sha256 are compared (they go on being hashed in threads), so
+    that the caller can build its own structures meanwhile; it must then call ``index.wait_verified()``,
+    which raises IndexInvalid like ``load_index`` would have, before serving anything.
+    """
     if verify not in ("full", "quick"):
         raise ValueError("verify must be 'full' or 'quick'")
     root = Path(path)
@@ -150,13 +185,17 @@ def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] 
     missing = [s for s in wanted if s not in entries]
     if missing:
         raise IndexInvalid(f"{root}: strategies {missing} are not in this index (it has {sorted(entries)})")
-    digests = _Digests(root, wanted) if verify == "full" else None
+    digests = _Digests(root, wanted, defer=not wait) if verify == "full" else None
     if digests is not None and digests.of(apps_path) != manifest.get("apps_sha256"):
         raise IndexInvalid(f"{apps_path}: sha256 does not match the manifest")
     appids = np.array([a["appid"] for a in apps], dtype=np.int64)
     index = LoadedIndex(root, manifest, apps, appids, {int(a): i for i, a in enumerate(appids)})
     for name in wanted:
         index.strategies[name] = _load_strategy(root, name, entries[name], n, digests)
+    if digests is not None:
+        index.pending = digests.check
+    if wait:
+        index.wait_verified()
     return index
 
 
