@@ -24,6 +24,7 @@ from pathlib import Path
 
 from devtools.cgroup import MemoryCgroup
 from serving import launch
+from serving.env import preload_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,9 +152,13 @@ class GunicornServer:
 
 @contextlib.contextmanager
 def running_server(env: dict[str, str], log_dir: Path, name: str = "gunicorn", **kw) -> Iterator[GunicornServer]:
+    """The service, ready and settled: once it answers, and (PRELOAD_TORCH on) once its workers were replaced by
+    ones sharing the master's torch (serving/refresh.py), so that what is measured on them stays on them."""
     srv = GunicornServer(env, log_dir / f"{name}.log", **kw)
     try:
         srv.startup_s = srv.wait_ready()
+        if preload_torch({**os.environ, **env}):
+            srv.wait_torch_shared()
         yield srv
     finally:
         srv.stop()

@@ -271,15 +271,19 @@ def server(built_index, tmp_path_factory):
 
 
 class Lookups:
-    """Lookups on 4 keep-alive connections in threads until the block ends: answers and failures counted."""
+    """Lookups on keep-alive connections in threads until the block ends: answers and failures counted.
 
-    def __init__(self, srv, apps: list[dict]) -> None:
-        self.srv, self.apps = srv, apps
+    ``pause`` between two requests of a thread leaves the machine room for what runs meanwhile (the
+    master's torch import at a low priority): every request is still checked, the refresh just ends sooner.
+    """
+
+    def __init__(self, srv, apps: list[dict], threads: int = 2, pause: float = 0.005) -> None:
+        self.srv, self.apps, self.pause = srv, apps, pause
         self.answered, self.failures = 0, []
         self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(seed,)) for seed in range(threads)]
 
     def __enter__(self) -> Lookups:
-        self.threads = [threading.Thread(target=self._run, args=(seed,)) for seed in range(4)]
         for t in self.threads:
             t.start()
         return self
@@ -292,7 +296,7 @@ class Lookups:
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
         conn = http.client.HTTPConnection(self.srv.host, self.srv.port, timeout=30)
-        while not self.stop.is_set():
+        while not self.stop.wait(self.pause):
             try:
                 conn.request("GET", f"/match/{rng.choice(self.apps)['appid']}?k=10")
                 r = conn.getresponse()

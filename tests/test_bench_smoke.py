@@ -9,6 +9,7 @@ prints its table and verdict, and hands its figures to the combined table.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def quick_run(tmp_path_factory, gpu_build):  # gpu_build: started first, so that
             str(md),
         ],
         cwd=ROOT,
+        # the services start without the master's torch import and refresh (tested in test_dyno.py and
+        # test_server.py): seconds of each benchmark's start-up that say nothing about whether it runs
+        env={**os.environ, "PRELOAD_TORCH": "0"},
         capture_output=True,
         text=True,
         timeout=300,
