@@ -206,7 +206,7 @@ def test_memory_stays_bounded_under_repeated_uploads(server, built_index):
         assert set(pool.map(upload, range(8))) == {200}  # both workers have loaded ViT-S/16 by now
     before = {pid: _rss_kb(pid) for pid in server.workers()}
     with ThreadPoolExecutor(4) as pool:
-        assert set(pool.map(upload, range(24))) == {200}
+        assert set(pool.map(upload, range(20))) == {200}
     after = {pid: _rss_kb(pid) for pid in server.workers()}
     growth_mb = {pid: (after[pid] - before[pid]) / 1024 for pid in before if pid in after}
     assert growth_mb and max(growth_mb.values()) < 60, growth_mb
