@@ -94,6 +94,7 @@ def _jpeg(path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_upload_of_an_indexed_banner_finds_itself(client, built_index):
     apps = apps_of(built_index)
     appid = apps[4]["appid"]

@@ -129,7 +129,7 @@ def test_fetches_and_follows_checked_redirects(image_server, built_index):
         ("/loop", UpstreamFailed, "url_fetch_failed"),
         ("/huge", UpstreamFailed, "url_too_large"),  # refused from Content-Length
         ("/endless", UpstreamFailed, "url_too_large"),  # cut while streaming
-        ("/slow", UpstreamFailed, "url_fetch_timeout"),
+        pytest.param("/slow", UpstreamFailed, "url_fetch_timeout", marks=pytest.mark.slow),  # waits its deadline
         ("/missing", UpstreamFailed, "url_fetch_failed"),
     ],
 )

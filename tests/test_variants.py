@@ -116,6 +116,7 @@ def test_loader_checks_variant_files(variant_index, tmp_path):
         load_index(bad, verify="quick")
 
 
+@pytest.mark.slow
 def test_pack_keeps_the_variant_tables(variant_index, tmp_path):
     from indexer.pack import pack_index
 
