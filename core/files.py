@@ -11,6 +11,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,12 +97,19 @@ _sha_cache: dict[tuple[str, int, int], str] = {}
 _HASH_CHUNK = 8 << 20
 
 
-def sha256_files(paths: list[Path], workers: int = 8) -> list[str]:
-    """sha256 of many files, in threads (hashlib and file reads release the GIL), in order."""
-    from concurrent.futures import ThreadPoolExecutor
+def sha256_started(paths: list[Path], workers: int = 8) -> dict[Path, Future[str]]:
+    """sha256 of many files, hashed in threads from now on (hashlib and file reads release the GIL): a
+    future per path, so that a caller can go on meanwhile and wait for each file when it needs it."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="sha256")
+    futures = {path: pool.submit(sha256_file, path) for path in paths}
+    pool.shutdown(wait=False)  # its threads end with the last file
+    return futures
 
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="sha256") as pool:
-        return list(pool.map(sha256_file, paths))
+
+def sha256_files(paths: list[Path], workers: int = 8) -> list[str]:
+    """sha256 of many files, in threads, in order."""
+    futures = sha256_started(paths, workers)
+    return [futures[path].result() for path in paths]
 
 
 def sha256_file(path: Path, *, cache: bool = False) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 from core.apps import AppsInvalid, validate_apps
 from core.cpu import cpu_cores
 from core.dino.strategies import Strategy
-from core.files import sha256_file
+from core.files import sha256_file, sha256_started
 from core.sketch import Int8Sketch
 from core.variants import UnknownVariant, variant_name
 
@@ -105,9 +104,7 @@ class _Digests:
     def __init__(self, root: Path, strategies: list[str], defer: bool = False) -> None:
         folders = [root / name for name in strategies if isinstance(name, str) and name not in ("", ".", "..")]
         tables = sorted(p for f in folders if f.parent == root for p in f.rglob("*.npy") if p.is_file())
-        pool = ThreadPoolExecutor(max(1, cpu_cores()), thread_name_prefix="sha256")
-        self._futures = {path: pool.submit(sha256_file, path) for path in [root / APPS, *tables]}
-        pool.shutdown(wait=False)  # its threads end with the last file
+        self._futures = sha256_started([root / APPS, *tables], workers=cpu_cores())
         self.defer = defer
         self._expected: list[tuple[Path, object]] = []
 
