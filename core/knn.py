@@ -167,7 +167,6 @@ class ExactSearch:
 
     def __init__(self, embeddings: np.ndarray, threads: int | None = None, sketch: Int8Sketch | None = None) -> None:
         table = check_table(embeddings)
-        self._table = table
         # the rescored rows, read without mapping the file (check_table's array is a plain view of it)
         self._rows = RowReader(embeddings if isinstance(embeddings, np.memmap) else table)
         self.n, self.dim = table.shape
