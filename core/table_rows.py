@@ -44,15 +44,15 @@ class RowReader:
         return self._fd is not None
 
     def part(self, row: int, start: int, stop: int) -> np.ndarray:
-        """``table[row, start:stop]`` (clipped to the row), read-only."""
+        """``table[row, start:stop]`` (clipped to the row), as a new array."""
         start, stop, _ = slice(start, stop).indices(self.shape[1])
         if self._fd is None:
             return np.array(self.table[row, start:stop])
         if not 0 <= row < self.shape[0]:
             raise IndexError(f"row {row} is out of range for {self.shape[0]} rows")
-        count = max(0, stop - start)
-        at = self._offset + row * self._row_bytes + start * self.dtype.itemsize
-        return self._read(at, count * self.dtype.itemsize, (count,))
+        out = np.empty(max(0, stop - start), dtype=self.dtype)
+        self._read_into(memoryview(out).cast("B"), self._offset + row * self._row_bytes + start * self.dtype.itemsize)
+        return out
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """``table[rows]`` for an int array of row indices, as a new (len(rows), D) array."""
@@ -62,13 +62,10 @@ class RowReader:
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"row indices out of range for {self.shape[0]} rows")
         out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
-        into = memoryview(out).cast("B")  # read straight into the result: no bytes object per row
-        size = self._row_bytes
+        into, size = memoryview(out).cast("B"), self._row_bytes
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
         for first, last in zip([0, *breaks.tolist()], [*breaks.tolist(), rows.size], strict=True):
-            at = self._offset + int(rows[first]) * size
-            if os.preadv(self._fd, [into[first * size : last * size]], at) != (last - first) * size:
-                raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
+            self._read_into(into[first * size : last * size], self._offset + int(rows[first]) * size)
         return out
 
     def column(self, j: int) -> np.ndarray:
@@ -79,12 +76,12 @@ class RowReader:
         out = np.empty(self.shape[0], dtype=self.dtype)
         for first in range(0, self.shape[0], step):
             count = min(step, self.shape[0] - first)
-            block = self._read(self._offset + first * self._row_bytes, count * self._row_bytes, (count, self.shape[1]))
+            block = np.empty((count, self.shape[1]), dtype=self.dtype)
+            self._read_into(memoryview(block).cast("B"), self._offset + first * self._row_bytes)
             out[first : first + count] = block[:, j]
         return out
 
-    def _read(self, at: int, nbytes: int, shape: tuple[int, ...]) -> np.ndarray:
-        data = os.pread(self._fd, nbytes, at)
-        if len(data) != nbytes:
+    def _read_into(self, view: memoryview, at: int) -> None:
+        """Fill ``view`` (bytes of a result array) with the file's bytes from ``at``: one read, no bytes object."""
+        if os.preadv(self._fd, [view], at) != view.nbytes:
             raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
-        return np.frombuffer(data, dtype=self.dtype).reshape(shape)  # read-only, as the mapping was
