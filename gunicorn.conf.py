@@ -18,11 +18,11 @@ Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2), GUNICORN
 """
 
 import contextlib
-import gc
 import os
 import sys
 
 from serving.env import gunicorn_int, or_exit, preload_torch
+from serving.refresh import freeze_heap
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{or_exit(gunicorn_int, 'PORT')}"
 workers = or_exit(gunicorn_int, "WEB_CONCURRENCY")
@@ -95,19 +95,7 @@ def when_ready(server):
         share_torch_after_start(server)
     elif or_exit(preload_torch):  # INDEX_URL: the workers fetch the index first, so nothing waits on the import
         import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
-    _freeze_heap()
-
-
-def _freeze_heap() -> None:
-    """Leave what the master made (the app, the catalog's objects, torch's modules) out of garbage collection.
-
-    Python's full collections traverse every tracked object: with the catalog and torch imported that is
-    hundreds of milliseconds with the worker's GIL held, a stall of every request in flight, and each pass
-    writes to the objects' headers, so the copy-on-write pages the workers share become private copies.
-    Frozen objects are never traversed (they are never freed either: they live as long as the process).
-    """
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
 
 
 def post_worker_init(worker):
@@ -118,7 +106,7 @@ def post_worker_init(worker):
     # None: a fetched index is not ready yet (INDEX_URL); app/boot.py preloads once it is
     if service is not None and service.preload:  # checked against the index at start-up
         service.preload_models()
-    _freeze_heap()  # the worker's own start-up objects (the app, when not preloaded; the models loaded)
+    freeze_heap()  # the worker's own start-up objects (the app, when not preloaded; the models loaded)
 
 
 # -- Prometheus multiprocess metrics (app/metrics.py): one folder of value files for all workers ------------

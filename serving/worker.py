@@ -240,8 +240,8 @@ class BufferedWorker(base.Worker):
         An idle keep-alive connection has LAME_DUCK_SECONDS to send one more request, answered with
         ``Connection: close``, and a connection closed after its answer lingers as long: closing either at
         once would race with a request or an answer already on its way, which the client would see as a
-        reset. So a restart under load (the workers' refresh once the master has
-        imported torch, serving/refresh.py) loses no request.
+        reset. So a restart under load (the workers' refresh once the master has imported torch,
+        serving/refresh.py) loses no request.
         """
         self._set_accepting(False)
         self.board.set(self.row, STOPPING)
