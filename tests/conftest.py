@@ -14,7 +14,6 @@ import http.client
 import http.server
 import json
 import os
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,44 +267,3 @@ def server(built_index, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-
-
-class Lookups:
-    """Lookups on keep-alive connections in threads until the block ends: answers and failures counted.
-
-    ``pause`` between two requests of a thread leaves the machine room for what runs meanwhile (the
-    master's torch import at a low priority): every request is still checked, the refresh just ends sooner.
-    """
-
-    def __init__(self, srv, apps: list[dict], threads: int = 2, pause: float = 0.005) -> None:
-        self.srv, self.apps, self.pause = srv, apps, pause
-        self.answered, self.failures = 0, []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(seed,)) for seed in range(threads)]
-
-    def __enter__(self) -> Lookups:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
-        conn = http.client.HTTPConnection(self.srv.host, self.srv.port, timeout=30)
-        while not self.stop.wait(self.pause):
-            try:
-                conn.request("GET", f"/match/{rng.choice(self.apps)['appid']}?k=10")
-                r = conn.getresponse()
-                r.read()
-                if r.status == 200:
-                    self.answered += 1
-                else:
-                    self.failures.append(r.status)
-            except (OSError, http.client.HTTPException) as e:  # a reset or a closed connection: a lost request
-                self.failures.append(repr(e))
-                conn.close()
-        conn.close()

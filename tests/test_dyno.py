@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Lookups, sha256_of
+from conftest import sha256_of
 
 from bench.common import Server, banner_jpeg, pin_many
+from bench.pressure import Lookups
 from core.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
 from devtools.cgroup import MemoryCgroup
 from indexer.synthetic import load_catalog, write_synthetic_index
@@ -64,7 +65,8 @@ def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
         srv = Server(env, tmp_path / "gunicorn.log", cgroup=cgroup)  # the Procfile's command (test_server.py)
         try:
             srv.wait_ready()
-            with Lookups(srv, apps) as during_refresh:  # the workers are replaced meanwhile: nothing may be lost
+            # the workers are replaced meanwhile: not one lookup may be lost
+            with Lookups(srv.host, srv.port, [a["appid"] for a in apps]) as during_refresh:
                 srv.wait_torch_shared()
             assert during_refresh.failures == [] and during_refresh.answered > 50, during_refresh.failures[:5]
             assert "libtorch" in Path(f"/proc/{srv.pid}/maps").read_text()  # imported in the master: shared

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import requests
 from browser import HEADLESS_FLAGS, Chromium, find_chromium
-from conftest import ROOT, GunicornServer, Lookups, server_env
+from conftest import ROOT, GunicornServer, server_env
 from PIL import Image, ImageChops, ImageStat
+
+from bench.pressure import Lookups
 
 pytestmark = pytest.mark.slow  # the real gunicorn service: seconds to start and stop
 
@@ -232,7 +234,7 @@ def test_serves_with_env_from_heroku_like_host(built_index, tmp_path):
     try:
         assert srv.wait_ready() < 60
         first = srv.workers(expect=1)
-        with Lookups(srv, built_index.apps) as during_refresh:
+        with Lookups(srv.host, srv.port, [a["appid"] for a in built_index.apps]) as during_refresh:
             srv.wait_torch_shared()
         assert during_refresh.failures == [] and during_refresh.answered > 0, during_refresh.failures[:5]
         assert len(srv.workers(expect=1)) == 1 and srv.workers() != first
