@@ -37,7 +37,6 @@ from bench.common import (
     service_workspace,
 )
 from devtools.cgroup import MemoryCgroup
-from serving.env import preload_torch
 
 STARTUP_TARGET_S = 3.0
 PSS_TARGET_MIB = 900.0
@@ -79,8 +78,7 @@ def main() -> None:
             # loaded machine and get 503 busy by design; what is measured here is memory
             env = ws.server_env(UPLOAD_QUEUE_TIMEOUT="300")
             with running_server(env, logs, "memory", cgroup=cgroup) as srv:
-                startup = srv.startup_s
-                shared = srv.wait_torch_shared() if preload_torch() else None
+                startup, shared = srv.startup_s, srv.shared_s
                 bodies = [ws.upload_jpeg(7 + i) for i in range(max(2, args.uploads))]  # at least one per worker
                 rows, snaps, replaced = measure(srv, ws.index, params["strategies"], codes, bodies, args)
         finally:

@@ -153,12 +153,12 @@ class GunicornServer:
 @contextlib.contextmanager
 def running_server(env: dict[str, str], log_dir: Path, name: str = "gunicorn", **kw) -> Iterator[GunicornServer]:
     """The service, ready and settled: once it answers, and (PRELOAD_TORCH on) once its workers were replaced by
-    ones sharing the master's torch (serving/refresh.py), so that what is measured on them stays on them."""
+    ones sharing the master's torch (serving/refresh.py), so that what is measured on them stays on them.
+    ``startup_s`` and ``shared_s`` (None without the refresh): seconds from launch to each."""
     srv = GunicornServer(env, log_dir / f"{name}.log", **kw)
     try:
         srv.startup_s = srv.wait_ready()
-        if preload_torch({**os.environ, **env}):
-            srv.wait_torch_shared()
+        srv.shared_s = srv.wait_torch_shared() if preload_torch({**os.environ, **env}) else None
         yield srv
     finally:
         srv.stop()
