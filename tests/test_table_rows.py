@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.common import memory_of
 from core.table_rows import RowReader
 
 
-def mapped_kib(path: Path) -> int:
-    """This process's resident KiB of ``path``'s mappings (/proc/self/smaps)."""
-    total, current = 0, None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        parts = line.split()
-        if "-" in parts[0] and len(parts) >= 5:
-            current = parts[5] if len(parts) > 5 else None
-        elif parts[0] == "Rss:" and current == str(path):
-            total += int(parts[1])
-    return total
+def mapped_kib(path: Path) -> float:
+    """This process's resident memory in the mappings of ``path`` (bench.common.memory_of, from /proc)."""
+    return memory_of(os.getpid(), path)["tables_rss"] * 1024
 
 
 @pytest.fixture
