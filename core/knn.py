@@ -12,9 +12,9 @@ within ``2 E`` of the k-th best: a row left out scores below ``t_k - E``, under 
 - ``topk_table`` (offline): float32 products of a chunk of rows against all rows (numpy's BLAS),
   then each row's best k + margin, rescored.
 - ``ExactSearch`` (one upload): exact integer scores of an int8 sketch of the rows (``core.sketch``),
-  each with its own bound, so the threshold is the k-th best lower bound and a row is kept when its
-  upper bound reaches it. A probe at start-up checks the integer kernel, else every search scans
-  in float64.
+  each with its own bound. The k best are rescored, and their k-th exact score is the threshold a
+  row's upper bound must reach. A probe at start-up checks the integer kernel, else every search
+  scans in float64.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ __all__ = ["ExactSearch", "check_count", "check_table", "topk_table"]
 _U32 = 2.0**-24  # unit roundoff of float32 (the prefilter's accumulator)
 _SAFETY = 1.0 + 2.0**-20  # widens every bound past the float64 rounding of the bound itself
 _MAX_NORM = 2.0**40  # rows beyond this are not normalised embeddings (and could overflow float32 sums)
-_RESCORE_ROWS = 32  # candidates rescored per step of an upload search, best upper bound first
 _SCAN_ROWS = 256  # rows per step of a float64 pass (3 MB at D = 1536): small transients in each worker
 
 
@@ -218,30 +217,28 @@ class ExactSearch:
         return q
 
     def _rescored(self, q: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of every row that can reach the top k, and of no more than the bounds need.
+        """Exact scores of every row that can reach the top k, and of few more.
 
-        Candidates are the rows whose upper bound reaches the k-th best lower bound. They are rescored
-        by decreasing upper bound, and the rest are dropped once the next upper bound is below the
-        k-th best exact score so far: then no later row can be in the top k, not even as a tie.
+        The k best approximations are rescored first: the k-th of their exact scores is a floor under
+        the answer's k-th, and close to it. Only rows whose upper bound reaches that floor can still
+        be in the top k (or tie); the sketch tightens their bounds, and those that still reach it are
+        rescored. Any other row scores below k rows already scored.
         """
-        norm = float(np.linalg.norm(q))
-        approx, bound = self._sketch.scores(q / norm if norm > 0 else q, self._threads)
+        norm = float(np.linalg.norm(q)) or 1.0
+        unit = q / norm
+        approx, bound = self._sketch.scores(unit, self._threads)
         if exclude is not None:
             approx[exclude] = -np.inf
-        upper = approx + bound
-        kth = np.partition(approx - bound, self.n - k)[self.n - k]  # k rows score at least this
-        rows = np.flatnonzero(upper >= kth - _tie_slack(kth))
-        rows = rows[np.argsort(-upper[rows], kind="stable")]
-        scores = np.empty(rows.size)
-        done = 0
-        while done < rows.size:
-            if done >= k:
-                reached = np.partition(scores[:done], done - k)[done - k] / (norm or 1.0)  # of the unit query
-                if upper[rows[done]] < reached - _tie_slack(reached):
-                    break
-            scores[done : done + _RESCORE_ROWS] = self._exact_scores(q, rows[done : done + _RESCORE_ROWS])
-            done += _RESCORE_ROWS
-        return rows[:done], scores[:done]
+        first = np.argpartition(approx, approx.size - k)[approx.size - k :]
+        scores = self._exact_scores(q, first)
+        floor = scores.min() / norm  # of the unit query
+        floor -= _tie_slack(floor)
+        upper = np.add(approx, bound, out=bound)
+        upper[first] = -np.inf
+        rest = np.flatnonzero(upper >= floor)
+        fine, fine_bound = self._sketch.refined(unit, rest, approx[rest])
+        rest = rest[fine + fine_bound >= floor]
+        return np.concatenate([first, rest]), np.concatenate([scores, self._exact_scores(q, rest)])
 
     def _exact_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """float64 scores, each one dot product as in ``topk_table`` (identical rows score identically)."""

@@ -20,7 +20,7 @@ __all__ = ["Int8Sketch", "sketch_fits"]
 
 _LEVELS = 127  # codes in [-127, 127] (a stored -128 is harmless: sums fit int32 for D < 131,072 either way)
 _ROWS = 1024  # rows quantised per step: bounded float64 temporaries
-_SLACK = 1.0 + 2.0**-30  # covers the float64 rounding of the bound's own terms
+_SLACK = 1.0 + 2.0**-30  # covers the float64 rounding of the bound's own terms (a few ulps each)
 _TINY = 2.0**-40  # and, absolutely, of the float64 scores themselves (|score| <= ~1)
 
 
@@ -78,13 +78,31 @@ class Int8Sketch:
 
     def scores(self, unit: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Approximate ``unit . x_i`` for every row (float64) and each one's error bound."""
-        scaled = unit * self.column_scale
-        codes = scaled[None].copy()
-        scale = float(_round_to_codes(codes)[0])
-        query_error = scaled - scale * codes[0]
-        approx = (scale * self.row_scale) * self.dots(codes[0].astype(np.int8), threads)
-        bound = float(np.linalg.norm(unit)) * self.row_error + float(np.linalg.norm(query_error)) * self.code_norm
-        return approx, bound * _SLACK + _TINY
+        codes, scale, residual = _coded(unit * self.column_scale)
+        approx = (scale * self.row_scale) * self.dots(codes, threads)
+        return approx, self._bound(unit, residual, slice(None))
+
+    def refined(self, unit: np.ndarray, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Closer scores of some rows, given their ``scores`` (``approx``), and their bounds.
+
+        A second int8 level codes what the first left of the query, so only the rows' own rounding
+        remains in the bound (about half of it). It reads only these rows' codes: a search's last
+        candidates, after the full pass.
+        """
+        _, _, residual = _coded(unit * self.column_scale)
+        codes, scale, left = _coded(residual)
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size == 0:
+            return np.empty(0), np.empty(0)
+        dots = np.asarray(_kernel().cdist(codes[None], self.codes[rows], metric="dot"), dtype=np.float64)
+        return approx + (scale * self.row_scale[rows]) * dots.reshape(-1), self._bound(unit, left, rows)
+
+    def _bound(self, unit: np.ndarray, residual: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+        """``|u| |e_i| + s_i |c_i| |r|``: the query ``unit``'s coding left out ``residual``; widened for rounding."""
+        bound = (float(np.linalg.norm(unit)) * _SLACK) * self.row_error[rows]
+        bound += (float(np.linalg.norm(residual)) * _SLACK) * self.code_norm[rows]
+        bound += _TINY
+        return bound
 
     def dots(self, query_codes: np.ndarray, threads: int = 1) -> np.ndarray:
         """Exact integer dot products of int8 query codes with every row's codes, as float64."""
@@ -131,6 +149,13 @@ def _column_peaks(table: np.ndarray) -> np.ndarray:
         else:
             np.maximum(peak, np.abs(rows).max(axis=0), out=peak)
     return peak
+
+
+def _coded(vector: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """A float64 vector's int8 codes, their scale, and what they leave out (``vector - scale * codes``)."""
+    rounded = vector[None].copy()
+    scale = float(_round_to_codes(rounded)[0])
+    return rounded[0].astype(np.int8), scale, vector - scale * rounded[0]
 
 
 def _round_to_codes(rows: np.ndarray) -> np.ndarray:

@@ -62,10 +62,9 @@ class RowReader:
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"row indices out of range for {self.shape[0]} rows")
         out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
-        into, size = memoryview(out).cast("B"), self._row_bytes
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
-        for first, last in zip([0, *breaks.tolist()], [*breaks.tolist(), rows.size], strict=True):
-            self._read_into(into[first * size : last * size], self._offset + int(rows[first]) * size)
+        into, size, offset = memoryview(out).cast("B"), self._row_bytes, self._offset
+        for i, row in enumerate(rows.tolist()):
+            self._read_into(into[i * size : (i + 1) * size], offset + row * size)
         return out
 
     def column(self, j: int) -> np.ndarray:

@@ -52,6 +52,10 @@ def test_every_score_is_within_its_bound(name):
         truth = (table.astype(np.longdouble) @ unit.astype(np.longdouble)).astype(np.float64)
         assert (np.abs(approx - truth) <= bound).all(), name
         assert (bound < 0.1).all(), "a bound this loose would rescore most rows"
+        rows = rng.permutation(len(table))[: len(table) // 2]
+        fine, fine_bound = sketch.refined(unit, rows, approx[rows])
+        assert (np.abs(fine - truth[rows]) <= fine_bound).all(), name
+        assert (fine_bound <= bound[rows]).all()
 
 
 def test_codes_use_the_int8_range_and_zero_rows_stay_zero():
@@ -77,13 +81,13 @@ def test_the_kernel_sums_are_exact_at_the_int32_edge():
 
 def test_an_upload_search_rescores_few_rows():
     """The point of the sketch: on random rows (the worst case: scores crowd together), k = 10 rescoring
-    reads a small fraction of the table, not all of it."""
+    reads a small fraction of the table, not all of it; the refined bounds cut what is left."""
     rng = np.random.default_rng(0)
     table = normalised(rng.standard_normal((8000, 256)), np.float16)
     search = ExactSearch(table)
     for _ in range(5):
         rows, _ = search._rescored(rng.standard_normal(256), 10, None)
-        assert 10 <= rows.size <= 96  # a few steps of 32 rows, of 8,000
+        assert 10 <= rows.size <= 40  # of 8,000 (12-22 here)
 
 
 def test_the_index_loader_checks_the_sketch_and_does_without_one(built_index, tmp_path):
