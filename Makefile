@@ -36,11 +36,13 @@ serve: $(VENV)/.runtime
 	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(PY) -m serving.launch
 
 # -- checks ---------------------------------------------------------------------------------------
+# The tests start dozens of servers and commands: with bytecode caching on (some environments set
+# PYTHONDONTWRITEBYTECODE), each reuses the project's compiled modules instead of compiling them again.
 test: $(VENV)/.dev
-	$(PY) -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
 
 test-fast: $(VENV)/.dev  # the fast lane: tests under ~1-2 s each
-	$(PY) -m pytest -q -m "not slow"
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,11 @@ from ``u . x_i`` by ``u . e_i + s_i (u t - s_q c_q) . c_i`` (``e_i`` the row's r
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+from core.cpu import cpu_cores
 
 __all__ = ["Int8Sketch", "sketch_fits"]
 
@@ -67,9 +71,13 @@ class Int8Sketch:
         column_scale = np.where(peak > 0, peak, 1.0)
         codes = np.empty((n, dim), dtype=np.int8)
         rows = np.empty((3, n))
-        for start in range(0, n, _ROWS):
+
+        def quantise(start: int) -> None:  # blocks are independent: numpy runs them on all cores
             block = np.asarray(table[start : start + _ROWS], dtype=np.float64)
             _quantise(block, column_scale, codes[start : start + len(block)], rows[:, start : start + len(block)])
+
+        with ThreadPoolExecutor(max(1, min(cpu_cores(), -(-n // _ROWS)))) as pool:
+            list(pool.map(quantise, range(0, n, _ROWS)))
         return cls(codes, column_scale, rows)
 
     def arrays(self) -> dict[str, np.ndarray]:

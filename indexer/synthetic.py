@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +85,11 @@ def _grain_tile(size: tuple[int, int], grain: int) -> np.ndarray:
     return rng.integers(-grain, grain + 1, size=(size[1] + 97, size[0] + 89, 3), dtype=np.int16)
 
 
-def random_unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+def random_unit_vectors(n: int, dim: int, seed: int, dtype: str = "float32") -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+    x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    return x.astype(dtype, copy=False)
 
 
 def random_tables(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,11 +117,15 @@ def write_synthetic_index(
     n = len(apps)
     k = min(k, n - 1)
     checkpoint_sha256 = checkpoint_sha256 or {}
-    with IndexWriter(out) as writer:
+    # the next strategy's embeddings are drawn (numpy, without the GIL) while this one is written
+    with IndexWriter(out) as writer, ThreadPoolExecutor(1) as pool:
         apps_sha = writer.write_json(APPS, apps)
         entries = {}
+        draw = [functools.partial(random_unit_vectors, n, s.dim, seed + i, dtype) for i, s in enumerate(strategies)]
+        upcoming = pool.submit(draw[0]) if draw else None
         for i, s in enumerate(strategies):
-            emb = random_unit_vectors(n, s.dim, seed + i).astype(dtype)
+            emb = upcoming.result()
+            upcoming = pool.submit(draw[i + 1]) if i + 1 < len(draw) else None
             if exact_tables:
                 neighbours, scores = topk_table(emb, k)
             else:
