@@ -22,6 +22,8 @@ from urllib.parse import urljoin, urlsplit
 import certifi
 import urllib3
 
+from core.http import BodyTooLarge, BodyTooSlow, iter_raw_body
+
 from .problems import BadRequest, Forbidden, UpstreamFailed
 
 MAX_REDIRECTS = 3
@@ -134,18 +136,12 @@ class UrlFetcher:
             raise UpstreamFailed("url_fetch_failed", f"could not fetch {url[:200]}: {type(e).__name__}") from None
 
     def _read(self, response: urllib3.BaseHTTPResponse, url: str, deadline: float) -> bytes:
-        declared = response.headers.get("Content-Length", "")
-        too_large = UpstreamFailed("url_too_large", f"the image at the URL is larger than {self.max_bytes} bytes")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            raise too_large
-        body = bytearray()
         try:
-            while chunk := response.read1(65536, decode_content=False):  # what arrived: a trickle meets the deadline
-                body += chunk
-                if len(body) > self.max_bytes:
-                    raise too_large
-                if time.monotonic() > deadline:
-                    raise UpstreamFailed("url_fetch_timeout", f"fetching the URL took over {self.timeout_s:g} s")
+            return b"".join(iter_raw_body(response, max_bytes=self.max_bytes, deadline=deadline, decode_content=False))
+        except BodyTooLarge:
+            too_large = f"the image at the URL is larger than {self.max_bytes} bytes"
+            raise UpstreamFailed("url_too_large", too_large) from None
+        except BodyTooSlow:
+            raise UpstreamFailed("url_fetch_timeout", f"fetching the URL took over {self.timeout_s:g} s") from None
         except urllib3.exceptions.HTTPError as e:
             raise UpstreamFailed("url_fetch_failed", f"could not read {url[:200]}: {type(e).__name__}") from None
-        return bytes(body)

@@ -336,7 +336,7 @@ class _Fetcher:
                     raise _Retryable(f"HTTP {code}", self._retry_after(resp.headers.get("Retry-After")))
                 if code != 200:
                     return "failed", f"HTTP {code}"
-                declared = declared_length(resp)
+                declared = declared_length(resp.headers)
                 if declared is not None and declared > self.max_bytes:
                     return "failed", f"body too large ({declared} bytes > {self.max_bytes})"
                 # a slow trickle is cut off like a read timeout
