@@ -136,6 +136,15 @@ def banners(tmp_path):
     return make
 
 
+def start_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.ThreadingHTTPServer:
+    """A threaded HTTP server on a free 127.0.0.1 port, serving from a daemon thread; ``shutdown()`` then
+    ``server_close()`` stop it. It polls for shutdown every 50 ms (the default, 0.5 s, is added to every test)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -148,8 +157,7 @@ def file_server():
 
     def serve(folder: Path) -> str:
         handler = lambda *a, **kw: _QuietHandler(*a, directory=str(folder), **kw)  # noqa: E731
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = start_http_server(handler)
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
 

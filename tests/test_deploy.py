@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, GunicornServer
+from conftest import ROOT, GunicornServer, start_http_server
 
 from app import create_app
 from app.config import ConfigError, Settings
@@ -87,9 +87,7 @@ def archive_server():
 
     def serve(folder: Path, mode: str = "ok"):
         handler = type("H", (_Handler,), {"folder": folder, "mode": mode, "release": threading.Event(), "hits": 0})
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = start_http_server(handler)
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}", handler
 

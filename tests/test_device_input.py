@@ -15,8 +15,6 @@ import pytest
 import torch
 from conftest import make_banner
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms.functional import pil_to_tensor
 
 from core.dino.device_input import DeviceBatches, nvjpeg_decoder, plain_jpeg
 from core.dino.extract import Extractor
@@ -41,15 +39,18 @@ def test_tensor_preprocessing_matches_pillow_within_one_level(size):
     img = grainy(size)
     for prep in PREPROCESSINGS.values():
         want = prep.transform()(img)
-        got = prep.tensor_transform(pil_to_tensor(img)[None])[0]
+        got = prep.tensor_transform(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None])[0]  # pil_to_tensor
         levels = (got - want).abs() * torch.tensor(prep.std)[:, None, None] * 255
         assert got.shape == want.shape
         assert float(levels.max()) < 1.01, prep.name
         assert float((levels > 1e-3).float().mean()) < 1e-3, prep.name  # a float pass alone: about 0.14
 
 
+@pytest.mark.slow  # importing torchvision takes seconds (as in every test here that uses it)
 @pytest.mark.parametrize("size", [(600, 900), (900, 600), (257, 300), (1000, 333), (99, 101)])
 def test_resized_size_is_torchvisions(size):
+    from torchvision import transforms as T
+
     img = Image.new("RGB", size)
     prep = PREPROCESSINGS["dino"]
     w, h = T.Resize(256)(img).size
@@ -122,6 +123,7 @@ def batches(files, decoder, batch_size=3, timer=None):
     )
 
 
+@pytest.mark.slow
 def test_fallbacks_are_the_cpu_path_and_counted(mixed_files):
     refuse = {mixed_files[4].read_bytes()}  # a JPEG the "device" decoder refuses
     real = nvjpeg_decoder(CPU)
@@ -161,6 +163,7 @@ def test_fallbacks_are_the_cpu_path_and_counted(mixed_files):
         assert float((rows[i][0] - want).abs().max()) < 1.01 / (255 * 0.224)
 
 
+@pytest.mark.slow
 def test_the_next_batch_is_prepared_while_one_is_used(tmp_path):
     files = [make_banner(tmp_path / f"{i}.jpg", seed=i) for i in range(6)]
     real = nvjpeg_decoder(CPU)

@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import start_http_server
 from PIL import Image, ImageDraw
 
 from core.apps import AppsInvalid, load_apps
@@ -124,11 +125,8 @@ def _handler_for(cdn: FakeCDN) -> type[http.server.BaseHTTPRequestHandler]:
 def cdn():
     """A fake Steam CDN on 127.0.0.1 (free port), in a thread; configure `cdn.routes[appid] = behaviour`."""
     fake = FakeCDN()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(fake))
-    server.daemon_threads = True
+    server = start_http_server(_handler_for(fake))
     server.handle_error = lambda *a: None
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield fake
     server.shutdown()

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import GunicornServer, server_env
+from conftest import GunicornServer, server_env, start_http_server
 from PIL import Image
 
 from app import StartupError, create_app
@@ -380,8 +380,7 @@ class _CDN:
                     self.send_response(404)
                     self.end_headers()
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = start_http_server(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def close(self):

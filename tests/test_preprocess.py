@@ -71,6 +71,7 @@ def test_manifest_round_trip_and_validation():
     ],
     ids=lambda p: p.name,
 )
+@pytest.mark.slow  # importing torchvision takes seconds
 def test_transform_is_torchvisions_bit_for_bit(prep):
     """Our PIL pipeline (no torchvision import) against torchvision's Resize, CenterCrop, ToTensor, Normalize."""
     import torch
@@ -90,6 +91,7 @@ def test_transform_is_torchvisions_bit_for_bit(prep):
         assert got.dtype == want.dtype and torch.equal(got, want), (prep.name, width, height)
 
 
+@pytest.mark.slow
 def test_tensor_crop_and_normalize_are_torchvisions():
     import torch
     from torchvision.transforms import functional as TF

@@ -11,11 +11,11 @@ import http.server
 import io
 import ipaddress
 import struct
-import threading
 import time
 import zlib
 
 import pytest
+from conftest import start_http_server
 from PIL import Image
 
 from app.config import Settings
@@ -93,9 +93,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def image_server(built_index):
     _Handler.banner = (built_index.banners / "40.jpg").read_bytes()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_http_server(_Handler)
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
