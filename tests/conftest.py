@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_runs
 import pytest
 import torch
 
@@ -59,6 +60,19 @@ def run_main(capsys) -> Callable[..., CliRun]:
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """The benchmark smoke tests run last, and their commands start now, in the background (tests/bench_runs.py)."""
+    smoke = [item for item in items if item.path.name == "test_bench_smoke.py"]
+    if smoke:
+        items[:] = [item for item in items if item.path.name != "test_bench_smoke.py"] + smoke
+        bench_runs.start_all()
+
+
+def pytest_unconfigure(config):
+    bench_runs.stop_all()
 
 
 @pytest.fixture(scope="session")

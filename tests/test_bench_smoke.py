@@ -1,6 +1,7 @@
 """The benchmarks still run: ``bench/run_all.py --quick`` runs every one of them (each as its own
 command, at tiny sizes, two at a time, sharing one workspace) and prints their tables and the combined
-one; ``bench/gpu_build.py --quick`` runs its whole pipeline on the CPU, meanwhile.
+one; ``bench/gpu_build.py --quick`` runs its whole pipeline on the CPU, meanwhile. Both start in the
+background as soon as the tests are collected (tests/bench_runs.py), and these tests run last.
 
 The figures at these sizes mean nothing; what is checked is that every benchmark runs to the end,
 prints its table and verdict, and hands its figures to the combined table.
@@ -9,65 +10,18 @@ prints its table and verdict, and hands its figures to the combined table.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
+import bench_runs
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def gpu_build(tmp_path_factory):
-    """``bench.gpu_build --quick``, started in the background: it overlaps with ``quick_run`` (both are
-    mostly single-threaded imports of torch and server start-ups). Yields the process and its log."""
-    work = tmp_path_factory.mktemp("gpu_build")
-    log = work / "output.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.gpu_build", "--quick", "--workdir", str(work / "ws")],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        yield proc, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, gpu_build):  # gpu_build: started first, so that the two overlap
-    work = tmp_path_factory.mktemp("bench")
-    md = work / "results.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.run_all",
-            "--quick",
-            "--jobs",
-            "2",
-            "--workdir",
-            str(work / "ws"),
-            "--markdown",
-            str(md),
-        ],
-        cwd=ROOT,
-        # the services start without the master's torch import and refresh (tested in test_dyno.py and
-        # test_server.py): seconds of each benchmark's start-up that say nothing about whether it runs
-        env={**os.environ, "PRELOAD_TORCH": "0"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout, md.read_text(), work / "ws"
+def quick_run():
+    """``bench.run_all --quick``'s output, combined table and workspace (tests/bench_runs.py started it)."""
+    run = bench_runs.get("run_all")
+    rc, out = run.wait(timeout=600)
+    assert rc == 0, out[-8000:]
+    return out, (run.work / "results.md").read_text(), run.work / "ws"
 
 
 @pytest.mark.slow
@@ -109,11 +63,9 @@ def test_combined_table(quick_run):
 
 
 @pytest.mark.slow
-def test_gpu_build_bench_runs_on_the_cpu(gpu_build):
+def test_gpu_build_bench_runs_on_the_cpu():
     """bench.gpu_build --quick: banners, checkpoint, the build as a command, the feature comparison."""
-    proc, log = gpu_build
-    rc = proc.wait(timeout=600)
-    out = log.read_text()
+    rc, out = bench_runs.get("gpu_build").wait(timeout=600)
     assert rc == 0, out[-8000:]
     for expected in ("8 banners, 600x900 JPEG", "time: hashing", "from launch to exit", "min cos dev/CPU prep"):
         assert expected in out, expected
