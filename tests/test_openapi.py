@@ -96,7 +96,7 @@ def test_property_based_run_against_the_live_service(server):
         name = f"{op.method.upper()} {op.path}"
 
         @settings(
-            max_examples=6,
+            max_examples=4,
             deadline=None,
             derandomize=True,
             phases=[Phase.explicit, Phase.generate],
