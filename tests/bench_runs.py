@@ -1,10 +1,13 @@
-"""The benchmark smoke runs of tests/test_bench_smoke.py, started in the background as soon as the tests
-are collected.
+"""Commands that tests wait for, started in the background as soon as the tests are collected.
 
-They are commands (``bench.run_all --quick``, ``bench.gpu_build --quick``) that take ~30 s of two cores
-between them, while the rest of the suite keeps about one core busy. Started at once, at a lower CPU
-priority, they run on the idle core while the other tests run, and test_bench_smoke.py (moved last)
-only reads what they printed. The suite's own timing-sensitive tests keep the CPU first.
+- the benchmark smoke runs of tests/test_bench_smoke.py (``bench.run_all --quick``,
+  ``bench.gpu_build --quick``): ~30 s of two cores between them;
+- test_dyno.py's workspace (``bench.common.Workspace``): a random ViT-B/16 checkpoint and the
+  catalog-size index of all eight strategies, ~12 s of numpy and disk.
+
+The rest of the suite keeps about one core busy. Started at once, at a lower CPU priority, these run
+on the idle core while the other tests run; the tests that need them (the smoke tests run last) only
+read what they made. The suite's own timing-sensitive tests keep the CPU first.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ NICE = 10  # below the tests, above nothing else
 
 @dataclass
 class BenchRun:
-    """One command in the background: its process, the file its output goes to, its work folder."""
+    """One command in the background: its process, the file its output goes to, its own folder."""
 
     proc: subprocess.Popen
     log: Path
@@ -44,15 +47,15 @@ _folder: Path | None = None
 
 
 def _start(name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-    """``python -m <args> --workdir <its folder>/ws``; ``{work}`` in ``args`` stands for its folder."""
+    """``python <args>`` (``{work}`` in them: its own folder), its output in ``<folder>/output.log``."""
     global _folder
-    _folder = _folder or Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+    _folder = _folder or Path(tempfile.mkdtemp(prefix="background-runs-"))
     work = _folder / name
     work.mkdir()
     log = work / "output.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", *(a.format(work=work) for a in args), "--workdir", str(work / "ws")],
+            [sys.executable, *(a.format(work=work) for a in args)],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -62,20 +65,34 @@ def _start(name: str, args: list[str], env: dict[str, str] | None = None) -> Non
     _runs[name] = BenchRun(proc, log, work)
 
 
-def start_all() -> None:
-    """Start both runs (once)."""
-    if _runs:
-        return
-    _start("gpu_build", ["bench.gpu_build", "--quick"])
-    # the services start without the master's torch import and refresh (tested in test_dyno.py and
-    # test_server.py): seconds of each benchmark's start-up that say nothing about whether it runs
-    args = ["bench.run_all", "--quick", "--jobs", "2", "--markdown", "{work}/results.md"]
-    _start("run_all", args, {"PRELOAD_TORCH": "0"})
+_DYNO_WORKSPACE = (
+    "import sys; from bench.common import Workspace; ws = Workspace(sys.argv[1]); "
+    "ws.ensure_checkpoints(['B16']); ws.ensure_index()"
+)
+COMMANDS = {  # name: (the test file that waits for it, python's arguments, extra environment)
+    "gpu_build": ("test_bench_smoke.py", ["-m", "bench.gpu_build", "--quick", "--workdir", "{work}/ws"], {}),
+    "run_all": (
+        "test_bench_smoke.py",
+        ["-m", "bench.run_all", "--quick", "--jobs", "2", "--workdir", "{work}/ws", "--markdown", "{work}/results.md"],
+        # the services start without the master's torch import and refresh (tested in test_dyno.py and
+        # test_server.py): seconds of each benchmark's start-up that say nothing about whether it runs
+        {"PRELOAD_TORCH": "0"},
+    ),
+    "dyno_workspace": ("test_dyno.py", ["-c", _DYNO_WORKSPACE, "{work}/ws"], {}),
+}
+
+
+def start_for(test_files: set[str]) -> None:
+    """Start (once) the commands that these test files wait for."""
+    for name, (test_file, args, env) in COMMANDS.items():
+        if test_file in test_files and name not in _runs:
+            _start(name, args, env)
 
 
 def get(name: str) -> BenchRun:
-    """A started run, by name ("gpu_build" or "run_all"); started now if the collection hook did not."""
-    start_all()
+    """A started command, by name; started now if the collection hook did not."""
+    if name not in _runs:
+        _start(name, COMMANDS[name][1], COMMANDS[name][2])
     return _runs[name]
 
 

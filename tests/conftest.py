@@ -64,11 +64,11 @@ def sha256_of(path: Path) -> str:
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
-    """The benchmark smoke tests run last, and their commands start now, in the background (tests/bench_runs.py)."""
+    """The commands some tests wait for start now, in the background (tests/bench_runs.py); the benchmark
+    smoke tests run last."""
+    bench_runs.start_for({item.path.name for item in items})
     smoke = [item for item in items if item.path.name == "test_bench_smoke.py"]
-    if smoke:
-        items[:] = [item for item in items if item.path.name != "test_bench_smoke.py"] + smoke
-        bench_runs.start_all()
+    items[:] = [item for item in items if item.path.name != "test_bench_smoke.py"] + smoke
 
 
 def pytest_unconfigure(config):

@@ -10,20 +10,18 @@ figures are reported by ``python -m bench.memory`` (``make bench``), not asserte
 from __future__ import annotations
 
 import http.client
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bench_runs
 import pytest
 import requests
-from conftest import sha256_of
 
-from bench.common import Server, banner_jpeg, pin_many
+from bench.common import Server, Workspace, banner_jpeg, load_apps, pin_many
 from bench.pressure import Lookups
-from core.dino.strategies import ORIGINAL_STRATEGIES, parse_strategies
+from core.dino.strategies import ORIGINAL_STRATEGIES
 from devtools.cgroup import MemoryCgroup
-from indexer.synthetic import load_catalog, write_synthetic_index
 
 DYNO_BYTES = 2**30
 UPLOADS = 16
@@ -33,18 +31,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def catalog_index(tmp_path_factory, checkpoint_store):
-    """The catalog-size index (all 8 strategies, k=100) recording the random ViT-B/16 checkpoint's sha256."""
-    root = tmp_path_factory.mktemp("dyno")
-    ckpt = root / "torch_home" / "hub" / "checkpoints"
-    ckpt.mkdir(parents=True)
-    b16 = checkpoint_store("B16")
-    os.symlink(b16, ckpt / b16.name)
-    apps, _ = load_catalog()
-    strategies = parse_strategies(",".join(ORIGINAL_STRATEGIES))
-    write_synthetic_index(root / "index", apps, strategies, k=100, checkpoint_sha256={"B16": sha256_of(b16)})
-    (root / "banners").mkdir()
-    return root, apps
+def catalog_index():
+    """The catalog-size index (all 8 strategies, k=100) recording a random ViT-B/16 checkpoint's sha256: a
+    ``bench.common.Workspace``, made in the background since the tests were collected (tests/bench_runs.py)."""
+    rc, out = bench_runs.get("dyno_workspace").wait(timeout=600)
+    assert rc == 0, out[-4000:]
+    ws = Workspace(bench_runs.get("dyno_workspace").work / "ws")
+    return ws, load_apps(ws.index)
 
 
 @pytest.mark.slow
@@ -52,11 +45,11 @@ def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
     why = MemoryCgroup.unavailable()
     if why:
         pytest.skip(f"cannot limit memory like a dyno: {why}")
-    root, apps = catalog_index
+    ws, apps = catalog_index
     env = {
-        "INDEX_DIR": str(root / "index"),
-        "BANNERS_DIR": str(root / "banners"),
-        "TORCH_HOME": str(root / "torch_home"),
+        "INDEX_DIR": str(ws.index),
+        "BANNERS_DIR": str(ws.banners),
+        "TORCH_HOME": str(ws.torch_home),
         # default settings but one: 8 uploads queue per worker, and on a loaded machine the last may wait
         # past the default 10 s and get 503 busy by design (test_serving.py); this test is about memory
         "UPLOAD_QUEUE_TIMEOUT": "120",
