@@ -66,7 +66,8 @@ def sha256_of(path: Path) -> str:
 def pytest_collection_modifyitems(config, items):
     """The commands some tests wait for start now, in the background (tests/bench_runs.py); the benchmark
     smoke tests run last."""
-    bench_runs.start_for({item.path.name for item in items})
+    if not config.option.collectonly:
+        bench_runs.start_for({item.path.name for item in items})
     smoke = [item for item in items if item.path.name == "test_bench_smoke.py"]
     items[:] = [item for item in items if item.path.name != "test_bench_smoke.py"] + smoke
 
