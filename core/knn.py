@@ -226,7 +226,8 @@ class ExactSearch:
         """
         norm = float(np.linalg.norm(q)) or 1.0
         unit = q / norm
-        approx, bound = self._sketch.scores(unit, self._threads)
+        query = self._sketch.coded(unit)
+        approx, bound = self._sketch.scores(query, self._threads)
         if exclude is not None:
             approx[exclude] = -np.inf
         first = np.argpartition(approx, approx.size - k)[approx.size - k :]
@@ -236,7 +237,7 @@ class ExactSearch:
         upper = np.add(approx, bound, out=bound)
         upper[first] = -np.inf
         rest = np.flatnonzero(upper >= floor)
-        fine, fine_bound = self._sketch.refined(unit, rest, approx[rest])
+        fine, fine_bound = self._sketch.refined(query, rest, approx[rest])
         rest = rest[fine + fine_bound >= floor]
         return np.concatenate([first, rest]), np.concatenate([scores, self._exact_scores(q, rest)])
 

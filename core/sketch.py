@@ -15,12 +15,13 @@ from ``u . x_i`` by ``u . e_i + s_i (u t - s_q c_q) . c_i`` (``e_i`` the row's r
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
 from core.cpu import cpu_cores
 
-__all__ = ["Int8Sketch", "sketch_fits"]
+__all__ = ["CodedQuery", "Int8Sketch", "sketch_fits"]
 
 _LEVELS = 127  # codes in [-127, 127] (a stored -128 is harmless: sums fit int32 for D < 131,072 either way)
 _ROWS = 1024  # rows quantised per step: bounded float64 temporaries
@@ -37,6 +38,15 @@ def _kernel():
     import simsimd  # imported here: table builds (core.knn.topk_table) do not need it
 
     return simsimd
+
+
+class CodedQuery(NamedTuple):
+    """A query as the sketch scores it: its norm, int8 codes at a scale, and what they leave out."""
+
+    norm: float
+    codes: np.ndarray
+    scale: float
+    residual: np.ndarray
 
 
 class Int8Sketch:
@@ -84,30 +94,33 @@ class Int8Sketch:
         """What the index stores, by file name."""
         return dict(zip(self.FILES, (self.codes, self.column_scale, self.rows), strict=True))
 
-    def scores(self, unit: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate ``unit . x_i`` for every row (float64) and each one's error bound."""
+    def coded(self, unit: np.ndarray) -> CodedQuery:
+        """A query (float64, unit length or zero) coded once for ``scores`` and ``refined``."""
         codes, scale, residual = _coded(unit * self.column_scale)
-        approx = (scale * self.row_scale) * self.dots(codes, threads)
-        return approx, self._bound(unit, residual, slice(None))
+        return CodedQuery(float(np.linalg.norm(unit)), codes, scale, residual)
 
-    def refined(self, unit: np.ndarray, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, query: CodedQuery, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate ``unit . x_i`` for every row (float64) and each one's error bound."""
+        approx = (query.scale * self.row_scale) * self.dots(query.codes, threads)
+        return approx, self._bound(query.norm, query.residual, slice(None))
+
+    def refined(self, query: CodedQuery, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Closer scores of some rows, given their ``scores`` (``approx``), and their bounds.
 
         A second int8 level codes what the first left of the query, so only the rows' own rounding
         remains in the bound (about half of it). It reads only these rows' codes: a search's last
         candidates, after the full pass.
         """
-        _, _, residual = _coded(unit * self.column_scale)
-        codes, scale, left = _coded(residual)
+        codes, scale, left = _coded(query.residual)
         rows = np.asarray(rows, dtype=np.intp)
         if rows.size == 0:
             return np.empty(0), np.empty(0)
         dots = np.asarray(_kernel().cdist(codes[None], self.codes[rows], metric="dot"), dtype=np.float64)
-        return approx + (scale * self.row_scale[rows]) * dots.reshape(-1), self._bound(unit, left, rows)
+        return approx + (scale * self.row_scale[rows]) * dots.reshape(-1), self._bound(query.norm, left, rows)
 
-    def _bound(self, unit: np.ndarray, residual: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-        """``|u| |e_i| + s_i |c_i| |r|``: the query ``unit``'s coding left out ``residual``; widened for rounding."""
-        bound = (float(np.linalg.norm(unit)) * _SLACK) * self.row_error[rows]
+    def _bound(self, norm: float, residual: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+        """``|u| |e_i| + s_i |c_i| |r|``: ``|u|`` the query's norm, ``r`` what its coding left out; widened."""
+        bound = (norm * _SLACK) * self.row_error[rows]
         bound += (float(np.linalg.norm(residual)) * _SLACK) * self.code_norm[rows]
         bound += _TINY
         return bound

@@ -48,12 +48,13 @@ def test_every_score_is_within_its_bound(name):
     for q in queries(table, rng):
         norm = np.linalg.norm(q)
         unit = q / norm if norm > 0 else q
-        approx, bound = sketch.scores(unit)
+        query = sketch.coded(unit)
+        approx, bound = sketch.scores(query)
         truth = (table.astype(np.longdouble) @ unit.astype(np.longdouble)).astype(np.float64)
         assert (np.abs(approx - truth) <= bound).all(), name
         assert (bound < 0.1).all(), "a bound this loose would rescore most rows"
         rows = rng.permutation(len(table))[: len(table) // 2]
-        fine, fine_bound = sketch.refined(unit, rows, approx[rows])
+        fine, fine_bound = sketch.refined(query, rows, approx[rows])
         assert (np.abs(fine - truth[rows]) <= fine_bound).all(), name
         assert (fine_bound <= bound[rows]).all()
 
