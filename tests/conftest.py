@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import bench_runs
+import background
 import pytest
 import torch
 
@@ -64,16 +64,16 @@ def sha256_of(path: Path) -> str:
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
-    """The commands some tests wait for start now, in the background (tests/bench_runs.py); the benchmark
+    """The commands some tests wait for start now, in the background (tests/background.py); the benchmark
     smoke tests run last."""
     if not config.option.collectonly:
-        bench_runs.start_for({item.path.name for item in items})
+        background.start_for({item.path.name for item in items})
     smoke = [item for item in items if item.path.name == "test_bench_smoke.py"]
     items[:] = [item for item in items if item.path.name != "test_bench_smoke.py"] + smoke
 
 
 def pytest_unconfigure(config):
-    bench_runs.stop_all()
+    background.stop_all()
 
 
 @pytest.fixture(scope="session")

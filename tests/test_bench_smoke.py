@@ -1,7 +1,7 @@
 """The benchmarks still run: ``bench/run_all.py --quick`` runs every one of them (each as its own
 command, at tiny sizes, two at a time, sharing one workspace) and prints their tables and the combined
 one; ``bench/gpu_build.py --quick`` runs its whole pipeline on the CPU, meanwhile. Both start in the
-background as soon as the tests are collected (tests/bench_runs.py), and these tests run last.
+background as soon as the tests are collected (tests/background.py), and these tests run last.
 
 The figures at these sizes mean nothing; what is checked is that every benchmark runs to the end,
 prints its table and verdict, and hands its figures to the combined table.
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 
-import bench_runs
+import background
 import pytest
 
 
 @pytest.fixture(scope="module")
 def quick_run():
-    """``bench.run_all --quick``'s output, combined table and workspace (tests/bench_runs.py started it)."""
-    run = bench_runs.get("run_all")
+    """``bench.run_all --quick``'s output, combined table and workspace (tests/background.py started it)."""
+    run = background.get("run_all")
     rc, out = run.wait(timeout=600)
     assert rc == 0, out[-8000:]
     return out, (run.work / "results.md").read_text(), run.work / "ws"
@@ -63,9 +63,9 @@ def test_combined_table(quick_run):
 
 
 @pytest.mark.slow
-def test_gpu_build_bench_runs_on_the_cpu():
+def test_gpu_build_background_on_the_cpu():
     """bench.gpu_build --quick: banners, checkpoint, the build as a command, the feature comparison."""
-    rc, out = bench_runs.get("gpu_build").wait(timeout=600)
+    rc, out = background.get("gpu_build").wait(timeout=600)
     assert rc == 0, out[-8000:]
     for expected in ("8 banners, 600x900 JPEG", "time: hashing", "from launch to exit", "min cos dev/CPU prep"):
         assert expected in out, expected

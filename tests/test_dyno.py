@@ -14,7 +14,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import bench_runs
+import background
 import pytest
 import requests
 
@@ -33,10 +33,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def catalog_index():
     """The catalog-size index (all 8 strategies, k=100) recording a random ViT-B/16 checkpoint's sha256: a
-    ``bench.common.Workspace``, made in the background since the tests were collected (tests/bench_runs.py)."""
-    rc, out = bench_runs.get("dyno_workspace").wait(timeout=600)
+    ``bench.common.Workspace``, made in the background since the tests were collected (tests/background.py)."""
+    run = background.get("dyno_workspace")
+    rc, out = run.wait(timeout=600)
     assert rc == 0, out[-4000:]
-    ws = Workspace(bench_runs.get("dyno_workspace").work / "ws")
+    ws = Workspace(run.work / "ws")
     return ws, load_apps(ws.index)
 
 

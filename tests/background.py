@@ -25,7 +25,7 @@ NICE = 19  # the lowest priority: they run on what the tests leave idle
 
 
 @dataclass
-class BenchRun:
+class BackgroundRun:
     """One command in the background: its process, the file its output goes to, its own folder."""
 
     proc: subprocess.Popen
@@ -42,14 +42,17 @@ class BenchRun:
         return rc, self.log.read_text()
 
 
-_runs: dict[str, BenchRun] = {}
+_runs: dict[str, BackgroundRun] = {}
 _folder: Path | None = None
 
 
-def _start(name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-    """``python <args>`` (``{work}`` in them: its own folder), its output in ``<folder>/output.log``."""
+def _start(name: str) -> BackgroundRun:
+    """Start ``COMMANDS[name]`` once: ``python <args>`` (``{work}``: its own folder), output in ``output.log``."""
+    if name in _runs:
+        return _runs[name]
     global _folder
     _folder = _folder or Path(tempfile.mkdtemp(prefix="background-runs-"))
+    _, args, env = COMMANDS[name]
     work = _folder / name
     work.mkdir()
     log = work / "output.log"
@@ -59,10 +62,11 @@ def _start(name: str, args: list[str], env: dict[str, str] | None = None) -> Non
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **env},
             preexec_fn=lambda: os.nice(NICE),
         )
-    _runs[name] = BenchRun(proc, log, work)
+    _runs[name] = BackgroundRun(proc, log, work)
+    return _runs[name]
 
 
 _DYNO_WORKSPACE = (
@@ -84,16 +88,14 @@ COMMANDS = {  # name: (the test file that waits for it, python's arguments, extr
 
 def start_for(test_files: set[str]) -> None:
     """Start (once) the commands that these test files wait for."""
-    for name, (test_file, args, env) in COMMANDS.items():
-        if test_file in test_files and name not in _runs:
-            _start(name, args, env)
+    for name, (test_file, _, _) in COMMANDS.items():
+        if test_file in test_files:
+            _start(name)
 
 
-def get(name: str) -> BenchRun:
+def get(name: str) -> BackgroundRun:
     """A started command, by name; started now if the collection hook did not."""
-    if name not in _runs:
-        _start(name, COMMANDS[name][1], COMMANDS[name][2])
-    return _runs[name]
+    return _start(name)
 
 
 def stop_all() -> None:
