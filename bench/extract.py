@@ -16,7 +16,7 @@ reference formulation (``bench/reference_vit.py``, the official DINO code's atte
 
 ``--device cuda`` (or, after the CPU table, ``--end-to-end``): images/s end to end from JPEG files
 on disk (300x450 banners decoded in DataLoader workers by ``Extractor.iter_files``), on pre-decoded
-tensors, and decoding alone, for fp32 and bf16/fp16 autocast, with the deviation of the autocast features from fp32, and
+tensors, and decoding alone, for fp32 and bf16/fp16, with the deviation of the bf16/fp16 features from fp32, and
 what bounds the end-to-end rate.
 """
 
@@ -257,7 +257,7 @@ def print_cpu(rows: list[dict], threads: int, matmul: float) -> None:
     print("verdict: " + "; ".join(verdicts))
 
 
-# -- accelerator (or --end-to-end): files vs tensors, fp32 vs autocast -----------------------------
+# -- accelerator (or --end-to-end): files vs tensors, fp32 vs bf16/fp16 -----------------------------
 def decode_rate(ex: Extractor, paths: list[Path], batch: int, workers: int) -> float:
     """images/s of decoding + preprocessing alone, in the same DataLoader workers as iter_files."""
     from torch.utils.data import DataLoader
@@ -371,7 +371,7 @@ def main() -> None:
     p.add_argument("--naive-images", type=int, default=4, help="images through the naive loop (at most)")
     p.add_argument("--matmul-sizes", type=ints, default=None, help="default 1024,2048,3072 (CUDA: 2048,4096,8192)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: the files/tensors/autocast table")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: the files/tensors/precision table")
     p.add_argument("--end-to-end", action="store_true", help="the --device table on this device (fp32 on CPU)")
     p.add_argument("--files", type=int, default=512, help="distinct JPEG banners for the end-to-end run")
     p.add_argument("--min-images", type=int, default=2048, help="end-to-end images (the files, repeated)")

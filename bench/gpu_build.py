@@ -20,6 +20,7 @@ bound what changes in the inputs of the models, not how real DINO features rank 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -174,6 +175,21 @@ def fidelity(args, paths: list[Path], weights: dict[str, Path], res: Results) ->
         torch.cuda.empty_cache()
 
 
+def breakdown(output: str, build_s: float) -> str:
+    """The build's own time split, plus what lies outside ``build_index`` (Python, imports, exit)."""
+    inner = re.search(r" in ([0-9.]+) s, embedding at", output)
+    split = next((line for line in output.splitlines() if line.startswith("time: ")), "time: -")
+    if inner is None:
+        return split
+    return f"{split}; outside build_index (Python, imports, exit) {build_s - float(inner.group(1)):.2f} s"
+
+
+def _verdict(rc: int, seconds: float) -> str:
+    if rc != 0:
+        return f"FAILED (rc {rc})"
+    return "met, stretch met" if seconds < 20 else "met" if seconds < 30 else "missed"
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=CATALOG, help="banners (default: the catalog's 29,982)")
@@ -215,6 +231,8 @@ def main() -> None:
         if args.subset:
             fidelity(args, paths[: args.subset], weights, res)
         print(f"bench.gpu_build in {time.perf_counter() - t_all:.0f} s in all")
+        print(breakdown(output, build_s))
+        print(f"verdict: {build_s:.1f} s from launch to exit, target < 30 s (stretch 20 s): {_verdict(rc, build_s)}")
     res.write(args.json)
     skip_exit_collection()
     if rc != 0:

@@ -121,9 +121,10 @@ def sha256_file(path: Path, *, cache: bool = False) -> str:
         if key in _sha_cache:
             return _sha_cache[key]
     h = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
+        # a buffer no larger than the file: a banner's 230 KB, not 8 MB to zero per file
+        buf = bytearray(max(1, min(_HASH_CHUNK, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buf)
         while size := f.readinto(buf):
             h.update(view[:size])  # reading and hashing release the GIL: 8 MB between two waits for it
     digest = h.hexdigest()

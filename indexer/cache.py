@@ -36,8 +36,11 @@ FAILED = "failed.json"
 
 
 def strategy_key(strategy_entry: dict, checkpoint_sha256: str, precision: str) -> str:
+    # bf16/fp16 cast the weights; features cached under autocast (no "numerics") are not reused
+    numerics = {} if precision == "fp32" else {"numerics": "weights cast"}
     blob = json.dumps(
-        {"strategy": strategy_entry, "checkpoint": checkpoint_sha256, "precision": precision}, sort_keys=True
+        {"strategy": strategy_entry, "checkpoint": checkpoint_sha256, "precision": precision} | numerics,
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -19,6 +19,7 @@ unreadable file never stops the run: it is reported with its reason and skipped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import os
@@ -50,7 +51,7 @@ CUDA_DEFAULT_PRECISION = "bf16"
 
 
 def default_precision(device: str) -> str:
-    """fp32 on the CPU; bf16 autocast on CUDA, whose tables keep >= 99.5% of fp32's top-10 (README)."""
+    """fp32 on the CPU; bf16 on CUDA, whose tables keep >= 99% of fp32's top-10 (BENCHMARKS.md)."""
     return CUDA_DEFAULT_PRECISION if str(device).startswith("cuda") else "fp32"
 
 
@@ -143,7 +144,7 @@ class Extractor:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"{precision} autocast is only supported on CUDA; use fp32 on {self.device.type}")
+            raise ValueError(f"{precision} is only supported on CUDA; use fp32 on {self.device.type}")
         if self.device.type == "cuda" and precision == "fp32":
             # Exact fp32: no TF32 in matmuls or in the patch-embedding convolution.
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -170,6 +171,13 @@ class Extractor:
                     download=download,
                     progress=progress,
                 )
+        # bf16/fp16: weights cast once and activations in that type, not autocast, whose float32 residual
+        # stream and per-op casts make the GPU build's forwards ~13% slower (BENCHMARKS.md)
+        low = PRECISIONS[precision]
+        self._models = {
+            code: loaded.model if low is None else copy.deepcopy(loaded.model).to(low)
+            for code, loaded in self.backbones.items()
+        }
 
     def _needs(self, strategies: list[Strategy]) -> Needs:
         needs = strategies[0].needs
@@ -187,21 +195,20 @@ class Extractor:
         """Features on the device, one forward per group (timed per backbone when ``timer`` is given)."""
         by_prep = dict(zip(self.preprocessings, tensors, strict=True))
         out: dict[str, torch.Tensor] = {}
-        autocast_dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[self.precision] or torch.float32
         for (code, prep), strategies in self.groups.items():
             span = timer.span(f"forwards {code}") if timer is not None else contextlib.nullcontext()
             with span:
-                model = self.backbones[code].model
+                model = self._models[code]
                 x = by_prep[prep].to(self.device, non_blocking=True)
                 needs = self._needs(strategies)
                 outputs = {}
-                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    for scale in needs.scales:
-                        if scale == 1.0:
-                            outputs[scale] = model.forward_features(x, needs.n_last_blocks, needs.patch_tokens)
-                        else:  # as DINO's utils.multi_scale: bilinear resize of the normalised tensor
-                            xs = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-                            outputs[scale] = model.forward_features(xs, 1, False)
+                for scale in needs.scales:
+                    if scale == 1.0:
+                        outputs[scale] = model.forward_features(x.to(dtype), needs.n_last_blocks, needs.patch_tokens)
+                    else:  # as DINO's utils.multi_scale: bilinear resize of the normalised tensor
+                        xs = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                        outputs[scale] = model.forward_features(xs.to(dtype), 1, False)
                 for s in strategies:
                     out[s.name] = s.pool(outputs)
         return out

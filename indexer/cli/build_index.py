@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="bf16/fp16 autocast, CUDA only (default: bf16 on CUDA, fp32 on CPU)",
+        help="bf16/fp16: weights and activations in that type, CUDA only (default: bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
         "--decode",
