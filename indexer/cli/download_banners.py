@@ -15,40 +15,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from core.steam import ASSETS_URL, setting
-from indexer.cli._common import BAD_INPUT, error, interrupted
+from indexer.cli._common import BAD_INPUT, error, interrupted, number
 
 # The shipped list of well-known games, so that a newcomer can run the pipeline end to end.
 DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_games.json"
 
 MAX_FAILURE_LINES = 20
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=setting("STEAM_ASSETS_URL", ASSETS_URL),
         help=f"the store assets' base URL (default: $STEAM_ASSETS_URL or {ASSETS_URL})",
     )
-    p.add_argument("--workers", type=_positive_int, default=8, help="parallel downloads (default: 8)")
-    p.add_argument("--timeout", type=_positive_float, default=15.0, help="connect/read timeout, s (default: 15)")
-    p.add_argument("--retries", type=_non_negative_int, default=4, help="retries on 429/5xx/network (default: 4)")
-    p.add_argument("--backoff", type=_non_negative_float, default=1.0, help="backoff base, s (default: 1)")
+    p.add_argument("--workers", type=number(int, 1), default=8, help="parallel downloads (default: 8)")
+    p.add_argument(
+        "--timeout", type=number(float, 0, above=True), default=15.0, help="connect/read timeout, s (default: 15)"
+    )
+    p.add_argument("--retries", type=number(int, 0), default=4, help="retries on 429/5xx/network (default: 4)")
+    p.add_argument("--backoff", type=number(float, 0), default=1.0, help="backoff base, s (default: 1)")
     p.add_argument("--retry-missing", action="store_true", help="ask again for the 404s recorded in banners.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
