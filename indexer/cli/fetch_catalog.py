@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             load_apps(args.out)  # the previous catalog, merged into: checked before any request
     except AppsInvalid as e:
         return error(f"{e} (--full replaces an --out that is not a catalog)", BAD_INPUT)
-    if not args.out.parent.is_dir():
-        return error(f"--out {args.out}: no folder {args.out.parent}", BAD_INPUT)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return error(f"cannot create the folder of --out {args.out}: {e}", BAD_INPUT)
 
     def say(e: Exception, failed: int, pause: float) -> None:
         tqdm.write(f"retrying in {pause:.0f} s after {type(e).__name__}: {e}", file=sys.stderr)
