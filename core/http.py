@@ -87,10 +87,10 @@ def with_retries(
             pause = policy.pause(failed, getattr(e, "retry_after", None))
             if on_retry is not None:
                 on_retry(e, failed, pause)
-            if stop is not None and stop.wait(pause):
-                raise
             if stop is None:
                 time.sleep(pause)
+            elif stop.wait(pause):
+                raise
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -171,9 +171,10 @@ def test_bad_input_changes_nothing(steam, run_main, tmp_path, monkeypatch, setup
 
 
 def test_a_refused_key_is_said(steam, run_main, tmp_path, monkeypatch):
-    monkeypatch.setenv("STEAM_API_KEY", "wrong")
+    monkeypatch.setenv("STEAM_API_KEY", "not-the-key-1234")
     r = catalog(run_main, tmp_path / "apps.json")
     assert r.returncode == 1 and "403" in r.stderr and not (tmp_path / "apps.json").exists()
+    assert "not-the-key-1234" not in r.stderr + r.stdout and "<STEAM_API_KEY>" in r.stderr, "the key is never shown"
     assert steam.counts["GetAppList"] == 1, "a refused key is not retried"
 
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from core.apps import AppsInvalid, load_apps
-    from core.http import TRANSIENT, RetryPolicy
+    from core.http import BodyTooLarge, RetryPolicy
     from indexer.catalog import fetch_catalog
     from indexer.store import StoreClient
 
@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return error(f"cannot create the folder of --out {args.out}: {e}", BAD_INPUT)
 
+    def shown(e: BaseException) -> str:  # request URLs carry the key: never printed
+        text = f"{type(e).__name__}: {e}"
+        return text.replace(key, "<STEAM_API_KEY>") if key else text
+
     def say(e: Exception, failed: int, pause: float) -> None:
-        tqdm.write(f"retrying in {pause:.0f} s after {type(e).__name__}: {e}", file=sys.stderr)
+        tqdm.write(f"retrying in {pause:.0f} s after {shown(e)}", file=sys.stderr)
 
     policy = RetryPolicy(attempts=args.retries + 1, backoff_s=args.backoff, max_retry_after_s=300.0)
     client = StoreClient(
@@ -111,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         return interrupted(f"what arrived is kept in {args.out}.journal; rerun the same command to resume")
-    except (*TRANSIENT, requests.RequestException, OSError) as e:
-        return error(f"{type(e).__name__}: {e}; what arrived is kept, rerun the same command to resume", FAILED)
+    except (requests.RequestException, BodyTooLarge, OSError) as e:
+        return error(f"{shown(e)}; what arrived is kept, rerun the same command to resume", FAILED)
     finally:
         client.close()
     print(summary.line())
