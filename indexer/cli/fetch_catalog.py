@@ -55,32 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bad_input(args: argparse.Namespace, source: str) -> str | None:
+    """Why the settings or input files cannot be used, checked before any request; None when they can."""
+    from core.apps import AppsInvalid, load_apps
+
+    for name, default in (("STEAM_API_URL", API_URL), ("STEAMSPY_URL", STEAMSPY_URL)):
+        url = setting(name, default)
+        if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+            return f"{name}={url!r}: expected an http(s) URL"
+    try:
+        args.apps_list = load_apps(args.apps) if args.apps else None
+        if source == "steam" and not args.full and args.out.exists():
+            load_apps(args.out)  # the previous catalog, merged into
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except AppsInvalid as e:
+        return f"{e} (--full replaces an --out that is not a catalog)"
+    except OSError as e:
+        return f"cannot create the folder of --out {args.out}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import requests  # after parsing: --help answers at once
     from tqdm import tqdm
 
-    from core.apps import AppsInvalid, load_apps
     from core.http import BodyTooLarge, RetryPolicy
     from indexer.catalog import fetch_catalog
     from indexer.store import StoreClient
 
-    api_url, steamspy_url = setting("STEAM_API_URL", API_URL), setting("STEAMSPY_URL", STEAMSPY_URL)
-    for name, url in (("STEAM_API_URL", api_url), ("STEAMSPY_URL", steamspy_url)):
-        if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
-            return error(f"{name}={url!r}: expected an http(s) URL", BAD_INPUT)
     key = setting("STEAM_API_KEY", "") or None
     source = "apps" if args.apps else "steam" if key else "steamspy"
-    try:
-        apps = load_apps(args.apps) if args.apps else None
-        if source == "steam" and not args.full and args.out.exists():
-            load_apps(args.out)  # the previous catalog, merged into: checked before any request
-    except AppsInvalid as e:
-        return error(f"{e} (--full replaces an --out that is not a catalog)", BAD_INPUT)
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return error(f"cannot create the folder of --out {args.out}: {e}", BAD_INPUT)
+    if problem := _bad_input(args, source):
+        return error(problem, BAD_INPUT)
 
     def shown(e: BaseException) -> str:  # request URLs carry the key: never printed
         text = f"{type(e).__name__}: {e}"
@@ -89,12 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     def say(e: Exception, failed: int, pause: float) -> None:
         tqdm.write(f"retrying in {pause:.0f} s after {shown(e)}", file=sys.stderr)
 
-    policy = RetryPolicy(attempts=args.retries + 1, backoff_s=args.backoff, max_retry_after_s=300.0)
     client = StoreClient(
-        api_url,
-        steamspy_url,
+        setting("STEAM_API_URL", API_URL),
+        setting("STEAMSPY_URL", STEAMSPY_URL),
         key,
-        policy=policy,
+        policy=RetryPolicy(attempts=args.retries + 1, backoff_s=args.backoff, max_retry_after_s=300.0),
         timeout=args.timeout,
         store_interval=1 / args.rate,
         steamspy_interval=args.steamspy_interval,
@@ -102,17 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if source == "steamspy":
         print(PARTIAL, file=sys.stderr)
+    options = {"since": args.since, "full": args.full, "batch": args.batch_size, "progress": not args.no_progress}
     try:
-        summary = fetch_catalog(
-            args.out,
-            client,
-            source,
-            apps=apps,
-            since=args.since,
-            full=args.full,
-            batch=args.batch_size,
-            progress=not args.no_progress,
-        )
+        summary = fetch_catalog(args.out, client, source, apps=args.apps_list, **options)
     except KeyboardInterrupt:
         return interrupted(f"what arrived is kept in {args.out}.journal; rerun the same command to resume")
     except (requests.RequestException, BodyTooLarge, OSError) as e:
