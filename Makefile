@@ -26,9 +26,12 @@ check-online:
 	@$(PYTHON) scripts/check_online.py
 
 demo: check-online $(VENV)/.runtime
+	@# the store's names and banner paths of the listed games (IStoreBrowseService/GetItems), as for the whole store
+	$(PY) scripts/fetch_catalog.py --apps $(APPS) --out $(DATA)/apps.json
 	@# a few failed downloads must not stop the demo: the index is built from the banners that arrived
-	-$(PY) scripts/download_banners.py --apps $(APPS) --out $(DATA)/banners
-	$(PY) scripts/build_index.py --images $(DATA)/banners --out $(DATA)/index --apps $(APPS) --strategies $(DEMO_STRATEGIES)
+	-$(PY) scripts/download_banners.py --apps $(DATA)/apps.json --out $(DATA)/banners
+	$(PY) scripts/build_index.py --images $(DATA)/banners --out $(DATA)/index --apps $(DATA)/apps.json \
+		--strategies $(DEMO_STRATEGIES)
 	@echo "Serving on http://127.0.0.1:$(PORT)/ (Ctrl-C to stop)"
 	INDEX_DIR=$(DATA)/index BANNERS_DIR=$(DATA)/banners PORT=$(PORT) $(PY) -m serving.launch
 

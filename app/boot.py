@@ -19,13 +19,14 @@ worker runs its own boot thread, and the master never imports the app.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
-import time
 from collections.abc import Callable
 
 from flask import Flask
 
 from core.dino.weights import WeightsUnavailable, fetch_checkpoint
+from core.http import RetryPolicy, with_retries
 from core.index import IndexInvalid, LoadedIndex, load_index
 from core.index.fetch import FetchFailed, FetchPolicy, fetch_index
 
@@ -63,20 +64,28 @@ class Boot:
     def _index(self) -> LoadedIndex:
         s = self.settings
         policy = FetchPolicy(attempts=s.index_fetch_attempts, max_seconds=s.index_fetch_timeout)
-        pause = policy.backoff_s
-        while True:
-            try:
-                fresh = fetch_index(s.index_url, s.index_sha256, s.index_dir, policy)
-                return load_index(s.index_dir, verify="quick" if fresh else s.index_verify)
-            except (FetchFailed, IndexInvalid) as e:
-                self.detail = str(e)
-                log.error("%s", e)
+        try:
+            return self._fetch(policy)
+        except (FetchFailed, IndexInvalid):
             previous = self._previous()
             if previous is not None:
                 log.warning("serving the index already in %s (not the one at INDEX_URL)", s.index_dir)
                 return previous
-            pause = min(pause * 2, RETRY_CAP_S)
-            time.sleep(pause)
+        # nothing to serve: fetching goes on, less and less often
+        forever = RetryPolicy(attempts=sys.maxsize, backoff_s=2 * policy.backoff_s, max_backoff_s=RETRY_CAP_S)
+        return with_retries(
+            lambda: self._fetch(policy), forever, retry_if=lambda e: isinstance(e, (FetchFailed, IndexInvalid))
+        )
+
+    def _fetch(self, policy: FetchPolicy) -> LoadedIndex:
+        s = self.settings
+        try:
+            fresh = fetch_index(s.index_url, s.index_sha256, s.index_dir, policy)
+            return load_index(s.index_dir, verify="quick" if fresh else s.index_verify)
+        except (FetchFailed, IndexInvalid) as e:
+            self.detail = str(e)
+            log.error("%s", e)
+            raise
 
     def _previous(self) -> LoadedIndex | None:
         if not (self.settings.index_dir / "manifest.json").is_file():

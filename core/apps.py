@@ -2,7 +2,8 @@
 
 The same shape is read from a user's APPS.json (downloader, builder) and from
 an index's ``apps.json`` (service), so both are checked by the same code and
-a bad file gets the same clear message wherever it is read.
+a bad file gets the same clear message wherever it is read. Entries may carry
+more (the catalog's ``banner``, ``type``, ``release_date``...): they are kept.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+
+from core.steam import is_asset_path
 
 
 class AppsInvalid(ValueError):
@@ -24,14 +27,14 @@ def _kind(value: Any) -> str:
 def validate_apps(
     data: Any, where: str = "apps", *, duplicates: Literal["first", "error"] = "first"
 ) -> list[dict[str, Any]]:
-    """The checked list of {"appid", "name"} (names may be omitted: ""); extra keys are dropped.
+    """The checked list of {"appid", "name", ...} (names may be omitted: ""; other keys are kept).
 
     ``duplicates="first"`` keeps the first entry of a repeated appid (a user's
     list); ``"error"`` refuses it (an index's rows must be unique).
     """
     if not isinstance(data, list):
         raise AppsInvalid(f"{where}: expected a JSON list of {{'appid': int, 'name': str}}, got {_kind(data)}")
-    apps: dict[int, str] = {}
+    apps: dict[int, dict[str, Any]] = {}
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise AppsInvalid(f"{where}: entry {i} is {_kind(entry)}, expected an object with an int 'appid'")
@@ -43,12 +46,14 @@ def validate_apps(
         name = entry.get("name", "")
         if not isinstance(name, str):
             raise AppsInvalid(f"{where}: entry {i} (appid {appid}) has a non-string 'name' ({name!r:.80})")
+        if "banner" in entry and not is_asset_path(entry["banner"]):
+            raise AppsInvalid(f"{where}: entry {i} (appid {appid}) has a 'banner' that is not a store asset path")
         if appid in apps:
             if duplicates == "error":
                 raise AppsInvalid(f"{where}: appid {appid} appears twice")
             continue
-        apps[appid] = name
-    return [{"appid": a, "name": n} for a, n in apps.items()]
+        apps[appid] = {**entry, "name": name}
+    return list(apps.values())
 
 
 def load_apps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

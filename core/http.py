@@ -1,26 +1,111 @@
-"""Reading HTTP bodies with a size cap and a deadline: the one copy every download in the project uses.
+"""Reading HTTP bodies with a size cap and a deadline, and retrying what failed: the one copy every download uses.
 
 requests' timeouts bound each socket read, not the whole body: a server that
 trickles a byte at a time would hold a download forever, and a body larger
 than expected would fill memory or the disk. Banners, fallback banners,
 checkpoints and indexes all read their bodies through ``iter_body``; the
 service's fetches of uploaded URLs (urllib3, pinned to a checked address)
-through ``iter_raw_body``, which it wraps.
+through ``iter_raw_body``, which it wraps. ``with_retries`` under a ``RetryPolicy`` is the one retry loop of
+the banner downloader, the catalog's store calls, the index fetch and the weights fetch.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 import urllib3
-from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import DecodeError, InvalidHeader, ProtocolError, ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from core.files import atomic_file
+
+T = TypeVar("T")
+
+
+class TransientError(requests.RequestException):
+    """A failure worth another try (429, 5xx, a malformed answer); ``retry_after``: the seconds the server asked for."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# What a retry can cure: the server's own word (TransientError) and the network's failures.
+TRANSIENT = (
+    TransientError,
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to try: ``attempts`` in all; between two, the server's Retry-After (at most
+    ``max_retry_after_s``) or a backoff from ``backoff_s`` that doubles, jittered, up to ``max_backoff_s``."""
+
+    attempts: int = 4
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 60.0
+
+    def pause(self, failed: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``failed``-th failed attempt (1-based)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after_s)
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (failed - 1)) * random.uniform(0.5, 1.0)
+
+
+def with_retries(
+    call: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    retry_if: Callable[[Exception], bool] = lambda e: isinstance(e, TRANSIENT),
+    stop: threading.Event | None = None,
+    on_retry: Callable[[Exception, int, float], object] | None = None,
+) -> T:
+    """``call()``'s result, calling again after each failure that ``retry_if`` accepts, ``policy.attempts`` times
+    in all. The last failure propagates, and so does one whose pause ``stop`` cuts short. ``on_retry(error,
+    failed attempts, pause)`` tells a caller's user what is happening."""
+    failed = 0
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            failed += 1
+            if failed >= policy.attempts or not retry_if(e):
+                raise
+            pause = policy.pause(failed, getattr(e, "retry_after", None))
+            if on_retry is not None:
+                on_retry(e, failed, pause)
+            if stop is None:
+                time.sleep(pause)
+            elif stop.wait(pause):
+                raise
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds from now, or None when absent or unusable."""
+    try:
+        return float(Retry().parse_retry_after(value.strip())) if value and value.strip() else None
+    except InvalidHeader:
+        return None
+
+
+def check_status(resp: requests.Response) -> None:
+    """TransientError for 429 and 5xx (with the server's Retry-After), ``requests.HTTPError`` for other errors."""
+    if resp.status_code == 429 or resp.status_code >= 500:
+        raise TransientError(f"HTTP {resp.status_code}", retry_after_seconds(resp.headers.get("Retry-After")))
+    resp.raise_for_status()
 
 
 class BodyTooLarge(ValueError):
@@ -113,15 +198,15 @@ def download_file(
 ) -> int:
     """Stream url into dst; dst appears (atomically, fsynced) only when the whole body arrived.
 
-    Returns the size in bytes. Raises ``requests.RequestException`` (including
-    HTTP error statuses), ``BodyTooLarge`` or ``OSError`` (a short body).
+    Returns the size in bytes. Raises ``requests.RequestException`` (including HTTP error statuses:
+    ``TransientError`` for 429 and 5xx), ``BodyTooLarge`` or ``OSError`` (a short body).
     """
     from tqdm import tqdm
 
     deadline = time.monotonic() + max_seconds if max_seconds else None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with (session or requests).get(url, stream=True, timeout=timeout) as r:
-        r.raise_for_status()
+        check_status(r)
         total = declared_length(r.headers) if not r.headers.get("Content-Encoding") else None
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=dst.name, disable=not progress, leave=False)
         with bar, atomic_file(dst) as f:

@@ -1,19 +1,51 @@
-"""Steam URLs: where a game's store page and its vertical banner live.
+"""Steam URLs: where a game's store page and its vertical banner live, and the store's settings.
 
-Shared by the API (links in responses), the banner downloader and the
-optional on-the-fly banner fetch, so that the CDN layout is written once.
+Shared by the API (links in responses), the catalog, the banner downloader and the
+optional on-the-fly banner fetch, so that the layouts are written once. The store
+tells each game's banner path (``IStoreBrowseService/GetItems``: a path under the
+store assets' base, maybe under a content hash, with a ``?t=`` token that changes
+when the art is re-uploaded); the plain path is the fallback for a game it gave none.
 """
 
 from __future__ import annotations
 
+import os
+import re
+
 DEFAULT_CDN_URL = "https://cdn.cloudflare.steamstatic.com/steam/apps"
 BANNER_FILE = "library_600x900.jpg"
 STORE_URL = "https://store.steampowered.com/app/{appid}/"
+# Settings (environment variables), so that mirrors and tests can point elsewhere.
+ASSETS_URL = "https://shared.steamstatic.com/store_item_assets/"  # STEAM_ASSETS_URL
+API_URL = "https://api.steampowered.com"  # STEAM_API_URL
+STEAMSPY_URL = "https://steamspy.com/api.php"  # STEAMSPY_URL
+# A path relative to the assets' base, as the store gives it: no scheme, no "..", an optional plain query.
+_ASSET_PATH = re.compile(r"(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_./-]*(\?[A-Za-z0-9_.=&-]*)?")
+
+
+def setting(name: str, default: str) -> str:
+    """A Steam setting from the environment (STEAM_ASSETS_URL, STEAM_API_URL, STEAMSPY_URL, STEAM_API_KEY)."""
+    return os.environ.get(name, "").strip() or default
 
 
 def banner_url(appid: int, cdn_url: str = DEFAULT_CDN_URL) -> str:
     """The vertical library banner of a game on the Steam CDN (or a mirror with the same layout)."""
     return f"{cdn_url.rstrip('/')}/{int(appid)}/{BANNER_FILE}"
+
+
+def plain_banner_path(appid: int) -> str:
+    """The banner's path before content hashes: right for a game that never re-uploaded its art."""
+    return f"steam/apps/{int(appid)}/{BANNER_FILE}"
+
+
+def is_asset_path(path: object) -> bool:
+    """Whether ``path`` is a safe path under the assets' base (it cannot name another host or climb out)."""
+    return isinstance(path, str) and len(path) <= 500 and _ASSET_PATH.fullmatch(path) is not None
+
+
+def asset_url(path: str, base: str) -> str:
+    """The URL of an asset path under the assets' base URL."""
+    return f"{base.rstrip('/')}/{path}"
 
 
 def store_url(appid: int) -> str:

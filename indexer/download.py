@@ -1,27 +1,28 @@
-"""Download vertical Steam banners (`library_600x900.jpg`) into a folder of `<appid>.jpg` files.
+"""Download vertical Steam banners into a folder of `<appid>.jpg` files, from the paths the store gives.
 
-The index builder trusts whatever it finds under `<appid>.<jpg|jpeg|png|webp>`, so this module
-guarantees that only complete, decodable images ever land under those names: bodies are buffered
-(with a size cap), checked with Pillow, written to a hidden temporary file, fsynced and renamed into
-place. Reruns are cheap: valid files are skipped, and appids the CDN answered 404 for are remembered
-in `missing.json` so that a rerun does not ask again (unless told to).
+Each game's banner is the ``banner`` path of its APPS.json entry (the store's ``library_capsule``, with its
+``?t=`` token, as ``scripts/fetch_catalog.py`` writes it) under the store assets' base URL; only a game
+without one falls back to the plain ``steam/apps/<appid>/library_600x900.jpg`` path.
+
+The index builder trusts whatever it finds under `<appid>.<jpg|jpeg|png|webp>`, so only complete, decodable
+images ever land under those names: bodies are buffered (with a size cap), checked with Pillow, written to a
+hidden temporary file, fsynced and renamed into place. ``banners.json`` beside them records the path each
+banner came from and the paths that answered 404: a rerun skips an unchanged banner and a known 404 without a
+request, and fetches again a banner whose path or token changed (art re-uploaded to the store).
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import io
 import json
 import os
-import random
 import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,17 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from core.apps import AppsInvalid
-from core.files import atomic_write_bytes
-from core.http import BodyTooLarge, declared_length, read_body
-from core.steam import DEFAULT_CDN_URL, banner_url
+from core.files import atomic_write_bytes, atomic_write_json
+from core.http import TRANSIENT, BodyTooLarge, RetryPolicy, TransientError, check_status, read_body, with_retries
+from core.steam import ASSETS_URL, asset_url, is_asset_path, plain_banner_path
 
-MISSING_FILE = "missing.json"
+RECORD_FILE = "banners.json"  # {"fetched": {appid: path}, "missing": {appid: path}}
 MAX_BODY_BYTES = 10 * 1024 * 1024
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 USER_AGENT = "steam-dino-banners/0.1 (banner downloader)"
 _CHUNK = 64 * 1024
 # Temporary names start with a dot and do not end in an image extension, so the index builder never reads them.
-_TMP_RE = re.compile(r"^\.(?:\d+\.jpg|missing\.json)\.tmp-(?P<pid>\d+)(?:-\d+)?$")
+_TMP_RE = re.compile(r"^\.(?:\d+\.jpg|banners\.json)\.tmp-(?P<pid>\d+)(?:-\d+)?$")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DownloadSummary:
 
     requested: int = 0
     downloaded: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)  # downloaded again: the store's path or token changed
     skipped: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
@@ -62,21 +64,25 @@ class DownloadSummary:
     def line(self) -> str:
         """The one-line summary printed by the CLI."""
         return (
-            f"banners: {self.requested} requested, {len(self.downloaded)} downloaded, "
-            f"{len(self.skipped)} skipped (already there), {len(self.missing)} missing (404), "
-            f"{len(self.failed)} failed in {self.elapsed_s:.1f} s"
+            f"banners: {self.requested} requested, {len(self.downloaded)} downloaded "
+            f"({len(self.changed)} changed in the store), {len(self.skipped)} skipped (unchanged), "
+            f"{len(self.missing)} missing (404), {len(self.failed)} failed in {self.elapsed_s:.1f} s"
         )
 
 
-def unique_appids(apps: Iterable[int | Mapping[str, Any]]) -> list[int]:
-    """Appids in first-seen order, each once, so a duplicated entry is fetched a single time."""
-    seen: dict[int, None] = {}
+def banner_paths(apps: Iterable[int | Mapping[str, Any]]) -> dict[int, str]:
+    """appid -> the banner's path under the assets' base, in first-seen order, each appid once: the store's
+    path from the catalog, or the plain path for a bare appid or an entry without one."""
+    paths: dict[int, str] = {}
     for app in apps:
         appid = app["appid"] if isinstance(app, Mapping) else app
         if isinstance(appid, bool) or not isinstance(appid, int) or appid <= 0:
             raise AppsInvalid(f"not a valid appid: {appid!r}")
-        seen.setdefault(appid, None)
-    return list(seen)
+        banner = app.get("banner") if isinstance(app, Mapping) else None
+        if banner is not None and not is_asset_path(banner):
+            raise AppsInvalid(f"appid {appid}: 'banner' is not a store asset path: {banner!r:.80}")
+        paths.setdefault(appid, banner or plain_banner_path(appid))
+    return paths
 
 
 def image_problem(data: bytes) -> str | None:
@@ -111,15 +117,19 @@ def file_is_valid(path: Path, max_bytes: int = MAX_BODY_BYTES) -> bool:
         return False
 
 
-def read_missing(out_dir: Path) -> set[int]:
-    """Appids recorded as 404 by earlier runs; an unreadable file is treated as empty (it is only a cache)."""
+def read_record(out_dir: Path) -> dict[str, dict[int, str]]:
+    """What earlier runs fetched and found missing, per appid (its path); unreadable: empty (it is a cache)."""
+    record: dict[str, dict[int, str]] = {"fetched": {}, "missing": {}}
     try:
-        data = json.loads((out_dir / MISSING_FILE).read_text(encoding="utf-8"))
+        data = json.loads((out_dir / RECORD_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return set()
-    if not isinstance(data, list):
-        return set()
-    return {x for x in data if isinstance(x, int) and not isinstance(x, bool) and x > 0}
+        return record
+    for kind, paths in record.items():
+        entries = data.get(kind) if isinstance(data, dict) else None
+        for appid, path in (entries or {}).items() if isinstance(entries, dict) else ():
+            if appid.isascii() and appid.isdigit() and is_asset_path(path):
+                paths[int(appid)] = path
+    return record
 
 
 def clean_stale_temp_files(out_dir: Path) -> list[Path]:
@@ -148,7 +158,7 @@ def download_banners(
     apps: Iterable[int | Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
     *,
-    cdn_url: str = DEFAULT_CDN_URL,
+    assets_url: str = ASSETS_URL,
     workers: int = 8,
     timeout: float = 15.0,
     retries: int = 4,
@@ -159,11 +169,11 @@ def download_banners(
     retry_missing: bool = False,
     progress: bool = True,
 ) -> DownloadSummary:
-    """Fetch `<cdn_url>/<appid>/library_600x900.jpg` for every appid into `<out_dir>/<appid>.jpg`.
+    """Fetch every app's banner (``banner_paths``) under `assets_url` into `<out_dir>/<appid>.jpg`.
 
-    Existing valid files are skipped; 404s are recorded in `missing.json` and not asked again unless
-    `retry_missing`. 429, 5xx, connection errors and timeouts are retried `retries` times with
-    exponential backoff (base `backoff` seconds, jittered) or the server's Retry-After (capped).
+    A valid file from the same path is skipped; 404s are recorded and not asked again unless `retry_missing`
+    or the path changed. 429, 5xx, connection errors and timeouts are retried `retries` times (the project's
+    RetryPolicy: backoff from `backoff` seconds, or the server's Retry-After up to `max_retry_after`).
     """
     if workers < 1:
         raise ValueError("workers must be >= 1")
@@ -171,34 +181,31 @@ def download_banners(
         raise ValueError("timeout must be > 0")
     if retries < 0:
         raise ValueError("retries must be >= 0")
-    appids = unique_appids(apps)
+    paths = banner_paths(apps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_files(out)
 
     start = time.monotonic()
-    summary = DownloadSummary(requested=len(appids))
-    known_missing = read_missing(out)
-    fetcher = _Fetcher(cdn_url, timeout, retries, backoff, max_backoff, max_retry_after, max_bytes)
-
-    todo = []
-    for appid in appids:
-        if appid in known_missing and not retry_missing and not (out / f"{appid}.jpg").exists():
+    summary = DownloadSummary(requested=len(paths))
+    record = read_record(out)
+    policy = RetryPolicy(retries + 1, backoff, max_backoff, max_retry_after)
+    fetcher = _Fetcher(assets_url, timeout, policy, max_bytes)
+    todo = {}
+    for appid, path in paths.items():
+        if record["missing"].get(appid) == path and not retry_missing and not (out / f"{appid}.jpg").exists():
             summary.missing.append(appid)
         else:
-            todo.append(appid)
-
-    new_missing: set[int] = set()
-    present: set[int] = set()
+            todo[appid] = path
     try:
-        _fetch_all(fetcher, todo, out, workers, summary, new_missing, present, progress)
+        _fetch_all(fetcher, todo, record, out, workers, summary, progress)
     finally:
         fetcher.close()
-        _update_missing(out, known_missing, new_missing, present)
+        with contextlib.suppress(OSError):  # only a cache: at worst the next run asks again
+            atomic_write_json(out / RECORD_FILE, {kind: dict(sorted(p.items())) for kind, p in record.items()})
 
-    summary.downloaded.sort()
-    summary.skipped.sort()
-    summary.missing.sort()
+    for appids in (summary.downloaded, summary.changed, summary.skipped, summary.missing):
+        appids.sort()
     summary.failed = dict(sorted(summary.failed.items()))
     summary.elapsed_s = time.monotonic() - start
     return summary
@@ -206,19 +213,22 @@ def download_banners(
 
 def _fetch_all(
     fetcher: _Fetcher,
-    todo: list[int],
+    todo: dict[int, str],
+    record: dict[str, dict[int, str]],
     out: Path,
     workers: int,
     summary: DownloadSummary,
-    new_missing: set[int],
-    present: set[int],
     progress: bool,
 ) -> None:
     """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
+    fetched, missing = record["fetched"], record["missing"]
     bar = tqdm(total=summary.requested, initial=summary.requested - len(todo), unit="banner", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="banner")
     try:
-        futures = {pool.submit(fetcher.fetch_one, appid, out): appid for appid in todo}
+        # A file without a record came from the plain path (the only one there was); one from another path is stale.
+        known = {a: fetched.get(a, plain_banner_path(a)) for a in todo if (out / f"{a}.jpg").exists()}
+        same = {a for a, p in known.items() if p == todo[a]}
+        futures = {pool.submit(fetcher.fetch_one, a, p, out, a in same): a for a, p in todo.items()}
         for fut in as_completed(futures):
             appid = futures[fut]
             try:
@@ -227,10 +237,13 @@ def _fetch_all(
                 status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
             if status in ("downloaded", "skipped"):
                 getattr(summary, status).append(appid)
-                present.add(appid)
+                if status == "downloaded" and appid in known and appid not in same:
+                    summary.changed.append(appid)
+                fetched[appid] = todo[appid]
+                missing.pop(appid, None)
             elif status == "missing":
                 summary.missing.append(appid)
-                new_missing.add(appid)
+                missing[appid] = todo[appid]
             elif status != "interrupted":
                 summary.failed[appid] = reason
             bar.update(1)
@@ -243,34 +256,13 @@ def _fetch_all(
         bar.close()
 
 
-class _Retryable(Exception):
-    """A transient failure (429, 5xx, network): worth another attempt after `delay` (None: use backoff)."""
-
-    def __init__(self, reason: str, delay: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.delay = delay
-
-
 class _Fetcher:
     """Per-run state shared by worker threads: settings, one requests.Session per thread, a stop flag."""
 
-    def __init__(
-        self,
-        cdn_url: str,
-        timeout: float,
-        retries: int,
-        backoff: float,
-        max_backoff: float,
-        max_retry_after: float,
-        max_bytes: int,
-    ) -> None:
-        self.cdn_url = cdn_url
+    def __init__(self, assets_url: str, timeout: float, policy: RetryPolicy, max_bytes: int) -> None:
+        self.assets_url = assets_url
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.max_retry_after = max_retry_after
+        self.policy = policy
         self.max_bytes = max_bytes
         self.stop = threading.Event()
         self._local = threading.local()
@@ -293,100 +285,43 @@ class _Fetcher:
                 s.close()
             self._sessions.clear()
 
-    def fetch_one(self, appid: int, out: Path) -> tuple[str, str]:
-        """One appid end to end: ("downloaded" | "skipped" | "missing" | "failed" | "interrupted", reason)."""
+    def fetch_one(self, appid: int, path: str, out: Path, unchanged: bool) -> tuple[str, str]:
+        """One banner end to end: ("downloaded" | "skipped" | "missing" | "failed" | "interrupted", reason)."""
         if self.stop.is_set():
             return "interrupted", ""
         final = out / f"{appid}.jpg"
-        if final.exists() and file_is_valid(final, self.max_bytes):
+        if unchanged and file_is_valid(final, self.max_bytes):
             return "skipped", ""
-        url = banner_url(appid, self.cdn_url)
-        attempt = 0
-        while True:
-            try:
-                status, payload = self._attempt(url)
-            except _Retryable as exc:
-                if attempt >= self.retries:
-                    return "failed", f"{exc.reason} (after {attempt + 1} attempts)"
-                delay = exc.delay if exc.delay is not None else self._backoff_delay(attempt)
-                attempt += 1
-                if self.stop.wait(delay):
-                    return "interrupted", ""
-                continue
-            if status != "ok":
-                return status, payload if isinstance(payload, str) else ""
-            assert isinstance(payload, bytes)
-            try:
-                atomic_write_bytes(final, payload)
-            except OSError as exc:
-                return "failed", f"cannot write {final}: {exc}"
-            return "downloaded", ""
-
-    def _backoff_delay(self, attempt: int) -> float:
-        return min(self.max_backoff, self.backoff * (2**attempt)) * random.uniform(0.5, 1.0)
-
-    def _attempt(self, url: str) -> tuple[str, bytes | str]:
-        """One GET: ("ok", body) | ("missing", reason) | ("failed", reason); raises _Retryable."""
         try:
-            with self.session().get(url, stream=True, timeout=(self.timeout, self.timeout)) as resp:
-                code = resp.status_code
-                if code == 404:
-                    return "missing", "HTTP 404"
-                if code == 429 or 500 <= code <= 599:
-                    raise _Retryable(f"HTTP {code}", self._retry_after(resp.headers.get("Retry-After")))
-                if code != 200:
-                    return "failed", f"HTTP {code}"
-                declared = declared_length(resp.headers)
-                if declared is not None and declared > self.max_bytes:
-                    return "failed", f"body too large ({declared} bytes > {self.max_bytes})"
-                # a slow trickle is cut off like a read timeout
-                deadline = time.monotonic() + max(4 * self.timeout, 30.0)
-                body = read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop, chunk_size=_CHUNK)
+            body = with_retries(lambda: self._get(asset_url(path, self.assets_url)), self.policy, stop=self.stop)
+        except TRANSIENT as exc:
+            if self.stop.is_set():
+                return "interrupted", ""
+            reason = str(exc) if isinstance(exc, TransientError) else f"{type(exc).__name__}: {_short(exc)}"
+            return "failed", f"{reason} (after {self.policy.attempts} attempts)"
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 404:
+                return "missing", ""
+            return "failed", f"HTTP {exc.response.status_code if exc.response is not None else '?'}"
         except BodyTooLarge:
             return "failed", f"body too large (> {self.max_bytes} bytes)"
-        except _Retryable:
-            raise
-        except requests.Timeout as exc:
-            raise _Retryable(f"timeout ({type(exc).__name__})") from exc
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            raise _Retryable(f"connection error ({type(exc).__name__}: {_short(exc)})") from exc
-        except requests.exceptions.ContentDecodingError as exc:
-            raise _Retryable(f"bad content encoding ({_short(exc)})") from exc
         except requests.RequestException as exc:
             return "failed", f"request error ({type(exc).__name__}: {_short(exc)})"
-        problem = image_problem(body)
-        if problem:
+        if problem := image_problem(body):
             return "failed", problem
-        return "ok", body
-
-    def _retry_after(self, value: str | None) -> float | None:
-        """Seconds asked for by a Retry-After header (delta or HTTP date), capped; None if absent or unusable."""
-        if not value:
-            return None
-        value = value.strip()
         try:
-            seconds = float(value)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            seconds = (when - datetime.now(timezone.utc)).total_seconds()
-        if seconds != seconds:  # NaN
-            return None
-        return min(max(seconds, 0.0), self.max_retry_after)
+            atomic_write_bytes(final, body)
+        except OSError as exc:
+            return "failed", f"cannot write {final}: {exc}"
+        return "downloaded", ""
 
-
-def _update_missing(out: Path, known: set[int], new: set[int], present: set[int]) -> None:
-    """Keep missing.json = earlier 404s + this run's, minus what is now on disk; rewrite only on change."""
-    updated = (known | new) - present
-    if updated == known and (updated or not (out / MISSING_FILE).exists()):
-        return
-    data = (json.dumps(sorted(updated)) + "\n").encode()
-    with contextlib.suppress(OSError):  # only a cache: at worst the next run asks the CDN again
-        atomic_write_bytes(out / MISSING_FILE, data)
+    def _get(self, url: str) -> bytes:
+        """One GET of a banner's bytes; raises the errors of ``check_status``, ``read_body`` and requests."""
+        with self.session().get(url, stream=True, timeout=(self.timeout, self.timeout)) as resp:
+            check_status(resp)
+            # a slow trickle is cut off like a read timeout
+            deadline = time.monotonic() + max(4 * self.timeout, 30.0)
+            return read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop, chunk_size=_CHUNK)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -406,16 +341,3 @@ def _pid_alive(pid: int) -> bool:
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-__all__ = [
-    "MISSING_FILE",
-    "AppsInvalid",
-    "DownloadSummary",
-    "clean_stale_temp_files",
-    "download_banners",
-    "file_is_valid",
-    "image_problem",
-    "read_missing",
-    "unique_appids",
-]

@@ -11,7 +11,8 @@ import urllib.error
 import urllib.request
 
 CHECKS = {
-    "the Steam CDN (banners)": "https://cdn.cloudflare.steamstatic.com/steam/apps/620/library_600x900.jpg",
+    "the Steam Web API (the store's catalog)": "https://api.steampowered.com/",
+    "the Steam store assets (banners)": "https://shared.steamstatic.com/store_item_assets/steam/apps/620/library_600x900.jpg",
     "the DINO weights server": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
     "the Python package index": "https://pypi.org/simple/",
 }
@@ -36,7 +37,7 @@ def main() -> int:
     for what, why in failures.items():
         print(f"error: cannot reach {what}: {why}", file=sys.stderr)
     print(
-        "make demo downloads banners, weights and packages, so it needs internet access.\n"
+        "make demo downloads the store's catalog, banners, weights and packages, so it needs internet access.\n"
         "Offline, `make test` runs the whole test suite, and `make serve` serves an index built elsewhere\n"
         "(copy data/index and data/banners here).",
         file=sys.stderr,

@@ -14,7 +14,6 @@ import http.client
 import http.server
 import json
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from core.dino.backbones import BACKBONES
 from core.dino.vit import VisionTransformer
+from devtools.fake_steam import start_http_server
 from devtools.server import GunicornServer, free_port  # noqa: F401 - the shared launcher, re-exported to tests
 from indexer.synthetic import synthetic_banner
 
@@ -149,15 +149,6 @@ def banners(tmp_path):
         return folder, apps
 
     return make
-
-
-def start_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.ThreadingHTTPServer:
-    """A threaded HTTP server on a free 127.0.0.1 port, serving from a daemon thread; ``shutdown()`` then
-    ``server_close()`` stop it. It polls for shutdown every 50 ms (the default, 0.5 s, is added to every test)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

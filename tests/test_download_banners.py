@@ -1,5 +1,6 @@
 """The banner downloader against a real local HTTP server: retries, 404 memory, validation, atomic writes,
-resume, and the CLI's exit codes and summary line. Nothing here reaches the internet.
+resume, and the CLI's exit codes and summary line. Nothing here reaches the internet. The store's own banner
+paths (hashed, re-uploaded) are tested with the fake store in tests/test_catalog.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "download_banners.py"
 DEFAULT_LIST = ROOT / "catalogs" / "default_games.json"
 SUMMARY_RE = re.compile(
-    r"^banners: (\d+) requested, (\d+) downloaded, (\d+) skipped \(already there\), "
+    r"^banners: (\d+) requested, (\d+) downloaded \(\d+ changed in the store\), (\d+) skipped \(unchanged\), "
     r"(\d+) missing \(404\), (\d+) failed in \d+\.\d s$"
 )
 FAST = {"timeout": 2.0, "retries": 2, "backoff": 0.01, "progress": False}
@@ -63,7 +64,7 @@ class FakeCDN:
 
     def hits(self, appid: int) -> int:
         with self.lock:
-            return self.counts[f"/{appid}/library_600x900.jpg"]
+            return self.counts[f"/steam/apps/{appid}/library_600x900.jpg"]
 
 
 def _handler_for(cdn: FakeCDN) -> type[http.server.BaseHTTPRequestHandler]:
@@ -84,7 +85,7 @@ def _handler_for(cdn: FakeCDN) -> type[http.server.BaseHTTPRequestHandler]:
             with cdn.lock:
                 cdn.counts[self.path] += 1
                 n = cdn.counts[self.path]
-            m = re.fullmatch(r"/(\d+)/library_600x900\.jpg", self.path)
+            m = re.fullmatch(r"/steam/apps/(\d+)/library_600x900\.jpg", self.path)
             behaviour = cdn.routes.get(int(m.group(1))) if m else None
             # The client may have given up (timeout) before a slow answer: expected, not an error.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -155,7 +156,7 @@ def test_downloads_are_valid_and_identical(cdn, tmp_path):
     for a in appids:
         cdn.routes[a] = "ok"
     out = tmp_path / "banners"
-    s = download_banners([{"appid": a, "name": f"G{a}"} for a in appids], out, cdn_url=cdn.url, workers=3, **FAST)
+    s = download_banners([{"appid": a, "name": f"G{a}"} for a in appids], out, assets_url=cdn.url, workers=3, **FAST)
     assert s.ok and s.requested == 4 and s.downloaded == sorted(appids)
     assert s.skipped == [] and s.missing == [] and s.failed == {}
     for a in appids:
@@ -165,34 +166,34 @@ def test_downloads_are_valid_and_identical(cdn, tmp_path):
             assert im.size == (300, 450) and im.format == "JPEG"
         assert cdn.hits(a) == 1
     assert _temp_files(out) == []
-    assert not (out / dl.MISSING_FILE).exists()
+    assert json.loads((out / dl.RECORD_FILE).read_text())["missing"] == {}
     assert SUMMARY_RE.match(s.line())
 
 
 def test_404_is_missing_not_retried_and_remembered(cdn, tmp_path):
     cdn.routes[10] = "ok"
     out = tmp_path / "b"
-    s = download_banners([10, 99], out, cdn_url=cdn.url, **FAST)
+    s = download_banners([10, 99], out, assets_url=cdn.url, **FAST)
     assert s.ok and s.missing == [99] and s.downloaded == [10]
     assert cdn.hits(99) == 1
     assert not (out / "99.jpg").exists()
-    assert json.loads((out / "missing.json").read_text()) == [99]
+    assert json.loads((out / "banners.json").read_text())["missing"] == {"99": "steam/apps/99/library_600x900.jpg"}
 
-    s2 = download_banners([10, 99], out, cdn_url=cdn.url, **FAST)
+    s2 = download_banners([10, 99], out, assets_url=cdn.url, **FAST)
     assert s2.missing == [99] and s2.skipped == [10] and s2.downloaded == []
     assert cdn.hits(99) == 1  # remembered, not asked again
 
     cdn.routes[99] = "ok"  # the banner appeared meanwhile
-    s3 = download_banners([10, 99], out, cdn_url=cdn.url, retry_missing=True, **FAST)
+    s3 = download_banners([10, 99], out, assets_url=cdn.url, retry_missing=True, **FAST)
     assert s3.downloaded == [99] and s3.missing == []
     assert cdn.hits(99) == 2
-    assert json.loads((out / "missing.json").read_text()) == []
+    assert json.loads((out / "banners.json").read_text())["missing"] == {}
     assert _temp_files(out) == []
 
 
 def test_503_is_retried_then_succeeds(cdn, tmp_path):
     cdn.routes[20] = "503_once"
-    s = download_banners([20], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([20], tmp_path, assets_url=cdn.url, **FAST)
     assert s.ok and s.downloaded == [20]
     assert cdn.hits(20) == 2
     assert (tmp_path / "20.jpg").read_bytes() == banner_bytes(20)
@@ -203,7 +204,7 @@ def test_429_honours_retry_after(cdn, tmp_path):
     cdn.routes[30] = "429_once"
     cdn.retry_after = "1"
     t0 = time.monotonic()
-    s = download_banners([30], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([30], tmp_path, assets_url=cdn.url, **FAST)
     assert s.ok and s.downloaded == [30] and cdn.hits(30) == 2
     assert time.monotonic() - t0 >= 0.9  # waited as asked, not the 10 ms backoff
 
@@ -212,7 +213,7 @@ def test_429_retry_after_is_capped(cdn, tmp_path):
     cdn.routes[30] = "429_once"
     cdn.retry_after = "3600"
     t0 = time.monotonic()
-    s = download_banners([30], tmp_path, cdn_url=cdn.url, max_retry_after=0.1, **FAST)
+    s = download_banners([30], tmp_path, assets_url=cdn.url, max_retry_after=0.1, **FAST)
     assert s.ok and s.downloaded == [30]
     assert time.monotonic() - t0 < 3
 
@@ -221,7 +222,7 @@ def test_slow_response_times_out_and_fails_after_retries(cdn, tmp_path):
     cdn.routes[40] = "slow"
     cdn.routes[10] = "ok"
     cdn.slow_s = 1.0
-    s = download_banners([10, 40], tmp_path, cdn_url=cdn.url, timeout=0.25, retries=1, backoff=0.01, progress=False)
+    s = download_banners([10, 40], tmp_path, assets_url=cdn.url, timeout=0.25, retries=1, backoff=0.01, progress=False)
     assert not s.ok and list(s.failed) == [40] and s.downloaded == [10]
     assert "timeout" in s.failed[40].lower() or "timed out" in s.failed[40].lower()
     assert "2 attempts" in s.failed[40]
@@ -233,7 +234,7 @@ def test_slow_response_times_out_and_fails_after_retries(cdn, tmp_path):
 def test_slow_first_attempt_then_fast_succeeds(cdn, tmp_path):
     cdn.routes[50] = "slow_once"
     cdn.slow_s = 1.0
-    s = download_banners([50], tmp_path, cdn_url=cdn.url, timeout=0.25, retries=2, backoff=0.01, progress=False)
+    s = download_banners([50], tmp_path, assets_url=cdn.url, timeout=0.25, retries=2, backoff=0.01, progress=False)
     assert s.ok and s.downloaded == [50] and cdn.hits(50) == 2
     assert (tmp_path / "50.jpg").read_bytes() == banner_bytes(50)
 
@@ -241,7 +242,7 @@ def test_slow_first_attempt_then_fast_succeeds(cdn, tmp_path):
 @pytest.mark.parametrize("behaviour", ["html", "truncated"])
 def test_non_image_bodies_are_rejected(cdn, tmp_path, behaviour):
     cdn.routes[60] = behaviour
-    s = download_banners([60], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([60], tmp_path, assets_url=cdn.url, **FAST)
     assert list(s.failed) == [60] and "not a valid image" in s.failed[60]
     assert cdn.hits(60) == 1  # the content is the answer: no retry
     assert not (tmp_path / "60.jpg").exists() and _temp_files(tmp_path) == []
@@ -249,14 +250,14 @@ def test_non_image_bodies_are_rejected(cdn, tmp_path, behaviour):
 
 def test_other_4xx_fails_without_retry(cdn, tmp_path):
     cdn.routes[70] = "403"
-    s = download_banners([70], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([70], tmp_path, assets_url=cdn.url, **FAST)
     assert s.failed == {70: "HTTP 403"} and s.missing == [] and cdn.hits(70) == 1
-    assert not (tmp_path / "missing.json").exists()
+    assert json.loads((tmp_path / "banners.json").read_text())["missing"] == {}
 
 
 def test_body_cut_midway_never_lands_under_final_name(cdn, tmp_path):
     cdn.routes[80] = "cut"
-    s = download_banners([80], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([80], tmp_path, assets_url=cdn.url, **FAST)
     assert list(s.failed) == [80] and "attempts" in s.failed[80]
     assert cdn.hits(80) == FAST["retries"] + 1  # a broken transfer is transient: retried
     assert not (tmp_path / "80.jpg").exists() and _temp_files(tmp_path) == []
@@ -269,11 +270,12 @@ def test_final_file_only_appears_complete(cdn, tmp_path, monkeypatch):
     real_replace = os.replace
 
     def spy(src, dst):
-        seen.append((Path(src).name, Path(dst).exists(), Path(src).read_bytes() == banner_bytes(90)))
+        if Path(dst).suffix == ".jpg":  # not the record of paths beside the banners
+            seen.append((Path(src).name, Path(dst).exists(), Path(src).read_bytes() == banner_bytes(90)))
         return real_replace(src, dst)
 
     monkeypatch.setattr(dl.os, "replace", spy)
-    s = download_banners([90], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([90], tmp_path, assets_url=cdn.url, **FAST)
     assert s.ok
     assert len(seen) == 1
     tmp_name, final_existed, complete = seen[0]
@@ -288,7 +290,7 @@ def test_write_failure_leaves_nothing_behind(cdn, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(dl.os, "fsync", broken_fsync)
-    s = download_banners([91], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([91], tmp_path, assets_url=cdn.url, **FAST)
     assert list(s.failed) == [91] and "cannot write" in s.failed[91]
     assert not (tmp_path / "91.jpg").exists() and _temp_files(tmp_path) == []
 
@@ -297,16 +299,16 @@ def test_resume_skips_valid_and_redownloads_corrupt(cdn, tmp_path):
     appids = [10, 20, 30, 40]
     for a in appids:
         cdn.routes[a] = "ok"
-    first = download_banners(appids, tmp_path, cdn_url=cdn.url, **FAST)
+    first = download_banners(appids, tmp_path, assets_url=cdn.url, **FAST)
     assert first.downloaded == appids
 
-    second = download_banners(appids, tmp_path, cdn_url=cdn.url, **FAST)
+    second = download_banners(appids, tmp_path, assets_url=cdn.url, **FAST)
     assert second.downloaded == [] and second.skipped == appids and second.ok
     assert all(cdn.hits(a) == 1 for a in appids)
 
     (tmp_path / "20.jpg").write_bytes(banner_bytes(20)[:1000])  # cut short by a crash
     (tmp_path / "30.jpg").write_bytes(b"")  # empty
-    third = download_banners(appids, tmp_path, cdn_url=cdn.url, **FAST)
+    third = download_banners(appids, tmp_path, assets_url=cdn.url, **FAST)
     assert third.downloaded == [20, 30] and third.skipped == [10, 40]
     assert (tmp_path / "20.jpg").read_bytes() == banner_bytes(20)
     assert (tmp_path / "30.jpg").read_bytes() == banner_bytes(30)
@@ -317,7 +319,7 @@ def test_resume_skips_valid_and_redownloads_corrupt(cdn, tmp_path):
 def test_stale_temp_files_are_cleaned_at_start(cdn, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [tmp_path / f".10.jpg.tmp-{dead.pid}-140001", tmp_path / f".missing.json.tmp-{dead.pid}"]
+    stale = [tmp_path / f".10.jpg.tmp-{dead.pid}-140001", tmp_path / f".banners.json.tmp-{dead.pid}"]
     for p in stale:
         p.write_bytes(b"\xff\xd8 half a jpeg")
     alive = tmp_path / f".20.jpg.tmp-{os.getppid()}-1"  # another live process's write in progress
@@ -325,7 +327,7 @@ def test_stale_temp_files_are_cleaned_at_start(cdn, tmp_path):
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("keep me")
     cdn.routes[10] = "ok"
-    s = download_banners([10], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([10], tmp_path, assets_url=cdn.url, **FAST)
     assert s.ok
     assert not any(p.exists() for p in stale)
     assert alive.exists() and unrelated.exists()
@@ -333,14 +335,14 @@ def test_stale_temp_files_are_cleaned_at_start(cdn, tmp_path):
 
 def test_duplicates_are_fetched_once(cdn, tmp_path):
     cdn.routes[10] = "ok"
-    s = download_banners([10, {"appid": 10, "name": "again"}, 10], tmp_path, cdn_url=cdn.url, **FAST)
+    s = download_banners([10, {"appid": 10, "name": "again"}, 10], tmp_path, assets_url=cdn.url, **FAST)
     assert s.requested == 1 and s.downloaded == [10] and cdn.hits(10) == 1
 
 
 def test_mixed_run_summary(cdn, tmp_path):
     routes = {1: "ok", 2: "ok", 3: "503_once", 4: "html", 5: "truncated", 7: "403"}  # 6: 404
     cdn.routes.update(routes)
-    s = download_banners(range(1, 8), tmp_path, cdn_url=cdn.url, workers=4, **FAST)
+    s = download_banners(range(1, 8), tmp_path, assets_url=cdn.url, workers=4, **FAST)
     assert s.downloaded == [1, 2, 3] and s.missing == [6] and sorted(s.failed) == [4, 5, 7]
     assert SUMMARY_RE.match(s.line()).groups() == ("7", "3", "0", "1", "3")
 
@@ -411,7 +413,7 @@ def test_cli_end_to_end(cdn, tmp_path):
     assert r.stdout.count("\n") == 1  # only the summary on stdout; the progress bar goes to stderr
     assert SUMMARY_RE.match(r.stdout.strip()).groups() == ("4", "2", "0", "1", "1")
     assert re.search(r"^failed: 30: not a valid image", r.stderr, re.M)
-    assert sorted(p.name for p in out.iterdir()) == ["10.jpg", "20.jpg", "missing.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["10.jpg", "20.jpg", "banners.json"]
 
     cdn.routes[30] = "ok"
     r2 = _run_cli(*args, "--no-progress")
@@ -428,7 +430,7 @@ def test_cli_uses_default_list_without_apps(cdn, tmp_path):
     r = _run_cli("--out", str(out), "--cdn-url", cdn.url, "--workers", "16", "--no-progress")
     assert r.returncode == 0, r.stderr  # every appid answers 404 here: missing, not failed
     assert SUMMARY_RE.match(r.stdout.strip()).groups() == (str(n), "0", "0", str(n), "0")
-    assert len(json.loads((out / "missing.json").read_text())) == n
+    assert len(json.loads((out / "banners.json").read_text())["missing"]) == n
 
 
 def test_cli_bad_apps_file_exit_2_and_creates_nothing(cdn, tmp_path):

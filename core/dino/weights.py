@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from core.files import atomic_file, file_lock, sha256_file
-from core.http import BodyTooLarge, download_file
+from core.http import BodyTooLarge, RetryPolicy, download_file, with_retries
 
 from .backbones import BASE_URL_ENV, DEFAULT_BASE_URL, Backbone
 
@@ -120,26 +119,24 @@ def fetch_checkpoint(
     mismatch (``WeightsMismatch``) or when downloads are not allowed.
     """
     cached = checkpoint_dir() / backbone.filename
-    attempt = 1
-    while True:
-        try:
-            with file_lock(cached.with_name(f".{cached.name}.lock")):
-                path = resolve_checkpoint(backbone, download=download, progress=False)
-                sha = sha256_file(path, cache=True)
-                _check_sha(path, backbone, sha, expected_sha256)
-                try:
-                    mappable_checkpoint(path, sha)
-                except Exception as e:  # an unreadable legacy file
-                    raise WeightsMismatch(f"{path} is not a loadable {backbone.label} checkpoint: {e}") from e
-                return path
-        except WeightsMismatch:
-            raise
-        except WeightsUnavailable as e:
-            if attempt >= attempts or not download:
-                raise
-            logging.getLogger(__name__).warning("%s (attempt %d/%d)", e, attempt, attempts)
-        time.sleep(backoff_s * 2 ** (attempt - 1))
-        attempt += 1
+
+    def fetch() -> Path:
+        with file_lock(cached.with_name(f".{cached.name}.lock")):
+            path = resolve_checkpoint(backbone, download=download, progress=False)
+            sha = sha256_file(path, cache=True)
+            _check_sha(path, backbone, sha, expected_sha256)
+            try:
+                mappable_checkpoint(path, sha)
+            except Exception as e:  # an unreadable legacy file
+                raise WeightsMismatch(f"{path} is not a loadable {backbone.label} checkpoint: {e}") from e
+            return path
+
+    return with_retries(
+        fetch,
+        RetryPolicy(attempts=attempts, backoff_s=backoff_s),
+        retry_if=lambda e: download and isinstance(e, WeightsUnavailable) and not isinstance(e, WeightsMismatch),
+        on_retry=lambda e, n, _: logging.getLogger(__name__).warning("%s (attempt %d/%d)", e, n, attempts),
+    )
 
 
 def mappable_checkpoint(path: Path, sha256: str | None = None) -> Path:

@@ -18,19 +18,20 @@ import logging
 import os
 import shutil
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from core.files import atomic_write_json, file_lock, sha256_file
-from core.http import BodyTooLarge, download_file
+from core.http import BodyTooLarge, RetryPolicy, download_file, with_retries
 
 from .reader import IndexInvalid, load_index
 from .writer import recover, staging_dir, swap_in
 
 FETCHED = "fetched.json"  # {"url", "sha256"} of the archive the folder was unpacked from
+# What can go wrong in one attempt, every one worth another: a mirror serving a half-uploaded archive is fixed soon.
+FETCH_ERRORS = (requests.RequestException, OSError, BodyTooLarge, IndexInvalid, tarfile.TarError)
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +40,8 @@ class FetchFailed(RuntimeError):
 
 
 @dataclass(frozen=True)
-class FetchPolicy:
-    """How hard to try: attempts per call, the pause before each retry (doubling), and limits per attempt."""
+class FetchPolicy(RetryPolicy):
+    """How hard to try (the project's retry policy: attempts per call, pauses), and the limits of each attempt."""
 
     attempts: int = 4
     backoff_s: float = 2.0
@@ -68,17 +69,19 @@ def fetch_index(url: str, sha256: str, index_dir: Path, policy: FetchPolicy | No
         recover(index_dir)
         if fetched_sha256(index_dir) == sha256:
             return False
-        error = "no attempt made"
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                _fetch_once(url, sha256, index_dir, policy)
-                return True
-            except (requests.RequestException, OSError, BodyTooLarge, IndexInvalid, tarfile.TarError) as e:
-                error = f"{type(e).__name__}: {e}"
-                log.warning("index fetch attempt %d/%d from %s failed: %s", attempt, policy.attempts, url, error)
-            if attempt < policy.attempts:
-                time.sleep(policy.backoff_s * 2 ** (attempt - 1))
-        raise FetchFailed(f"could not fetch the index from {url} ({policy.attempts} attempts; last: {error})")
+        try:
+            with_retries(
+                lambda: _fetch_once(url, sha256, index_dir, policy),
+                policy,
+                retry_if=lambda e: isinstance(e, FETCH_ERRORS),
+                on_retry=lambda e, n, _: log.warning(
+                    "index fetch attempt %d/%d from %s failed: %s: %s", n, policy.attempts, url, type(e).__name__, e
+                ),
+            )
+        except FETCH_ERRORS as e:
+            last = f"{type(e).__name__}: {e}"
+            raise FetchFailed(f"could not fetch the index from {url} ({policy.attempts} attempts; last: {last})") from e
+        return True
 
 
 def _fetch_once(url: str, sha256: str, index_dir: Path, policy: FetchPolicy) -> None:

@@ -7,7 +7,9 @@ when the arguments or inputs are wrong and nothing was changed, FAILED (1) when 
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 
 FAILED = 1
 BAD_INPUT = 2
@@ -24,3 +26,15 @@ def interrupted(kept: str) -> int:
     """Print what an interrupt left behind (``kept``) on stderr; returns INTERRUPTED."""
     print(f"interrupted: {kept}", file=sys.stderr)
     return INTERRUPTED
+
+
+def number(kind: type[int] | type[float], lo: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a ``kind`` number of at least ``lo`` (above it with ``above``)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not (value > lo if above else value >= lo):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {lo:g}, got {text}")
+        return value
+
+    return parse

@@ -2,7 +2,8 @@
 
     python scripts/download_banners.py --apps APPS.json --out data/banners [--cdn-url URL] [--workers N]
 
-Without --apps the shipped catalogs/default_games.json is used, so a newcomer can run the pipeline end to end.
+APPS.json from scripts/fetch_catalog.py carries each game's banner path as the store gives it; a plain list of
+{"appid", "name"} falls back to the plain path. Without --apps the shipped catalogs/default_games.json is used.
 Exit codes: 0 all fetched (404s included), 1 some failed, 2 bad arguments or input, 130 interrupted.
 """
 
@@ -13,8 +14,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.steam import DEFAULT_CDN_URL
-from indexer.cli._common import BAD_INPUT, error, interrupted
+from core.steam import ASSETS_URL, setting
+from indexer.cli._common import BAD_INPUT, error, interrupted, number
 
 # The shipped list of well-known games, so that a newcomer can run the pipeline end to end.
 DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_games.json"
@@ -22,39 +23,12 @@ DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_
 MAX_FAILURE_LINES = 20
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line, kept separate so tests and --help stay in sync with the options."""
     p = argparse.ArgumentParser(
         prog="download_banners.py",
-        description="Fetch <cdn-url>/<appid>/library_600x900.jpg for each appid into <out>/<appid>.jpg.",
+        description="Fetch each game's banner (the catalog's path, else steam/apps/<appid>/library_600x900.jpg) "
+        "under the store assets' URL into <out>/<appid>.jpg.",
     )
     p.add_argument(
         "--apps",
@@ -63,12 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON list of {"appid": int, "name": str} (default: the shipped catalogs/default_games.json)',
     )
     p.add_argument("--out", type=Path, default=Path("data/banners"), help="banner folder (default: data/banners)")
-    p.add_argument("--cdn-url", default=DEFAULT_CDN_URL, help=f"CDN base URL (default: {DEFAULT_CDN_URL})")
-    p.add_argument("--workers", type=_positive_int, default=8, help="parallel downloads (default: 8)")
-    p.add_argument("--timeout", type=_positive_float, default=15.0, help="connect/read timeout, s (default: 15)")
-    p.add_argument("--retries", type=_non_negative_int, default=4, help="retries on 429/5xx/network (default: 4)")
-    p.add_argument("--backoff", type=_non_negative_float, default=1.0, help="backoff base, s (default: 1)")
-    p.add_argument("--retry-missing", action="store_true", help="ask again for appids recorded in missing.json")
+    p.add_argument(
+        "--cdn-url",
+        "--assets-url",
+        dest="assets_url",
+        default=setting("STEAM_ASSETS_URL", ASSETS_URL),
+        help=f"the store assets' base URL (default: $STEAM_ASSETS_URL or {ASSETS_URL})",
+    )
+    p.add_argument("--workers", type=number(int, 1), default=8, help="parallel downloads (default: 8)")
+    p.add_argument(
+        "--timeout", type=number(float, 0, above=True), default=15.0, help="connect/read timeout, s (default: 15)"
+    )
+    p.add_argument("--retries", type=number(int, 0), default=4, help="retries on 429/5xx/network (default: 4)")
+    p.add_argument("--backoff", type=number(float, 0), default=1.0, help="backoff base, s (default: 1)")
+    p.add_argument("--retry-missing", action="store_true", help="ask again for the 404s recorded in banners.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -83,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         apps = load_apps(args.apps if args.apps is not None else DEFAULT_APPS_FILE)
     except AppsInvalid as exc:
         return error(exc, BAD_INPUT)
-    url = urlparse(args.cdn_url)
+    url = urlparse(args.assets_url)
     if url.scheme not in ("http", "https") or not url.netloc:
-        return error(f"--cdn-url must be an http(s) URL, got {args.cdn_url!r}", BAD_INPUT)
+        return error(f"--cdn-url must be an http(s) URL, got {args.assets_url!r}", BAD_INPUT)
     if args.out.exists() and not args.out.is_dir():
         return error(f"--out {args.out} exists and is not a folder", BAD_INPUT)
     try:
@@ -100,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = download_banners(
             apps,
             args.out,
-            cdn_url=args.cdn_url,
+            assets_url=args.assets_url,
             workers=args.workers,
             timeout=args.timeout,
             retries=args.retries,
