@@ -7,12 +7,12 @@ DATA ?= data
 APPS ?= catalogs/default_games.json
 DEMO_STRATEGIES ?= SimpleS16,ComplexS16,SimpleB16,ComplexB16
 
-.PHONY: demo serve index banners test test-fast lint bench clean-venv check-online
+.PHONY: demo serve index banners test test-ray test-fast lint bench clean-venv check-online
 
 # -- environments ---------------------------------------------------------------------------------
 # Here and in CI: requirements-dev.txt (the pins of requirements.txt, torch from the default index, test tools).
 # requirements.txt is for deploys (CPU torch from PyTorch's index); see README "Deploy".
-$(VENV)/.runtime: requirements-dev.txt
+$(VENV)/.runtime: requirements-dev.txt requirements-ray.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
@@ -41,8 +41,11 @@ serve: $(VENV)/.runtime
 # -- checks ---------------------------------------------------------------------------------------
 # The tests start dozens of servers and commands: with bytecode caching on (some environments set
 # PYTHONDONTWRITEBYTECODE), each reuses the project's compiled modules instead of compiling them again.
-test: $(VENV)/.dev
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
+test: $(VENV)/.dev  # all but the Ray builds, which start a local Ray instance each: they have their own command
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not ray"
+
+test-ray: $(VENV)/.dev  # the builds on a local Ray instance (tests/test_ray_build.py); CI runs it after make test
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m ray
 
 test-fast: $(VENV)/.dev  # the fast lane: tests under ~1-2 s each
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow"

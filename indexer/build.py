@@ -71,6 +71,7 @@ class BuildConfig:
     decode: str | None = None  # "cpu" or "device"; default: the extractor's (device on CUDA)
     progress: bool = True
     variants: list[str] = field(default_factory=list)  # mirror/flip query tables (indexer/variants.py)
+    ray: str | None = None  # embed on this Ray cluster ("": a local instance; indexer/ray_embed.py)
 
 
 @dataclass
@@ -127,8 +128,10 @@ def _check_config(cfg: BuildConfig) -> None:
     if unused:
         raise SourceError(f"--weights given for {sorted(unused)}, which no requested strategy uses ({sorted(codes)})")
     device = cfg.device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and cfg.ray is None and not torch.cuda.is_available():
         raise SourceError("--device cuda: no CUDA device is available here")
+    if cfg.ray is not None and (cfg.variants or cfg.decode == "device"):
+        raise SourceError("--ray embeds plain banners decoded on CPUs: --variants and --decode device run without it")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise SourceError(f"--out {cfg.out} exists and is not a folder")
 
@@ -148,9 +151,12 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
             f"{cfg.images}: {len(plan.sources)} usable banner(s); an index needs at least 2 "
             f"(files named <appid>.jpg/.jpeg/.png/.webp{', listed in --apps' if apps is not None else ''})"
         )
-    configure_threads(cfg.threads)
     device = cfg.device or default_device()
-    precision = cfg.precision or default_precision(device)
+    if cfg.ray is not None:  # --device and --threads are the Ray actors'; the tables run here
+        cfg = replace(cfg, device=_ray_embed().start(cfg.ray, cfg.device))
+        device = default_device()
+    configure_threads(None if cfg.ray is not None else cfg.threads)
+    precision = cfg.precision or default_precision(cfg.device or device)
     timer = StageTimer(device)
     notes = []
     work = cfg.out.parent / f".{cfg.out.name}.work"
@@ -218,13 +224,14 @@ def _build_in(cfg: BuildConfig, device: str, precision: str, plan, cache: Embedd
             checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
             ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
     keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], precision) for s in cfg.strategies}
+    preload = str(device).startswith("cuda") and cfg.ray is None
     with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
-        if str(device).startswith("cuda"):  # load the models onto the GPU while the CPU hashes the banners
+        if preload:  # load the models onto the GPU while the CPU hashes the banners
             loading = loader.submit(_load_models, cfg.strategies, device, checkpoints, ckpt_sha, timer)
         t0 = time.perf_counter()
         shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
         timer.add("hashing", time.perf_counter() - t0)
-        if str(device).startswith("cuda"):
+        if preload:
             loading.result()
 
     embed_start = time.perf_counter()
@@ -256,7 +263,7 @@ def _load_models(strategies, device, checkpoints, ckpt_sha, timer: StageTimer) -
     timer.add("models", time.perf_counter() - t0)
 
 
-def _missing(
+def missing(
     strategies: list[Strategy], shas: list[str], keys: dict[str, str], cache: EmbeddingCache
 ) -> tuple[list[Strategy], list[int]]:
     """The strategies the cache lacks some banner's features for, and those banners (indices into ``shas``);
@@ -285,9 +292,12 @@ def _embed_missing(
     timer: StageTimer,
 ) -> int:
     """Embed the banners the cache lacks for some strategy; returns how many were embedded (not failed)."""
-    todo_strategies, todo = _missing(cfg.strategies, shas, keys, cache)
+    todo_strategies, todo = missing(cfg.strategies, shas, keys, cache)
     if not todo:
         return 0
+    if cfg.ray is not None:
+        paths = [src.path for src in sources]
+        return _ray_embed().embed(cfg, precision, todo_strategies, paths, shas, keys, ckpt_sha, cache, timer)
     t0 = time.perf_counter()
     extractor = Extractor(
         todo_strategies,
@@ -326,6 +336,15 @@ def _embed_missing(
             writes.popleft().result()
     timer.add("embedding", time.perf_counter() - t0)
     return done
+
+
+def _ray_embed():
+    """indexer.ray_embed, imported only for --ray: Ray is an optional extra."""
+    try:
+        from . import ray_embed
+    except ImportError as e:
+        raise SourceError(f"--ray needs Ray: pip install '.[ray]' (or -r requirements-ray.txt); {e}") from None
+    return ray_embed
 
 
 def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer):

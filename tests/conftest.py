@@ -76,6 +76,13 @@ def pytest_unconfigure(config):
     background.stop_all()
 
 
+def arrays_of(index: Path) -> dict[str, bytes]:
+    """An index folder's arrays and apps list, byte for byte: what two builds must agree on."""
+    return {str(p.relative_to(index)): p.read_bytes() for p in sorted(index.rglob("*.npy"))} | {
+        "apps.json": (index / "apps.json").read_bytes()
+    }
+
+
 @pytest.fixture(scope="session")
 def checkpoint_store(tmp_path_factory):
     """Random checkpoints in the official layout, made on first use, one per backbone code."""

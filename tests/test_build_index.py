@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_banner, make_catalog, sha256_of
+from conftest import ROOT, arrays_of, make_banner, make_catalog, sha256_of
 
 from core.dino.extract import Extractor
 from core.dino.strategies import parse_strategies
@@ -41,12 +40,6 @@ def brute_force(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(len(e))
     order = np.array([np.lexsort((idx, -row))[:k] for row in s])
     return order, np.take_along_axis(s, order, 1)
-
-
-def arrays_of(index: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(index)): p.read_bytes() for p in sorted(index.rglob("*.npy"))} | {
-        "apps.json": (index / "apps.json").read_bytes()
-    }
 
 
 def test_layout_manifest_and_tables(built_index):

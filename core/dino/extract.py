@@ -116,6 +116,13 @@ def _collate(items):
     return [it[0] for it in ok], tensors, failures
 
 
+def decode_files(paths: Sequence[Path], preps: Sequence[Preprocessing], max_pixels: int = DEFAULT_MAX_PIXELS):
+    """One batch decoded and preprocessed as ``iter_files``' CPU workers do it, for other runners (Ray):
+    (indices decoded, one tensor per preprocessing or None, failures with why)."""
+    files = _ImageFiles(paths, [p.transform() for p in preps], max_pixels, preps)
+    return _collate([files[i] for i in range(len(files))])
+
+
 class Extractor:
     """Embeds images for a fixed set of strategies on one device.
 

@@ -2,7 +2,7 @@
 
     python scripts/build_index.py --images data/banners --out data/index \\
         [--strategies ComplexB16,SimpleS16 | all] [--k 100] [--apps APPS.json] \\
-        [--batch-size N] [--device cpu|cuda] [--weights PATH] [--variants mirror,flip]
+        [--batch-size N] [--device cpu|cuda] [--weights PATH] [--variants mirror,flip] [--ray [ADDRESS]]
 
 Interrupt it at any time and run it again: it resumes from the last finished
 batch. Run it again after adding banners: only the new ones are embedded.
@@ -70,6 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also precompute mirrored/flipped query tables for GET /match/<appid>?mirror=1&flip=1: "
         "mirror, flip or mirror,flip (every combination of those given; default: none)",
     )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="embed on a Ray cluster (pip install '.[ray]'): auto, ray://host:10001, or a local instance when "
+        "ADDRESS is omitted; --device, --threads (default 1) and --workers (default: one per GPU, else one per "
+        "--threads CPUs) are then the model actors'",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             decode=None if args.decode == "auto" else args.decode,
             progress=not args.quiet,
             variants=parse_variants(args.variants),
+            ray=args.ray,
         )
         summary = build_index(cfg)
     except (SourceError, AppsInvalid, UnknownStrategy, UnknownVariant, BuildLocked) as e:

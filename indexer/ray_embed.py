@@ -1,0 +1,167 @@
+"""The builder's embedding pass on a Ray cluster (``build_index.py --ray [ADDRESS]``), with Ray Data.
+
+One pipeline per backbone: a row is one forward batch of the local build (the same banners, in the
+same order), decoded and preprocessed by ``core.dino.extract.decode_files`` (the local CPU path's
+code), then embedded by a pool of model actors (``map_batches``), one per GPU, or on CPU clusters one
+per ``--threads`` cores. A CPU forward's results depend on its batch and on its thread count, so
+with the same ``--batch-size`` and ``--threads`` the features are bit-identical to the local build's.
+On CPU clusters the decoding runs in the model actors (Ray Data fuses the two steps, whose resources
+are equal): it is a few percent of a forward there, and a separate step would need cores the actors
+hold. Each actor resolves the checkpoint on its own node (``--weights``, or its ``$TORCH_HOME``) and
+checks it against the sha256 the driver records. Every finished batch is written by the driver into
+the build's work folder, so a killed driver resumes; Ray restarts killed actors and retries their
+batches. Ray is an optional extra: the builder imports this module for --ray only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from core.dino.extract import Extractor, decode_files, default_batch_size
+from core.dino.preprocess import Preprocessing
+from core.dino.strategies import Strategy, parse_strategies
+from core.dino.timing import StageTimer
+from core.dino.weights import WeightsUnavailable
+
+from .build import missing
+from .cache import EmbeddingCache
+from .sources import SourceError
+
+
+def start(address: str, device: str | None) -> str:
+    """Join the cluster at ``address`` ("auto", "ray://host:10001"; "" starts a local instance), or this
+    process's Ray session if it has one. Returns the model actors' device: cuda when the cluster has GPUs."""
+    if not ray.is_initialized():
+        try:
+            local = {} if address else {"include_dashboard": False}  # a client accepts no such arguments
+            ray.init(address=address or "local", logging_level=logging.WARNING, **local)
+        except ConnectionError as e:
+            raise SourceError(f"--ray {address}: {e}") from None
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the build shows its own, per backbone
+    context.print_on_execution_start = False
+    context.raise_original_map_exception = True
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = device or ("cuda" if gpus else "cpu")
+    if device.startswith("cuda") and not gpus:
+        raise SourceError("--device cuda: the Ray cluster has no GPU")
+    return device
+
+
+class _Embedder:
+    """A model actor: one backbone's strategies, the checkpoint checked against the driver's sha256."""
+
+    def __init__(self, names: str, weights: Path | None, sha256: str, device: str, precision: str, threads: int):
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.strategies = parse_strategies(names)
+        code = self.strategies[0].backbone.code
+        try:
+            self.extractor = Extractor(
+                self.strategies,
+                device=device,
+                precision=precision,
+                checkpoints={code: weights} if weights else None,
+                expected_sha256={code: sha256},
+                download=False,
+            )
+        except WeightsUnavailable as e:  # raised by the first batch: Ray hands a task's exception to the driver
+            self.extractor = e
+
+    def __call__(self, batch: dict) -> dict:  # one row: one forward batch
+        if isinstance(self.extractor, WeightsUnavailable):
+            raise self.extractor
+        row = {name: values[0] for name, values in batch.items()}
+        t0 = time.perf_counter()
+        if len(row["ok"]):
+            preps = self.extractor.preprocessings
+            features = self.extractor.embed_tensors([torch.from_numpy(np.array(row[f"x_{p.name}"])) for p in preps])
+        else:
+            features = {s.name: np.zeros((0, s.dim), np.float32) for s in self.strategies}
+        out = {name: [row[name]] for name in ("first", "ok", "failures", "decoding")}
+        return out | {f"f_{name}": [f] for name, f in features.items()} | {"forwards": [time.perf_counter() - t0]}
+
+
+def _decode(row: dict, preps: list[Preprocessing]) -> dict:
+    t0 = time.perf_counter()
+    ok, tensors, failures = decode_files([Path(p) for p in row["paths"]], preps)
+    out = {"first": row["first"], "ok": np.array(ok, np.int64), "failures": json.dumps(failures)}
+    for i, p in enumerate(preps):
+        out[f"x_{p.name}"] = tensors[i].numpy() if tensors else np.zeros((0, 3, *p.output_size), np.float32)
+    return out | {"decoding": time.perf_counter() - t0}
+
+
+def embed(
+    cfg,
+    precision: str,
+    strategies: list[Strategy],
+    paths: list[Path],
+    shas: list[str],
+    keys: dict[str, str],
+    ckpt_sha: dict[str, str],
+    cache: EmbeddingCache,
+    timer: StageTimer,
+) -> int:
+    """Embed what the cache lacks, backbone by backbone; returns how many banners were embedded (not failed)."""
+    device = cfg.device
+    batch_size = cfg.batch_size or default_batch_size(device)
+    gpus, cpus = (int(ray.cluster_resources().get(r, 0)) for r in ("GPU", "CPU"))
+    threads = cfg.threads or 1
+    on_gpu = device.startswith("cuda")
+    actors = cfg.num_workers or (gpus if on_gpu else max(1, cpus // threads))
+    if actors > (gpus if on_gpu else cpus // threads):
+        raise SourceError(f"--workers {actors}: the Ray cluster has {gpus} GPUs and {cpus} CPUs")
+    actor_needs = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": threads}
+    embedded: set[int] = set()
+    for code in dict.fromkeys(s.backbone.code for s in strategies):
+        group = [s for s in strategies if s.backbone.code == code]
+        _, todo = missing(group, shas, keys, cache)
+        rows = [
+            {"first": j, "paths": [str(paths[i]) for i in todo[j : j + batch_size]]}
+            for j in range(0, len(todo), batch_size)
+        ]
+        if not rows:
+            continue
+        preps = list(dict.fromkeys(s.preprocessing for s in group))
+        args = (",".join(s.name for s in group), cfg.weights.get(code), ckpt_sha[code], device, precision, threads)
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+            _decode, fn_kwargs={"preps": preps}, num_cpus=1 if on_gpu else threads
+        )
+        ds = ds.map_batches(
+            _Embedder,
+            fn_constructor_args=args,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **actor_needs,
+        )
+        t0 = time.perf_counter()
+        with tqdm(total=len(todo), unit="img", desc=f"embedding {code}", disable=not cfg.progress) as bar:
+            results = iter(ds.iter_rows())
+            while row := _next(results):
+                batch = todo[row["first"] : row["first"] + batch_size]
+                ok = [batch[j] for j in row["ok"]]
+                failed = {shas[batch[j]]: why for j, why in json.loads(row["failures"])}
+                features = {keys[s.name]: np.asarray(row[f"f_{s.name}"]) for s in group}
+                cache.add_batch([shas[i] for i in ok], features, failed)
+                timer.add("decoding (all workers)", row["decoding"])
+                timer.add(f"forwards {code} (all actors)", row["forwards"])
+                embedded.update(ok)
+                bar.update(len(batch))
+        timer.add("embedding", time.perf_counter() - t0)
+    return len(embedded)
+
+
+def _next(results) -> dict | None:
+    """The next finished batch; an actor's checkpoint problem is raised as itself, without Ray's traceback."""
+    try:
+        return next(results, None)
+    except WeightsUnavailable as e:  # a RayTaskError(WeightsUnavailable): the actor's exception is its cause
+        raise getattr(e, "cause", e) from None
