@@ -64,16 +64,18 @@ class Framing:
 
 
 def head_framing(head: bytes) -> Framing:
-    """The body framing announced by a request's header block (request line excluded or not).
+    """The body framing announced by a request's head (request line and headers).
 
     Conflicting or malformed framing is refused here (RFC 9112 section 6.3), before any body byte is
     read: both Content-Length and Transfer-Encoding, differing or non-numeric Content-Lengths, a
-    transfer coding other than chunked.
+    transfer coding other than chunked. ``Expect: 100-continue`` counts from HTTP/1.1 clients only
+    (RFC 9110 section 10.1.1: an HTTP/1.0 client gets no interim answer).
     """
     lengths: list[bytes] = []
     codings: list[bytes] = []
     expect = False
-    for line in head.split(b"\r\n")[1:]:
+    request_line, *lines = head.split(b"\r\n")
+    for line in lines:
         name, _, value = line.partition(b":")
         name = name.lower()
         if name == b"content-length":
@@ -81,7 +83,7 @@ def head_framing(head: bytes) -> Framing:
         elif name == b"transfer-encoding":
             codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
         elif name == b"expect":
-            expect = value.strip(b" \t").lower() == b"100-continue"
+            expect = value.strip(b" \t").lower() == b"100-continue" and request_line.endswith(b" HTTP/1.1")
     if codings:
         if lengths:
             raise RequestError(400, "bad_framing", "both Content-Length and Transfer-Encoding were sent")
