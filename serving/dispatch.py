@@ -42,18 +42,13 @@ class Limits:
     heavy_queue: int = 8  # heavy requests waiting for a slot, per worker
     queue_timeout: float = 10.0  # how long one may wait
     heavy_nice: int = 10  # CPU priority of the heavy threads, relative to the loop
-    is_heavy: Callable[[dict], bool] | None = None  # WSGI environ -> runs in the heavy pool?
+    is_heavy: Callable[[dict], bool] = lambda environ: environ["REQUEST_METHOD"] not in ("GET", "HEAD", "OPTIONS")
 
     @classmethod
     def of(cls, app) -> Limits:
         given = dict(getattr(app, "config", {}).get("SERVING") or {})
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in known})
-
-    def heavy(self, environ: dict) -> bool:
-        if self.is_heavy is not None:
-            return self.is_heavy(environ)
-        return environ["REQUEST_METHOD"] not in ("GET", "HEAD", "OPTIONS")
 
 
 def busy_answer() -> bytes:
@@ -84,6 +79,16 @@ _PARSE_ERRORS = {
 }
 
 
+def refusal(e: Exception) -> bytes:
+    """The answer to a request the parser refused: its status and code, in the API's JSON."""
+    if isinstance(e, RequestError):
+        return error_response(e.status, e.code, e.message)
+    if isinstance(e, (StopIteration, http_errors.NoMoreData)):
+        return error_response(400, "bad_request", "incomplete request")
+    status, code = _PARSE_ERRORS.get(type(e).__name__, (400, "bad_request"))
+    return error_response(status, code, f"{type(e).__name__}: {e}"[:300])
+
+
 class AppCall:
     """One complete request: its head parsed by gunicorn, the environ the app will get; ``run()`` answers it.
 
@@ -91,7 +96,7 @@ class AppCall:
     """
 
     def __init__(self, worker, raw: bytes, addr, server) -> None:
-        self.worker, self.addr = worker, addr
+        self.worker = worker
         self.parser = RequestParser(worker.cfg, [raw], addr)
         self.req = next(self.parser)
         self.out = _Out()
@@ -102,12 +107,9 @@ class AppCall:
         """The call, or the error response for a request gunicorn's parser refuses (in the API's JSON)."""
         try:
             return cls(worker, raw, addr, server)
-        except (StopIteration, http_errors.NoMoreData):
-            return error_response(400, "bad_request", "incomplete request")
         except Exception as e:
-            status, code = _PARSE_ERRORS.get(type(e).__name__, (400, "bad_request"))
-            worker.log.warning("Invalid request from ip=%s: %s", client_ip(addr), e)
-            return error_response(status, code, f"{type(e).__name__}: {e}"[:300])
+            worker.log.warning("Invalid request from ip=%s: %r", client_ip(addr), e)
+            return refusal(e)
 
     def run(self) -> Answer:
         """Read the body from memory, run the app, and collect its response."""
@@ -117,11 +119,8 @@ class AppCall:
             body = req.body.read()
             if self.parser.unreader.read():
                 raise RequestError(400, "bad_framing", "the request's framing is ambiguous")
-        except RequestError as e:
-            return [error_response(e.status, e.code, e.message)], False
         except Exception as e:
-            status, code = _PARSE_ERRORS.get(type(e).__name__, (400, "bad_request"))
-            return [error_response(status, code, f"{type(e).__name__}: {e}"[:300])], False
+            return [refusal(e)], False
         environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "wsgi.multithread": True})
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["serving.ready"] = worker.workers_ready
@@ -129,6 +128,7 @@ class AppCall:
         if not worker.alive:
             resp.force_close()
         try:
+            worker.cfg.pre_request(worker, req)
             result = worker.wsgi(environ, resp.start_response)
             try:
                 for item in result:
@@ -141,6 +141,7 @@ class AppCall:
             worker.log.exception("Error handling request %s %s", req.method, req.uri)
             return [error_response(500, "internal_error", "an unexpected error occurred; it has been logged")], False
         worker.log.access(resp, req, environ, datetime.now() - started)
+        worker.cfg.post_request(worker, req, environ, resp)
         return self.out.parts, not resp.should_close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
@@ -30,25 +31,12 @@ class RequestError(Exception):
         self.retry_after = retry_after
 
 
-REASONS = {
-    400: "Bad Request",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-}
-
-
 def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 response in the API's error shape, that closes the connection."""
     body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
     extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     head = (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n{extra}X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body

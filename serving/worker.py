@@ -375,7 +375,7 @@ class BufferedWorker(base.Worker):
         call = AppCall.open(self, raw, conn.addr, conn.server)
         if isinstance(call, bytes):
             self._respond(conn, [call], False)
-        elif not self.limits.heavy(call.environ):
+        elif not self.limits.is_heavy(call.environ):
             if self._surplus():  # this connection goes; its client reconnects, to a less busy worker
                 conn.shed = True
                 self.shedding += 1
