@@ -60,16 +60,18 @@ def needs_model_pass(app: Flask, environ: dict) -> bool:
     The rate limit charges these, and the serving worker runs them in its heavy pool. Both decide on the
     route as Flask matches it, so an absolute-form target or a percent-encoded path is classified as routed.
     """
-    if environ.get("REQUEST_METHOD") == "OPTIONS":
-        return False
+    svc = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
+    fallback = svc is not None and svc.fetcher is not None
+    method = environ.get("REQUEST_METHOD")
+    if method == "OPTIONS" or (method in ("GET", "HEAD") and not fallback):
+        return False  # uploads are POSTs: no routing needed for the lookups
     try:
         endpoint, view_args = app.url_map.bind_to_environ(environ).match()
     except HTTPException:  # 404, 405, a redirect: answered without a model
         return False
     if endpoint in UPLOAD_ENDPOINTS:
         return True
-    svc = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
-    if endpoint != "api.match_appid" or svc is None or svc.fetcher is None:
+    if endpoint != "api.match_appid" or not fallback:
         return False
     args = app.request_class(environ).args
     try:
