@@ -9,6 +9,9 @@ with W workers a client may get up to W times the limit; ``redis://host:port``
 counts in one place, exactly, across workers and dynos. A moving window:
 "2/minute" means at most 2 in any 60 seconds. If the store is unreachable,
 requests are let through (and logged) rather than refused.
+
+``needs_model_pass`` says which requests run a model pass: this limit charges
+them, and the serving worker runs them in its heavy pool.
 """
 
 from __future__ import annotations
