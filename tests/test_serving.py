@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 import types
 
@@ -219,6 +220,44 @@ def settled(srv) -> list[int]:
     while sum(connections_per_worker(srv.port, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return pids
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_loses_no_keep_alive_request(served):
+    """A worker told to stop (SIGTERM, as in every restart) answers its keep-alive connections' next
+    request with Connection: close before it closes them; the clients reconnect to the other worker."""
+    stop, answered, failures = threading.Event(), [], []
+
+    def lookups() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)  # reconnects after a close
+        while not stop.wait(0.005):
+            try:
+                conn.request("GET", "/match/10?k=1")
+                r = conn.getresponse()
+                r.read()
+                (answered if r.status == 200 else failures).append(r.status)
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(repr(e))
+                conn.close()
+        conn.close()
+
+    threads = [threading.Thread(target=lookups) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        old = served.workers(expect=2)
+        os.kill(old[0], signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while old[0] in served.workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [] and len(answered) > 50, (failures[:5], len(answered))
+    served.watch_until(200, timeout=60)  # the replacement serves
 
 
 @pytest.mark.slow
