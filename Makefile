@@ -18,9 +18,6 @@ $(VENV)/.runtime: requirements-dev.txt requirements-ray.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime
-	touch $@
-
 # -- the whole pipeline: banners of the default games, weights, index, service ---------------------
 check-online:
 	@$(PYTHON) scripts/check_online.py
@@ -41,20 +38,20 @@ serve: $(VENV)/.runtime
 # -- checks ---------------------------------------------------------------------------------------
 # The tests start dozens of servers and commands: with bytecode caching on (some environments set
 # PYTHONDONTWRITEBYTECODE), each reuses the project's compiled modules instead of compiling them again.
-test: $(VENV)/.dev  # all but the Ray builds, which start a local Ray instance each: they have their own command
+test: $(VENV)/.runtime  # all but the Ray builds, which start a local Ray instance each: they have their own command
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not ray"
 
-test-ray: $(VENV)/.dev  # the builds on a local Ray instance (tests/test_ray_build.py); CI runs it after make test
+test-ray: $(VENV)/.runtime  # the builds on a local Ray instance (tests/test_ray_build.py); CI runs it after make test
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m ray
 
-test-fast: $(VENV)/.dev  # the fast lane: tests under ~1-2 s each
+test-fast: $(VENV)/.runtime  # the fast lane: tests under ~1-2 s each
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow"
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.runtime
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) -m bench.run_all
 

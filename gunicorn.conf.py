@@ -1,56 +1,54 @@
-"""gunicorn settings for the service (used by the Procfile, the Dockerfile and the tests).
+"""gunicorn settings for the service, started by ``python -m serving.launch`` (Procfile, Dockerfile, tests).
 
-Worker class: serving.worker.BufferedWorker (serving/worker.py). Each worker process runs one event
-loop that reads whole requests, headers and body, under total deadlines (HEADER_TIMEOUT,
-UPLOAD_TIMEOUT) before the app sees them, so slow clients hold no thread; runs lookups inline, as a
-sync worker would, with keep-alive and no GIL contention; and runs model passes in a small pool of
-lower-priority threads (UPLOAD_CONCURRENCY per worker, then a short queue, then 503 Retry-After).
-The workers balance their keep-alive connections through a board in shared memory, which /health
-also reads: it answers 200 only when every worker serves. The README's "Serving" section says why.
+Worker class: serving.worker.BufferedWorker, which reads whole requests before the app sees them, runs
+lookups inline and model passes in a small pool of lower-priority threads (docs/serving.md says why).
 
-preload_app: the master loads and checks the index once, before forking, so a bad index stops
-start-up with one message, and the memory-mapped tables are shared by all workers. Models are loaded
-lazily inside each worker (torch's thread pool must not exist before fork), once per backbone per
-worker.
+preload_app: the master loads and checks the index once, before forking, so a bad index stops start-up
+with one message and the memory-mapped tables are shared by all workers. The master also imports torch
+before forking (when_ready), so the workers share its memory too. Models are loaded in each worker, on
+the first upload or at start with PRELOAD_MODELS. With INDEX_URL the app is not preloaded: the master
+binds $PORT at once and each worker fetches the index (app/boot.py).
 
-Environment: PORT (default 8000), WEB_CONCURRENCY (workers, default 2), GUNICORN_TIMEOUT (default
-120 s). Started by ``python -m serving.launch`` (Procfile, Dockerfile), which checks them first.
+Environment, checked by serving/env.py: PORT (default 8000), WEB_CONCURRENCY (workers, default 2),
+GUNICORN_TIMEOUT (default 120 s), TORCH_THREADS, MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, LOG_LEVEL;
+also HOST and ACCESS_LOG.
 """
 
 import contextlib
+import gc
 import os
 import sys
 
-from serving.env import gunicorn_int, or_exit, preload_torch
-from serving.refresh import freeze_heap
+from serving.env import read_or_exit
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{or_exit(gunicorn_int, 'PORT')}"
-workers = or_exit(gunicorn_int, "WEB_CONCURRENCY")
+ENV = read_or_exit()
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{ENV['PORT']}"
+workers = ENV["WEB_CONCURRENCY"]
 worker_class = "serving.worker.BufferedWorker"
-# Deploy (issue 11): with INDEX_URL the index is fetched after the port is bound, in each worker (app/boot.py),
-# so the app is not preloaded: the master binds $PORT at once and never imports the app.
 preload_app = not os.environ.get("INDEX_URL", "").strip()
-timeout = or_exit(gunicorn_int, "GUNICORN_TIMEOUT")  # the first upload per backbone loads its model
+timeout = ENV["GUNICORN_TIMEOUT"]  # the first upload per backbone loads its model
 graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None  # "-" for stdout
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = ENV["LOG_LEVEL"]
 limit_request_line = 8190
 
 
-def post_fork(server, worker):
-    """Split the cores between the workers' torch thread pools (TORCH_THREADS overrides).
+def when_ready(server):
+    """In the master, before the first fork: import torch, so that the workers share its memory
+    (copy-on-write) instead of each importing its own copy on its first model pass."""
+    import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
 
-    Done here, in the worker, because torch's thread pool must not be started
-    in the master before the fork; the app itself leaves the setting alone
-    unless TORCH_THREADS is set. torch is normally imported by the master already
-    (when_ready); if not, it is not imported here (seconds before the worker could
-    answer anything) and reads OMP_NUM_THREADS when it is.
-    """
+    _freeze_heap()
+
+
+def post_fork(server, worker):
+    """Split the cores between the workers' torch thread pools (TORCH_THREADS overrides); torch's pool
+    starts on its first use, in the worker, never in the master."""
     from core.cpu import cpu_cores
 
-    threads = or_exit(gunicorn_int, "TORCH_THREADS") or max(1, cpu_cores() // max(1, workers))
+    threads = ENV["TORCH_THREADS"] or max(1, cpu_cores() // max(1, workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -59,43 +57,22 @@ def post_fork(server, worker):
 
 
 def _limit_malloc_arenas() -> None:
-    """Deploy (issue 11): at most MALLOC_ARENA_MAX (default 2) glibc malloc arenas in a worker, and blocks
-    over 128 KiB always mapped on their own (MALLOC_MMAP_THRESHOLD_, default 131072), so freed ones go back.
+    """At most MALLOC_ARENA_MAX glibc malloc arenas in a worker, and blocks over MALLOC_MMAP_THRESHOLD_
+    bytes always mapped on their own, so that what an upload's forward pass frees goes back to the system.
 
-    By default each of the worker's threads may get its own arena (up to 8 per core), and an arena keeps
-    what an upload's forward pass freed: the memory of a worker would grow with the number of threads that
-    ever ran an upload. And glibc raises its mmap threshold after each large block freed (up to 32 MiB), so
-    a forward pass's activations end up in the heap, where freeing them returns nothing: 34 MiB per worker
-    after the ViT-B/16 uploads of ``bench.memory``. Set here, in the worker before its threads start (the
-    variables are read only at exec).
+    By default each of the worker's threads may get its own arena, which keeps what it freed, and glibc
+    raises its mmap threshold after each large block freed, so a forward pass's activations would end up
+    in the heap for good. glibc reads these variables only at exec: they are applied here, in the worker,
+    before its threads start.
     """
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError, ValueError):  # not glibc: nothing to limit
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to limit
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, int(os.environ.get("MALLOC_ARENA_MAX") or 2))  # -8: M_ARENA_MAX
-        threshold = int(os.environ.get("MALLOC_MMAP_THRESHOLD_") or 131072)
+        libc.mallopt(-8, ENV["MALLOC_ARENA_MAX"])  # -8: M_ARENA_MAX
+        threshold = ENV["MALLOC_MMAP_THRESHOLD_"]
         libc.mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (setting it also stops its dynamic growth)
         libc.mallopt(-1, 2 * threshold)  # -1: M_TRIM_THRESHOLD: free heap tops beyond this go back too
-
-
-def when_ready(server):
-    """Deploy (issue 11): the workers share torch's memory without /health waiting for its import.
-
-    The import's own memory (~140 MiB of anonymous memory with the CPU build, ~280 MiB with the CUDA one:
-    relocated library data, the Python modules) is shared by the workers, copy-on-write, only if they are
-    forked after it. ``serving/refresh.py`` imports it in the master once the first workers serve, then
-    replaces them one at a time. With INDEX_URL (no preloading: the port is bound and the workers then fetch
-    the index, which takes longer than the import) it is imported here, before the first fork. PRELOAD_TORCH=0
-    skips it: each worker imports torch on its first model pass.
-    """
-    if or_exit(preload_torch) and preload_app:
-        from serving.refresh import share_torch_after_start
-
-        share_torch_after_start(server)
-    elif or_exit(preload_torch):  # INDEX_URL: the workers fetch the index first, so nothing waits on the import
-        import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
-    freeze_heap()
 
 
 def post_worker_init(worker):
@@ -106,7 +83,15 @@ def post_worker_init(worker):
     # None: a fetched index is not ready yet (INDEX_URL); app/boot.py preloads once it is
     if service is not None and service.preload:  # checked against the index at start-up
         service.preload_models()
-    freeze_heap()  # the worker's own start-up objects (the app, when not preloaded; the models loaded)
+    _freeze_heap()  # the worker's own start-up objects (the app, when not preloaded; the models loaded)
+
+
+def _freeze_heap() -> None:
+    """Leave what this process made so far (the app, the catalog's objects, torch's modules) out of garbage
+    collection: a full collection traverses every tracked object with the GIL held, a stall of every
+    request in flight, and writes to their headers, turning the pages the workers share into private copies."""
+    gc.collect()
+    gc.freeze()
 
 
 # -- Prometheus multiprocess metrics (app/metrics.py): one folder of value files for all workers ------------

@@ -100,7 +100,6 @@ def _flask_app(settings: Settings) -> Flask:
 
     from . import api, docs, limits, metrics, pages
     from .errors import register_error_handlers
-    from .fast_lookups import FastLookups
 
     register_error_handlers(app)
     metrics.install(app)
@@ -126,11 +125,6 @@ def _flask_app(settings: Settings) -> Flask:
         resp.headers.setdefault("Content-Security-Policy", html_policy if html else NON_HTML_POLICY)
         return resp
 
-    # Outermost: plain lookups skip Flask (and ProxyFix, which they do not need); the headers are the
-    # hooks' above for a JSON answer to a request without Origin or Accept-Encoding.
-    vary = "Accept-Encoding, Origin" if settings.cors_origins else "Accept-Encoding"
-    json_headers = [*SECURITY_HEADERS, ("Content-Security-Policy", NON_HTML_POLICY), ("Vary", vary)]
-    app.wsgi_app = FastLookups(app, app.wsgi_app, json_headers)
     return app
 
 
@@ -150,22 +144,9 @@ def _register_compression(app: Flask) -> None:
 
 
 def _serving_limits(app: Flask, settings: Settings) -> dict:
-    """What gunicorn's worker (serving.worker.BufferedWorker) enforces before and around the app.
-
-    Heavy requests (a model pass: uploads, and lookups of unknown appids when the CDN fallback is on)
-    run in the worker's bounded, low-priority thread pool; everything else inline.
-    """
-
-    def is_heavy(method: str, path: str) -> bool:
-        if method not in ("GET", "HEAD", "OPTIONS"):
-            return True
-        from .params import EXTENSION_KEY
-
-        service = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
-        if service is None or service.fetcher is None or not path.startswith("/match/"):
-            return False
-        appid = path[len("/match/") :]
-        return not (appid.isdigit() and appid.isascii() and service.catalog.get(int(appid)) is not None)
+    """What gunicorn's worker (serving.worker.BufferedWorker) enforces before and around the app; requests
+    that run a model pass (``limits.needs_model_pass``) run in its bounded, low-priority thread pool."""
+    from .limits import needs_model_pass
 
     return {
         "header_timeout": settings.header_timeout,
@@ -175,7 +156,7 @@ def _serving_limits(app: Flask, settings: Settings) -> dict:
         "heavy_slots": settings.upload_concurrency,
         "heavy_queue": settings.upload_queue,
         "queue_timeout": settings.upload_queue_timeout,
-        "is_heavy": is_heavy,
+        "is_heavy": lambda environ: needs_model_pass(app, environ),
     }
 
 

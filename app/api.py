@@ -89,10 +89,7 @@ def match_upload():
     offset = offset_param(svc, strategy)
     variant = variant_param()
     embedding = flag_param("embedding")
-    if request.mimetype == "application/json":
-        data = svc.fetch_url(read_url_query(svc.settings))
-    else:
-        data = read_upload(svc.settings)
+    data = svc.fetch_url(read_url_query()) if request.mimetype == "application/json" else read_upload()
     payload, timings, _ = svc.upload_payload(
         data, strategy, k, host_url(), offset=offset, variant=variant, embedding=embedding
     )
@@ -196,7 +193,6 @@ def health():
             "status": "ok" if ready >= workers else "starting",
             "workers_ready": ready,
             "workers": workers,
-            "workers_sharing_torch": _workers_sharing_torch(),
             "apps": len(svc.catalog),
             "strategies": svc.strategy_names,
             "default_strategy": svc.default_strategy,
@@ -209,12 +205,6 @@ def health():
     )
     body.status_code = 200 if ready >= workers else 503  # ready means every worker serves
     return body
-
-
-def _workers_sharing_torch() -> int:
-    """Serving workers forked after the master imported torch (serving/refresh.py); 0 elsewhere."""
-    probe = request.environ.get("serving.sharing_torch")
-    return probe() if probe is not None else 0
 
 
 def _workers_ready() -> tuple[int, int]:

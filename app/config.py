@@ -124,7 +124,6 @@ class Settings:
     max_upload_mb: float = 8.0
     max_image_pixels: int = 40_000_000
     upload_timeout: float = 30.0
-    upload_read_timeout: float = 10.0
     header_timeout: float = 10.0  # serving.worker: from a request's first byte to the end of its headers
     upload_concurrency: int = 1  # serving.worker: model passes at once per worker
     upload_queue: int = 8  # serving.worker: uploads waiting for one, per worker (beyond: 503)
@@ -190,7 +189,6 @@ class Settings:
             max_upload_mb=_float(env, "MAX_UPLOAD_MB", 8.0, 0.01, 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, 1, 1_000_000_000),
             upload_timeout=_float(env, "UPLOAD_TIMEOUT", 30.0, 0.1, 3600),
-            upload_read_timeout=_float(env, "UPLOAD_READ_TIMEOUT", 10.0, 0.1, 3600),
             header_timeout=_float(env, "HEADER_TIMEOUT", 10.0, 0.1, 3600),
             upload_concurrency=_int(env, "UPLOAD_CONCURRENCY", 1, 1, 64),
             upload_queue=_int(env, "UPLOAD_QUEUE", 8, 0, 10_000),

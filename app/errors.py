@@ -9,10 +9,7 @@ logged with its traceback.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-import time
 
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
@@ -40,7 +37,6 @@ STATUS = {
     problems.BadRequest: 400,
     problems.Forbidden: 403,
     problems.NotFound: 404,
-    problems.TooSlow: 408,
     problems.UnsupportedUpload: 415,
     problems.UpstreamFailed: 502,
     problems.Unavailable: 503,
@@ -66,55 +62,6 @@ def error_response(status: int, code: str, message: str, extra: dict | None = No
     resp = jsonify(body)
     resp.status_code = status
     return resp
-
-
-def stop_reading(environ: dict) -> None:
-    """Close the read side of the client's connection: the rest of its body is never read.
-
-    gunicorn would otherwise keep the connection alive and, before the next
-    request, read the unread rest of this body in a thread with no timeout.
-    With the read side shut, that read ends at once and gunicorn closes the
-    connection after sending our response.
-    """
-    sock = environ.get("gunicorn.socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RD)
-
-
-LINGER_BYTES = 256 * 2**20
-LINGER_SECONDS = 5.0
-
-
-def _linger(environ: dict) -> None:
-    """Discard (never store) the rest of a refused body, briefly, so the client can read our 413.
-
-    The refusal itself is decided from Content-Length before any of the body is
-    read. But a server that closes a socket with unread data makes the kernel
-    reset the connection, and the client, still sending, never sees the
-    response. Like nginx's lingering close, we read and drop what keeps
-    arriving, in 64 KB chunks, for at most a few seconds and a few hundred MB.
-    """
-    stream = environ.get("wsgi.input")
-    if stream is None:
-        return
-    deadline = time.monotonic() + LINGER_SECONDS
-    drained = 0
-    sock = environ.get("gunicorn.socket")
-    finished = False
-    try:
-        if sock is not None:
-            sock.settimeout(1.0)  # a client that stops sending cannot hold this thread
-        while drained < LINGER_BYTES and time.monotonic() < deadline:
-            chunk = stream.read(65536)
-            if not chunk:
-                finished = True
-                break
-            drained += len(chunk)
-    except Exception:  # a reset or timeout from the client: nothing more to do
-        pass
-    if not finished:
-        stop_reading(environ)
 
 
 def _too_large(app: Flask) -> tuple[str, str]:
@@ -151,7 +98,6 @@ def register_error_handlers(app: Flask) -> None:
         message = e.description or e.name
         if status == 413:
             code, message = _too_large(app)
-            _linger(request.environ)
         if status == 404 and request.blueprint is None:
             message = (
                 f"there is no page at {request.path}"

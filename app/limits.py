@@ -9,15 +9,24 @@ with W workers a client may get up to W times the limit; ``redis://host:port``
 counts in one place, exactly, across workers and dynos. A moving window:
 "2/minute" means at most 2 in any 60 seconds. If the store is unreachable,
 requests are let through (and logged) rather than refused.
+
+``needs_model_pass`` says which requests run a model pass: this limit charges
+them, and the serving worker runs them in its heavy pool.
 """
 
 from __future__ import annotations
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import HTTPException
+
+from core.env import parse_bool
+from core.variants import TRANSFORMS, variant_name
 
 from .config import Settings
+from .params import EXTENSION_KEY, parse_appid, strategy_value
+from .problems import Problem
 
 UPLOAD_ENDPOINTS = ("api.match_upload", "pages.upload")
 
@@ -40,22 +49,40 @@ def install(app: Flask, settings: Settings) -> Limiter | None:
         if endpoint in app.view_functions:
             app.view_functions[endpoint] = shared(app.view_functions[endpoint])  # the check runs in the wrapper
     if settings.fallback_fetch:
-        charged = limiter.shared_limit(rate, scope="uploads", exempt_when=_no_model_pass)
+        charged = limiter.shared_limit(
+            rate, scope="uploads", exempt_when=lambda: not needs_model_pass(current_app, request.environ)
+        )
         app.view_functions["api.match_appid"] = charged(app.view_functions["api.match_appid"])
     return limiter
 
 
-def _no_model_pass() -> bool:
-    """A lookup that reads the tables (or a cached fallback) costs no model pass: not counted."""
-    from .params import get_service, parse_appid, strategy_param, variant_param
-    from .problems import Problem
+def needs_model_pass(app: Flask, environ: dict) -> bool:
+    """Whether a request runs a model pass: an upload, or a lookup of a game that is not in the index whose
+    banner is fetched from the CDN (FALLBACK_FETCH, not cached yet).
 
+    The rate limit charges these, and the serving worker runs them in its heavy pool. Both decide on the
+    route as Flask matches it, so an absolute-form target or a percent-encoded path is classified as routed.
+    """
+    svc = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
+    fallback = svc is not None and svc.fetcher is not None
+    method = environ.get("REQUEST_METHOD")
+    if method == "OPTIONS" or (method in ("GET", "HEAD") and not fallback):
+        return False  # uploads are POSTs: no routing needed for the lookups
     try:
-        svc = get_service()
-        appid = parse_appid((request.view_args or {}).get("appid", ""))
+        endpoint, view_args = app.url_map.bind_to_environ(environ).match()
+    except HTTPException:  # 404, 405, a redirect: answered without a model
+        return False
+    if endpoint in UPLOAD_ENDPOINTS:
+        return True
+    if endpoint != "api.match_appid" or not fallback:
+        return False
+    args = app.request_class(environ).args
+    try:
+        appid = parse_appid(view_args["appid"])
         if svc.catalog.get(appid) is not None:  # every lookup of an indexed game, whatever its parameters
-            return True
-        strategy, variant = strategy_param(svc), variant_param()
-    except Problem:
-        return True  # the view answers it with its 4xx or 503
-    return not svc.fallback_needs_fetch(appid, strategy, variant)
+            return False
+        strategy = strategy_value(svc, args.get("strategy"))
+        variant = variant_name([t for t in TRANSFORMS if parse_bool(t, args.get(t), False)])
+    except (Problem, ValueError):
+        return False  # the view answers it with its 4xx
+    return svc.fallback_needs_fetch(appid, strategy, variant)

@@ -130,11 +130,6 @@ SCHEMAS: dict[str, dict] = {
         models_loaded_workers={"type": "object", "additionalProperties": INT, "description": "workers per backbone"},
         workers_ready=INT,
         workers=INT,
-        workers_sharing_torch={
-            "type": "integer",
-            "description": "serving workers that share the master's torch (it is imported after start, then the "
-            "workers are replaced one by one); until then an upload's worker imports torch itself",
-        },
         uptime_s=NUM,
     ),
 }

@@ -110,7 +110,7 @@ def upload():
     if request.form.get("strategy"):
         strategy = strategy_value(svc, request.form["strategy"])
     k = k_param(svc, strategy, default=20)
-    data = read_upload(svc.settings)
+    data = read_upload()
     payload, _, uploaded = svc.upload_payload(data, strategy, k, host_url())
     thumb = _thumbnail_data_url(uploaded.image)
     # an upload is not stored: there is no page to ask for more of it

@@ -36,10 +36,6 @@ class Forbidden(Problem):
     """A feature this deployment has switched off, or a target it will not reach."""
 
 
-class TooSlow(Problem):
-    """The client took too long to send its request."""
-
-
 class UpstreamFailed(Problem):
     """A server this service relies on (the Steam CDN) failed or sent something unusable."""
 

@@ -1,30 +1,25 @@
-"""Reading an uploaded image out of a request, with every limit enforced up front.
+"""Reading an uploaded image out of a request, and decoding it with every limit enforced up front.
 
 Accepted: ``multipart/form-data`` with a file field ``image`` (an HTML form),
 or a raw body with an ``image/*`` content type (``curl --data-binary``).
-The size cap is Flask's ``MAX_CONTENT_LENGTH``: a declared length over it is
-refused (413) before any of the body is read, and a chunked body is cut off
-as soon as it passes the cap. Decoding (format whitelist, pixel cap, modes)
-is ``core.images.open_image``.
+The body is in memory already: the serving worker reads it, under its size cap
+and deadlines, before the app runs (serving/worker.py).
+Decoding (format whitelist, pixel cap, modes) is ``core.images.open_image``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import request
 from PIL import Image
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from core.images import open_image
 
-from .config import Settings
-from .errors import stop_reading
-from .problems import BadRequest, TooSlow, UnsupportedUpload
+from .problems import BadRequest, UnsupportedUpload
 
 UNSUPPORTED = "unsupported_media_type"
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"
@@ -51,56 +46,7 @@ class Upload:
         }
 
 
-def buffer_body(max_bytes: int, total_timeout: float, read_timeout: float) -> None:
-    """Read the request body into memory now, with deadlines, so a slow client cannot hold a thread.
-
-    Under gunicorn's gthread workers a request's thread reads the body as the
-    app consumes it, from a blocking socket with no timeout: a client that
-    trickles (or stalls) would keep the thread forever. Here every receive
-    has ``read_timeout`` and the whole body ``total_timeout``; past either,
-    408. The size cap is enforced while reading (chunked bodies included), and
-    a declared Content-Length over it is refused before reading anything.
-    """
-    environ = request.environ
-    declared = request.content_length
-    if declared is not None and declared > max_bytes:
-        raise RequestEntityTooLarge()
-    sock = environ.get("gunicorn.socket")
-    previous = sock.gettimeout() if sock is not None else None
-    if sock is not None:
-        sock.settimeout(read_timeout)
-    stream = environ["wsgi.input"]
-    body = io.BytesIO()
-    deadline = time.monotonic() + total_timeout
-    try:
-        while True:
-            chunk = stream.read(min(65536, max_bytes + 1 - body.tell()) or 1)
-            if not chunk:
-                break
-            body.write(chunk)
-            if body.tell() > max_bytes:
-                raise RequestEntityTooLarge()
-            if time.monotonic() > deadline:
-                stop_reading(environ)
-                raise TooSlow("upload_timeout", f"the upload took longer than {total_timeout:g} s; try again")
-    except TimeoutError:
-        stop_reading(environ)
-        raise TooSlow("upload_timeout", f"the upload stalled for {read_timeout:g} s; try again") from None
-    finally:
-        if sock is not None:
-            sock.settimeout(previous)
-    environ["wsgi.input"] = io.BytesIO(body.getvalue())
-    environ["CONTENT_LENGTH"] = str(body.tell())
-    environ.pop("HTTP_TRANSFER_ENCODING", None)
-
-
-def read_upload(settings: Settings) -> bytes:
-    """The uploaded image's bytes, read with the configured deadlines and size cap (see ``buffer_body``)."""
-    buffer_body(settings.max_upload_bytes, settings.upload_timeout, settings.upload_read_timeout)
-    return read_upload_bytes()
-
-
-def read_upload_bytes() -> bytes:
+def read_upload() -> bytes:
     """The raw bytes of the uploaded image; a problem (400/413/415) when the request does not carry one."""
     mimetype = request.mimetype or ""
     if mimetype == "multipart/form-data":
@@ -151,9 +97,8 @@ def _sniff_format(data: bytes) -> str:
     return "unknown"
 
 
-def read_url_query(settings: Settings) -> str:
-    """The ``url`` of a JSON query body ``{"url": "https://..."}`` (small: read with the upload deadlines)."""
-    buffer_body(64 * 1024, settings.upload_timeout, settings.upload_read_timeout)
+def read_url_query() -> str:
+    """The ``url`` of a JSON query body ``{"url": "https://..."}``."""
     body = request.get_json(silent=True)
     url = body.get("url") if isinstance(body, dict) else None
     if not isinstance(url, str) or not url.strip():

@@ -350,12 +350,6 @@ def gunicorn_settings(env: dict[str, str] | None = None) -> dict:
     return {k: v for k, v in scope.items() if isinstance(v, int | str | bool) and not k.startswith("__")}
 
 
-def pin_connections(srv: Server, pids: Sequence[int], tries: int = 60) -> dict[int, http.client.HTTPConnection]:
-    """One keep-alive connection held by each worker (gthread keeps a connection in the worker that
-    accepted it): new connections are opened until every worker has accepted one."""
-    return {pid: conns[0] for pid, conns in pin_many(srv, pids, 1, tries).items()}
-
-
 def pin_many(
     srv: Server, pids: Sequence[int], per_worker: int, tries: int = 200
 ) -> dict[int, list[http.client.HTTPConnection]]:

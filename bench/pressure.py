@@ -1,18 +1,16 @@
 """Background pressure for bench/serve.py: slow clients and uploaders, each a context manager (bounded, 127.0.0.1).
 
 ``SlowClients(host, port, n)``: n connections that each send one byte of a request a second, half in
-the headers, half in a body (Content-Length 100,000): the "slowloris" pattern of issue #12.
+the headers, half in a body (Content-Length 100,000): the "slowloris" pattern.
 ``Uploaders(host, port, n, body)``: n threads posting an image back to back (POST /match?strategy=
 SimpleS16), each waiting only when answered 503, for its Retry-After. Both stop when the block ends;
-``counts`` says how they were answered. ``Lookups(host, port, appids)``: lookups that must all succeed
-(the tests of a worker refresh).
+``counts`` says how they were answered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
-import random
 import socket
 import threading
 import time
@@ -108,35 +106,4 @@ class Uploaders(_ClientThreads):
                 self.counts[status] += 1
             if retry:
                 self._stop.wait(float(retry))
-        conn.close()
-
-
-class Lookups(_ClientThreads):
-    """Lookups of random appids on n keep-alive connections; ``answered`` and ``failures`` (statuses other
-    than 200, and errors: a reset or closed connection is a lost request).
-
-    ``pause`` between two requests of a thread leaves the machine room for what runs meanwhile (the
-    master's torch import at a low priority): every request is still checked, the refresh just ends sooner.
-    """
-
-    def __init__(self, host: str, port: int, appids: list[int], n: int = 2, pause: float = 0.005) -> None:
-        super().__init__(n)
-        self.host, self.port, self.appids, self.pause = host, port, appids, pause
-        self.answered, self.failures = 0, []
-
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        while not self._stop.wait(self.pause):
-            try:
-                conn.request("GET", f"/match/{rng.choice(self.appids)}?k=10")
-                r = conn.getresponse()
-                r.read()
-                if r.status == 200:
-                    self.answered += 1
-                else:
-                    self.failures.append(r.status)
-            except (OSError, http.client.HTTPException) as e:
-                self.failures.append(repr(e))
-                conn.close()
         conn.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import signal
 import socket
@@ -24,7 +23,6 @@ from pathlib import Path
 
 from devtools.cgroup import MemoryCgroup
 from serving import launch
-from serving.env import preload_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,23 +97,6 @@ class GunicornServer:
             time.sleep(0.02)
         raise RuntimeError(f"gunicorn did not answer /health within {timeout} s:\n{self.output()[-3000:]}")
 
-    def wait_torch_shared(self, timeout: float = 120.0) -> float:
-        """Seconds from launch until every serving worker shares the master's torch (serving/refresh.py) and
-        the workers it replaced are gone."""
-        while time.monotonic() - self.started < timeout:
-            try:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
-                conn.request("GET", "/health")
-                health = json.loads(conn.getresponse().read() or b"{}")
-                conn.close()
-                shared = health.get("workers_sharing_torch", 0) >= health.get("workers", 1) > 0
-                if shared and len(self.workers()) == health["workers"]:
-                    return time.monotonic() - self.started
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"the workers did not all share torch within {timeout} s:\n{self.output()[-3000:]}")
-
     def workers(self, expect: int | None = None, timeout: float = 30.0) -> list[int]:
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         deadline = time.monotonic() + timeout
@@ -152,13 +133,10 @@ class GunicornServer:
 
 @contextlib.contextmanager
 def running_server(env: dict[str, str], log_dir: Path, name: str = "gunicorn", **kw) -> Iterator[GunicornServer]:
-    """The service, ready and settled: once it answers, and (PRELOAD_TORCH on) once its workers were replaced by
-    ones sharing the master's torch (serving/refresh.py), so that what is measured on them stays on them.
-    ``startup_s`` and ``shared_s`` (None without the refresh): seconds from launch to each."""
+    """The service, once it answers; ``startup_s``: seconds from launch to the first 200 from /health."""
     srv = GunicornServer(env, log_dir / f"{name}.log", **kw)
     try:
         srv.startup_s = srv.wait_ready()
-        srv.shared_s = srv.wait_torch_shared() if preload_torch({**os.environ, **env}) else None
         yield srv
     finally:
         srv.stop()

@@ -3,8 +3,7 @@
 Created in the gunicorn master before any worker is forked (an anonymous shared mapping), so every
 worker sees every other's row: ``/health`` reads it to answer 200 only when all the configured
 workers serve, and each worker reads it to keep the connections balanced (see ``serving.worker``).
-A row is four 32-bit integers: pid, state, open connections, flags (``TORCH_SHARED``: the worker was
-forked from a master that had imported torch, so it shares that memory). Rows are claimed by the master
+A row is three 32-bit integers: pid, state, open connections. Rows are claimed by the master
 (single-threaded) and written only by the worker that owns them, so no lock is needed; a worker
 killed without cleaning up is recognised by its pid no longer existing.
 """
@@ -16,9 +15,8 @@ import os
 import time
 
 FREE, BOOTING, READY, STOPPING = 0, 1, 2, 3
-TORCH_SHARED = 1
 ROWS = 64
-_FIELDS = 4
+_FIELDS = 3
 
 
 def _alive(pid: int) -> bool:
@@ -43,7 +41,7 @@ def _alive(pid: int) -> bool:
 class Board:
     def __init__(self, rows: int = ROWS) -> None:
         self.rows = rows
-        # row 0 is a header: [rows ever claimed, 0, 0, 0]; workers use rows 1..rows
+        # row 0 is a header: [rows ever claimed, 0, 0]; workers use rows 1..rows
         self._mem = mmap.mmap(-1, (rows + 1) * _FIELDS * 4)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
         self._v = memoryview(self._mem).cast("i")
         self._alive_at: dict[int, tuple[float, bool]] = {}
@@ -55,7 +53,7 @@ class Board:
             pid, state = self._v[row * _FIELDS], self._v[row * _FIELDS + 1]
             if state == FREE or (pid > 0 and not _alive(pid)):
                 base = row * _FIELDS
-                self._v[base], self._v[base + 1], self._v[base + 2], self._v[base + 3] = 0, BOOTING, 0, 0
+                self._v[base], self._v[base + 1], self._v[base + 2] = 0, BOOTING, 0
                 self._v[0] = max(self._v[0], row)
                 return row
         raise RuntimeError(f"more than {self.rows} gunicorn workers: no row left in the board")
@@ -67,9 +65,6 @@ class Board:
         self._v[base + 1] = state
         if conns is not None:
             self._v[base + 2] = conns
-
-    def set_flags(self, row: int, flags: int) -> None:
-        self._v[row * _FIELDS + 3] = flags
 
     def set_conns(self, row: int, conns: int) -> None:
         self._v[row * _FIELDS + 2] = conns
@@ -83,10 +78,6 @@ class Board:
             if self._v[base + 1] == READY and self._alive(self._v[base]):
                 out.append((row, self._v[base], self._v[base + 2]))
         return out
-
-    def sharing_torch(self) -> list[int]:
-        """Pids of the serving workers that share the master's torch (forked after it was imported)."""
-        return [pid for row, pid, _ in self.ready() if self._v[row * _FIELDS + 3] & TORCH_SHARED]
 
     def _alive(self, pid: int, max_age: float = 0.1) -> bool:
         """Whether a worker still exists (a SIGKILLed one cannot clear its row), checked every max_age s."""

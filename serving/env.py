@@ -1,69 +1,43 @@
-"""Settings that gunicorn itself needs (PORT, WEB_CONCURRENCY, ...), read from the environment.
+"""The settings gunicorn.conf.py reads from the environment, checked in one place.
 
-One reader for the launcher (serving/launch.py) and gunicorn.conf.py: a bad value stops start-up with
-one line naming the variable, never a traceback. The app's own settings are in app/config.py; both
-parse values with core/env.py.
+``serving/launch.py`` reads them before gunicorn starts (gunicorn parses WEB_CONCURRENCY with ``int()``
+as it is imported), and gunicorn.conf.py reads them again: a bad value stops start-up with one line
+naming the variable, never a traceback and never ignored. The app's own settings are in app/config.py;
+both parse with core/env.py.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Mapping
 
-from core.env import parse_bool, parse_whole
+from core.env import parse_whole
 
-# name -> (default, least value): the whole numbers gunicorn.conf.py reads, checked first by serving/launch.py
-GUNICORN_SETTINGS = {
+WHOLE = {  # name -> (default, least value)
     "PORT": (8000, 1),
     "WEB_CONCURRENCY": (2, 1),
     "GUNICORN_TIMEOUT": (120, 1),
     "TORCH_THREADS": (0, 0),  # 0: cores / workers
+    "MALLOC_ARENA_MAX": (2, 1),
+    "MALLOC_MMAP_THRESHOLD_": (131072, 0),
 }
-
-T = TypeVar("T")
-
-
-class EnvError(ValueError):
-    """A bad environment variable; the message names it."""
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def env_int(name: str, default: int, lo: int = 1, env: Mapping[str, str] | None = None) -> int:
+def read(env: Mapping[str, str] | None = None) -> dict[str, int | str]:
+    """Every setting by name, with its default; ValueError naming the first bad one."""
+    env = os.environ if env is None else env
+    out: dict[str, int | str] = {name: parse_whole(name, env.get(name), *limits) for name, limits in WHOLE.items()}
+    level = (env.get("LOG_LEVEL") or "info").strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"LOG_LEVEL={level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    out["LOG_LEVEL"] = level
+    return out
+
+
+def read_or_exit(env: Mapping[str, str] | None = None) -> dict[str, int | str]:
     try:
-        return parse_whole(name, (os.environ if env is None else env).get(name), default, lo)
+        return read(env)
     except ValueError as e:
-        raise EnvError(str(e)) from None
-
-
-def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
-    try:
-        return parse_bool(name, (os.environ if env is None else env).get(name), default)
-    except ValueError as e:
-        raise EnvError(str(e)) from None
-
-
-def gunicorn_int(name: str, env: Mapping[str, str] | None = None) -> int:
-    """One of GUNICORN_SETTINGS, with its default and least value."""
-    default, lo = GUNICORN_SETTINGS[name]
-    return env_int(name, default, lo, env)
-
-
-def preload_torch(env: Mapping[str, str] | None = None) -> bool:
-    """PRELOAD_TORCH (default on): the master imports torch once the workers serve, then refreshes them."""
-    return env_bool("PRELOAD_TORCH", True, env)
-
-
-def or_exit(read: Callable[..., T], *args) -> T:
-    """``read(*args)`` (gunicorn_int, preload_torch) for gunicorn.conf.py, where an exception would be printed
-    with its traceback: a bad value stops start-up with one line instead."""
-    try:
-        return read(*args)
-    except EnvError as e:
         sys.exit(f"error: cannot start: {e}")
-
-
-def check_gunicorn_settings(env: Mapping[str, str] | None = None) -> None:
-    for name in GUNICORN_SETTINGS:
-        gunicorn_int(name, env)
-    preload_torch(env)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
@@ -30,25 +31,12 @@ class RequestError(Exception):
         self.retry_after = retry_after
 
 
-REASONS = {
-    400: "Bad Request",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-}
-
-
 def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 response in the API's error shape, that closes the connection."""
     body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
     extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     head = (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n{extra}X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
@@ -64,16 +52,18 @@ class Framing:
 
 
 def head_framing(head: bytes) -> Framing:
-    """The body framing announced by a request's header block (request line excluded or not).
+    """The body framing announced by a request's head (request line and headers).
 
     Conflicting or malformed framing is refused here (RFC 9112 section 6.3), before any body byte is
     read: both Content-Length and Transfer-Encoding, differing or non-numeric Content-Lengths, a
-    transfer coding other than chunked.
+    transfer coding other than chunked. ``Expect: 100-continue`` counts from HTTP/1.1 clients only
+    (RFC 9110 section 10.1.1: an HTTP/1.0 client gets no interim answer).
     """
     lengths: list[bytes] = []
     codings: list[bytes] = []
     expect = False
-    for line in head.split(b"\r\n")[1:]:
+    request_line, *lines = head.split(b"\r\n")
+    for line in lines:
         name, _, value = line.partition(b":")
         name = name.lower()
         if name == b"content-length":
@@ -81,7 +71,7 @@ def head_framing(head: bytes) -> Framing:
         elif name == b"transfer-encoding":
             codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
         elif name == b"expect":
-            expect = value.strip(b" \t").lower() == b"100-continue"
+            expect = value.strip(b" \t").lower() == b"100-continue" and request_line.endswith(b" HTTP/1.1")
     if codings:
         if lengths:
             raise RequestError(400, "bad_framing", "both Content-Length and Transfer-Encoding were sent")

@@ -2,30 +2,19 @@
 
 One event loop per process (the main thread) accepts connections and reads requests without
 blocking: the headers under a total deadline, then the body (Content-Length bytes or a chunked body,
-framing checked as it arrives) under another, with the size cap applied before a byte of an
-oversized body is read. A slow client costs a few bytes of buffer, never a thread. Only a complete
-request is parsed (gunicorn's parser, from memory) and run:
-
-- light requests (lookups, pages) inline in the loop, one after the other, as a sync worker would:
-  no thread hand-off, no contention for the GIL, so no latency added by the server;
-- heavy ones (model passes: uploads, CDN fallbacks; the app says which) in a small thread pool
-  ("heavy slots") whose threads run at a lower CPU priority, so lookups keep the cores. Beyond the
-  slots, requests wait in a short queue with a deadline; beyond the queue, or past the deadline, 503
-  with Retry-After. Their bodies are already in memory: a waiting upload holds no thread either.
-
-Responses are assembled in memory and written by the loop as the socket accepts them, so a slow
-reader holds no thread. Errors the worker answers itself (bad framing, bad chunk size, too large, too
-slow, busy, malformed request line) use the API's JSON shape.
+framing checked as it arrives) under another, the size cap applied before a byte of an oversized
+body is read. A slow client costs a few bytes of buffer, never a thread. A complete request goes to
+``serving.dispatch``, which runs it inline or in the heavy pool. The answer is written by the loop
+as the socket takes it, so a slow reader holds no thread either. Requests a client pipelined are
+answered one per turn of the loop, so that one client's burst does not starve the others.
 
 Connections are balanced between the workers through ``serving.board``: a worker accepts new
 connections only while it holds no more than any other serving worker, and a worker holding more
 than its share closes surplus keep-alive connections after their next response ("Connection:
-close"), so the clients reconnect to the others. The first connections after a start or a worker
-restart thus spread out within a request each. ``/health`` reads the same board (``serving.ready``
+close"), so the clients reconnect to the others. ``/health`` reads the same board (``serving.ready``
 in the WSGI environ) and says "starting" until every configured worker serves.
 
-The app passes its limits in ``app.config["SERVING"]`` (see ``Limits``); an app without it gets
-the defaults. Use: ``worker_class = "serving.worker.BufferedWorker"`` in gunicorn.conf.py.
+Use: ``worker_class = "serving.worker.BufferedWorker"`` in gunicorn.conf.py; docs/serving.md says why.
 """
 
 from __future__ import annotations
@@ -33,7 +22,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import io
 import logging
 import math
 import os
@@ -41,60 +29,30 @@ import select
 import selectors
 import socket
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
-from datetime import datetime
 
-from gunicorn.http import RequestParser, wsgi
-from gunicorn.http import errors as http_errors
 from gunicorn.workers import base
 
-from .board import FREE, READY, STOPPING, TORCH_SHARED, Board
+from .board import FREE, READY, STOPPING, Board
+from .dispatch import AppCall, HeavyPool, Limits, busy_answer, client_ip
 from .http1 import MAX_HEAD_BYTES, ChunkScanner, RequestError, error_response, head_framing
 
 TICK = 0.25  # seconds between deadline sweeps and heartbeats
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval in the workers
+RECV_BYTES = 262144
 ACCEPT_RECHECK = 0.002  # a worker over its share looks again at a pending connection after this long
 ACCEPT_GRACE = 0.02  # and takes it anyway once it has waited this long (the others are busy or stuck)
 LAME_DUCK_SECONDS = 1.0  # a stopping worker's idle keep-alive connections may still send one request
 LINGER_SECONDS = 5.0  # after a final answer, how long to read and drop what the client still sends
 LINGER_BYTES = 256 * 2**20
-IDLE, HEAD, BODY, BUSY, WRITE, LINGER = range(6)
-PHASE_NAMES = ("idle", "headers", "body", "busy", "write", "linger")
-
-
-@dataclass
-class Limits:
-    """What the app tells the worker through ``app.config["SERVING"]`` (a dict with these keys)."""
-
-    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
-    body_timeout: float = 30.0  # from the end of the headers to the end of the body
-    write_timeout: float = 30.0  # for a response to be taken by the client
-    max_body_bytes: int = 8 * 2**20
-    max_buffered_bytes: int = 64 * 2**20  # bodies held at once (received, waiting, running), per worker
-    heavy_slots: int = 1  # heavy requests run at once, per worker
-    heavy_queue: int = 8  # heavy requests waiting for a slot, per worker
-    queue_timeout: float = 10.0  # how long one may wait
-    heavy_nice: int = 10  # CPU priority of the heavy threads, relative to the loop
-    is_heavy: Callable[[str, str], bool] | None = None  # (method, path) -> runs in the heavy pool?
-
-    @classmethod
-    def of(cls, app) -> Limits:
-        given = dict(getattr(app, "config", {}).get("SERVING") or {})
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in given.items() if k in known})
-
-    def heavy(self, method: str, path: str) -> bool:
-        if self.is_heavy is not None:
-            return self.is_heavy(method, path)
-        return method not in ("GET", "HEAD", "OPTIONS")
+IDLE, HEAD, BODY, BUSY, WRITE, LINGER, CLOSED = range(7)
+PHASE_NAMES = ("idle", "headers", "body", "busy", "write", "linger", "closed")
 
 
 class Conn:
+    """One client connection: what it sent that is not answered yet, and what is still to be written."""
+
     __slots__ = ("addr", "buf", "deadline", "events", "framing", "head_end", "keep", "out", "phase", "scanner")
     __slots__ += ("server", "shed", "sock", "drained", "held")
 
@@ -110,70 +68,22 @@ class Conn:
         self.held = 0  # body bytes this connection counts against the worker's budget
 
 
-class _Out:
-    """The socket gunicorn's Response writes to: collects the response, sent later by the loop."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def sendall(self, data) -> None:
-        self.parts.append(bytes(data))
-
-    def send(self, data) -> int:  # interim answers (100 Continue): the loop sent them when the headers came
-        return len(data)
-
-    def sendfile(self, file, offset: int = 0, count: int | None = None) -> None:
-        file.seek(offset)
-        self.parts.append(file.read(count) if count is not None else file.read())
-
-    def settimeout(self, _t) -> None:
-        pass
-
-    def gettimeout(self) -> None:
-        return None
-
-    def setblocking(self, _flag) -> None:
-        pass
-
-    def shutdown(self, _how) -> None:  # the body is read already: nothing is left to stop reading
-        pass
-
-
-# gunicorn's parse errors, as the API answers them (the rest: 400 bad_request)
-_PARSE_ERRORS = {
-    "LimitRequestLine": (414, "uri_too_long"),
-    "LimitRequestHeaders": (431, "headers_too_large"),
-    "UnsupportedTransferCoding": (501, "unsupported_transfer_coding"),
-    "ExpectationFailed": (417, "expectation_failed"),
-    "InvalidChunkSize": (400, "bad_chunk_size"),
-    "ForbiddenProxyRequest": (403, "forbidden"),
-}
-
-
 class BufferedWorker(base.Worker):
-    _board: Board | None = None  # made in the master, before the first fork; shared by all workers
+    board: Board | None = None  # made in the master, before the first fork; shared by all workers
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # in the master, before fork
-        self.board = self.shared_board()
+        if BufferedWorker.board is None:
+            BufferedWorker.board = Board()
         self.row = self.board.claim()
-        self.torch_shared = "torch" in sys.modules  # imported by the master already (serving/refresh.py)
-
-    @classmethod
-    def shared_board(cls) -> Board:
-        """The workers' board, made in the master the first time it is needed (before the first fork)."""
-        if BufferedWorker._board is None:
-            BufferedWorker._board = Board()
-        return BufferedWorker._board
 
     # -- start and main loop -------------------------------------------------------------------------
     def init_process(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
-        self.nconns = self.shedding = self.heavy_busy = 0
+        self.nconns = self.shedding = 0
         self.held = 0  # body bytes held in memory by all connections (max_buffered_bytes)
-        self.finished: deque[tuple[Conn, Future]] = deque()
-        self.waiting: deque[tuple[Conn, bytes, float]] = deque()
+        self.pipelined: deque[Conn] = deque()  # connections whose buffer holds their next request
         self.accepting = False
         self.resume_accept_at = 0.0  # when a worker that left a connection to the others looks again
         self.pending_since: float | None = None  # since when it has seen a connection nobody took
@@ -185,23 +95,12 @@ class BufferedWorker(base.Worker):
         # A heavy thread waiting for the GIL gets it after this long instead of 5 ms (and a lookup waits at
         # most this long behind a heavy thread's Python): model passes progress beside a busy loop.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.pool = ThreadPoolExecutor(
-            max_workers=max(1, self.limits.heavy_slots), thread_name_prefix="heavy", initializer=self._lower_priority
-        )
-
-    def _lower_priority(self) -> None:
-        """Heavy threads yield the CPU to the loop (Linux: a thread's nice value is its own)."""
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.limits.heavy_nice))
-        except (AttributeError, OSError) as e:
-            self.log.info("heavy threads keep the normal priority: %s", e)
+        self.heavy = HeavyPool(self.limits, lambda: _send_quietly(self.PIPE[1], b"."), self.log)
 
     def run(self) -> None:
         self.sel.register(self.PIPE[0], selectors.EVENT_READ, self._on_wakeup)
         for listener in self.sockets:
             listener.setblocking(False)
-        self.board.set_flags(self.row, TORCH_SHARED if self.torch_shared else 0)
         self.board.set(self.row, READY, 0)
         next_tick = 0.0
         while self.alive:
@@ -211,12 +110,17 @@ class BufferedWorker(base.Worker):
     def _loop_once(self, next_tick: float) -> float:
         timeout = self._balance()
         try:
-            events = self.sel.select(timeout)
+            events = self.sel.select(0.0 if self.pipelined else timeout)
         except InterruptedError:
             events = []
         for key, mask in events:
             key.data(key.fileobj, mask)
-        self._finish_heavy()
+        for conn, (parts, keep) in self.heavy.answers():
+            self._respond(conn, parts, keep)
+        for _ in range(len(self.pipelined)):  # each one's next request; any further one waits for the next turn
+            conn = self.pipelined.popleft()
+            if conn.phase == HEAD:
+                self._advance(conn)
         now = time.monotonic()
         if now >= next_tick:
             self._tick(now)
@@ -230,9 +134,8 @@ class BufferedWorker(base.Worker):
             self.alive = False
         for conn in [c for c in self.conns.values() if c.phase != BUSY and c.deadline < now]:
             self._expired(conn)
-        while self.waiting and self.waiting[0][2] < now:
-            conn, _, _ = self.waiting.popleft()
-            self._respond(conn, [self._busy_answer()], False)
+        for conn in self.heavy.expired(now):
+            self._respond(conn, [busy_answer()], False)
 
     def _drain_and_stop(self) -> None:
         """Graceful stop: no new connections; requests under way finish (graceful_timeout at most).
@@ -240,8 +143,7 @@ class BufferedWorker(base.Worker):
         An idle keep-alive connection has LAME_DUCK_SECONDS to send one more request, answered with
         ``Connection: close``, and a connection closed after its answer lingers as long: closing either at
         once would race with a request or an answer already on its way, which the client would see as a
-        reset. So a restart under load (the workers' refresh once the master has imported torch,
-        serving/refresh.py) loses no request.
+        reset. So a restart under load loses no request.
         """
         self._set_accepting(False)
         self.board.set(self.row, STOPPING)
@@ -257,7 +159,7 @@ class BufferedWorker(base.Worker):
             next_tick = self._loop_once(next_tick)
         for conn in list(self.conns.values()):
             self._close(conn)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.heavy.shutdown()
         self.board.set(self.row, FREE, 0)
         atexit.register(_exit_now)  # runs first at exit: gunicorn's own exit steps are done by then
 
@@ -268,18 +170,23 @@ class BufferedWorker(base.Worker):
         except (BlockingIOError, InterruptedError):
             pass
 
-    # -- connections and balance ---------------------------------------------------------------------
-    def _fair_to_accept(self) -> bool:
-        """No other serving worker holds fewer connections than this one."""
-        fewest = self.board.fewest_connections_elsewhere(self.row)
-        return fewest is None or self.nconns <= fewest
+    def count_request(self) -> None:
+        """gunicorn's max_requests: the worker stops after that many (and is replaced)."""
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
 
+    def workers_ready(self) -> tuple[int, int]:
+        """(workers serving now, workers configured): the readiness that /health reports."""
+        return len(self.board.ready()), self.cfg.workers
+
+    # -- connections and balance ---------------------------------------------------------------------
     def _balance(self) -> float:
         """Watch the listening sockets unless stopping, full, or leaving a connection to the others for a
         moment; returns how long the loop may wait for events."""
         now = time.monotonic()
-        able = self.alive and self.nconns < self.cfg.worker_connections
-        if not able:
+        if not (self.alive and self.nconns < self.cfg.worker_connections):
             self._set_accepting(False)
             return TICK
         if not self.accepting and now >= self.resume_accept_at:
@@ -303,7 +210,8 @@ class BufferedWorker(base.Worker):
         one holding more connections than another leaves a new one to the others, unless nobody has
         taken it after ACCEPT_GRACE. One per event: the balance is re-checked before the next."""
         now = time.monotonic()
-        if not self._fair_to_accept():
+        fewest = self.board.fewest_connections_elsewhere(self.row)
+        if fewest is not None and self.nconns > fewest:
             self.pending_since = self.pending_since or now
             if now - self.pending_since < ACCEPT_GRACE:
                 self._set_accepting(False)
@@ -343,10 +251,13 @@ class BufferedWorker(base.Worker):
         conn.events = events
 
     def _close(self, conn: Conn) -> None:
+        if conn.phase == CLOSED:
+            return
         self._watch(conn, 0)
         self.conns.pop(conn.sock.fileno(), None)
         with contextlib.suppress(OSError):
             conn.sock.close()
+        conn.phase = CLOSED
         self.nconns -= 1
         self.shedding -= conn.shed
         self._hold(conn, 0)
@@ -374,7 +285,7 @@ class BufferedWorker(base.Worker):
 
     def _on_readable(self, conn: Conn) -> None:
         try:
-            data = conn.sock.recv(262144)
+            data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -383,7 +294,7 @@ class BufferedWorker(base.Worker):
             if conn.phase in (HEAD, BODY):
                 self.log.info(
                     "client %s closed the connection in the middle of a request (%s, %d bytes received)",
-                    _ip(conn),
+                    client_ip(conn.addr),
                     PHASE_NAMES[conn.phase],
                     len(conn.buf),
                 )
@@ -401,14 +312,15 @@ class BufferedWorker(base.Worker):
         self._advance(conn)
 
     def _advance(self, conn: Conn) -> None:
-        """Dispatch the request at the front of the buffer if it is complete; refuse bad framing."""
+        """Dispatch the request at the front of the buffer if it is complete, else read on; refuse bad framing."""
         try:
             end = self._frame(conn)
         except RequestError as e:
-            self.log.info("refused a request from %s: %d %s", _ip(conn), e.status, e.message)
+            self.log.info("refused a request from %s: %d %s", client_ip(conn.addr), e.status, e.message)
             self._respond(conn, [error_response(e.status, e.code, e.message, e.retry_after)], False)
             return
         if end is None:
+            self._watch(conn, selectors.EVENT_READ)
             return
         raw = bytes(conn.buf[:end])
         del conn.buf[:end]
@@ -416,6 +328,7 @@ class BufferedWorker(base.Worker):
         self._dispatch(conn, raw)
 
     def _frame(self, conn: Conn) -> int | None:
+        """Where the request at the front of the buffer ends, once it is all there (None: not yet)."""
         if conn.head_end < 0:
             while conn.buf.startswith(b"\r\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
                 del conn.buf[:2]
@@ -456,113 +369,25 @@ class BufferedWorker(base.Worker):
 
     # -- running requests ------------------------------------------------------------------------------
     def _dispatch(self, conn: Conn, raw: bytes) -> None:
+        """Run a complete request: inline when light, else in the heavy pool (or 503 when it is full)."""
         conn.phase = BUSY
         self._watch(conn, 0)
-        method, path = _method_and_path(raw)
-        if not self.limits.heavy(method, path):
-            parts, keep = self._serve(conn, raw)
-            self._respond(conn, parts, keep)
-        elif self.heavy_busy < self.limits.heavy_slots:
-            self._start_heavy(conn, raw)
-        elif len(self.waiting) < self.limits.heavy_queue:
-            self.waiting.append((conn, raw, time.monotonic() + self.limits.queue_timeout))
-        else:
-            self._respond(conn, [self._busy_answer()], False)
-
-    def _busy_answer(self) -> bytes:
-        message = "too many image searches at once; try again in a moment"
-        return error_response(503, "busy", message, retry_after=1)
-
-    def _start_heavy(self, conn: Conn, raw: bytes) -> None:
-        self.heavy_busy += 1
-        future = self.pool.submit(self._serve, conn, raw)
-
-        def done(f: Future, conn: Conn = conn) -> None:  # in the heavy thread: hand back to the loop
-            self.finished.append((conn, f))
-            _send_quietly(self.PIPE[1], b".")
-
-        future.add_done_callback(done)
-
-    def _finish_heavy(self) -> None:
-        while self.finished:
-            conn, future = self.finished.popleft()
-            self.heavy_busy -= 1
-            try:
-                parts, keep = future.result()
-            except Exception:  # _serve answers app errors itself; this is the worker's own fault
-                self.log.exception("heavy request failed")
-                parts, keep = [error_response(500, "internal_error", "an unexpected error occurred")], False
-            self._respond(conn, parts, keep)
-        while self.waiting and self.heavy_busy < self.limits.heavy_slots:
-            conn, raw, _ = self.waiting.popleft()
-            self._start_heavy(conn, raw)
-
-    def _serve(self, conn: Conn, raw: bytes) -> tuple[list[bytes], bool]:
-        """Parse one complete request from memory and run the app on it; the response and keep-alive."""
-        parser = RequestParser(self.cfg, [raw], conn.addr)
-        try:
-            req = next(parser)
-            body = req.body.read()
-            if parser.unreader.read():
-                raise RequestError(400, "bad_framing", "the request's framing is ambiguous")
-        except RequestError as e:
-            return [error_response(e.status, e.code, e.message)], False
-        except (StopIteration, http_errors.NoMoreData):
-            return [error_response(400, "bad_request", "incomplete request")], False
-        except Exception as e:  # gunicorn's parse errors: answered in JSON, not its HTML page
-            status, code = _PARSE_ERRORS.get(type(e).__name__, (400, "bad_request"))
-            self.log.warning("Invalid request from ip=%s: %s", _ip(conn), e)
-            return [error_response(status, code, f"{type(e).__name__}: {e}"[:300])], False
-        return self._run_app(conn, req, body)
-
-    def _run_app(self, conn: Conn, req, body: bytes) -> tuple[list[bytes], bool]:
-        out = _Out()
-        started = datetime.now()
-        environ = {}
-        try:
-            resp, environ = wsgi.create(req, out, conn.addr, conn.server, self.cfg)
-            environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
-            environ.pop("HTTP_TRANSFER_ENCODING", None)
-            environ["wsgi.multithread"] = True
-            environ["serving.ready"] = self.workers_ready
-            environ["serving.sharing_torch"] = self.workers_sharing_torch
-            self._count_request()
-            if not self.alive:
-                resp.force_close()
-            elif threading.current_thread() is threading.main_thread() and self._surplus():
-                conn.shed = True  # this connection goes; its client reconnects, to a less busy worker
+        call = AppCall.open(self, raw, conn.addr, conn.server)
+        if isinstance(call, bytes):
+            self._respond(conn, [call], False)
+        elif not self.limits.is_heavy(call.environ):
+            if self._surplus():  # this connection goes; its client reconnects, to a less busy worker
+                conn.shed = True
                 self.shedding += 1
-                resp.force_close()
-            result = self.wsgi(environ, resp.start_response)
-            try:
-                for item in result:
-                    resp.write(item)
-                resp.close()
-            finally:
-                if hasattr(result, "close"):
-                    result.close()
-        except Exception:
-            self.log.exception("Error handling request %s %s", req.method, req.uri)
-            return [error_response(500, "internal_error", "an unexpected error occurred; it has been logged")], False
-        self.log.access(resp, req, environ, datetime.now() - started)
-        return out.parts, not resp.should_close()
-
-    def _count_request(self) -> None:
-        self.nr += 1
-        if self.nr >= self.max_requests and self.alive:
-            self.log.info("Autorestarting worker after current request.")
-            self.alive = False
-
-    def workers_ready(self) -> tuple[int, int]:
-        """(workers serving now, workers configured): the readiness that /health reports."""
-        return len(self.board.ready()), self.cfg.workers
-
-    def workers_sharing_torch(self) -> int:
-        """Serving workers forked after the master imported torch (/health; serving/refresh.py)."""
-        return len(self.board.sharing_torch())
+                call.resp.force_close()
+            self._respond(conn, *call.run())
+        elif not self.heavy.submit(conn, call.run):
+            self._respond(conn, [busy_answer()], False)
 
     # -- writing ---------------------------------------------------------------------------------------
     def _respond(self, conn: Conn, parts: list[bytes], keep: bool) -> None:
+        if conn.phase == CLOSED:
+            return
         self._hold(conn, 0)  # the request's body is no longer needed
         conn.out = memoryview(b"".join(parts))
         conn.keep = keep  # what the answer told the client; a stopping worker's drain closes idle ones later
@@ -571,6 +396,7 @@ class BufferedWorker(base.Worker):
         self._flush(conn)
 
     def _flush(self, conn: Conn) -> None:
+        """Send what the socket takes; once all is sent, wait for the next request, or close."""
         try:
             sent = conn.sock.send(conn.out)
         except (BlockingIOError, InterruptedError):
@@ -581,17 +407,17 @@ class BufferedWorker(base.Worker):
         conn.out = conn.out[sent:]
         if conn.out:
             self._watch(conn, selectors.EVENT_WRITE)
-            return
-        if not conn.keep:
+        elif not conn.keep:
             self._linger(conn)
-            return
-        conn.phase = IDLE
-        conn.deadline = time.monotonic() + self.cfg.keepalive
-        self._watch(conn, selectors.EVENT_READ)
-        if conn.buf:  # the client sent its next request already (pipelining)
+        elif conn.buf:  # the client sent its next request already: served on the next turn of the loop
             conn.phase = HEAD
             conn.deadline = time.monotonic() + self.limits.header_timeout
-            self._advance(conn)
+            self._watch(conn, 0)
+            self.pipelined.append(conn)
+        else:
+            conn.phase = IDLE
+            conn.deadline = time.monotonic() + self.cfg.keepalive
+            self._watch(conn, selectors.EVENT_READ)
 
     def _linger(self, conn: Conn) -> None:
         """Close after a final answer: FIN first, then drop what the client still sends for a while,
@@ -607,20 +433,9 @@ class BufferedWorker(base.Worker):
         self._watch(conn, selectors.EVENT_READ)
 
 
-def _method_and_path(raw: bytes) -> tuple[str, str]:
-    line = raw[: raw.find(b"\r\n")]
-    method, _, rest = line.partition(b" ")
-    target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
-    return method.decode("latin-1"), target.decode("latin-1")
-
-
 def _readable(sockets) -> bool:
     """Whether a connection is waiting on any listening socket (a zero-timeout poll)."""
     return bool(select.select(sockets, [], [], 0)[0])
-
-
-def _ip(conn: Conn) -> str:
-    return conn.addr[0] if isinstance(conn.addr, tuple) else str(conn.addr)
 
 
 def _send_quietly(target, data: bytes) -> None:
@@ -636,8 +451,8 @@ def _send_quietly(target, data: bytes) -> None:
 
 
 def _exit_now() -> None:
-    """End a worker that stopped cleanly without the interpreter's teardown (torch's takes 5-15 s on 2
-    busy cores, which every restart and every stop would wait for); logs and output are flushed first."""
+    """End a worker that stopped cleanly without the interpreter's teardown (torch's takes seconds on busy
+    cores, which every restart and every stop would wait for); logs and output are flushed first."""
     for handler in logging.getLogger().handlers + logging.getLogger("gunicorn.error").handlers:
         with contextlib.suppress(Exception):
             handler.flush()

@@ -78,9 +78,7 @@ COMMANDS = {  # name: (the test file that waits for it, python's arguments, extr
     "run_all": (
         "test_bench_smoke.py",
         ["-m", "bench.run_all", "--quick", "--jobs", "2", "--workdir", "{work}/ws", "--markdown", "{work}/results.md"],
-        # the services start without the master's torch import and refresh (tested in test_dyno.py and
-        # test_server.py): seconds of each benchmark's start-up that say nothing about whether it runs
-        {"PRELOAD_TORCH": "0"},
+        {},
     ),
     "dyno_workspace": ("test_dyno.py", ["-c", _DYNO_WORKSPACE, "{work}/ws"], {}),
 }

@@ -268,13 +268,11 @@ def make_client(make_app):
 
 
 def server_env(built: BuiltIndex, **extra: str) -> dict[str, str]:
-    """The service over ``built``; the master does not import torch (PRELOAD_TORCH=0): seconds less per
-    start, and workers import it on their first model pass (test_dyno.py keeps the default)."""
+    """The service's environment over ``built``, with ``extra`` settings."""
     return {
         "INDEX_DIR": str(built.index),
         "BANNERS_DIR": str(built.banners),
         "TORCH_HOME": str(built.torch_home),
-        "PRELOAD_TORCH": "0",
         **extra,
     }
 

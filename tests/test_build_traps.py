@@ -166,8 +166,16 @@ def test_unreadable_cache_files_are_skipped_with_a_warning(tmp_path, capsys):
     assert "ignoring unreadable cache file" in err and "empty.npz" in err and "failed.json" in err
 
 
-@pytest.mark.parametrize("name", ["GUNICORN_TIMEOUT", "PORT", "WEB_CONCURRENCY", "TORCH_THREADS", "PRELOAD_TORCH"])
-def test_bad_gunicorn_settings_stop_with_one_line(name):
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        *((name, "a whole number of at least 1") for name in ("GUNICORN_TIMEOUT", "PORT", "WEB_CONCURRENCY")),
+        ("TORCH_THREADS", "a whole number of at least 0"),
+        ("MALLOC_ARENA_MAX", "a whole number of at least 1"),
+        ("LOG_LEVEL", "one of debug, info, warning, error, critical"),
+    ],
+)
+def test_bad_gunicorn_settings_stop_with_one_line(name, expected):
     """The Procfile's command checks them before gunicorn, which parses WEB_CONCURRENCY as it is imported."""
     env = {**os.environ, name: "abc"}
     r = subprocess.run(
@@ -179,6 +187,4 @@ def test_bad_gunicorn_settings_stop_with_one_line(name):
         timeout=60,
     )
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    expected = "1/0, true/false, yes/no or on/off" if name == "PRELOAD_TORCH" else "a whole number of at least "
-    expected += "" if name == "PRELOAD_TORCH" else "0" if name == "TORCH_THREADS" else "1"
     assert r.stderr.strip() == f"error: cannot start: {name}='abc': expected {expected}"

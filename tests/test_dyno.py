@@ -1,10 +1,9 @@
 """The service as a 1 GB dyno runs it: the Procfile's command, default settings, a 1 GiB memory limit.
 
-The whole catalog (29,982 apps, all eight strategies; random embeddings). Lookups run from the first
-``/health`` 200 while the master imports torch and replaces the workers (serving/refresh.py); then 16
-concurrent uploads on the default strategy (ComplexB16) spread over both workers, then a few hundred
-lookups: every answer must be 200 and the kernel's OOM killer must not have killed anything. Memory
-figures are reported by ``python -m bench.memory`` (``make bench``), not asserted here.
+The whole catalog (29,982 apps, all eight strategies; random embeddings). 16 concurrent uploads on the
+default strategy (ComplexB16) spread over both workers, then a few hundred lookups: every answer must be
+200 and the kernel's OOM killer must not have killed anything. Memory figures are reported by
+``python -m bench.memory`` (``make bench``), not asserted here.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import pytest
 import requests
 
 from bench.common import Server, Workspace, banner_jpeg, load_apps, pin_many
-from bench.pressure import Lookups
 from core.dino.strategies import ORIGINAL_STRATEGIES
 from devtools.cgroup import MemoryCgroup
 
@@ -59,10 +57,6 @@ def test_whole_catalog_fits_a_1gib_dyno(catalog_index, tmp_path):
         srv = Server(env, tmp_path / "gunicorn.log", cgroup=cgroup)  # the Procfile's command (test_server.py)
         try:
             srv.wait_ready()
-            # the workers are replaced meanwhile: not one lookup may be lost
-            with Lookups(srv.host, srv.port, [a["appid"] for a in apps]) as during_refresh:
-                srv.wait_torch_shared()
-            assert during_refresh.failures == [] and during_refresh.answered > 50, during_refresh.failures[:5]
             assert "libtorch" in Path(f"/proc/{srv.pid}/maps").read_text()  # imported in the master: shared
             workers = srv.workers(expect=2)
             pinned = pin_many(srv, workers, UPLOADS // 2)

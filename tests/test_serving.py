@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import select
 import signal
 import socket
+import threading
 import time
+import types
 
 import pytest
 import requests
 from conftest import GunicornServer, server_env
+from gunicorn.config import Config
 
 from devtools.server import connection_owner, connections_per_worker
 from serving.board import READY, Board
+from serving.dispatch import AppCall, Limits
 from serving.http1 import ChunkScanner, RequestError, error_response, head_framing
 
 # -- framing (no server) ----------------------------------------------------------------------------
@@ -27,6 +32,10 @@ def test_head_framing_reads_length_chunked_and_expect():
     assert head_framing(b"POST / HTTP/1.1\r\ntransfer-encoding: Chunked").chunked
     assert head_framing(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3").expect_continue
     assert head_framing(b"GET / HTTP/1.1\r\nHost: x") == head_framing(b"GET / HTTP/1.1")
+
+
+def test_expect_continue_counts_from_http_1_1_clients_only():
+    assert not head_framing(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3").expect_continue
 
 
 @pytest.mark.parametrize(
@@ -99,6 +108,34 @@ def test_board_counts_live_ready_workers_only():
     os.waitpid(pid, 0)
     assert [row for row, _, _ in board.ready()] == [mine]
     assert board.claim() == other  # the dead worker's row is reused
+
+
+HEAVY = [  # (the request's head, whether it runs a model pass) with the CDN fallback on; appid 424242 is not indexed
+    (b"GET /match/424242 HTTP/1.1", True),
+    (b"GET http://h.example/match/424242 HTTP/1.1", True),  # absolute form
+    (b"GET /%6Datch/424242 HTTP/1.1", True),  # percent-encoded: routed as /match/424242
+    (b"HEAD /match/424242 HTTP/1.1", True),
+    (b"GET /match/424242?strategy=nope HTTP/1.1", False),  # a 400, no fetch
+    (b"GET /match/10 HTTP/1.1", False),  # indexed: the tables
+    (b"GET /%6Datch/10?mirror=1 HTTP/1.1", False),
+    (b"GET /health HTTP/1.1", False),
+    (b"POST /match HTTP/1.1", True),
+    (b"POST /upload HTTP/1.1", True),
+    (b"PUT /match/424242 HTTP/1.1", False),  # a 405
+    (b"POST /no/such/thing HTTP/1.1", False),  # a 404
+    (b"OPTIONS /match/424242 HTTP/1.1", False),
+]
+
+
+@pytest.mark.parametrize(("head", "heavy"), HEAVY)
+def test_model_passes_are_classified_on_the_route_the_app_matches(make_app, head, heavy):
+    """The worker parses the head as gunicorn does and asks the app, which decides on its own routing."""
+    with_fallback = make_app(fallback_fetch=True, cdn_url="http://127.0.0.1:9")
+    without = make_app()
+    worker = types.SimpleNamespace(cfg=Config(), log=logging.getLogger("test"))
+    call = AppCall(worker, head + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n", ("127.0.0.1", 1), ("127.0.0.1", 2))
+    assert Limits.of(with_fallback).is_heavy(call.environ) is heavy
+    assert Limits.of(without).is_heavy(call.environ) is head.startswith((b"POST /match", b"POST /upload"))
 
 
 # -- the real service (gunicorn.conf.py, serving.worker.BufferedWorker) ----------------------------
@@ -176,12 +213,56 @@ def test_ready_only_when_every_worker_serves_even_after_a_worker_dies(served):
     assert seen[-1][1]["workers_ready"] == 2 and old[0] not in served.workers(expect=2)
 
 
+def settled(srv) -> list[int]:
+    """The workers' pids, once earlier tests' connections are gone (the workers balance all they hold)."""
+    pids = srv.workers(expect=2)
+    deadline = time.monotonic() + 10
+    while sum(connections_per_worker(srv.port, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pids
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_loses_no_keep_alive_request(served):
+    """A worker told to stop (SIGTERM, as in every restart) answers its keep-alive connections' next
+    request with Connection: close before it closes them; the clients reconnect to the other worker."""
+    stop, answered, failures = threading.Event(), [], []
+
+    def lookups() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)  # reconnects after a close
+        while not stop.wait(0.005):
+            try:
+                conn.request("GET", "/match/10?k=1")
+                r = conn.getresponse()
+                r.read()
+                (answered if r.status == 200 else failures).append(r.status)
+            except (OSError, http.client.HTTPException) as e:
+                failures.append(repr(e))
+                conn.close()
+        conn.close()
+
+    threads = [threading.Thread(target=lookups) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        old = served.workers(expect=2)
+        os.kill(old[0], signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while old[0] in served.workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [] and len(answered) > 50, (failures[:5], len(answered))
+    served.watch_until(200, timeout=60)  # the replacement serves
+
+
 @pytest.mark.slow
 def test_keep_alive_connections_spread_over_the_workers(served):
-    pids = served.workers(expect=2)
-    deadline = time.monotonic() + 10  # the workers balance all their connections: let earlier tests' go first
-    while sum(connections_per_worker(served.port, pids)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    pids = settled(served)
     conns = [http.client.HTTPConnection("127.0.0.1", served.port, timeout=10) for _ in range(8)]
     try:
         for _ in range(6):  # a worker over its share closes surplus connections; the clients reconnect
@@ -298,6 +379,27 @@ def test_pipelined_requests_are_answered_in_order(served):
     reply = raw_exchange(served, two)
     first, second = reply.split(b"HTTP/1.1 200 OK")[1:]
     assert b'"k":1' in first and b'"appid":10' in first and b'"k":2' in second
+
+
+@pytest.mark.slow
+def test_a_thousand_pipelined_requests_in_one_send_are_all_answered(served):
+    settled(served)  # alone on its worker: not a surplus connection, which would be closed after one answer
+    one = b"GET /match/10?k=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = raw_exchange(served, one * 999 + b"GET /match/20?k=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200 OK") == 1000 and b"HTTP/1.1 4" not in reply and b"HTTP/1.1 5" not in reply
+    assert b'"appid":20' in reply.rpartition(b"HTTP/1.1 200 OK")[2]  # in order, to the last one
+    assert served.proc.poll() is None and len(served.workers(expect=2)) == 2
+
+
+@pytest.mark.slow
+def test_http_1_0_client_expecting_continue_gets_only_the_final_answer(served):
+    head = b"POST /match?strategy=SimpleS16 HTTP/1.0\r\nContent-Type: image/png\r\nExpect: 100-continue\r\n"
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+        s.sendall(head + b"Content-Length: 3\r\n\r\n")
+        assert select.select([s], [], [], 0.5)[0] == []  # no interim 100 Continue
+        s.sendall(b"abc")
+        reply = s.recv(65536)
+    assert reply.startswith(b"HTTP/1.0 400") and json_body(reply)["error"]["code"] == "not_an_image", reply[:300]
 
 
 @pytest.mark.slow
