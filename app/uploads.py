@@ -5,7 +5,8 @@ or a raw body with an ``image/*`` content type (``curl --data-binary``).
 The size cap is Flask's ``MAX_CONTENT_LENGTH``: a declared length over it is
 refused (413) before any of the body is read, and a chunked body is cut off
 as soon as it passes the cap. Decoding (format whitelist, pixel cap, modes)
-is ``core.images.open_image``.
+is ``core.images.open_image``, run in a child process with a memory cap and a deadline
+(``core.isolated``), for uploads and for images the service fetches alike.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from flask import request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from core.images import open_image
+from core.images import image_format
+from core.isolated import open_image_isolated
 
 from .config import Settings
 from .errors import stop_reading
@@ -28,6 +30,7 @@ from .problems import BadRequest, TooSlow, UnsupportedUpload
 
 UNSUPPORTED = "unsupported_media_type"
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"
+DECODE_TIMEOUT = 10.0  # seconds (at most UPLOAD_TIMEOUT): about 10x the slowest honest decode on idle cores here
 
 
 @dataclass
@@ -125,30 +128,23 @@ def read_upload_bytes() -> bytes:
     return data
 
 
-def decode_upload(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tuple[int, int]]) -> Upload:
-    """Decode with the limits of core.images, ``resize_to`` being the strategy's preprocessing resize."""
+def decode_upload(data: bytes, settings: Settings, resize_to: Callable[[int, int], tuple[int, int]]) -> Upload:
+    """Decode with the limits of core.images in a child process (``resize_to``: the strategy's resize).
+
+    ``ImageRejected`` (a 400 with its code) also answers a decode over its memory budget or deadline."""
     start = time.perf_counter()
-    image = open_image(data, max_pixels=max_pixels, resize_to=resize_to)  # ImageRejected: a 400 with its code
-    decode_ms = (time.perf_counter() - start) * 1000
-    fmt = getattr(image, "format", None) or _sniff_format(data)
-    width, height = image.info.get("source_size", image.size)  # a huge image is decoded reduced
+    timeout = min(settings.upload_timeout, DECODE_TIMEOUT)
+    image = open_image_isolated(data, max_pixels=settings.max_image_pixels, timeout=timeout, resize_to=resize_to)
+    width, height = image.info["source_size"]  # a huge image is decoded reduced
     return Upload(
         image=image,
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
-        format=fmt,
+        format=image_format(data) or "unknown",
         width=width,
         height=height,
-        decode_ms=decode_ms,
+        decode_ms=(time.perf_counter() - start) * 1000,
     )
-
-
-def _sniff_format(data: bytes) -> str:
-    signatures = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
-    for magic, name in signatures.items():
-        if data.startswith(magic):
-            return name
-    return "unknown"
 
 
 def read_url_query(settings: Settings) -> str:
