@@ -31,17 +31,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import (  # noqa: F401 - the plugins of ALLOWED_FORMATS, registered now: a decoding child imports nothing
-    BmpImagePlugin,
-    GifImagePlugin,
-    Image,
-    ImageOps,
-    JpegImagePlugin,
-    MpoImagePlugin,
-    PngImagePlugin,
-    UnidentifiedImageError,
-    WebPImagePlugin,
-)
+from PIL import Image, ImageOps, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
+
+Image.preinit()  # with the two plugins above, those of ALLOWED_FORMATS: registered here, not in each decoding child
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 JPEG_FORMATS = ("JPEG", "MPO")  # Pillow opens a JPEG with a multi-picture header as MPO
