@@ -33,6 +33,11 @@ def scan_bomb(side: int = 4000, scans: int = 5000, junk: bytes = b"", junk_first
     return data[:-2] + scans_bytes + data[-2:]
 
 
+def junk_before_scans(jpeg: bytes) -> bytes:
+    """A JPEG with a junk byte before each of its scans, which libjpeg skips (with a warning to no one)."""
+    return jpeg.replace(b"\xff\xda", b"\x00\xff\xda")
+
+
 def mpo(size: tuple[int, int], progressive: bool = False, scans: int = 0) -> bytes:
     """A two-picture MPO (a JPEG with a multi-picture header), ``scans`` empty scans after a junk byte each in
     its first picture."""

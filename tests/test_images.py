@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hostile_images import animated_webp, gif_canvas, mpo, scan_bomb
+from hostile_images import animated_webp, gif_canvas, junk_before_scans, mpo, scan_bomb
 from PIL import Image
 
 from core.dino.preprocess import PREPROCESSINGS
@@ -159,6 +159,11 @@ def test_jpeg_scan_bombs_are_refused_however_the_scans_hide(bomb):
     with pytest.raises(ImageRejected) as e:
         open_image(bomb)
     assert e.value.code == "too_much_decoding_work" and "the limit is 64" in e.value.message
+
+
+def test_junk_before_the_scans_of_an_ordinary_progressive_jpeg_is_skipped_as_libjpeg_does():
+    banner = _encode(Image.effect_noise((300, 450), 60).convert("RGB"), "JPEG", progressive=True)
+    assert np.array_equal(np.asarray(open_image(junk_before_scans(banner))), np.asarray(open_image(banner)))
 
 
 def test_an_mpo_is_decoded_as_a_jpeg_first_picture_reduced_scale_included():
