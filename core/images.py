@@ -28,7 +28,6 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
@@ -68,20 +67,20 @@ class ImageRejected(ValueError):
 
 
 def open_image(
-    source: bytes | str | Path | BinaryIO,
+    source: bytes | str | Path,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] = ALLOWED_FORMATS,
     resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """Decode source (bytes, a path or a binary file) into a fully loaded RGB image.
+    """Decode source (bytes or a path) into a fully loaded RGB image.
 
     ``resize_to(width, height)`` is the (width, height) the caller will resize to (see
     ``core.dino.preprocess``): it bounds the resized size, and lets a huge image be decoded
     (JPEG) or shrunk (any format) to a reduced size that is still at least twice that size.
     ``info["source_size"]`` is the (width, height) shown, before any reduction.
     """
-    data = _bytes_of(source)
+    data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
     img = _open(data, max_pixels, formats)
     width, height = img.size
     target = check_geometry(width, height, resize_to)
@@ -112,15 +111,6 @@ def _bound_jpeg(
     if img.info.get("progressive"):
         needed = _coefficient_bytes(img.layer, width, height) + 4 * img.width * img.height  # then the output
         check_memory(f"a {width}x{height} progressive JPEG", needed, max_pixels)
-
-
-def _bytes_of(source: bytes | str | Path | BinaryIO) -> bytes:
-    if isinstance(source, bytes | bytearray):
-        return bytes(source)
-    if isinstance(source, str | Path):
-        return Path(source).read_bytes()
-    source.seek(0)
-    return source.read()
 
 
 def _open(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
