@@ -17,7 +17,7 @@ import numpy as np
 
 from core.dino.strategies import DEFAULT_STRATEGY
 from core.dino.weights import ModelCache, WeightsUnavailable
-from core.images import ImageRejected, open_image
+from core.images import ImageRejected
 from core.index import LoadedIndex
 from core.steam import store_url
 from core.variants import apply_variant
@@ -243,7 +243,7 @@ class Service:
         embedding: bool = False,
     ) -> tuple[dict, dict[str, float], Upload]:
         """Matches for an uploaded image's bytes, decoded with the configured limits (mirrored/flipped first)."""
-        upload = decode_upload(data, self.settings.max_image_pixels, self._resize_to(strategy))
+        upload = decode_upload(data, self.settings, self._resize_to(strategy))
         image = apply_variant(upload.image, variant)
         vec, timings = self.embed_or_503(strategy, image)
         found = self.matcher.search(strategy, vec, offset + k)
@@ -352,7 +352,7 @@ class Service:
             if data is None:
                 self.fetcher.remember(key, ABSENT)
                 return ABSENT
-            image = open_image(data, max_pixels=self.settings.max_image_pixels, resize_to=self._resize_to(strategy))
+            image = decode_upload(data, self.settings, self._resize_to(strategy)).image
         except FetchFailed as e:
             failed = UpstreamFailed("fallback_failed", f"appid {appid} is not in the index and {e}")
             self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)

@@ -3,8 +3,9 @@
 Accepted: ``multipart/form-data`` with a file field ``image`` (an HTML form),
 or a raw body with an ``image/*`` content type (``curl --data-binary``).
 The body is in memory already: the serving worker reads it, under its size cap
-and deadlines, before the app runs (serving/worker.py).
-Decoding (format whitelist, pixel cap, modes) is ``core.images.open_image``.
+and deadlines, before the app runs (serving/worker.py). Decoding (format whitelist,
+pixel cap, modes) is ``core.images.open_image``, run in a child process with a memory
+cap and a deadline (``core.isolated``), for uploads and for images the service fetches alike.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from dataclasses import dataclass
 from flask import request
 from PIL import Image
 
-from core.images import open_image
+from core.images import image_format
+from core.isolated import open_image_isolated
 
+from .config import Settings
 from .problems import BadRequest, UnsupportedUpload
 
 UNSUPPORTED = "unsupported_media_type"
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"
+DECODE_TIMEOUT = 10.0  # seconds (at most UPLOAD_TIMEOUT): about 10x the slowest honest decode on idle cores here
 
 
 @dataclass
@@ -71,30 +75,23 @@ def read_upload() -> bytes:
     return data
 
 
-def decode_upload(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tuple[int, int]]) -> Upload:
-    """Decode with the limits of core.images, ``resize_to`` being the strategy's preprocessing resize."""
+def decode_upload(data: bytes, settings: Settings, resize_to: Callable[[int, int], tuple[int, int]]) -> Upload:
+    """Decode with the limits of core.images in a child process (``resize_to``: the strategy's resize).
+
+    ``ImageRejected`` (a 400 with its code) also answers a decode over its memory budget or deadline."""
     start = time.perf_counter()
-    image = open_image(data, max_pixels=max_pixels, resize_to=resize_to)  # ImageRejected: a 400 with its code
-    decode_ms = (time.perf_counter() - start) * 1000
-    fmt = getattr(image, "format", None) or _sniff_format(data)
-    width, height = image.info.get("source_size", image.size)  # a huge image is decoded reduced
+    timeout = min(settings.upload_timeout, DECODE_TIMEOUT)
+    image = open_image_isolated(data, max_pixels=settings.max_image_pixels, timeout=timeout, resize_to=resize_to)
+    width, height = image.info["source_size"]  # a huge image is decoded reduced
     return Upload(
         image=image,
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
-        format=fmt,
+        format=image_format(data) or "unknown",
         width=width,
         height=height,
-        decode_ms=decode_ms,
+        decode_ms=(time.perf_counter() - start) * 1000,
     )
-
-
-def _sniff_format(data: bytes) -> str:
-    signatures = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
-    for magic, name in signatures.items():
-        if data.startswith(magic):
-            return name
-    return "unknown"
 
 
 def read_url_query() -> str:

@@ -6,15 +6,19 @@ accept, more pixels than allowed (checked from the header, before any pixel
 is decoded, so decompression bombs cost nothing), or a corrupt/truncated
 file. Any mode is converted to RGB the way a viewer would show it:
 transparency composited on white, 16-bit greyscale scaled rather than
-clipped, EXIF orientation applied.
+clipped, EXIF orientation applied. Only the first frame of an animation is decoded.
 
 Cost is bounded before any pixel is decoded, from the header alone: the pixel
 cap, an aspect-ratio cap and, when the caller says how the image will be
 resized (``resize_to``), a cap on the resized size (a 1 x 40000 image is tiny
 but becomes 256 x 10,240,000 under ``dino``'s shorter-edge resize). For JPEGs
-the scans are counted from the markers (a progressive file can repeat empty
-scans by the thousand, each a pass over every block), and a JPEG much larger
-than needed is decoded at a reduced DCT scale (``draft``).
+and MPOs (JPEG frames behind a multi-picture header) the scans are counted from
+the markers (a progressive file can repeat empty scans by the thousand, each a
+pass over every block), and a JPEG much larger than needed is decoded at a
+reduced DCT scale (``draft``). A WebP's canvas is checked from its header before
+Pillow opens it: libwebp allocates its canvases as the file is opened. Memory is
+about ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap at most (WebP: its own cap);
+``core.isolated`` enforces that bound, and a deadline, on whatever a decoder does.
 """
 
 from __future__ import annotations
@@ -24,17 +28,33 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
+
+Image.preinit()  # with the two plugins above, those of ALLOWED_FORMATS: registered here, not in each decoding child
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+JPEG_FORMATS = ("JPEG", "MPO")  # Pillow opens a JPEG with a multi-picture header as MPO
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: far above any banner, far below a bomb
 MAX_ASPECT_RATIO = 20  # long edge / short edge; banners are 2:3, wide capsules about 2:1
 MAX_RESIZED_PIXELS = 2_000_000  # after the model's resize (dino at 20:1 gives 256 x 5120 = 1.3 Mpx)
 MAX_JPEG_SCANS = 64  # progressive JPEGs use about 10; libjpeg has no limit of its own
 MAX_JPEG_SCAN_WORK = 1_000_000_000  # scans x pixels: each scan is a pass over every block of its components
+DECODE_BYTES_PER_PIXEL = 5  # a decode's memory per pixel of the cap: an RGBA PNG at the cap holds 4
+WEBP_BYTES_PER_PIXEL = 16  # libwebp's two RGBA canvases (even for a still image) and Pillow's two copies
+BAND_ROWS = 64  # rows shrunk at a time: a mode conversion's copies cost a band, not the image
+SIGNATURES = {  # leading bytes -> format, to name a file without handing it to every Pillow plugin
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG": "PNG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"8BPS": "PSD",
+    b"\x00\x00\x01\x00": "ICO",
+    b"%PDF": "PDF",
+}
 
 
 class ImageRejected(ValueError):
@@ -47,56 +67,117 @@ class ImageRejected(ValueError):
 
 
 def open_image(
-    source: bytes | str | Path | BinaryIO,
+    source: bytes | str | Path,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] = ALLOWED_FORMATS,
     resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """Decode source (bytes, a path or a binary file) into a fully loaded RGB image.
+    """Decode source (bytes or a path) into a fully loaded RGB image.
 
     ``resize_to(width, height)`` is the (width, height) the caller will resize to (see
-    ``core.dino.preprocess``): it bounds the resized size, and lets a huge JPEG be decoded
-    at a reduced scale that is still at least twice that size.
+    ``core.dino.preprocess``): it bounds the resized size, and lets a huge image be decoded
+    (JPEG) or shrunk (any format) to a reduced size that is still at least twice that size.
+    ``info["source_size"]`` is the (width, height) shown, before any reduction.
     """
-    fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
+    img = _open(data, max_pixels, formats)
+    width, height = img.size
+    target = check_geometry(width, height, resize_to)
+    if img.format in JPEG_FORMATS:
+        _bound_jpeg(img, data, target, max_pixels)
+    img = _load(img, data, formats)
+    out = _reduce_to_rgb(img, resize_to)
+    out.info["source_size"] = (width, height)
+    with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
+        out.info["exif"] = img.getexif().tobytes()  # the conversion dropped it
+        shape = out.size
+        ImageOps.exif_transpose(out, in_place=True)
+        if out.size != shape:
+            out.info["source_size"] = (height, width)
+    return out
+
+
+def _bound_jpeg(
+    img: JpegImagePlugin.JpegImageFile, data: bytes, target: tuple[int, int] | None, max_pixels: int
+) -> None:
+    """A JPEG's (or MPO's) decoding work, bounded from its markers: the scans are counted, a huge one is decoded
+    at a reduced DCT scale, and a progressive one's buffer of every coefficient is counted against the budget."""
+    width, height = img.size
+    check_jpeg_scans(data, width * height)
+    side = 2 * max(target) if target is not None else 0  # square: the same whatever the EXIF rotation
+    if side and side <= min(width, height):
+        img.draft(None, (side, side))  # DCT scaling: 1/2..1/8 of the work and memory
+    if img.info.get("progressive"):
+        needed = _coefficient_bytes(img.layer, width, height) + 4 * img.width * img.height  # then the output
+        check_memory(f"a {width}x{height} progressive JPEG", needed, max_pixels)
+
+
+def _open(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    """Pillow's image of the header, its size checked against the pixel caps; nothing decoded yet."""
+    canvas = webp_canvas(data[:30]) if "WEBP" in formats else None
+    if canvas:  # before Pillow opens it: libwebp allocates its canvases as the file is opened
+        check_memory(f"a {canvas[0]}x{canvas[1]} WebP", canvas[0] * canvas[1] * WEBP_BYTES_PER_PIXEL, max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp, formats=list(formats))
-    except FileNotFoundError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected("too_many_pixels", f"image has too many pixels ({e})") from None
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            img = Image.open(io.BytesIO(data), formats=list(formats))
+    except Image.DecompressionBombError:
+        raise ImageRejected("too_many_pixels", f"image has too many pixels; the limit is {max_pixels:,}") from None
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", _unidentified_message(source, formats)) from None
+        raise ImageRejected("not_an_image", _unidentified_message(data, formats)) from None
+    except MemoryError:
+        raise
     except Exception as e:  # a header Pillow recognised but could not parse
         raise ImageRejected("corrupt_image", f"image header could not be read: {e}") from None
-    try:
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise ImageRejected("corrupt_image", f"image has an empty size {width}x{height}")
-        if width * height > max_pixels:
-            raise ImageRejected(
-                "too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
-            )
-        target = check_geometry(width, height, resize_to)
-        if img.format == "JPEG":
-            check_jpeg_scans(_read_all(source, fp), width * height)
-            side = 2 * max(target) if target is not None else 0  # square: the same whatever the EXIF rotation
-            if side and side <= min(width, height):
-                img.draft(None, (side, side))  # DCT scaling: 1/2..1/8 of the work and memory
-        img = _load(img, source, fp, formats)
-        scale = width / img.width  # > 1 after a draft
-        with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
-            img = ImageOps.exif_transpose(img)
-        shown = (round(img.width * scale), round(img.height * scale))
-        out = to_rgb(_reduce_for(img, resize_to))
-        out.info["source_size"] = shown  # (width, height) as shown, before any reduction
-        return out
-    finally:
-        if fp is not source:
-            fp.close()
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageRejected("corrupt_image", f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageRejected(
+            "too_many_pixels", f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        )
+    return img
+
+
+def check_memory(what: str, needed: int, max_pixels: int) -> None:
+    """Refuse a decode known to need more than the memory budget: ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap."""
+    budget = max_pixels * DECODE_BYTES_PER_PIXEL
+    if needed > budget:
+        raise ImageRejected(
+            "too_many_pixels",
+            f"{what} takes {needed / 1e6:,.0f} MB to decode; the limit is {budget / 1e6:,.0f} MB "
+            f"({DECODE_BYTES_PER_PIXEL} bytes per pixel of the {max_pixels:,}-pixel limit)",
+        )
+
+
+def _coefficient_bytes(layers: list[tuple], width: int, height: int) -> int:
+    """libjpeg's buffer of a whole image's DCT coefficients: 64 x 16 bits per block of each component."""
+    h_max = max(h for _, h, _, _ in layers)
+    v_max = max(v for _, _, v, _ in layers)
+    return sum(-(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) * 128 for _, h, v, _ in layers)
+
+
+def webp_canvas(head: bytes) -> tuple[int, int] | None:
+    """A WebP's canvas (width, height) from its first 30 bytes; None for anything else."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8X":  # extended (animation, alpha): 24-bit canvas sizes minus one
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if chunk == b"VP8L":  # lossless: 14-bit sizes minus one, after the 0x2f signature
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the start code
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    return None
+
+
+def image_format(data: bytes) -> str | None:
+    """The format named by a file's leading bytes (a few common ones), without parsing it."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def check_geometry(
@@ -121,20 +202,23 @@ def check_geometry(
     return rw, rh
 
 
-def _reduce_for(img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None) -> Image.Image:
-    """Shrink an image many times larger than needed by an integer factor (box filter), keeping at least
-    twice the resized size: the mode conversions that follow (alpha on white: three full-size copies)
-    then cost a fraction of the memory. Banners of ordinary sizes are left exactly as they are."""
-    if resize_to is None:
-        return img
-    tw, th = resize_to(img.width, img.height)
-    factor = min(img.width // (2 * tw), img.height // (2 * th))
+def _reduce_to_rgb(img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None) -> Image.Image:
+    """RGB; an image many times larger than needed is also shrunk by an integer factor (box filter), keeping at
+    least twice the resized size. It is shrunk in bands, each converted to RGB first, so that a conversion's
+    copies (alpha on white: three; a palette; 16 bits) cost a band, not the whole image. Banners of ordinary
+    sizes are converted exactly as they are."""
+    factor = 1
+    if resize_to is not None:
+        tw, th = resize_to(img.width, img.height)
+        factor = min(img.width // (2 * tw), img.height // (2 * th))
     if factor < 2:
-        return img
-    try:
-        return img.reduce(factor)
-    except ValueError:  # a mode reduce() does not support (palette): convert at full size instead
-        return img
+        return to_rgb(img)
+    out = Image.new("RGB", (-(-img.width // factor), -(-img.height // factor)))
+    rows = max(factor, BAND_ROWS - BAND_ROWS % factor)  # whole boxes of the reduction
+    for top in range(0, img.height, rows):
+        band = to_rgb(img.crop((0, top, img.width, min(img.height, top + rows))))
+        out.paste(band.reduce(factor), (0, top // factor))
+    return out
 
 
 def check_jpeg_scans(data: bytes, pixels: int) -> int:
@@ -157,50 +241,29 @@ def check_jpeg_scans(data: bytes, pixels: int) -> int:
     return scans
 
 
-def _read_all(source: object, fp: object) -> bytes:
-    if isinstance(source, bytes | bytearray):
-        return bytes(source)
-    if isinstance(source, str | Path):
-        return Path(source).read_bytes()
-    position = fp.tell()
-    fp.seek(0)
-    data = fp.read()
-    fp.seek(position)
-    return data
-
-
-def _load(img: Image.Image, source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:
+def _load(img: Image.Image, data: bytes, formats: tuple[str, ...]) -> Image.Image:
     """Decode the pixels (the first frame); any failure of the data is a ``corrupt_image``."""
     try:
         if img.format == "PNG":
             # Pillow checks the CRC of image data chunks only in verify(), which leaves the
             # image unusable: verify the chunks (no decompression), then open it again.
             img.verify()
-            img = _reopen(source, fp, formats)
+            img = Image.open(io.BytesIO(data), formats=list(formats))
         img.seek(0)  # first frame of an animation
         img.load()
+    except MemoryError:
+        raise
     except Exception as e:  # truncated data, bad checksums, broken streams
         raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
     return img
 
 
-def _reopen(source: object, fp: object, formats: tuple[str, ...]) -> Image.Image:
-    if isinstance(source, str | Path):
-        return Image.open(source, formats=list(formats))
-    fp.seek(0)
-    return Image.open(fp, formats=list(formats))
-
-
-def _unidentified_message(source: object, formats: tuple[str, ...]) -> str:
+def _unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
     accepted = ", ".join(formats)
-    fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    try:
-        if hasattr(fp, "seek"):
-            fp.seek(0)
-        with Image.open(fp) as other:
-            return f"{other.format} images are not accepted; send one of: {accepted}"
-    except Exception:
-        return f"not a recognised image; send one of: {accepted}"
+    found = image_format(data)
+    if found and found not in formats:
+        return f"{found} images are not accepted; send one of: {accepted}"
+    return f"not a recognised image; send one of: {accepted}"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
+from hostile_images import animated_webp, gif_canvas, junk_before_scans, mpo, scan_bomb
 from PIL import Image
 
-from core.images import ImageRejected, open_image
+from core.dino.preprocess import PREPROCESSINGS
+from core.images import ImageRejected, open_image, to_rgb, webp_canvas
+
+DINO = PREPROCESSINGS["dino"].pil_resized_size
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -134,3 +140,110 @@ def test_pixel_cap_is_configurable():
     assert open_image(data, max_pixels=10_000).size == (100, 100)
     with pytest.raises(ImageRejected):
         open_image(data, max_pixels=9_999)
+
+
+# -- decoding work and memory, bounded from the header ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        scan_bomb(1000, 500, junk=b"\x00"),  # a junk byte before every scan
+        scan_bomb(1000, 500, junk=b"\xab", junk_first=False),  # between scans only
+        scan_bomb(1000, 500, junk=b"\xff\xff"),  # fill bytes before every marker
+        mpo((1000, 1000), scans=500),  # inside an MPO: a JPEG with a multi-picture header
+    ],
+    ids=["junk-before", "junk-between", "fill-bytes", "mpo"],
+)
+def test_jpeg_scan_bombs_are_refused_however_the_scans_hide(bomb):
+    with pytest.raises(ImageRejected) as e:
+        open_image(bomb)
+    assert e.value.code == "too_much_decoding_work" and "the limit is 64" in e.value.message
+
+
+def test_junk_before_the_scans_of_an_ordinary_progressive_jpeg_is_skipped_as_libjpeg_does():
+    banner = _encode(Image.effect_noise((300, 450), 60).convert("RGB"), "JPEG", progressive=True)
+    assert np.array_equal(np.asarray(open_image(junk_before_scans(banner))), np.asarray(open_image(banner)))
+
+
+def test_an_mpo_is_decoded_as_a_jpeg_first_picture_reduced_scale_included():
+    data = mpo((4000, 3000))
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    out = open_image(data, resize_to=DINO)
+    assert out.size == (1000, 750) and out.info["source_size"] == (4000, 3000)  # DCT scaling, as for a JPEG
+    assert open_image(mpo((600, 900)), resize_to=DINO).size == (600, 900)
+
+
+def test_a_progressive_jpeg_counts_its_coefficient_buffer_against_the_memory_budget():
+    tall = _encode(Image.new("RGB", (447, 8940), (90, 120, 30)), "JPEG", progressive=True)  # 4 Mpx at 20:1
+    with pytest.raises(ImageRejected) as e:  # the cap's budget: 5 bytes per pixel of 4 Mpx = 20 MB
+        open_image(tall, max_pixels=4_000_000, resize_to=DINO)
+    assert e.value.code == "too_many_pixels" and "progressive JPEG takes 28 MB" in e.value.message
+    assert "the limit is 20 MB" in e.value.message
+    square = _encode(Image.new("RGB", (2000, 2000), (90, 120, 30)), "JPEG", progressive=True)
+    assert open_image(square, max_pixels=4_000_000, resize_to=DINO).size == (1000, 1000)  # decoded at 1/2
+
+
+@pytest.mark.parametrize(
+    ("image", "kw"),
+    [
+        (Image.new("RGB", (123, 457), (1, 2, 3)), {"quality": 80}),  # VP8
+        (Image.new("RGB", (123, 457), (1, 2, 3)), {"lossless": True}),  # VP8L
+        (Image.new("RGBA", (123, 457), (1, 2, 3, 4)), {"quality": 80}),  # VP8X, alpha
+    ],
+    ids=["lossy", "lossless", "extended"],
+)
+def test_a_webp_canvas_is_read_from_its_header_as_pillow_reads_it(image, kw):
+    data = _encode(image, "WEBP", **kw)
+    assert webp_canvas(data[:30]) == Image.open(io.BytesIO(data)).size == (123, 457)
+    assert webp_canvas(animated_webp(7001, 5003)[:30]) == (7001, 5003)
+    assert webp_canvas(_encode(image, "PNG")[:30]) is None
+
+
+def test_an_animated_webp_over_its_cap_is_refused_before_pillow_opens_it():
+    with pytest.raises(ImageRejected) as e:  # 1000 frames of 1x1 on a 6000x6600 canvas: 48 KB
+        open_image(animated_webp(6000, 6600))
+    assert e.value.code == "too_many_pixels"
+    assert "6000x6600 WebP takes 634 MB to decode; the limit is 200 MB" in e.value.message
+
+
+def test_only_the_first_frame_of_an_animation_is_decoded():
+    out = open_image(animated_webp(300, 200, frames=1000))
+    assert out.size == (300, 200) and out.getpixel((0, 0)) == (255, 0, 0) and out.getpixel((150, 100)) == (255,) * 3
+    gif = open_image(gif_canvas(3000, 2000, frames=1000), resize_to=DINO)
+    assert gif.info["source_size"] == (3000, 2000) and gif.size == (1000, 667)
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "I;16"])
+def test_a_large_image_is_shrunk_in_bands_exactly_as_whole(mode):
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (1030, 1100), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (1030, 1100, len(mode)), dtype=np.uint8).squeeze(), mode)
+    data = _encode(img, "PNG", compress_level=1, **({"transparency": 3} if mode == "P" else {}))
+    out = open_image(data, resize_to=DINO)  # 273x256 wanted: shrunk by 2, in bands of 64 rows
+    whole = to_rgb(Image.open(io.BytesIO(data))).reduce(2)
+    assert out.size == (550, 515) and np.array_equal(np.asarray(out), np.asarray(whole))
+
+
+def test_pixel_limits_in_messages_are_the_services_own():
+    for data in (_png_header_only(20_000, 10_000), _png_header_only(10_000, 9_000)):  # over Pillow's two limits
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ImageRejected) as e:
+                open_image(data)
+        assert e.value.code == "too_many_pixels" and "the limit is 40,000,000" in e.value.message
+        assert "178,956,970" not in e.value.message and "89478485" not in e.value.message
+        assert caught == []  # no DecompressionBombWarning for a refusal
+
+
+def test_a_refused_format_is_named_from_its_bytes_without_a_log_line(caplog):
+    tiff_header = b"II*\x00\x08\x00\x00\x00\x01\x00\x00\x01\x04\x00\x01\x00\x00\x00\xff\xff\xff\x7f" + b"\0" * 40
+    refused = [(_encode(Image.new("RGB", (8, 8)), "TIFF"), "TIFF"), (tiff_header, "TIFF")]
+    caplog.set_level(logging.DEBUG)
+    for data, name in refused:
+        with pytest.raises(ImageRejected) as e:
+            open_image(data)
+        assert e.value.code == "not_an_image" and e.value.message.startswith(f"{name} images are not accepted")
+    assert caplog.records == []

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import start_http_server
+from hostile_images import EMPTY_SCAN, scan_bomb
 from PIL import Image
 
 from app import StartupError
@@ -54,17 +55,6 @@ def webp(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (200, 10, 10)).save(buf, format="WEBP", lossless=True)
     return buf.getvalue()
-
-
-EMPTY_SCAN = bytes.fromhex("ffda0008010100000000")  # SOS: 1 component, a DC scan with no entropy-coded data
-
-
-def scan_bomb(side: int = 6000, scans: int = 10_000) -> bytes:
-    """A greyscale progressive JPEG with thousands of empty scans: libjpeg passes over every block each time."""
-    buf = io.BytesIO()
-    Image.new("L", (side, side), 128).save(buf, format="JPEG", progressive=True, quality=30)
-    data = buf.getvalue()
-    return data[:-2] + EMPTY_SCAN * scans + data[-2:]
 
 
 def jpeg(width: int, height: int, progressive: bool = False) -> bytes:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import GunicornServer, server_env
-from test_limits import png, png_header, scan_bomb, webp
+from hostile_images import scan_bomb
+from test_limits import png, png_header, webp
 
 from devtools.cgroup import MemoryCgroup
 

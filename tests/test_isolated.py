@@ -1,0 +1,119 @@
+"""Decoding in a child process: the same image as in-process, and a deadline and a memory cap that hold."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile_images import bmp_rle8, encode, mpo
+from PIL import Image
+
+from core.dino.preprocess import PREPROCESSINGS
+from core.images import ImageRejected, open_image
+from core.isolated import open_image_isolated
+
+DINO = PREPROCESSINGS["dino"].pil_resized_size
+
+
+def _exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    return encode(Image.effect_noise((300, 200), 40).convert("RGB"), "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(Image.effect_noise((300, 450), 60).convert("RGB"), "JPEG"),
+        encode(Image.new("RGBA", (64, 48), (10, 20, 30, 100)), "PNG"),
+        _exif_rotated_jpeg(),
+        mpo((2600, 2100)),  # decoded at a reduced scale, then shrunk
+    ],
+    ids=["banner", "rgba", "exif-rotated", "large-mpo"],
+)
+def test_the_child_decodes_what_open_image_decodes(data):
+    here = open_image(data, resize_to=DINO)
+    there = open_image_isolated(data, max_pixels=40_000_000, timeout=30, resize_to=DINO)
+    assert there.mode == "RGB" and there.size == here.size
+    assert there.info["source_size"] == here.info["source_size"]
+    assert np.array_equal(np.asarray(there), np.asarray(here))
+
+
+def test_a_rejection_comes_back_with_its_code_and_message():
+    tiff = encode(Image.new("RGB", (8, 8)), "TIFF")
+    with pytest.raises(ImageRejected) as here:
+        open_image(tiff)
+    with pytest.raises(ImageRejected) as there:
+        open_image_isolated(tiff, max_pixels=40_000_000, timeout=30)
+    assert (there.value.code, there.value.message) == (here.value.code, here.value.message)
+
+
+def _children() -> set[int]:
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+
+
+@pytest.mark.slow
+def test_a_decode_past_its_deadline_is_stopped_there():
+    slow = bmp_rle8(4000, 2000, run=1)  # 8 M runs of one pixel, which Pillow decodes in Python: seconds
+    before = _children()
+    start = time.monotonic()
+    with pytest.raises(ImageRejected) as e:
+        open_image_isolated(slow, max_pixels=40_000_000, timeout=0.2)
+    assert e.value.code == "too_much_decoding_work" and "longer than 0.2 s" in e.value.message
+    assert time.monotonic() - start < 1.0
+    deadline = time.monotonic() + 1.0
+    while _children() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _children() == before  # the child was killed (and reaped), not left decoding
+
+
+@pytest.mark.slow
+def test_an_upload_that_decodes_past_the_deadline_gets_a_400(make_client):
+    client = make_client(upload_timeout=0.2)  # the decode's deadline is at most UPLOAD_TIMEOUT
+    r = client.post("/match", data=bmp_rle8(2000, 2000, run=1), content_type="image/bmp")
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "too_much_decoding_work"
+
+
+def _png_with_text(megabytes: int) -> bytes:
+    """A 1x1 PNG whose compressed text chunks Pillow inflates to ``megabytes`` MB as it reads the header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    plain = encode(Image.new("RGB", (1, 1)), "PNG")
+    text = zlib.compress(b"a" * 1_000_000, 9)
+    return plain[:33] + b"".join(chunk(b"zTXt", b"note%d\0\0" % i + text) for i in range(megabytes)) + plain[33:]
+
+
+MEMORY_CHECK = """
+import sys
+from core.images import ImageRejected
+from core.isolated import open_image_isolated
+data = sys.stdin.buffer.read()
+try:
+    open_image_isolated(data, max_pixels=2_000_000, timeout=30)  # a budget of 10 MB
+except ImageRejected as e:
+    print(e.code, e.message)
+"""
+
+
+@pytest.mark.slow
+def test_a_decode_over_its_memory_budget_is_refused():
+    """In a fresh interpreter with the service's malloc settings: the budget is address space the child adds,
+    and a process's free heap (which a test session has plenty of) is not added."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": "."}
+    data = _png_with_text(40)  # 40 MB of text for a 1-pixel image
+    assert Image.open(io.BytesIO(data)).size == (1, 1)
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHECK], input=data, capture_output=True, env=env, timeout=60)
+    assert out.stdout.decode().startswith("too_many_pixels decoding this image takes more than 10 MB"), out
+    small = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHECK], input=_png_with_text(2), capture_output=True, env=env, timeout=60
+    )
+    assert small.returncode == 0 and small.stdout == b"", small  # 2 MB of text: within the budget
