@@ -16,7 +16,7 @@ from browser import HEADLESS_FLAGS, Chromium, find_chromium
 from conftest import ROOT, GunicornServer, server_env
 from PIL import Image, ImageChops, ImageStat
 
-from bench.pressure import Lookups
+from devtools.clients import Lookups
 
 pytestmark = pytest.mark.slow  # the real gunicorn service: seconds to start and stop
 
