@@ -18,9 +18,6 @@ $(VENV)/.runtime: requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime
-	touch $@
-
 # -- the whole pipeline: banners of the default games, weights, index, service ---------------------
 check-online:
 	@$(PYTHON) scripts/check_online.py
@@ -38,17 +35,17 @@ serve: $(VENV)/.runtime
 # -- checks ---------------------------------------------------------------------------------------
 # The tests start dozens of servers and commands: with bytecode caching on (some environments set
 # PYTHONDONTWRITEBYTECODE), each reuses the project's compiled modules instead of compiling them again.
-test: $(VENV)/.dev
+test: $(VENV)/.runtime
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
 
-test-fast: $(VENV)/.dev  # the fast lane: tests under ~1-2 s each
+test-fast: $(VENV)/.runtime  # the fast lane: tests under ~1-2 s each
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow"
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.runtime
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) -m bench.run_all
 

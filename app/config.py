@@ -240,6 +240,6 @@ def _index_source(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     if sha is None or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ConfigError(
             "INDEX_SHA256: expected the 64 hex digits of the archive's sha256 "
-            "(printed by scripts/pack_index.py) whenever INDEX_URL is set"
+            "(printed by steam-dino-pack-index) whenever INDEX_URL is set"
         )
     return url, sha

@@ -19,7 +19,7 @@ measurements stand in for one:
    that agree closely cost the service twice for the same answers; one that
    agrees with none sees something else in the art.
 
-``scripts/evaluate.py`` is the command line; everything here is importable
+``steam-dino-evaluate`` is the command line; everything here is importable
 and takes plain arguments, so tests and notebooks can run single pieces.
 """
 

@@ -23,7 +23,6 @@ from core.images import open_image
 from core.index import load_index
 from indexer import evaluate as ev
 
-SCRIPT = ROOT / "scripts" / "evaluate.py"
 S16 = ["SimpleS16", "ComplexS16"]
 MILD = ("jpeg", "resize", "flip")  # alterations that must leave a banner its own nearest neighbour
 
@@ -47,7 +46,7 @@ def extractors(built_index, index, models, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cli():
-    """scripts/evaluate.py as a module, for in-process calls of its main()."""
+    """The steam-dino-evaluate command as a module, for in-process calls of its main()."""
     return importlib.import_module("indexer.cli.evaluate")
 
 
@@ -57,7 +56,8 @@ def banner(built_index, index, row: int) -> Image.Image:
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "indexer.cli.evaluate", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

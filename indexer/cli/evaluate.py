@@ -1,6 +1,6 @@
 """Measure the retrieval quality of an index's strategies without labels: copy detection and agreement.
 
-    python scripts/evaluate.py --index data/index --images data/banners \\
+    steam-dino-evaluate --index data/index --images data/banners \\
         [--strategies a,b | all] [--queries 200] [--k 10] [--seed 0] [--markdown results.md]
 
 Copy detection: a seeded sample of banners is altered (crop, JPEG, downscale, flip, colour jitter,

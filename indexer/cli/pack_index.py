@@ -1,6 +1,6 @@
 """Pack an index (all or some of its strategies) into one archive and its sha256, for INDEX_URL deploys.
 
-    python scripts/pack_index.py --index data/index --out dist/index.tar [--strategies ComplexB16,SimpleS16]
+    steam-dino-pack-index --index data/index --out dist/index.tar [--strategies ComplexB16,SimpleS16]
 
 Writes ``dist/index.tar`` (``.tar.gz`` names are gzip-compressed) and ``dist/index.tar.sha256``;
 upload the archive anywhere the dynos can reach and set ``INDEX_URL`` and ``INDEX_SHA256``.
