@@ -65,16 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return error(problem, BAD_INPUT)
 
     from core.dino.weights import WeightsUnavailable
+    from core.files import atomic_write_bytes
     from core.index import IndexInvalid, load_index
-    from indexer.evaluate import (
-        EvaluationError,
-        copy_detection,
-        format_table,
-        overlap_matrix,
-        summary_line,
-        to_markdown,
-        write_text_atomic,
-    )
+    from indexer.evaluation.metrics import EvaluationError, copy_detection, overlap_matrix
+    from indexer.evaluation.report import format_table, summary_line, to_markdown
 
     try:
         names = None if args.strategies.strip() in ("all", "") else [s.strip() for s in args.strategies.split(",")]
@@ -99,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(detection, overlap))
     if args.markdown is not None:
         try:
-            write_text_atomic(args.markdown, to_markdown(detection, overlap))
+            atomic_write_bytes(args.markdown, to_markdown(detection, overlap).encode("utf-8"))
         except OSError as e:
             return error(f"--markdown {args.markdown}: {e}", FAILED)
         print(f"wrote {args.markdown}")
