@@ -9,7 +9,6 @@ within a rank. An all-digit query also finds the game with that appid.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -54,15 +53,6 @@ class Catalog:
             None if local else cdn_banner_url(g.appid, cdn_url)
             for g, local in zip(self.games, self._local, strict=True)
         ]
-        # The same as JSON text, split where the host goes, for lookups that skip dicts and json.dumps.
-        self._json_head = [
-            f'"appid":{g.appid},"name":{json.dumps(g.name)},"store_url":{json.dumps(self._store[g.row])},"banner_url":"'
-            for g in self.games
-        ]
-        self._json_tail = [
-            (json.dumps(local)[1:] if local is not None else json.dumps(cdn)[1:])
-            for local, cdn in zip(self._local, self._cdn, strict=True)
-        ]
 
     def __len__(self) -> int:
         return len(self.games)
@@ -92,12 +82,6 @@ class Catalog:
             "store_url": self._store[row],
             "banner_url": host_url + local if local is not None else self._cdn[row],
         }
-
-    def describe_row_json(self, row: int, host_url_json: str) -> str:
-        """describe_row() as JSON members (no braces); ``host_url_json`` is the host URL already JSON-escaped."""
-        if self._local[row] is None:
-            return self._json_head[row] + self._json_tail[row]
-        return self._json_head[row] + host_url_json + self._json_tail[row]
 
     def search(self, query: str, limit: int) -> list[Game]:
         q = fold(query)

@@ -17,7 +17,7 @@ import numpy as np
 
 from core.dino.strategies import DEFAULT_STRATEGY
 from core.dino.weights import ModelCache, WeightsUnavailable
-from core.images import ImageRejected, open_image
+from core.images import ImageRejected
 from core.index import LoadedIndex
 from core.steam import store_url
 from core.variants import apply_variant
@@ -25,10 +25,10 @@ from core.variants import apply_variant
 from . import metrics
 from .catalog import Catalog, Game
 from .config import Settings
-from .fallback import BannerFetcher, FetchFailed
+from .fallback import CdnFallback
 from .http_cache import HttpCache, build_id
 from .matching import Matcher
-from .problems import Forbidden, Unavailable, UpstreamFailed, unknown_app, variant_unavailable
+from .problems import Forbidden, Unavailable, unknown_app, variant_unavailable
 from .uploads import Upload, decode_upload
 from .urlfetch import UrlFetcher, public_only
 
@@ -40,7 +40,6 @@ def without_paths(text: str) -> str:
     return _PATH.sub("…/", text)
 
 
-ABSENT = "absent"  # cached fallback result: the CDN has no banner for this appid
 log = logging.getLogger(__name__)
 
 
@@ -73,16 +72,9 @@ class Service:
             else None
         )
         self.preload = self._check_preload(settings.preload_models)
+        # the CDN fallback (FALLBACK_FETCH), or None
         self.fetcher = (
-            BannerFetcher(
-                settings.cdn_url,
-                settings.fallback_timeout,
-                int(settings.fallback_max_mb * 2**20),
-                settings.fallback_cache_size,
-                settings.fallback_negative_ttl,
-            )
-            if settings.fallback_fetch
-            else None
+            CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0]) if settings.fallback_fetch else None
         )
 
     def _pick_default(self, wanted: str | None) -> str:
@@ -160,6 +152,19 @@ class Service:
             for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), first_rank)
         ]
 
+    def match_payload(
+        self, strategy: str, query: dict, rows: np.ndarray, scores: np.ndarray, host_url: str, offset: int, variant: str
+    ) -> dict:
+        """The one shape of every match answer: a game's lookup, an upload's, a batch's parts, the fallback's."""
+        return {
+            "strategy": strategy,
+            "k": len(rows),
+            "offset": offset,
+            **({"variant": variant} if variant else {}),
+            "query": query,
+            "matches": self.matches(rows, scores, host_url, offset + 1),
+        }
+
     def check_variant(self, strategy: str, variant: str) -> None:
         """A mirror/flip lookup needs its precomputed tables: a 400 naming the build option otherwise."""
         if variant and variant not in self.index.strategies[strategy].variants:
@@ -169,51 +174,27 @@ class Service:
         self, strategy: str, game: Game, k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> dict:
         rows, scores = self.matcher.table_matches(strategy, game.row, k, offset, variant)
-        return {
-            "strategy": strategy,
-            "k": len(rows),
-            "offset": offset,
-            **({"variant": variant} if variant else {}),
-            "query": self.catalog.describe_row(game.row, host_url),
-            "matches": self.matches(rows, scores, host_url, offset + 1),
-        }
+        query = self.catalog.describe_row(game.row, host_url)
+        return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)
 
-    def table_payload_json(
-        self, strategy: str, game: Game, k: int, host_url: str, offset: int = 0, variant: str = ""
-    ) -> str:
-        """table_payload() serialised, built from per-game JSON made at start: the lookup hot path.
-
-        Equal to ``json.dumps(table_payload(...))`` (tests check it), at a fraction of the cost.
-        """
-        rows, scores = self.matcher.table_matches(strategy, game.row, k, offset, variant)
-        host = json.dumps(host_url)[1:-1]
-        row_json = self.catalog.describe_row_json
-        matches = ",".join(
-            f'{{"rank":{rank},{row_json(row, host)},"score":{round(score, 6)!r}}}'
-            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), offset + 1)
-        )
-        variant_json = f',"variant":"{variant}"' if variant else ""
-        return (
-            f'{{"strategy":{json.dumps(strategy)},"k":{len(rows)},"offset":{offset}{variant_json},'
-            f'"query":{{{row_json(game.row, host)}}},"matches":[{matches}]}}'
-        )
+    def table_payload_json(self, *args, **kwargs) -> str:
+        """``table_payload`` as compact JSON: a lookup's answer."""
+        return compact_json(self.table_payload(*args, **kwargs))
 
     def batch_payload_json(
         self, strategy: str, appids: list[int], k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> str:
         """Lookups of many appids in one answer: each one's match payload, or its error, in the order asked."""
-        parts = []
+        results = []
         for appid in appids:
             game = self.catalog.get(appid)
             if game is None:
                 problem = unknown_app(appid)
-                parts.append(json.dumps({"appid": appid, "error": {"code": problem.code, "message": problem.message}}))
+                results.append({"appid": appid, "error": {"code": problem.code, "message": problem.message}})
             else:
-                parts.append(self.table_payload_json(strategy, game, k, host_url, offset, variant))
-        return (
-            f'{{"strategy":{json.dumps(strategy)},"k":{k},"offset":{offset},'
-            f'"variant":{json.dumps(variant)},"results":[{",".join(parts)}]}}'
-        )
+                results.append(self.table_payload(strategy, game, k, host_url, offset, variant))
+        batch = {"strategy": strategy, "k": k, "offset": offset, "variant": variant, "results": results}
+        return compact_json(batch)
 
     def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, dict[str, float]]:
         """The embedding; a 503 without server paths when the weights are missing (the log has them in full)."""
@@ -244,19 +225,11 @@ class Service:
     ) -> tuple[dict, dict[str, float], Upload]:
         """Matches for an uploaded image's bytes, decoded with the configured limits (mirrored/flipped first)."""
         upload = decode_upload(data, self.settings.max_image_pixels, self._resize_to(strategy))
-        image = apply_variant(upload.image, variant)
-        vec, timings = self.embed_or_503(strategy, image)
+        vec, timings = self.embed_or_503(strategy, apply_variant(upload.image, variant))
         found = self.matcher.search(strategy, vec, offset + k)
-        rows, scores = found.rows[offset:], found.scores[offset:]
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
-        payload = {
-            "strategy": strategy,
-            "k": len(rows),
-            "offset": offset,
-            **({"variant": variant} if variant else {}),
-            "query": upload.describe(),
-            "matches": self.matches(rows, scores, host_url, offset + 1),
-        }
+        rows, scores = found.rows[offset:], found.scores[offset:]
+        payload = self.match_payload(strategy, upload.describe(), rows, scores, host_url, offset, variant)
         if embedding:
             payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()
         metrics.upload_timed(strategy, timings)
@@ -280,87 +253,47 @@ class Service:
         return out
 
     def compare_payload(self, names: list[str], game: Game, k: int, host_url: str) -> dict:
-        results = {}
-        sets = {}
+        results, sets = {}, {}
         for name in names:
-            kk = min(k, self.max_k(name))
-            rows, scores = self.matcher.table_matches(name, game.row, kk)
+            rows, scores = self.matcher.table_matches(name, game.row, min(k, self.max_k(name)))
             results[name] = self.matches(rows, scores, host_url)
             sets[name] = {self.catalog.games[r].appid for r in rows.tolist()}
         overlap = {
             a: {b: round(len(sets[a] & sets[b]) / max(1, min(len(sets[a]), len(sets[b]))), 4) for b in names}
             for a in names
         }
-        common = set.intersection(*sets.values()) if sets else set()
         return {
             "query": self.catalog.describe_row(game.row, host_url),
             "k": k,
             "strategies": names,
             "matches": results,
             "overlap": overlap,
-            "in_all": sorted(common),
+            "in_all": sorted(set.intersection(*sets.values()) if sets else set()),
         }
 
-    # -- unknown appids: optional CDN fallback -------------------------------------------------------
+    # -- unknown appids: the optional CDN fallback (app/fallback.py) ---------------------------------
     def fallback_needs_fetch(self, appid: int, strategy: str, variant: str = "") -> bool:
         """Whether a lookup of this appid would fetch and embed a banner: it then counts as an upload."""
         return (
             self.fetcher is not None
             and self.catalog.get(appid) is None
-            and (self.fetcher.cached((appid, strategy, variant)) is None)
+            and self.fetcher.needs_fetch(appid, strategy, variant)
         )
 
     def fallback_match(
         self, appid: int, strategy: str, k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> dict:
-        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on).
-
-        A cache miss costs a model pass, so it counts against the upload rate limit (app/limits.py).
-        """
+        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on)."""
         if self.fetcher is None:
             raise unknown_app(appid)
-        key = (appid, strategy, variant)
-        cached = self.fetcher.cached(key)
-        if cached is None:
-            cached = self.fetcher.flights.run(key, lambda: self._fetch_and_embed(appid, strategy, variant))
-        if isinstance(cached, UpstreamFailed):  # a fresh exception: the cached one is shared between threads
-            raise UpstreamFailed(cached.code, cached.message)
-        if cached is ABSENT:
-            raise unknown_app(appid, "is not in the index and Steam has no banner for it")
-        found = self.matcher.search(strategy, cached, offset + k)
+        vec = self.fetcher.embedding(appid, strategy, variant, self._resize_to(strategy))
+        found = self.matcher.search(strategy, vec, offset + k)
+        query = {"appid": appid, "name": "", "store_url": store_url(appid), "banner_url": self.fetcher.url(appid)}
+        query["source"] = "steam_cdn"
         rows, scores = found.rows[offset:], found.scores[offset:]
-        return {
-            "strategy": strategy,
-            "k": len(rows),
-            "offset": offset,
-            **({"variant": variant} if variant else {}),
-            "query": {
-                "appid": appid,
-                "name": "",
-                "store_url": store_url(appid),
-                "banner_url": self.fetcher.url(appid),
-                "source": "steam_cdn",
-            },
-            "matches": self.matches(rows, scores, host_url, offset + 1),
-        }
+        return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)
 
-    def _fetch_and_embed(self, appid: int, strategy: str, variant: str = ""):
-        """The embedding, ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
-        key = (appid, strategy, variant)
-        try:
-            data = self.fetcher.fetch(appid)
-            if data is None:
-                self.fetcher.remember(key, ABSENT)
-                return ABSENT
-            image = open_image(data, max_pixels=self.settings.max_image_pixels, resize_to=self._resize_to(strategy))
-        except FetchFailed as e:
-            failed = UpstreamFailed("fallback_failed", f"appid {appid} is not in the index and {e}")
-            self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
-            return failed
-        except ImageRejected as e:
-            failed = UpstreamFailed("fallback_failed", f"the CDN's banner for {appid} is not usable: {e.message}")
-            self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
-            return failed
-        vec, _ = self.embed_or_503(strategy, apply_variant(image, variant))
-        self.fetcher.remember(key, vec)
-        return vec
+
+def compact_json(obj: object) -> str:
+    """JSON as the app's provider writes it (compact, keys in order, ASCII), without its trailing newline."""
+    return json.dumps(obj, separators=(",", ":"))

@@ -41,16 +41,6 @@ def test_offset_pages_through_the_table(client, built_index):
     assert unique["games"] == full["games"][2:5] and unique["offset"] == 2
 
 
-def test_fast_path_equals_payload_with_offset_and_variant(client, built_index):
-    from app.params import EXTENSION_KEY
-
-    svc = client.application.extensions[EXTENSION_KEY]
-    for game in svc.catalog.games[:3]:
-        for offset in (0, 3, 9):
-            fast = json.loads(svc.table_payload_json("ComplexB16", game, 4, "http://h/", offset))
-            assert fast == svc.table_payload("ComplexB16", game, 4, "http://h/", offset)
-
-
 def test_batch_lookup(make_client, built_index):
     client = make_client(max_batch=3)
     ids = appids(built_index)
