@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from core.apps import AppsInvalid
+from core.cpu import pid_alive
 from core.files import atomic_write_bytes
 from core.http import BodyTooLarge, declared_length, read_body
 from core.steam import DEFAULT_CDN_URL, banner_url
@@ -134,7 +135,7 @@ def clean_stale_temp_files(out_dir: Path) -> list[Path]:
         if not m:
             continue
         pid = int(m.group("pid"))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         try:
             path.unlink()
@@ -387,20 +388,6 @@ def _update_missing(out: Path, known: set[int], new: set[int], present: set[int]
     data = (json.dumps(sorted(updated)) + "\n").encode()
     with contextlib.suppress(OSError):  # only a cache: at worst the next run asks the CDN again
         atomic_write_bytes(out / MISSING_FILE, data)
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from core.dino.strategies import Strategy
-from core.files import atomic_write_json, fsync_dir, sha256_file
+from core.files import atomic_file, atomic_write_json, fsync_dir, sha256_file
 from core.sketch import Int8Sketch, sketch_fits
 
 from .layout import FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
@@ -69,10 +69,8 @@ class IndexWriter:
         """Save an array durably; returns its manifest entry (shape, dtype, sha256)."""
         path = self.staging / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
+        with atomic_file(path) as f:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
         return {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": sha256_file(path)}
 
     def write_json(self, rel: str, obj: object, indent: int | None = None) -> str:
