@@ -23,7 +23,7 @@ _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 def fold(text: str) -> str:
     """Lower-case, accent-free, punctuation-free text with single spaces."""
-    if not text.isascii():  # ASCII has nothing to decompose (most names: start-up folds the whole catalog)
+    if not text.isascii():  # ASCII (most names) has nothing to decompose
         decomposed = unicodedata.normalize("NFKD", text)
         text = "".join(c for c in decomposed if not unicodedata.combining(c))
     return " ".join(_NON_WORD.sub(" ", text.casefold()).split())
@@ -46,20 +46,13 @@ class Catalog:
         self.cdn_url = cdn_url
         self.banners_dir = banners_dir
         self.local_banners = set(scan_banners(banners_dir).found) if banners_dir else set()
-        # Per row, what a response needs, computed once: lookups only concatenate the host.
-        self._store = [store_url(g.appid) for g in self.games]
-        self._local = [f"banners/{g.appid}.jpg" if g.appid in self.local_banners else None for g in self.games]
-        self._cdn = [
-            None if local else cdn_banner_url(g.appid, cdn_url)
-            for g, local in zip(self.games, self._local, strict=True)
-        ]
 
     def __len__(self) -> int:
         return len(self.games)
 
     def names(self) -> tuple[list[str], list[list[str]]]:
-        """Every name folded for search, and its words: made on the first search, not at start-up (0.2-0.3 s
-        of a worker's first name search instead of every start; two threads racing make the same lists)."""
+        """Every name folded for search, and its words: made on the first search, not at every start-up (two
+        threads racing make the same lists)."""
         if self._names is None:
             folded = [fold(g.name) for g in self.games]
             self._names = folded, [f.split() for f in folded]
@@ -69,19 +62,12 @@ class Catalog:
         return self.by_appid.get(appid)
 
     def describe_row(self, row: int, host_url: str) -> dict:
-        """A game of the index for responses: appid, name, store page, and the banner URL.
-
-        The banner is our own copy when the banner folder has it (fast, same origin), else the
-        Steam CDN's; everything but the host is computed at start (the hot path of lookups).
-        """
+        """A game for responses: appid, name, store page, and its banner: our own copy when the banner folder
+        has it (same origin), else the Steam CDN's."""
         g = self.games[row]
-        local = self._local[row]
-        return {
-            "appid": g.appid,
-            "name": g.name,
-            "store_url": self._store[row],
-            "banner_url": host_url + local if local is not None else self._cdn[row],
-        }
+        local = g.appid in self.local_banners
+        banner = f"{host_url}banners/{g.appid}.jpg" if local else cdn_banner_url(g.appid, self.cdn_url)
+        return {"appid": g.appid, "name": g.name, "store_url": store_url(g.appid), "banner_url": banner}
 
     def search(self, query: str, limit: int) -> list[Game]:
         q = fold(query)
