@@ -1,10 +1,9 @@
 """The JSON API: similar games by appid (tables) or by uploaded image (embedded on demand).
 
-Parameters are parsed by ``app/params.py`` and failures raised as domain
-problems, which ``app/errors.py`` turns into 4xx JSON bodies with stable
-codes; responses are built from the memory-mapped tables without copying them.
-Answers read from the tables carry an ``ETag`` and ``Cache-Control``
-(``app/http_cache.py``); a matching ``If-None-Match`` gets a 304.
+Parameters are parsed by ``app/params.py`` and failures raised as domain problems, which ``app/errors.py`` turns
+into 4xx JSON bodies with stable codes; responses are built from the memory-mapped tables without copying them.
+Answers read from the tables carry an ``ETag`` and ``Cache-Control`` (``app/http_cache.py``); a matching
+``If-None-Match`` gets a 304.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The games of the index: lookup by appid, links, and name search.
 
-Name search is case- and accent-insensitive ("pokemon" finds "Pokémon",
-"STAR WARS" finds "Star Wars™") and ranked: exact name, then names starting
-with the query, then names with a word starting with it, then names
-containing it, then names containing every word of it; shorter names first
-within a rank. An all-digit query also finds the game with that appid.
+Name search is case- and accent-insensitive ("pokemon" finds "Pokémon", "STAR WARS" finds "Star Wars™") and ranked:
+exact name, then names starting with the query, then names with a word starting with it, then names containing it,
+then names containing every word of it; shorter names first within a rank. An all-digit query also finds the game
+with that appid.
 """
 
 from __future__ import annotations

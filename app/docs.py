@@ -1,8 +1,7 @@
 """The API's own description: ``/openapi.json`` (OpenAPI 3.1) and ``/docs``, a page rendered from it here.
 
-The page is server-rendered from the same document, with no JavaScript and
-nothing from a CDN, so its Content-Security-Policy forbids scripts like the
-other pages'.
+The page is server-rendered from the same document, with no JavaScript and nothing from a CDN, so its
+Content-Security-Policy forbids scripts like the other pages'.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Similar games from the tables, and from an image embedded on demand.
 
-Lookups read one row of the tables: no model, no search. An upload is embedded with its strategy's
-backbone, loaded on first use (once per process, shared by that backbone's strategies, only with the
-checkpoint whose sha256 the index recorded), then searched exactly over the strategy's embeddings.
-Models and searchers are made in the worker process, never in the gunicorn master: torch's OpenMP
-thread pool must not exist before the fork.
+Lookups read one row of the tables: no model, no search. An upload is embedded with its strategy's backbone, loaded
+on first use (once per process, shared by that backbone's strategies, only with the checkpoint whose sha256 the
+index recorded), then searched exactly over the strategy's embeddings. Models and searchers are made in the worker
+process, never in the gunicorn master: torch's OpenMP thread pool must not exist before the fork.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """The OpenAPI 3.1 description of this service, served at ``/openapi.json`` and rendered at ``/docs``.
 
-Written by hand, next to the code it describes, and held to it by the tests:
-every Flask route must appear here (tests/test_openapi.py walks
-``app.url_map``), the README's API table must list the same operations, and
-a property-based run against the live service checks that answers fit the
-schemas below.
+Written by hand, next to the code it describes, and held to it by the tests: every Flask route must appear here
+(tests/test_openapi.py walks ``app.url_map``), the README's API table must list the same operations, and a
+property-based run against the live service checks that answers fit the schemas below.
 """
 
 from __future__ import annotations

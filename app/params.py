@@ -1,9 +1,8 @@
 """What the views read from a request: the service, validated parameters and the base URL, in one place.
 
-``PARAMS`` declares every parameter once: its JSON schema, whose limits the readers below enforce, and
-what it means; app/openapi.py publishes the same entries. Both blueprints (``api``, ``pages``) parse
-through these readers, so a parameter means the same and fails the same way (a 400 with a stable code)
-everywhere.
+``PARAMS`` declares every parameter once: its JSON schema, whose limits the readers below enforce, and what it
+means; app/openapi.py publishes the same entries. Both blueprints (``api``, ``pages``) parse through these readers,
+so a parameter means the same and fails the same way (a 400 with a stable code) everywhere.
 """
 
 from __future__ import annotations

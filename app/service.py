@@ -1,10 +1,8 @@
 """The service behind the API and the pages: index, catalog, matcher and the payloads they share.
 
-One instance per process, created by ``create_app`` and kept in
-``app.extensions``. It knows nothing of HTTP: it takes plain values (an
-appid, an upload's bytes, a base URL) and raises domain problems
-(``app/problems.py``); the blueprints read requests and ``app/errors.py``
-maps problems to status codes.
+One instance per process, created by ``create_app`` and kept in ``app.extensions``. It knows nothing of HTTP: it
+takes plain values (an appid, an upload's bytes, a base URL) and raises domain problems (``app/problems.py``); the
+blueprints read requests and ``app/errors.py`` maps problems to status codes.
 """
 
 from __future__ import annotations

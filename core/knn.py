@@ -156,12 +156,11 @@ def topk_table(
 class ExactSearch:
     """Exact top k of one query against a fixed table; built once, then safe to call from many threads.
 
-    The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table),
-    whose exact integer scores come with a per-row error bound; the stored rows are read only for
-    the candidates it leaves, so a memory-mapped table is mostly never paged in by searches.
-    ``sketch``: the table's stored sketch (``Int8Sketch.of(embeddings)``, as the index keeps it; the
-    table is then not read at all here), else one is made now. ``threads``: the prefilter's threads
-    (default: the cores this process may use).
+    The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table), whose exact
+    integer scores come with a per-row error bound; the stored rows are read only for the candidates it leaves, so
+    a memory-mapped table is mostly never paged in by searches. ``sketch``: the table's stored sketch
+    (``Int8Sketch.of(embeddings)``, as the index keeps it; the table is then not read at all here), else one is
+    made now. ``threads``: the prefilter's threads (default: the cores this process may use).
     """
 
     def __init__(self, embeddings: np.ndarray, threads: int | None = None, sketch: Int8Sketch | None = None) -> None:

@@ -107,9 +107,8 @@ class Int8Sketch:
     def refined(self, query: CodedQuery, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Closer scores of some rows, given their ``scores`` (``approx``), and their bounds.
 
-        A second int8 level codes what the first left of the query, so only the rows' own rounding
-        remains in the bound (about half of it). It reads only these rows' codes: a search's last
-        candidates, after the full pass.
+        A second int8 level codes what the first left of the query, so only the rows' own rounding remains in the
+        bound (about half of it). It reads only these rows' codes: a search's last candidates, after the full pass.
         """
         codes, scale, left = _coded(query.residual)
         rows = np.asarray(rows, dtype=np.intp)

@@ -1,9 +1,8 @@
 """What goes into an index: the banner files of a folder, matched with an optional list of apps.
 
-Images are named ``<appid>.<jpg|jpeg|png|webp>``. With an apps list, the
-index holds the listed apps that have a banner (the list gives the names);
-without one, every banner, with an empty name. Rows are sorted by appid, so
-that the same inputs always give the same index.
+Images are named ``<appid>.<jpg|jpeg|png|webp>``. With an apps list, the index holds the listed apps that have a
+banner (the list gives the names); without one, every banner, with an empty name. Rows are sorted by appid, so that
+the same inputs always give the same index.
 """
 
 from __future__ import annotations

@@ -8,9 +8,8 @@
   patch sizes 8, 14 and 16), no crop, no squeeze for 2:3 images; the position
   embeddings are interpolated to the 14x21 patch grid.
 
-All three end with ToTensor and Normalize(ImageNet mean, std). The service
-rebuilds the transform from the manifest's parameters (``from_manifest``), so
-queries are embedded exactly as the index was.
+All three end with ToTensor and Normalize(ImageNet mean, std). The service rebuilds the transform from the
+manifest's parameters (``from_manifest``), so queries are embedded exactly as the index was.
 """
 
 from __future__ import annotations

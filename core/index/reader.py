@@ -2,15 +2,12 @@
 
 The layout and its names are in ``layout.py``.
 
-Arrays are memory-mapped read-only: gunicorn workers share one copy of the
-pages through the page cache, and start-up does not read them into memory.
-Verifying (``verify="full"``: sha256; both modes: the neighbour and score
-tables' ranges) reads the files through separate, short-lived mappings, a
-bounded chunk of rows at a time, so that neither the tables nor temporaries
-stay resident in the process that verified them (the gunicorn master). Anything
-missing, partial, of another format version or inconsistent stops loading
-with an ``IndexInvalid`` that says what and where: the service never serves
-wrong data.
+Arrays are memory-mapped read-only: gunicorn workers share one copy of the pages through the page cache, and
+start-up does not read them into memory. Verifying (``verify="full"``: sha256; both modes: the neighbour and score
+tables' ranges) reads the files through separate, short-lived mappings, a bounded chunk of rows at a time, so that
+neither the tables nor temporaries stay resident in the process that verified them (the gunicorn master). Anything
+missing, partial, of another format version or inconsistent stops loading with an ``IndexInvalid`` that says what
+and where: the service never serves wrong data.
 """
 
 from __future__ import annotations

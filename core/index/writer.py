@@ -1,13 +1,11 @@
 """Writing an index folder so that it appears all at once, or not at all.
 
-Everything is written into a hidden staging folder beside the target
-(``.<index>.staging-<pid>``), fsynced, with ``manifest.json`` last; then the
-previous index (if any) is renamed aside, the staging folder renamed into
-place, and the previous one deleted. A crash or a full disk while writing
-leaves the previous index untouched; a crash between the two renames is
-repaired by ``recover`` at the start of the next build, and a failed second
-rename puts the previous index back at once. ``replaced`` says whether the
-new index is in place, so a caller can report what happened truthfully.
+Everything is written into a hidden staging folder beside the target (``.<index>.staging-<pid>``), fsynced, with
+``manifest.json`` last; then the previous index (if any) is renamed aside, the staging folder renamed into place,
+and the previous one deleted. A crash or a full disk while writing leaves the previous index untouched; a crash
+between the two renames is repaired by ``recover`` at the start of the next build, and a failed second rename puts
+the previous index back at once. ``replaced`` says whether the new index is in place, so a caller can report what
+happened truthfully.
 """
 
 from __future__ import annotations
