@@ -20,38 +20,33 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _obj(required: list[str], **props: Any) -> dict:
-    return {"type": "object", "required": required, "properties": props}
+def _obj(required: list[str] | None = None, **props: Any) -> dict:
+    """An object schema of these properties; all of them required unless ``required`` names some."""
+    return {"type": "object", "required": list(props) if required is None else required, "properties": props}
+
+
+def _list(items: dict) -> dict:
+    return {"type": "array", "items": items}
 
 
 INT = {"type": "integer"}
 STR = {"type": "string"}
 NUM = {"type": "number"}
+ERROR = {
+    **_obj(code=STR, message=STR),
+    "additionalProperties": True,
+    "description": "code: stable and machine-readable; message: for people; extra fields (parameter, available, "
+    "appid) where they help",
+}
 
 SCHEMAS: dict[str, dict] = {
-    "Error": _obj(
-        ["error"],
-        error={
-            **_obj(["code", "message"], code=STR, message=STR),
-            "additionalProperties": True,
-            "description": "code: stable and machine-readable; message: for people; extra fields "
-            "(parameter, available, appid) where they help",
-        },
-    ),
-    "Game": _obj(["appid", "name", "store_url", "banner_url"], appid=INT, name=STR, store_url=STR, banner_url=STR),
+    "Error": _obj(error=ERROR),
+    "Game": _obj(appid=INT, name=STR, store_url=STR, banner_url=STR),
     "Match": {
-        "allOf": [_ref("Game"), _obj(["rank", "score"], rank={"type": "integer", "minimum": 1}, score=NUM)],
+        "allOf": [_ref("Game"), _obj(rank={"type": "integer", "minimum": 1}, score=NUM)],
         "description": "rank counts from 1 across pages (offset + 1 is the first rank of a page)",
     },
-    "UploadQuery": _obj(
-        ["upload", "width", "height", "format", "bytes", "sha256"],
-        upload={"const": True},
-        width=INT,
-        height=INT,
-        format=STR,
-        bytes=INT,
-        sha256=STR,
-    ),
+    "UploadQuery": _obj(upload={"const": True}, width=INT, height=INT, format=STR, bytes=INT, sha256=STR),
     "MatchAnswer": _obj(
         ["strategy", "k", "offset", "query", "matches"],
         strategy=STR,
@@ -59,65 +54,43 @@ SCHEMAS: dict[str, dict] = {
         offset={"type": "integer", "minimum": 0},
         variant={"enum": ["mirror", "flip", "mirror+flip"]},
         query={"anyOf": [_ref("Game"), _ref("UploadQuery")]},
-        matches={"type": "array", "items": _ref("Match")},
-        embedding={
-            "type": "array",
-            "items": NUM,
-            "description": "with embedding=1 on an upload: its L2-normalised vector",
-        },
+        matches=_list(_ref("Match")),
+        embedding={**_list(NUM), "description": "with embedding=1 on an upload: its L2-normalised vector"},
     ),
-    "BatchError": _obj(["appid", "error"], appid=INT, error=_obj(["code", "message"], code=STR, message=STR)),
+    "BatchError": _obj(appid=INT, error=_obj(code=STR, message=STR)),
     "BatchAnswer": _obj(
-        ["strategy", "k", "offset", "variant", "results"],
         strategy=STR,
         k=INT,
         offset=INT,
         variant=STR,
-        results={"type": "array", "items": {"anyOf": [_ref("MatchAnswer"), _ref("BatchError")]}},
+        results=_list({"anyOf": [_ref("MatchAnswer"), _ref("BatchError")]}),
     ),
-    "Strategy": {
-        **_obj(
-            ["name", "description", "backbone", "dim", "k", "variants", "default"],
-            name=STR,
-            description=STR,
-            style=STR,
-            backbone=STR,
-            dim=INT,
-            k=INT,
-            preprocessing=STR,
-            params={"type": "object"},
-            checkpoint={"type": ["string", "null"]},
-            variants={"type": "array", "items": STR, "description": "mirror/flip tables built for lookups"},
-            default={"type": "boolean"},
-        ),
-    },
-    "Strategies": _obj(["default", "strategies"], default=STR, strategies={"type": "array", "items": _ref("Strategy")}),
-    "AppInfo": {"allOf": [_ref("Game"), _obj(["strategies"], strategies={"type": "array", "items": STR})]},
-    "Search": _obj(["query", "results"], query=STR, results={"type": "array", "items": _ref("Game")}),
-    "UniqueGame": {
-        "allOf": [
-            _ref("Game"),
-            {
-                "type": "object",
-                "properties": {"best_match": _obj(["appid", "name", "score"], appid=INT, name=STR, score=NUM)},
-            },
-        ]
-    },
-    "Unique": _obj(
-        ["strategy", "n", "offset", "games"],
-        strategy=STR,
-        n=INT,
-        offset=INT,
-        games={"type": "array", "items": _ref("UniqueGame")},
+    "Strategy": _obj(
+        ["name", "description", "backbone", "dim", "k", "variants", "default"],
+        name=STR,
+        description=STR,
+        style=STR,
+        backbone=STR,
+        dim=INT,
+        k=INT,
+        preprocessing=STR,
+        params={"type": "object"},
+        checkpoint={"type": ["string", "null"]},
+        variants={**_list(STR), "description": "mirror/flip tables built for lookups"},
+        default={"type": "boolean"},
     ),
+    "Strategies": _obj(default=STR, strategies=_list(_ref("Strategy"))),
+    "AppInfo": {"allOf": [_ref("Game"), _obj(strategies=_list(STR))]},
+    "Search": _obj(query=STR, results=_list(_ref("Game"))),
+    "UniqueGame": {"allOf": [_ref("Game"), _obj([], best_match=_obj(appid=INT, name=STR, score=NUM))]},
+    "Unique": _obj(strategy=STR, n=INT, offset=INT, games=_list(_ref("UniqueGame"))),
     "Compare": _obj(
-        ["query", "k", "strategies", "matches", "overlap", "in_all"],
         query=_ref("Game"),
         k=INT,
-        strategies={"type": "array", "items": STR},
-        matches={"type": "object", "additionalProperties": {"type": "array", "items": _ref("Match")}},
+        strategies=_list(STR),
+        matches={"type": "object", "additionalProperties": _list(_ref("Match"))},
         overlap={"type": "object", "additionalProperties": {"type": "object", "additionalProperties": NUM}},
-        in_all={"type": "array", "items": INT},
+        in_all=_list(INT),
     ),
     "Health": _obj(
         ["status", "apps", "strategies", "default_strategy", "models_loaded"],
