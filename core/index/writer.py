@@ -4,8 +4,7 @@ Everything is written into a hidden staging folder beside the target (``.<index>
 ``manifest.json`` last; then the previous index (if any) is renamed aside, the staging folder renamed into place,
 and the previous one deleted. A crash or a full disk while writing leaves the previous index untouched; a crash
 between the two renames is repaired by ``recover`` at the start of the next build, and a failed second rename puts
-the previous index back at once. ``replaced`` says whether the new index is in place, so a caller can report what
-happened truthfully.
+the previous index back at once.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from core.dino.strategies import Strategy
 from core.files import atomic_file, atomic_write_json, fsync_dir, sha256_file
 from core.sketch import Int8Sketch, sketch_fits
 
-from .layout import FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
+from .layout import ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 
 
 def _hidden(out: Path, tag: str) -> list[Path]:
@@ -51,7 +50,6 @@ class IndexWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.staging = staging_dir(out)
-        self.replaced = False  # True once the new index is in place
 
     def __enter__(self) -> IndexWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +78,6 @@ class IndexWriter:
     def commit(self, manifest: dict) -> None:
         atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
         swap_in(self.staging, self.out)
-        self.replaced = True
 
 
 def staging_dir(out: Path) -> Path:
@@ -108,6 +105,12 @@ def swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_tables(writer: IndexWriter, rel: str, embeddings: np.ndarray, neighbours: np.ndarray, scores) -> dict:
+    """The three arrays of a strategy or a variant, under ``rel``: their manifest entries by file name."""
+    arrays = (embeddings, neighbours.astype(np.int32), scores.astype(np.float32))
+    return {f: writer.write_array(f"{rel}/{f}", a) for f, a in zip(ARRAYS, arrays, strict=True)}
+
+
 def write_strategy(
     writer: IndexWriter,
     strategy: Strategy,
@@ -119,11 +122,7 @@ def write_strategy(
 ) -> dict:
     """Write one strategy's three arrays and its sketch; returns its manifest entry (settings, checkpoint, files)."""
     name = strategy.name
-    files = {
-        "embeddings.npy": writer.write_array(f"{name}/embeddings.npy", embeddings),
-        "neighbours.npy": writer.write_array(f"{name}/neighbours.npy", neighbours.astype(np.int32)),
-        "scores.npy": writer.write_array(f"{name}/scores.npy", scores.astype(np.float32)),
-    }
+    files = _write_tables(writer, name, embeddings, neighbours, scores)
     entry = strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
     if sketch_fits(embeddings.shape[1]):
         arrays = Int8Sketch.of(embeddings).arrays()
@@ -135,14 +134,7 @@ def write_variant(
     writer: IndexWriter, strategy: str, variant: str, embeddings: np.ndarray, neighbours: np.ndarray, scores: np.ndarray
 ) -> dict:
     """Write a mirror/flip variant's three arrays; returns its entry for the strategy's "variants"."""
-    rel = f"{strategy}/{VARIANTS_DIR}/{variant}"
-    return {
-        "files": {
-            "embeddings.npy": writer.write_array(f"{rel}/embeddings.npy", embeddings),
-            "neighbours.npy": writer.write_array(f"{rel}/neighbours.npy", neighbours.astype(np.int32)),
-            "scores.npy": writer.write_array(f"{rel}/scores.npy", scores.astype(np.float32)),
-        }
-    }
+    return {"files": _write_tables(writer, f"{strategy}/{VARIANTS_DIR}/{variant}", embeddings, neighbours, scores)}
 
 
 def make_manifest(num_apps: int, apps_sha256: str, dtype: str, strategies: dict, **extra: object) -> dict:
