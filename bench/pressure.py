@@ -1,7 +1,7 @@
 """Background pressure for bench/serve.py: slow clients and uploaders, each a context manager (bounded, 127.0.0.1).
 
 ``SlowClients(host, port, n)``: n connections that each send one byte of a request a second, half in
-the headers, half in a body (Content-Length 100,000): the "slowloris" pattern of issue #12.
+the headers, half in a body (Content-Length 100,000): the "slowloris" pattern.
 ``Uploaders(host, port, n, body)``: n threads posting an image back to back (POST /match?strategy=
 SimpleS16), each waiting only when answered 503, for its Retry-After. Both stop when the block ends;
 ``counts`` says how they were answered.

@@ -1,4 +1,4 @@
-"""Issue #12, operator traps: a full disk, a builder killed with its decoding children alive, --out
+"""Operator traps: a full disk, a builder killed with its decoding children alive, --out
 through a symlink, broken files and settings: each reported truthfully, in one line, losing nothing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue #13's API additions through the test client: paging, batches, embeddings, mirror/flip on uploads,
+"""The API's options through the test client: paging, batches, embeddings, mirror/flip on uploads,
 HTTP caching (ETag, 304, Cache-Control, Vary, gzip), metrics, and the upload rate limit."""
 
 from __future__ import annotations
