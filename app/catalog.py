@@ -44,7 +44,7 @@ class Catalog:
         self._names: tuple[list[str], list[list[str]]] | None = None  # folded names and their words: names()
         self.cdn_url = cdn_url
         self.banners_dir = banners_dir
-        self.local_banners = set(scan_banners(banners_dir).found) if banners_dir else set()
+        self.local_banners = set(scan_banners(banners_dir)) if banners_dir else set()
 
     def __len__(self) -> int:
         return len(self.games)

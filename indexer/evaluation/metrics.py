@@ -169,7 +169,7 @@ def copy_detection(
     rows = sample_rows(len(index), queries, seed)
     if not Path(images_dir).is_dir():
         raise EvaluationError(f"--images {images_dir}: no such folder")
-    paths = scan_banners(Path(images_dir)).found
+    paths = scan_banners(Path(images_dir))
     extractors = extractors or make_extractors(index, names, device=device, models=models)
     batch_size = batch_size or default_batch_size(extractors[0].device.type)
     ranker = _Ranker(index, names, extractors, min(k, len(index)))
