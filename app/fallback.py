@@ -1,11 +1,9 @@
 """Optional (FALLBACK_FETCH=1): lookups of games the index lacks, from their banner on the Steam CDN.
 
-It can only reach the configured CDN: the URL is made of an integer appid and the CDN base, redirects are refused,
-and the body is capped (core/http.py). The whole download has one deadline (FALLBACK_TIMEOUT), not one per read: it
-runs in a small pool of threads and the request waits at most that long, so a CDN trickling a byte a second cannot
-hold a request thread. Results are remembered: embeddings and "Steam has no banner" until evicted (LRU), failures
-for FALLBACK_NEGATIVE_TTL, so a broken banner is not fetched on every request; concurrent misses of one key share
-one fetch and one model pass (``SingleFlight``).
+It reaches only the configured CDN (the URL is an integer appid on the CDN base, no redirects, a capped body), and
+the whole download has one deadline (FALLBACK_TIMEOUT) in a small thread pool, so a trickling CDN cannot hold a
+request. Embeddings and "no banner" are remembered until evicted (LRU), failures for FALLBACK_NEGATIVE_TTL, and
+concurrent misses of one key share one fetch and one model pass (``SingleFlight``).
 """
 
 from __future__ import annotations

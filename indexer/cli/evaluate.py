@@ -1,12 +1,5 @@
 """Measure the retrieval quality of an index's strategies without labels: copy detection and agreement.
 
-    steam-dino-evaluate --index data/index --images data/banners \\
-        [--strategies a,b | all] [--queries 200] [--k 10] [--seed 0] [--markdown results.md]
-
-Copy detection: a seeded sample of banners is altered (crop, JPEG, downscale, flip, colour jitter,
-strong), each copy embedded as the index embeds and searched among the index; the report gives
-recall@1, recall@k and mAP@k (AP = 1/rank of the original, 0 outside the top k) per strategy and
-alteration. Agreement: overlap@k of the strategies' precomputed neighbour tables.
 Exit codes: 0 done, 1 failed (weights unavailable, I/O), 2 bad input.
 """
 
