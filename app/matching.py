@@ -147,9 +147,9 @@ class Matcher:
         t2 = time.perf_counter()
         return vec, {"preprocess": (t1 - t0) * 1000, "queue": (tw - t1) * 1000, "forward": (t2 - tw) * 1000}
 
-    def search(self, name: str, vector: np.ndarray, k: int, exclude: int | None = None) -> ImageMatches:
+    def search(self, name: str, vector: np.ndarray, k: int) -> ImageMatches:
         t0 = time.perf_counter()
-        rows, scores = self.searcher(name).search(vector.astype(np.float32), k, exclude=exclude)
+        rows, scores = self.searcher(name).search(vector.astype(np.float32), k)
         return ImageMatches(rows, scores, {"search": (time.perf_counter() - t0) * 1000})
 
     def loaded_backbones(self) -> list[str]:
