@@ -48,7 +48,10 @@ class Service:
         self.catalog = Catalog(index.apps, settings.banners_dir, settings.cdn_url)
         self.strategy_names = list(index.strategies)
         self._by_lower = {n.lower(): n for n in self.strategy_names}
-        self.default_strategy = self._pick_default(settings.default_strategy)
+        if settings.default_strategy is not None:
+            self.default_strategy = self._named("DEFAULT_STRATEGY", [settings.default_strategy])[0]
+        else:
+            self.default_strategy = DEFAULT_STRATEGY if DEFAULT_STRATEGY in index.strategies else self.strategy_names[0]
         self.matcher = Matcher(
             index,
             allow_download=settings.allow_weights_download,
@@ -69,24 +72,25 @@ class Service:
             if settings.url_fetch
             else None
         )
-        self.preload = self._check_preload(settings.preload_models)
+        self.preload = self._named("PRELOAD_MODELS", settings.preload_models)
         # the CDN fallback (FALLBACK_FETCH), or None
         self.fetcher = (
             CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0]) if settings.fallback_fetch else None
         )
 
-    def _pick_default(self, wanted: str | None) -> str:
-        if wanted is not None:
-            resolved = self.resolve_strategy(wanted)
-            if resolved is None:
-                raise ValueError(
-                    f"DEFAULT_STRATEGY={wanted!r} is not in the index {self.index.path} "
-                    f"(it has {', '.join(self.strategy_names)})"
-                )
-            return resolved
-        return DEFAULT_STRATEGY if DEFAULT_STRATEGY in self.index.strategies else self.strategy_names[0]
+    def _named(self, setting: str, wanted: list[str]) -> list[str]:
+        """A setting's strategies resolved to the index's (``all``: every one); a name it lacks stops start-up."""
+        if wanted == ["all"] and setting == "PRELOAD_MODELS":
+            return list(self.strategy_names)
+        resolved = [self.resolve_strategy(w) for w in wanted]
+        unknown = [w for w, r in zip(wanted, resolved, strict=True) if r is None]
+        if unknown:
+            raise ValueError(
+                f"{setting}={','.join(wanted)!r}: {', '.join(unknown)} not in the index {self.index.path} "
+                f"(it has {', '.join(self.strategy_names)})"
+            )
+        return list(dict.fromkeys(resolved))
 
-    # -- strategies ----------------------------------------------------------------------------------
     def resolve_strategy(self, raw: str) -> str | None:
         """The index's strategy for a name, case-insensitively ("complexb16" is ComplexB16)."""
         if raw in self.index.strategies:
@@ -120,22 +124,9 @@ class Service:
             "default": name == self.default_strategy,
         }
 
-    def _check_preload(self, wanted: list[str]) -> list[str]:
-        """PRELOAD_MODELS resolved to the index's strategies; a name it lacks stops start-up (ValueError)."""
-        if wanted == ["all"]:
-            return list(self.strategy_names)
-        resolved = [self.resolve_strategy(w) for w in wanted]
-        unknown = [w for w, r in zip(wanted, resolved, strict=True) if r is None]
-        if unknown:
-            raise ValueError(
-                f"PRELOAD_MODELS={','.join(wanted)!r}: {', '.join(unknown)} not in the index "
-                f"(it has {', '.join(self.strategy_names)}; or 'all')"
-            )
-        return list(dict.fromkeys(resolved))
-
     def preload_models(self, wanted: list[str] | None = None) -> None:
         """Load the backbones (and searchers) of these strategies now rather than on the first upload."""
-        for name in self._check_preload(wanted) if wanted is not None else self.preload:
+        for name in self._named("PRELOAD_MODELS", wanted) if wanted is not None else self.preload:
             try:
                 self.matcher.extractor(name)
                 self.matcher.searcher(name)
