@@ -188,12 +188,10 @@ UPLOAD_BODY = {
 }
 
 
-def _api_paths() -> dict:
-    """The JSON API: lookups, uploads, the index's strategies and games, rankings."""
+def _match_paths() -> dict:
+    """Lookups and uploads."""
     lookup = [_param(n) for n in ("strategy", "k", "offset", "mirror", "flip")]
     matches = _ok("MatchAnswer", "matches", cached=True)
-    compare = _ok("Compare", "JSON, or a page when Accept prefers text/html", cached=True)
-    compare["content"][HTML] = {"schema": STR}
     return {
         "/match/{appid}": {
             "get": _op(
@@ -221,6 +219,14 @@ def _api_paths() -> dict:
                 requestBody=UPLOAD_BODY,
             ),
         },
+    }
+
+
+def _index_paths() -> dict:
+    """What the index holds, and rankings over it."""
+    compare = _ok("Compare", "JSON, or a page when Accept prefers text/html", cached=True)
+    compare["content"][HTML] = {"schema": STR}
+    return {
         "/strategies": {
             "get": _op(
                 "index", "The built strategies", [], _answers({"200": _ok("Strategies", "strategies", True)}, "304")
@@ -261,10 +267,9 @@ def _api_paths() -> dict:
     }
 
 
-def _other_paths() -> dict:
-    """The service's own state and this document; the HTML pages, banners and static files."""
+def _service_paths() -> dict:
+    """The service's own state and this document."""
     text = {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": STR}}}}
-    to_gallery = {"302": {"description": "to /render/<appid>"}}
     return {
         "/health": {"get": _op("service", "Service state, true for every worker", [], {"200": _ok("Health", "ok")})},
         "/metrics": {"get": _op("service", "Prometheus metrics, merged across workers", [], text)},
@@ -277,6 +282,13 @@ def _other_paths() -> dict:
             )
         },
         "/docs": {"get": _op("service", "This document as a page", [], {"200": _html("the API reference")})},
+    }
+
+
+def _page_paths() -> dict:
+    """The HTML pages, banners and static files."""
+    to_gallery = {"302": {"description": "to /render/<appid>"}}
+    return {
         "/": {
             "get": _op(
                 "pages",
@@ -342,7 +354,7 @@ def document(version: str = "1") -> dict:
             "description": "Similar Steam games by their store banners, with DINO vision transformers. "
             'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
         },
-        "paths": {**_api_paths(), **_other_paths()},
+        "paths": {**_match_paths(), **_index_paths(), **_service_paths(), **_page_paths()},
         "components": {"schemas": SCHEMAS},
     }
 
