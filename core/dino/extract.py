@@ -72,7 +72,7 @@ class Batch:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], transforms: list[Callable], max_pixels: int, preps, image_op) -> None:
+    def __init__(self, paths: Sequence[Path], transforms: list, max_pixels: int, preps, image_op=None) -> None:
         self.paths, self.transforms, self.max_pixels, self.image_op = list(paths), transforms, max_pixels, image_op
         self.resize_to = largest_resize(preps)
 
