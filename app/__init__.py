@@ -53,10 +53,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         start_fetching(app, settings, install)
         logging.getLogger(__name__).info("fetching the index from %s into %s", settings.index_url, settings.index_dir)
         return app
-    try:  # the catalog is built while the files are still being hashed; nothing is served before the check
-        index = load_index(settings.index_dir, verify=settings.index_verify, wait=False)
-        service = _service(settings, index)
-        index.wait_verified()
+    try:
+        service = _service(settings, load_index(settings.index_dir, verify=settings.index_verify))
     except (IndexInvalid, ValueError) as e:
         raise StartupError(str(e)) from e
     return _install(_flask_app(settings), service)

@@ -1,10 +1,9 @@
 """The JSON API: similar games by appid (tables) or by uploaded image (embedded on demand).
 
-Parameters are parsed by ``app/params.py`` and failures raised as domain
-problems, which ``app/errors.py`` turns into 4xx JSON bodies with stable
-codes; responses are built from the memory-mapped tables without copying them.
-Answers read from the tables carry an ``ETag`` and ``Cache-Control``
-(``app/http_cache.py``); a matching ``If-None-Match`` gets a 304.
+Parameters are parsed by ``app/params.py`` and failures raised as domain problems, which ``app/errors.py`` turns
+into 4xx JSON bodies with stable codes; responses are built from the memory-mapped tables without copying them.
+Answers read from the tables carry an ``ETag`` and ``Cache-Control`` (``app/http_cache.py``); a matching
+``If-None-Match`` gets a 304.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from .params import (
     starting,
     strategies_param,
     strategy_param,
+    text_param,
     variant_param,
 )
-from .problems import bad_parameter
 from .uploads import read_upload, read_url_query
 
 bp = Blueprint("api", __name__)
@@ -54,8 +53,8 @@ def match_appid(appid: str):
     app_id = parse_appid(appid)
     strategy = strategy_param(svc)
     k = k_param(svc, strategy)
-    offset = offset_param(svc, strategy) if "offset" in request.args else 0
-    variant = variant_param() if ("mirror" in request.args or "flip" in request.args) else ""
+    offset = offset_param(svc, strategy)
+    variant = variant_param()
     svc.check_variant(strategy, variant)
     game = svc.catalog.get(app_id)
     if game is None:
@@ -120,12 +119,8 @@ def app_info(appid: str):
 @bp.get("/apps")
 def app_search():
     svc = get_service()
-    q = request.args.get("q")
-    if q is None or not q.strip():
-        raise bad_parameter("q", "give a name (or part of one) to search for, e.g. /apps?q=portal")
-    if len(q) > 200:
-        raise bad_parameter("q", "at most 200 characters")
-    limit = int_param("limit", 20, 1, 100)
+    q = text_param("q")
+    limit = int_param("limit")
     host = host_url()
     etag = svc.http_cache.etag("search", q, limit, host)
 
@@ -141,8 +136,8 @@ def unique():
     svc = get_service()
     strategy = strategy_param(svc)
     total = max(1, len(svc.catalog))
-    n = int_param("n", 20, 1, total)
-    offset = int_param("offset", 0, 0, total - 1)
+    n = int_param("n", hi=total)
+    offset = int_param("offset", 0, total - 1)
     host = host_url()
     etag = svc.http_cache.etag("unique", strategy, n, offset, host)
 
@@ -161,7 +156,7 @@ def compare(appid: str):
     g.html = html  # errors on this request render as HTML for browsers
     app_id = parse_appid(appid)
     names = strategies_param(svc)
-    k = int_param("k", 8 if html else 10, 1, max(1, min(svc.max_k(n) for n in names)))
+    k = int_param("k", 8 if html else 10, max(1, min(svc.max_k(n) for n in names)))
     host = host_url()
     etag = svc.http_cache.etag("compare", app_id, ",".join(names), k, html, host)
     cached = svc.http_cache.not_modified(etag)

@@ -1,15 +1,13 @@
 """The games of the index: lookup by appid, links, and name search.
 
-Name search is case- and accent-insensitive ("pokemon" finds "Pokémon",
-"STAR WARS" finds "Star Wars™") and ranked: exact name, then names starting
-with the query, then names with a word starting with it, then names
-containing it, then names containing every word of it; shorter names first
-within a rank. An all-digit query also finds the game with that appid.
+Name search is case- and accent-insensitive ("pokemon" finds "Pokémon", "STAR WARS" finds "Star Wars™") and ranked:
+exact name, then names starting with the query, then names with a word starting with it, then names containing it,
+then names containing every word of it; shorter names first within a rank. An all-digit query also finds the game
+with that appid.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 def fold(text: str) -> str:
     """Lower-case, accent-free, punctuation-free text with single spaces."""
-    if not text.isascii():  # ASCII has nothing to decompose (most names: start-up folds the whole catalog)
+    if not text.isascii():  # ASCII (most names) has nothing to decompose
         decomposed = unicodedata.normalize("NFKD", text)
         text = "".join(c for c in decomposed if not unicodedata.combining(c))
     return " ".join(_NON_WORD.sub(" ", text.casefold()).split())
@@ -46,30 +44,14 @@ class Catalog:
         self._names: tuple[list[str], list[list[str]]] | None = None  # folded names and their words: names()
         self.cdn_url = cdn_url
         self.banners_dir = banners_dir
-        self.local_banners = set(scan_banners(banners_dir).found) if banners_dir else set()
-        # Per row, what a response needs, computed once: lookups only concatenate the host.
-        self._store = [store_url(g.appid) for g in self.games]
-        self._local = [f"banners/{g.appid}.jpg" if g.appid in self.local_banners else None for g in self.games]
-        self._cdn = [
-            None if local else cdn_banner_url(g.appid, cdn_url)
-            for g, local in zip(self.games, self._local, strict=True)
-        ]
-        # The same as JSON text, split where the host goes, for lookups that skip dicts and json.dumps.
-        self._json_head = [
-            f'"appid":{g.appid},"name":{json.dumps(g.name)},"store_url":{json.dumps(self._store[g.row])},"banner_url":"'
-            for g in self.games
-        ]
-        self._json_tail = [
-            (json.dumps(local)[1:] if local is not None else json.dumps(cdn)[1:])
-            for local, cdn in zip(self._local, self._cdn, strict=True)
-        ]
+        self.local_banners = set(scan_banners(banners_dir)) if banners_dir else set()
 
     def __len__(self) -> int:
         return len(self.games)
 
     def names(self) -> tuple[list[str], list[list[str]]]:
-        """Every name folded for search, and its words: made on the first search, not at start-up (0.2-0.3 s
-        of a worker's first name search instead of every start; two threads racing make the same lists)."""
+        """Every name folded for search, and its words: made on the first search, not at every start-up (two
+        threads racing make the same lists)."""
         if self._names is None:
             folded = [fold(g.name) for g in self.games]
             self._names = folded, [f.split() for f in folded]
@@ -79,25 +61,12 @@ class Catalog:
         return self.by_appid.get(appid)
 
     def describe_row(self, row: int, host_url: str) -> dict:
-        """A game of the index for responses: appid, name, store page, and the banner URL.
-
-        The banner is our own copy when the banner folder has it (fast, same origin), else the
-        Steam CDN's; everything but the host is computed at start (the hot path of lookups).
-        """
+        """A game for responses: appid, name, store page, and its banner: our own copy when the banner folder
+        has it (same origin), else the Steam CDN's."""
         g = self.games[row]
-        local = self._local[row]
-        return {
-            "appid": g.appid,
-            "name": g.name,
-            "store_url": self._store[row],
-            "banner_url": host_url + local if local is not None else self._cdn[row],
-        }
-
-    def describe_row_json(self, row: int, host_url_json: str) -> str:
-        """describe_row() as JSON members (no braces); ``host_url_json`` is the host URL already JSON-escaped."""
-        if self._local[row] is None:
-            return self._json_head[row] + self._json_tail[row]
-        return self._json_head[row] + host_url_json + self._json_tail[row]
+        local = g.appid in self.local_banners
+        banner = f"{host_url}banners/{g.appid}.jpg" if local else cdn_banner_url(g.appid, self.cdn_url)
+        return {"appid": g.appid, "name": g.name, "store_url": store_url(g.appid), "banner_url": banner}
 
     def search(self, query: str, limit: int) -> list[Game]:
         q = fold(query)

@@ -1,8 +1,7 @@
 """The API's own description: ``/openapi.json`` (OpenAPI 3.1) and ``/docs``, a page rendered from it here.
 
-The page is server-rendered from the same document, with no JavaScript and
-nothing from a CDN, so its Content-Security-Policy forbids scripts like the
-other pages'.
+The page is server-rendered from the same document, with no JavaScript and nothing from a CDN, so its
+Content-Security-Policy forbids scripts like the other pages'.
 """
 
 from __future__ import annotations
@@ -21,32 +20,22 @@ CSP = (
 )
 
 
-def service_document() -> dict:
-    """The OpenAPI document for this service's index (strategy names, table widths, variants)."""
-    svc = get_service()
-    max_k = min(svc.max_k(n) for n in svc.strategy_names)
-    variants = all(svc.index.strategies[n].variants for n in svc.strategy_names)
-    return specialise(document(), svc.strategy_names, max_k, len(svc.catalog), svc.settings.max_batch, variants)
-
-
 def _document() -> dict:
-    """service_document(), made once per app (the index does not change under a running service); read only."""
-    cached = current_app.extensions.get("openapi_document")
-    if cached is None:
-        cached = current_app.extensions["openapi_document"] = service_document()
-    return cached
-
-
-def _document_json() -> str:
-    cached = current_app.extensions.get("openapi_json")
-    if cached is None:
-        cached = current_app.extensions["openapi_json"] = json.dumps(_document(), indent=1)
-    return cached
+    """The OpenAPI document narrowed to this service's index, made once per app (the index does not change
+    under a running service); read only."""
+    doc = current_app.extensions.get("openapi_document")
+    if doc is None:
+        svc = get_service()
+        max_k = min(svc.max_k(n) for n in svc.strategy_names)
+        variants = all(svc.index.strategies[n].variants for n in svc.strategy_names)
+        doc = specialise(document(), svc.strategy_names, max_k, len(svc.catalog), svc.settings.max_batch, variants)
+        current_app.extensions["openapi_document"] = doc
+    return doc
 
 
 @bp.get("/openapi.json")
 def openapi_json():
-    resp = current_app.response_class(_document_json(), mimetype="application/json")
+    resp = current_app.response_class(json.dumps(_document(), indent=1), mimetype="application/json")
     resp.headers["Cache-Control"] = "public, max-age=300"
     return resp
 

@@ -1,10 +1,7 @@
 """The one place where failures become HTTP: ``{"error": {"code": "...", "message": "..."}}`` and a status.
 
-The service raises domain problems (``app/problems.py``) and the core its own
-(``ImageRejected``); here each kind gets its status code, and the answer is
-JSON, or a small HTML page for the pages. Every failure a client can cause
-is a 4xx with a stable code; a 500 is only ever an unexpected server fault,
-logged with its traceback.
+Domain problems (``app/problems.py``) and ``ImageRejected`` get their status codes, as JSON, or a small HTML page
+for the pages. Every failure a client can cause is a 4xx with a stable code; a 500 is an unexpected fault, logged.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Optional: embed the banner of a game that is not in the index, fetched from the Steam CDN.
+"""Optional (FALLBACK_FETCH=1): lookups of games the index lacks, from their banner on the Steam CDN.
 
-Off by default (FALLBACK_FETCH=1 turns it on). It can only ever reach the
-configured CDN: the URL is built from an integer appid and the CDN base,
-redirects are refused (a redirect elsewhere is an error, not a hop), and the
-body is capped (core/http.py). The whole download has one deadline (FALLBACK_TIMEOUT), not
-one per read: it runs in a small pool of fetch threads and the request waits
-at most that long, so a CDN trickling a byte a second cannot hold a request
-thread. Results are cached: embeddings and "Steam has no banner" until
-evicted (LRU), failures for a TTL (FALLBACK_NEGATIVE_TTL), so a broken banner
-is not fetched again on every request. Concurrent misses for one key share
-one fetch and one model pass (``SingleFlight``).
+It reaches only the configured CDN (the URL is an integer appid on the CDN base, no redirects, a capped body), and
+the whole download has one deadline (FALLBACK_TIMEOUT) in a small thread pool, so a trickling CDN cannot hold a
+request. Embeddings and "no banner" are remembered until evicted (LRU), failures for FALLBACK_NEGATIVE_TTL, and
+concurrent misses of one key share one fetch and one model pass (``SingleFlight``).
 """
 
 from __future__ import annotations
@@ -22,12 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urlparse
 
+import numpy as np
 import requests
+from PIL import Image
 
 from core.http import BodyTooLarge, read_body
+from core.images import ImageRejected
 from core.steam import banner_url
+from core.variants import apply_variant
+
+from .config import Settings
+from .problems import UpstreamFailed, unknown_app
+from .uploads import decode_upload
 
 FETCH_THREADS = 4  # downloads in flight per worker; more wait in the pool's queue, within their deadline
+ABSENT = "absent"  # remembered: the CDN has no banner for this appid
 
 
 class FetchFailed(RuntimeError):
@@ -35,24 +38,17 @@ class FetchFailed(RuntimeError):
 
 
 class BannerFetcher:
-    def __init__(
-        self, cdn_url: str, timeout_s: float, max_bytes: int, cache_size: int, negative_ttl_s: float = 300.0
-    ) -> None:
+    """GETs of the CDN's banners, each within one deadline."""
+
+    def __init__(self, cdn_url: str, timeout_s: float, max_bytes: int) -> None:
         parsed = urlparse(cdn_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"not an http(s) CDN URL: {cdn_url!r}")
-        self.cdn_url = cdn_url
-        self.host = parsed.hostname
-        self.timeout_s = timeout_s
-        self.max_bytes = max_bytes
-        self.cache_size = cache_size
-        self.negative_ttl_s = negative_ttl_s
-        self._cache: OrderedDict[object, tuple[float, object]] = OrderedDict()  # key -> (expires, value)
-        self._lock = threading.Lock()
+        self.cdn_url, self.host = cdn_url, parsed.hostname
+        self.timeout_s, self.max_bytes = timeout_s, max_bytes
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy from the environment: only the CDN, directly
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="cdn-fetch")
-        self.flights = SingleFlight()
 
     def url(self, appid: int) -> str:
         url = banner_url(int(appid), self.cdn_url)
@@ -62,19 +58,17 @@ class BannerFetcher:
 
     def fetch(self, appid: int) -> bytes | None:
         """The banner's bytes, or None when the CDN says it has none (404/403); FetchFailed past the deadline."""
-        deadline = time.monotonic() + self.timeout_s
-        future = self._pool.submit(self._download, self.url(appid), deadline)
+        future = self._pool.submit(self._download, self.url(appid), time.monotonic() + self.timeout_s)
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise FetchFailed(f"the CDN took longer than {self.timeout_s:g} s") from None
 
     def _download(self, url: str, deadline: float) -> bytes | None:
-        """One GET, read with read1 so that the deadline is checked after every receive, not every 64 KB."""
+        """One GET, its body read as it arrives so that the deadline is checked after every receive."""
+        timeout = (self.timeout_s, self.timeout_s)
         try:
-            with self._session.get(
-                url, timeout=(self.timeout_s, self.timeout_s), stream=True, allow_redirects=False
-            ) as r:
+            with self._session.get(url, timeout=timeout, stream=True, allow_redirects=False) as r:
                 if r.status_code in (403, 404):
                     return None
                 if r.is_redirect or r.is_permanent_redirect:
@@ -82,19 +76,61 @@ class BannerFetcher:
                 if r.status_code != 200:
                     raise FetchFailed(f"the CDN answered {r.status_code} for {url}")
                 return read_body(r, max_bytes=self.max_bytes, deadline=deadline)
+        except FetchFailed:
+            raise
         except BodyTooLarge:
             raise FetchFailed(f"the banner is larger than {self.max_bytes} bytes") from None
         except requests.Timeout:
             raise FetchFailed(f"the CDN took longer than {self.timeout_s:g} s") from None
-        except requests.RequestException as e:
-            raise FetchFailed(f"could not fetch {url}: {type(e).__name__}") from None
-        except Exception as e:  # urllib3's own errors from raw reads (protocol, timeouts)
-            if isinstance(e, FetchFailed):
-                raise
+        except Exception as e:  # requests' and urllib3's own errors from raw reads (protocol, timeouts)
             raise FetchFailed(f"could not fetch {url}: {type(e).__name__}") from None
 
-    # -- a small LRU for results, with an expiry for failures ----------------------------------------
-    def cached(self, key: object) -> object | None:
+
+class CdnFallback:
+    """The embedding of an unindexed game's CDN banner, per (appid, strategy, variant), remembered."""
+
+    def __init__(self, settings: Settings, embed: Callable[[str, Image.Image], np.ndarray]) -> None:
+        self.fetcher = BannerFetcher(settings.cdn_url, settings.fallback_timeout, int(settings.fallback_max_mb * 2**20))
+        self.url = self.fetcher.url
+        self.settings = settings
+        self._embed = embed  # (strategy, image) -> embedding: a model pass
+        self._cache: OrderedDict[tuple, tuple[float, object]] = OrderedDict()  # key -> (expires, value)
+        self._lock = threading.Lock()
+        self.flights = SingleFlight()
+
+    def needs_fetch(self, appid: int, strategy: str, variant: str = "") -> bool:
+        """Whether the answer costs a fetch and a model pass (nothing remembered for it)."""
+        return self._cached((appid, strategy, variant)) is None
+
+    def embedding(self, appid: int, strategy: str, variant: str, resize_to) -> np.ndarray:
+        """The banner's embedding; NotFound when Steam has none, UpstreamFailed when the CDN fails us."""
+        key = (appid, strategy, variant)
+        found = self._cached(key)
+        if found is None:
+            found = self.flights.run(key, lambda: self._fetch_and_embed(key, resize_to))
+        if isinstance(found, UpstreamFailed):  # a fresh exception: the remembered one is shared between threads
+            raise UpstreamFailed(found.code, found.message)
+        if found is ABSENT:
+            raise unknown_app(appid, "is not in the index and Steam has no banner for it")
+        return found
+
+    def _fetch_and_embed(self, key: tuple, resize_to) -> object:
+        """The embedding, ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
+        appid, strategy, variant = key
+        try:
+            data = self.fetcher.fetch(appid)
+            if data is None:
+                return self._remember(key, ABSENT)
+            image = decode_upload(data, self.settings, resize_to).image
+        except FetchFailed as e:
+            why = f"appid {appid} is not in the index and {e}"
+        except ImageRejected as e:
+            why = f"the CDN's banner for {appid} is not usable: {e.message}"
+        else:
+            return self._remember(key, self._embed(strategy, apply_variant(image, variant)))
+        return self._remember(key, UpstreamFailed("fallback_failed", why), ttl_s=self.settings.fallback_negative_ttl)
+
+    def _cached(self, key: tuple) -> object | None:
         with self._lock:
             entry = self._cache.get(key)
             if entry is None:
@@ -105,16 +141,16 @@ class BannerFetcher:
             self._cache.move_to_end(key)
             return entry[1]
 
-    def remember(self, key: object, value: object, ttl_s: float | None = None) -> None:
-        """Keep value for key: until evicted, or for ttl_s seconds (failures)."""
-        if self.cache_size <= 0:
-            return
+    def _remember(self, key: tuple, value: object, ttl_s: float | None = None) -> object:
+        """Keep ``value`` until evicted, or for ``ttl_s`` seconds; returns it."""
+        size = self.settings.fallback_cache_size
         expires = float("inf") if ttl_s is None else time.monotonic() + ttl_s
         with self._lock:
             self._cache[key] = (expires, value)
             self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
+            while len(self._cache) > size:
                 self._cache.popitem(last=False)
+        return value
 
 
 class SingleFlight:

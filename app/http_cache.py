@@ -1,10 +1,7 @@
-"""HTTP caching of precomputed answers: ``ETag`` from the index build and the resolved parameters, 304s, Cache-Control.
+"""HTTP caching of precomputed answers: an ``ETag``, ``Cache-Control``, and 304s.
 
-Every answer read from the tables is a function of the index build and of the
-request's resolved parameters (and the base URL, which appears in banner
-links), so the tag is ``"<build>-<crc32 of those>"``: the build part is
-computed once per index, the rest costs a string join and a CRC (well under
-a microsecond), so the lookup hot path stays hot. A client sending the tag
+Every answer read from the tables is a function of the index build and of the request's resolved parameters (and
+the base URL, which appears in banner links), so the tag is ``"<build>-<crc32 of those>"``. A client sending it
 back in ``If-None-Match`` gets a bodyless 304.
 """
 

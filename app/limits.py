@@ -1,17 +1,10 @@
-"""The upload rate limit (UPLOAD_RATE_LIMIT), with Flask-Limiter.
+"""The upload rate limit (UPLOAD_RATE_LIMIT), with Flask-Limiter: a moving window per client address.
 
-One limit per client address, shared by every way to send an image (POST
-/match, the upload page) and by lookups of unknown appids that fetch and
-embed a banner from the CDN (FALLBACK_FETCH: a model pass like an upload).
-Where the counts live is RATE_LIMIT_STORAGE_URI:
-``memory://`` (the default) counts in each gunicorn worker on its own, so
-with W workers a client may get up to W times the limit; ``redis://host:port``
-counts in one place, exactly, across workers and dynos. A moving window:
-"2/minute" means at most 2 in any 60 seconds. If the store is unreachable,
-requests are let through (and logged) rather than refused.
-
-``needs_model_pass`` says which requests run a model pass: this limit charges
-them, and the serving worker runs them in its heavy pool.
+One limit for every way to send an image (POST /match, the upload page) and for lookups that fetch and embed a
+banner from the CDN (FALLBACK_FETCH). RATE_LIMIT_STORAGE_URI ``memory://`` (the default) counts in each worker, so
+W workers allow up to W times the limit; ``redis://host:port`` counts once for every worker and dyno. An
+unreachable store lets requests through (logged). ``needs_model_pass`` says which requests run a model pass: this
+limit charges them, and the serving worker runs them in its heavy pool.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""The service's core: similar games from the tables, and from an image embedded on demand.
+"""Similar games from the tables, and from an image embedded on demand.
 
-Lookups by appid read one row of the memory-mapped tables: no model, no
-search. An uploaded image is embedded with its strategy's backbone, loaded on
-first use (once per process, shared by the strategies of that backbone, and
-only with the checkpoint whose sha256 the index recorded), then searched
-exactly against the strategy's stored embeddings.
-
-Models and searchers are created lazily in the worker process, never in the
-gunicorn master: torch's OpenMP thread pool must not exist before the fork.
-torch itself is imported only then (by the extractor and the search), which
-keeps the master small and the start fast.
+Lookups read one row of the tables: no model, no search. An upload is embedded with its strategy's backbone, loaded
+on first use (once per process, shared by that backbone's strategies, only with the checkpoint whose sha256 the
+index recorded), then searched exactly over the strategy's embeddings. Models and searchers are made in the worker
+process, never in the gunicorn master: torch's OpenMP thread pool must not exist before the fork.
 """
 
 from __future__ import annotations
@@ -51,12 +45,8 @@ class Matcher:
         concurrent_forwards: int = 1,
         on_model_load: Callable[[str, float], None] | None = None,
     ) -> None:
-        self.index = index
-        self.on_model_load = on_model_load  # (backbone code, seconds): for the metrics
-        self.allow_download = allow_download
-        self.retry_seconds = retry_seconds
-        self.torch_threads = torch_threads
-        self.models = models
+        self.index, self.models, self.on_model_load = index, models, on_model_load  # (backbone, seconds): metrics
+        self.allow_download, self.retry_seconds, self.torch_threads = allow_download, retry_seconds, torch_threads
         self._lock = threading.Lock()
         self._extractors: dict[str, Extractor] = {}
         self._searchers: dict[str, ExactSearch] = {}
@@ -68,7 +58,6 @@ class Matcher:
         # would only share the same cores while multiplying activation memory (a 1 GB dyno has no room for it).
         self._forwards = threading.BoundedSemaphore(max(1, concurrent_forwards))
 
-    # -- precomputed tables ----------------------------------------------------------------------
     def table_matches(
         self, name: str, row: int, k: int, offset: int = 0, variant: str = ""
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +66,7 @@ class Matcher:
         return neighbours.part(row, offset, offset + k), scores.part(row, offset, offset + k)
 
     def _readers(self, name: str, variant: str = "") -> tuple[RowReader, RowReader]:
-        """The table's rows read without mapping them (``core.table_rows``: a worker's memory stays flat)."""
+        """The table's rows, read without mapping them (``core.table_rows``)."""
         readers = self._tables.get((name, variant))
         if readers is None:
             s = self.index.strategies[name]
@@ -95,7 +84,6 @@ class Matcher:
             self._unique[name] = order
         return order[:n].tolist()
 
-    # -- on-demand embedding ---------------------------------------------------------------------
     def extractor(self, name: str) -> Extractor:
         """The strategy's extractor, loading its backbone on first use; WeightsUnavailable if it cannot."""
         ex = self._extractors.get(name)
@@ -159,9 +147,9 @@ class Matcher:
         t2 = time.perf_counter()
         return vec, {"preprocess": (t1 - t0) * 1000, "queue": (tw - t1) * 1000, "forward": (t2 - tw) * 1000}
 
-    def search(self, name: str, vector: np.ndarray, k: int, exclude: int | None = None) -> ImageMatches:
+    def search(self, name: str, vector: np.ndarray, k: int) -> ImageMatches:
         t0 = time.perf_counter()
-        rows, scores = self.searcher(name).search(vector.astype(np.float32), k, exclude=exclude)
+        rows, scores = self.searcher(name).search(vector.astype(np.float32), k)
         return ImageMatches(rows, scores, {"search": (time.perf_counter() - t0) * 1000})
 
     def loaded_backbones(self) -> list[str]:

@@ -1,17 +1,10 @@
-"""Prometheus metrics at ``/metrics``, right across gunicorn's worker processes.
+"""Prometheus metrics at ``/metrics``, across gunicorn's worker processes.
 
-prometheus-client's multiprocess mode, the documented way: each process
-writes its values to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR``
-(gunicorn.conf.py creates one when unset and wipes it at start), ``/metrics``
-merges them, and gunicorn's ``child_exit`` hook marks dead workers so their
-live gauges go away. The variable must be set before prometheus_client is
-first imported; without it (the Flask test client, ``flask run``) the
-metrics are this process's own.
-
-Recorded: requests and their latency per endpoint (the route's rule, so
-the label set stays small), method and status; an upload's decode,
-preprocess, forward and search time per strategy; model loads and which
-backbones each live worker holds; the index's size and build id.
+prometheus-client's multiprocess mode: each process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR``
+(gunicorn.conf.py makes or wipes it at start, before prometheus_client is imported), ``/metrics`` merges them, and
+gunicorn's ``child_exit`` marks dead workers. Without it (the Flask test client) the metrics are this process's.
+Recorded: requests per route, method and status; an upload's stages per strategy; model loads and the backbones
+each live worker holds; the index's size and build.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """The OpenAPI 3.1 description of this service, served at ``/openapi.json`` and rendered at ``/docs``.
 
-Written by hand, next to the code it describes, and held to it by the tests:
-every Flask route must appear here (tests/test_openapi.py walks
-``app.url_map``), the README's API table must list the same operations, and
-a property-based run against the live service checks that answers fit the
-schemas below.
+Written by hand, next to the code it describes, and held to it by the tests: every Flask route must appear here
+(tests/test_openapi.py walks ``app.url_map``), the README's API table must list the same operations, and a
+property-based run against the live service checks that answers fit the schemas below.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+from .params import PARAMS
 
 JSON = "application/json"
 HTML = "text/html"
@@ -19,38 +20,33 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _obj(required: list[str], **props: Any) -> dict:
-    return {"type": "object", "required": required, "properties": props}
+def _obj(required: list[str] | None = None, **props: Any) -> dict:
+    """An object schema of these properties; all of them required unless ``required`` names some."""
+    return {"type": "object", "required": list(props) if required is None else required, "properties": props}
+
+
+def _list(items: dict) -> dict:
+    return {"type": "array", "items": items}
 
 
 INT = {"type": "integer"}
 STR = {"type": "string"}
 NUM = {"type": "number"}
+ERROR = {
+    **_obj(code=STR, message=STR),
+    "additionalProperties": True,
+    "description": "code: stable and machine-readable; message: for people; extra fields (parameter, available, "
+    "appid) where they help",
+}
 
 SCHEMAS: dict[str, dict] = {
-    "Error": _obj(
-        ["error"],
-        error={
-            **_obj(["code", "message"], code=STR, message=STR),
-            "additionalProperties": True,
-            "description": "code: stable and machine-readable; message: for people; extra fields "
-            "(parameter, available, appid) where they help",
-        },
-    ),
-    "Game": _obj(["appid", "name", "store_url", "banner_url"], appid=INT, name=STR, store_url=STR, banner_url=STR),
+    "Error": _obj(error=ERROR),
+    "Game": _obj(appid=INT, name=STR, store_url=STR, banner_url=STR),
     "Match": {
-        "allOf": [_ref("Game"), _obj(["rank", "score"], rank={"type": "integer", "minimum": 1}, score=NUM)],
+        "allOf": [_ref("Game"), _obj(rank={"type": "integer", "minimum": 1}, score=NUM)],
         "description": "rank counts from 1 across pages (offset + 1 is the first rank of a page)",
     },
-    "UploadQuery": _obj(
-        ["upload", "width", "height", "format", "bytes", "sha256"],
-        upload={"const": True},
-        width=INT,
-        height=INT,
-        format=STR,
-        bytes=INT,
-        sha256=STR,
-    ),
+    "UploadQuery": _obj(upload={"const": True}, width=INT, height=INT, format=STR, bytes=INT, sha256=STR),
     "MatchAnswer": _obj(
         ["strategy", "k", "offset", "query", "matches"],
         strategy=STR,
@@ -58,65 +54,43 @@ SCHEMAS: dict[str, dict] = {
         offset={"type": "integer", "minimum": 0},
         variant={"enum": ["mirror", "flip", "mirror+flip"]},
         query={"anyOf": [_ref("Game"), _ref("UploadQuery")]},
-        matches={"type": "array", "items": _ref("Match")},
-        embedding={
-            "type": "array",
-            "items": NUM,
-            "description": "with embedding=1 on an upload: its L2-normalised vector",
-        },
+        matches=_list(_ref("Match")),
+        embedding={**_list(NUM), "description": "with embedding=1 on an upload: its L2-normalised vector"},
     ),
-    "BatchError": _obj(["appid", "error"], appid=INT, error=_obj(["code", "message"], code=STR, message=STR)),
+    "BatchError": _obj(appid=INT, error=_obj(code=STR, message=STR)),
     "BatchAnswer": _obj(
-        ["strategy", "k", "offset", "variant", "results"],
         strategy=STR,
         k=INT,
         offset=INT,
         variant=STR,
-        results={"type": "array", "items": {"anyOf": [_ref("MatchAnswer"), _ref("BatchError")]}},
+        results=_list({"anyOf": [_ref("MatchAnswer"), _ref("BatchError")]}),
     ),
-    "Strategy": {
-        **_obj(
-            ["name", "description", "backbone", "dim", "k", "variants", "default"],
-            name=STR,
-            description=STR,
-            style=STR,
-            backbone=STR,
-            dim=INT,
-            k=INT,
-            preprocessing=STR,
-            params={"type": "object"},
-            checkpoint={"type": ["string", "null"]},
-            variants={"type": "array", "items": STR, "description": "mirror/flip tables built for lookups"},
-            default={"type": "boolean"},
-        ),
-    },
-    "Strategies": _obj(["default", "strategies"], default=STR, strategies={"type": "array", "items": _ref("Strategy")}),
-    "AppInfo": {"allOf": [_ref("Game"), _obj(["strategies"], strategies={"type": "array", "items": STR})]},
-    "Search": _obj(["query", "results"], query=STR, results={"type": "array", "items": _ref("Game")}),
-    "UniqueGame": {
-        "allOf": [
-            _ref("Game"),
-            {
-                "type": "object",
-                "properties": {"best_match": _obj(["appid", "name", "score"], appid=INT, name=STR, score=NUM)},
-            },
-        ]
-    },
-    "Unique": _obj(
-        ["strategy", "n", "offset", "games"],
-        strategy=STR,
-        n=INT,
-        offset=INT,
-        games={"type": "array", "items": _ref("UniqueGame")},
+    "Strategy": _obj(
+        ["name", "description", "backbone", "dim", "k", "variants", "default"],
+        name=STR,
+        description=STR,
+        style=STR,
+        backbone=STR,
+        dim=INT,
+        k=INT,
+        preprocessing=STR,
+        params={"type": "object"},
+        checkpoint={"type": ["string", "null"]},
+        variants={**_list(STR), "description": "mirror/flip tables built for lookups"},
+        default={"type": "boolean"},
     ),
+    "Strategies": _obj(default=STR, strategies=_list(_ref("Strategy"))),
+    "AppInfo": {"allOf": [_ref("Game"), _obj(strategies=_list(STR))]},
+    "Search": _obj(query=STR, results=_list(_ref("Game"))),
+    "UniqueGame": {"allOf": [_ref("Game"), _obj([], best_match=_obj(appid=INT, name=STR, score=NUM))]},
+    "Unique": _obj(strategy=STR, n=INT, offset=INT, games=_list(_ref("UniqueGame"))),
     "Compare": _obj(
-        ["query", "k", "strategies", "matches", "overlap", "in_all"],
         query=_ref("Game"),
         k=INT,
-        strategies={"type": "array", "items": STR},
-        matches={"type": "object", "additionalProperties": {"type": "array", "items": _ref("Match")}},
+        strategies=_list(STR),
+        matches={"type": "object", "additionalProperties": _list(_ref("Match"))},
         overlap={"type": "object", "additionalProperties": {"type": "object", "additionalProperties": NUM}},
-        in_all={"type": "array", "items": INT},
+        in_all=_list(INT),
     ),
     "Health": _obj(
         ["status", "apps", "strategies", "default_strategy", "models_loaded"],
@@ -135,90 +109,67 @@ SCHEMAS: dict[str, dict] = {
 }
 
 
-def _param(name: str, where: str, schema: dict, description: str, required: bool = False) -> dict:
+def _param(name: str, description: str | None = None, required: bool = False) -> dict:
+    """A parameter as app/params.py declares it (``description`` for this operation's own sense of it)."""
+    schema, about = PARAMS[name]
+    where = "path" if name in ("appid", "filename") else "query"
     return {
         "name": name,
         "in": where,
         "required": required or where == "path",
         "schema": schema,
-        "description": description,
+        "description": description or about,
     }
 
 
-APPID = _param("appid", "path", {"type": "integer", "minimum": 0, "maximum": 9_999_999_999}, "a Steam appid")
-STRATEGY = _param("strategy", "query", STR, "strategy name, case-insensitive (GET /strategies); default ComplexB16")
-K = _param("k", "query", {"type": "integer", "minimum": 1}, "matches per answer, 1 to the table width (default 10)")
-OFFSET = _param(
-    "offset",
-    "query",
-    {"type": "integer", "minimum": 0},
-    "skip this many matches: pages through the table (offset + k may reach the table width)",
-)
-FLAG = {"type": "integer", "enum": [0, 1]}
-MIRROR = _param(
-    "mirror",
-    "query",
-    FLAG,
-    "1: query with the banner mirrored left to right (lookups need "
-    "an index built with --variants mirror,flip; uploads are transformed before embedding)",
-)
-FLIP = _param("flip", "query", FLAG, "1: query with the banner flipped upside down (as mirror)")
-EMBEDDING = _param("embedding", "query", FLAG, "1: return the upload's L2-normalised embedding")
-
-
-def _error(description: str) -> dict:
-    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
-
-
 ERRORS = {
-    "400": _error("bad parameter, appid, upload or URL (code says which)"),
-    "403": _error("url_fetch_disabled, url_not_allowed"),
-    "404": _error("unknown_appid, not_found"),
-    "405": _error("method_not_allowed"),
-    "408": _error("upload_timeout: the upload stalled or took too long"),
-    "413": _error("too_large"),
-    "415": _error("unsupported_media_type"),
-    "429": _error("rate_limited (UPLOAD_RATE_LIMIT), with Retry-After"),
-    "502": _error("fallback_failed, url_fetch_failed, url_too_large, url_fetch_timeout: a server we fetch from"),
-    "503": _error("weights_unavailable: uploads need the checkpoint; lookups keep working"),
+    "400": "bad parameter, appid, upload or URL (code says which)",
+    "403": "url_fetch_disabled, url_not_allowed",
+    "404": "unknown_appid, not_found",
+    "405": "method_not_allowed",
+    "408": "upload_timeout: the upload stalled or took too long",
+    "413": "too_large",
+    "415": "unsupported_media_type",
+    "429": "rate_limited (UPLOAD_RATE_LIMIT), with Retry-After",
+    "502": "fallback_failed, url_fetch_failed, url_too_large, url_fetch_timeout: a server we fetch from",
+    "503": "weights_unavailable: uploads need the checkpoint; lookups keep working",
 }
 CACHED = {"ETag": {"schema": STR}, "Cache-Control": {"schema": STR}}
 
 
-def _ok(schema: str, description: str, cached: bool = False, media: str = JSON) -> dict:
-    out: dict = {"description": description, "content": {media: {"schema": _ref(schema)}}}
-    if cached:
-        out["headers"] = CACHED
-    return out
+def _ok(schema: str, description: str, cached: bool = False) -> dict:
+    out: dict = {"description": description, "content": {JSON: {"schema": _ref(schema)}}}
+    return out | {"headers": CACHED} if cached else out
 
 
 def _html(description: str) -> dict:
     return {"description": description, "content": {HTML: {"schema": STR}}}
 
 
-def _errors(*codes: str) -> dict:
-    return {c: ERRORS[c] for c in codes}
+def _answers(first: dict, *codes: str, html: bool = False) -> dict:
+    """The answers of an operation: ``first`` ({status: answer}), then 304 and error statuses; the pages
+    answer errors as HTML (same codes and messages as the API)."""
+    out = dict(first)
+    for code in codes:
+        if code == "304":
+            out[code] = {"description": "If-None-Match named this answer's ETag"}
+        else:
+            out[code] = _html(ERRORS[code]) if html else _ok("Error", ERRORS[code])
+    return out
 
 
-def _page_errors(*codes: str) -> dict:
-    """The pages answer errors as HTML (same codes and messages as the API)."""
-    return {c: _html(ERRORS[c]["description"]) for c in codes}
-
-
-NOT_MODIFIED = {"304": {"description": "If-None-Match named this answer's ETag"}}
-
-
-def _op(summary: str, params: list[dict], responses: dict, tag: str = "lookups", **extra: Any) -> dict:
+def _op(tag: str, summary: str, params: list[dict], responses: dict, **extra: Any) -> dict:
     return {"summary": summary, "tags": [tag], "parameters": params, "responses": responses, **extra}
 
 
+UPLOAD_FORM = {
+    "schema": _obj(["image"], image={"type": "string", "format": "binary"}),
+    "encoding": {"image": {"contentType": "image/jpeg, image/png, image/webp, image/gif, image/bmp"}},
+}
 UPLOAD_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {
-            "schema": _obj(["image"], image={"type": "string", "format": "binary"}),
-            "encoding": {"image": {"contentType": "image/jpeg, image/png, image/webp, image/gif, image/bmp"}},
-        },
+        "multipart/form-data": UPLOAD_FORM,
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         JSON: {
@@ -233,43 +184,33 @@ UPLOAD_BODY = {
 
 
 def _match_paths() -> dict:
-    """The lookups by appid and the upload search (GET and POST /match)."""
-    table_params = [STRATEGY, K, OFFSET, MIRROR, FLIP]
+    """Lookups and uploads."""
+    lookup = [_param(n) for n in ("strategy", "k", "offset", "mirror", "flip")]
+    matches = _ok("MatchAnswer", "matches", cached=True)
     return {
         "/match/{appid}": {
             "get": _op(
+                "lookups",
                 "The k most similar games, from the precomputed table",
-                [APPID, *table_params],
-                {"200": _ok("MatchAnswer", "matches", cached=True), **NOT_MODIFIED, **_errors("400", "404", "502")},
+                [_param("appid"), *lookup],
+                _answers({"200": matches}, "304", "400", "404", "502"),
             )
         },
         "/match": {
             "get": _op(
+                "lookups",
                 "Batch lookup: several appids in one request (at most MAX_BATCH, default 50)",
-                [
-                    _param(
-                        "appids",
-                        "query",
-                        {"type": "string", "pattern": "^[0-9]+(,[0-9]+)*$"},
-                        "comma-separated appids, e.g. 620,400",
-                        required=True,
-                    ),
-                    *table_params,
-                ],
-                {
-                    "200": _ok("BatchAnswer", "one answer (or error) per appid, in order", cached=True),
-                    **NOT_MODIFIED,
-                    **_errors("400"),
-                },
+                [_param("appids", required=True), *lookup],
+                _answers({"200": _ok("BatchAnswer", "one answer (or error) per appid, in order", True)}, "304", "400"),
             ),
             "post": _op(
+                "uploads",
                 'An image embedded on demand (upload, or JSON {"url"}), searched exactly',
-                [STRATEGY, K, OFFSET, MIRROR, FLIP, EMBEDDING],
-                {
-                    "200": _ok("MatchAnswer", "matches; Server-Timing splits decode, preprocess, forward, search"),
-                    **_errors("400", "403", "408", "413", "415", "429", "502", "503"),
-                },
-                tag="uploads",
+                [*lookup, _param("embedding")],
+                _answers(
+                    {"200": _ok("MatchAnswer", "matches; Server-Timing splits decode, preprocess, forward, search")},
+                    *("400", "403", "408", "413", "415", "429", "502", "503"),
+                ),
                 requestBody=UPLOAD_BODY,
             ),
         },
@@ -277,75 +218,45 @@ def _match_paths() -> dict:
 
 
 def _index_paths() -> dict:
-    """What the index holds: strategies and games."""
+    """What the index holds, and rankings over it."""
+    compare = _ok("Compare", "JSON, or a page when Accept prefers text/html", cached=True)
+    compare["content"][HTML] = {"schema": STR}
     return {
         "/strategies": {
             "get": _op(
-                "The built strategies",
-                [],
-                {"200": _ok("Strategies", "strategies", cached=True), **NOT_MODIFIED},
-                tag="index",
+                "index", "The built strategies", [], _answers({"200": _ok("Strategies", "strategies", True)}, "304")
             )
         },
         "/apps/{appid}": {
             "get": _op(
+                "index",
                 "One game: name, store and banner URLs",
-                [APPID],
-                {"200": _ok("AppInfo", "the game", cached=True), **NOT_MODIFIED, **_errors("400", "404")},
-                tag="index",
+                [_param("appid")],
+                _answers({"200": _ok("AppInfo", "the game", True)}, "304", "400", "404"),
             )
         },
         "/apps": {
             "get": _op(
+                "index",
                 "Search games by name (case- and accent-insensitive, ranked)",
-                [
-                    _param(
-                        "q",
-                        "query",
-                        {"type": "string", "minLength": 1, "maxLength": 200},
-                        "name or part of it",
-                        required=True,
-                    ),
-                    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}, "default 20"),
-                ],
-                {"200": _ok("Search", "games", cached=True), **NOT_MODIFIED, **_errors("400")},
-                tag="index",
+                [_param("q", required=True), _param("limit")],
+                _answers({"200": _ok("Search", "games", True)}, "304", "400"),
             )
         },
-    }
-
-
-def _ranking_paths() -> dict:
-    """Lookups across the whole table: the most unique games, strategies compared."""
-    return {
         "/unique": {
             "get": _op(
+                "lookups",
                 "Games whose best match is least similar, least similar first",
-                [
-                    STRATEGY,
-                    _param("n", "query", {"type": "integer", "minimum": 1}, "default 20"),
-                    _param("offset", "query", {"type": "integer", "minimum": 0}, "skip this many games"),
-                ],
-                {"200": _ok("Unique", "games", cached=True), **NOT_MODIFIED, **_errors("400")},
+                [_param("strategy"), _param("n"), _param("offset", "skip this many games")],
+                _answers({"200": _ok("Unique", "games", True)}, "304", "400"),
             )
         },
         "/compare/{appid}": {
             "get": _op(
+                "lookups",
                 "Each strategy's matches for a game, and their overlap (HTML for browsers: Vary: Accept)",
-                [
-                    APPID,
-                    _param("strategies", "query", STR, "comma-separated strategies (default: all)"),
-                    _param("k", "query", {"type": "integer", "minimum": 1}, "default 10 (8 in HTML)"),
-                ],
-                {
-                    "200": {
-                        "description": "JSON, or a page when Accept prefers text/html",
-                        "headers": CACHED,
-                        "content": {JSON: {"schema": _ref("Compare")}, HTML: {"schema": STR}},
-                    },
-                    **NOT_MODIFIED,
-                    **_errors("400", "404"),
-                },
+                [_param("appid"), _param("strategies"), _param("k", "default 10 (8 in HTML)")],
+                _answers({"200": compare}, "304", "400", "404"),
             )
         },
     }
@@ -353,111 +264,78 @@ def _ranking_paths() -> dict:
 
 def _service_paths() -> dict:
     """The service's own state and this document."""
+    text = {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": STR}}}}
     return {
-        "/health": {
-            "get": _op("Service state, true for every worker", [], {"200": _ok("Health", "ok")}, tag="service")
-        },
-        "/metrics": {
-            "get": _op(
-                "Prometheus metrics, merged across workers",
-                [],
-                {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": STR}}}},
-                tag="service",
-            )
-        },
+        "/health": {"get": _op("service", "Service state, true for every worker", [], {"200": _ok("Health", "ok")})},
+        "/metrics": {"get": _op("service", "Prometheus metrics, merged across workers", [], text)},
         "/openapi.json": {
             "get": _op(
+                "service",
                 "This document",
                 [],
                 {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}},
-                tag="service",
             )
         },
-        "/docs": {"get": _op("This document as a page", [], {"200": _html("the API reference")}, tag="service")},
+        "/docs": {"get": _op("service", "This document as a page", [], {"200": _html("the API reference")})},
     }
 
 
-def _gallery_paths() -> dict:
-    """The HTML pages: home, gallery and random redirect."""
+def _page_paths() -> dict:
+    """The HTML pages, banners and static files."""
+    to_gallery = {"302": {"description": "to /render/<appid>"}}
     return {
         "/": {
             "get": _op(
+                "pages",
                 "Home page: search by name, upload form, the most unique banners",
-                [_param("q", "query", STR, "name to search for")],
+                [_param("q", "name to search for")],
                 {"200": _html("page")},
-                tag="pages",
             )
         },
         "/render/{appid}": {
             "get": _op(
+                "pages",
                 "A game's matches as a gallery",
-                [APPID, STRATEGY, K],
-                {"200": _html("page"), **_page_errors("400", "404")},
-                tag="pages",
+                [_param("appid"), _param("strategy"), _param("k")],
+                _answers({"200": _html("page")}, "400", "404", html=True),
             )
         },
         "/random": {
             "get": _op(
+                "pages",
                 "A redirect to a random game's gallery (heroku-flask-api's /render/ without an appid)",
-                [STRATEGY],
-                {"302": {"description": "to /render/<appid>"}, **_page_errors("400")},
-                tag="pages",
+                [_param("strategy")],
+                _answers(to_gallery, "400", html=True),
             )
         },
         "/render/": {
-            "get": _op(
-                "The same as /random",
-                [STRATEGY],
-                {"302": {"description": "to /render/<appid>"}, **_page_errors("400")},
-                tag="pages",
-            )
+            "get": _op("pages", "The same as /random", [_param("strategy")], _answers(to_gallery, "400", html=True))
         },
-    }
-
-
-def _file_paths() -> dict:
-    """The upload form's page, banners and static files."""
-    return {
         "/upload": {
             "post": _op(
+                "pages",
                 "The upload form's result page",
-                [STRATEGY, K],
-                {"200": _html("page"), **_page_errors("400", "408", "413", "415", "429", "503")},
-                tag="pages",
-                requestBody={
-                    "required": True,
-                    "content": {"multipart/form-data": UPLOAD_BODY["content"]["multipart/form-data"]},
-                },
+                [_param("strategy"), _param("k")],
+                _answers({"200": _html("page")}, "400", "408", "413", "415", "429", "503", html=True),
+                requestBody={"required": True, "content": {"multipart/form-data": UPLOAD_FORM}},
             )
         },
         "/banners/{appid}.jpg": {
             "get": _op(
+                "pages",
                 "A banner from the service's banner folder",
-                [APPID],
-                {"200": {"description": "the banner", "content": {"image/jpeg": {"schema": STR}}}, **_errors("404")},
-                tag="pages",
+                [_param("appid")],
+                _answers({"200": {"description": "the banner", "content": {"image/jpeg": {"schema": STR}}}}, "404"),
             )
         },
         "/static/{filename}": {
             "get": _op(
+                "pages",
                 "The pages' stylesheet and other static files",
-                [_param("filename", "path", STR, "e.g. style.css")],
-                {"200": {"description": "the file"}, **_errors("404")},
-                tag="pages",
+                [_param("filename")],
+                _answers({"200": {"description": "the file"}}, "404"),
             )
         },
-    }
-
-
-def _paths() -> dict:
-    """Every path, in the order the document lists them."""
-    return {
-        **_match_paths(),
-        **_index_paths(),
-        **_ranking_paths(),
-        **_service_paths(),
-        **_gallery_paths(),
-        **_file_paths(),
     }
 
 
@@ -471,18 +349,14 @@ def document(version: str = "1") -> dict:
             "description": "Similar Steam games by their store banners, with DINO vision transformers. "
             'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
         },
-        "paths": _paths(),
+        "paths": {**_match_paths(), **_index_paths(), **_service_paths(), **_page_paths()},
         "components": {"schemas": SCHEMAS},
     }
 
 
 def operations(doc: dict) -> set[tuple[str, str]]:
     """(METHOD, path) of every operation in a document, paths as Flask writes them (``/match/<appid>``)."""
-    out = set()
-    for path, item in doc["paths"].items():
-        for method in item:
-            out.add((method.upper(), path.replace("{", "<").replace("}", ">")))
-    return out
+    return {(m.upper(), path.replace("{", "<").replace("}", ">")) for path, item in doc["paths"].items() for m in item}
 
 
 def specialise(doc: dict, strategies: list[str], max_k: int, apps: int, max_batch: int, variants: bool) -> dict:
@@ -491,8 +365,6 @@ def specialise(doc: dict, strategies: list[str], max_k: int, apps: int, max_batc
     What the generic document allows and this index refuses (a k past the table width, an unknown
     strategy) then no longer counts as valid, so clients and generated tests see the real contract.
     """
-    import copy
-
     doc = copy.deepcopy(doc)
     names = "|".join(strategies)
     narrowed = {

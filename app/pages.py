@@ -1,8 +1,7 @@
 """HTML pages: search by name, upload an image, and galleries of similar banners.
 
-Server-rendered Jinja templates with no JavaScript, so the pages work
-everywhere and the Content-Security-Policy can forbid scripts outright.
-Errors on these routes render as HTML (same codes and messages as the API).
+Server-rendered templates without JavaScript: the pages work everywhere, and the Content-Security-Policy
+forbids scripts outright. Errors on these routes render as HTML (the API's codes and messages).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from PIL import Image
 from core.banners import find_banner_file
 from core.steam import is_ascii_digits
 
-from .params import get_service, host_url, k_param, parse_appid, strategy_param, strategy_value
+from .params import APPID_DIGITS, get_service, host_url, k_param, parse_appid, strategy_param, strategy_value
 from .problems import NotFound
 from .uploads import read_upload
 
@@ -34,10 +33,8 @@ def similarity(score: float) -> str:
 
 @bp.app_template_global("strategy_info")
 def strategy_info(name: str) -> dict:
-    """What the pages say about a strategy: plain words first, the technical line for the curious.
-
-    A template global, so that every page (/compare's too, rendered by the API's view) says the same.
-    """
+    """What the pages say about a strategy, plain words first: a template global, so that every page
+    (/compare's too, rendered by the API's view) says the same."""
     svc = get_service()
     s = svc.index.strategies[name]
     return {
@@ -134,7 +131,7 @@ def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more
 def banner(appid: str):
     g.html = False  # an image URL: errors in JSON, like the API
     svc = get_service()
-    if not is_ascii_digits(appid) or len(appid) > 10 or int(appid) not in svc.catalog.local_banners:
+    if not is_ascii_digits(appid) or len(appid) > APPID_DIGITS or int(appid) not in svc.catalog.local_banners:
         abort(404)
     path = find_banner_file(svc.settings.banners_dir, int(appid))
     if path is None:

@@ -1,13 +1,15 @@
 """What the views read from a request: the service, validated parameters and the base URL, in one place.
 
-Both blueprints (``api``, ``pages``) parse through these, so a parameter means
-the same and fails the same way (a 400 with a stable code) everywhere.
+``PARAMS`` declares every parameter once: its JSON schema, whose limits the readers below enforce, and what it
+means; app/openapi.py publishes the same entries. Both blueprints (``api``, ``pages``) parse through these readers,
+so a parameter means the same and fails the same way (a 400 with a stable code) everywhere.
 """
 
 from __future__ import annotations
 
 from flask import current_app, request
 
+from core.env import parse_bool
 from core.steam import is_ascii_digits
 from core.variants import TRANSFORMS, variant_name
 
@@ -15,6 +17,32 @@ from .problems import BadRequest, Unavailable, bad_parameter, unknown_strategy
 from .service import Service
 
 EXTENSION_KEY = "steam_dino"  # the Service in app.extensions
+APPID_DIGITS = 10
+FLAG = {"type": "integer", "enum": [0, 1]}  # published as 0/1; the readers also take true/false, yes/no, on/off
+
+# name: (JSON schema, description); path parameters are appid and filename
+PARAMS: dict[str, tuple[dict, str]] = {
+    "appid": ({"type": "integer", "minimum": 0, "maximum": 10**APPID_DIGITS - 1}, "a Steam appid"),
+    "strategy": ({"type": "string"}, "strategy name, case-insensitive (GET /strategies); default ComplexB16"),
+    "strategies": ({"type": "string"}, "comma-separated strategies (default: all)"),
+    "k": ({"type": "integer", "minimum": 1}, "matches per answer, 1 to the table width (default 10)"),
+    "offset": (
+        {"type": "integer", "minimum": 0},
+        "skip this many matches: pages through the table (offset + k may reach the table width)",
+    ),
+    "mirror": (
+        FLAG,
+        "1: query with the banner mirrored left to right (lookups need an index built with "
+        "--variants mirror,flip; uploads are transformed before embedding)",
+    ),
+    "flip": (FLAG, "1: query with the banner flipped upside down (as mirror)"),
+    "embedding": (FLAG, "1: return the upload's L2-normalised embedding"),
+    "appids": ({"type": "string", "pattern": "^[0-9]+(,[0-9]+)*$"}, "comma-separated appids, e.g. 620,400"),
+    "q": ({"type": "string", "minLength": 1, "maxLength": 200}, "name or part of it"),
+    "limit": ({"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "games at most (default 20)"),
+    "n": ({"type": "integer", "minimum": 1, "default": 20}, "games per answer (default 20)"),
+    "filename": ({"type": "string"}, "e.g. style.css"),
+}
 
 
 def get_service() -> Service:
@@ -42,8 +70,12 @@ def host_url(svc: Service | None = None) -> str:
     return (svc or get_service()).settings.public_url or "/"
 
 
-def int_param(name: str, default: int, lo: int, hi: int) -> int:
-    return int_value(request.args.get(name), name, default, lo, hi)
+def int_param(name: str, default: int | None = None, hi: int | None = None) -> int:
+    """An integer query parameter within PARAMS' limits (``hi`` narrows the maximum to this index)."""
+    schema = PARAMS[name][0]
+    default = schema["default"] if default is None else default
+    hi = schema["maximum"] if hi is None else hi
+    return int_value(request.args.get(name), name, default, schema["minimum"], hi)
 
 
 def int_value(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
@@ -60,9 +92,19 @@ def int_value(raw: str | None, name: str, default: int, lo: int, hi: int) -> int
 
 
 def parse_appid(raw: str) -> int:
-    if not is_ascii_digits(raw) or len(raw) > 10:
+    if not is_ascii_digits(raw) or len(raw) > APPID_DIGITS:
         raise BadRequest("bad_appid", f"appid must be a non-negative integer, got {raw[:40]!r}", parameter="appid")
     return int(raw)
+
+
+def text_param(name: str) -> str:
+    """A required text parameter, not blank and within PARAMS' length."""
+    raw, most = request.args.get(name), PARAMS[name][0]["maxLength"]
+    if raw is None or not raw.strip():
+        raise bad_parameter(name, "give a name (or part of one) to search for, e.g. /apps?q=portal")
+    if len(raw) > most:
+        raise bad_parameter(name, f"at most {most} characters")
+    return raw
 
 
 def strategy_value(svc: Service, raw: str | None, name: str = "strategy") -> str:
@@ -84,11 +126,7 @@ def strategies_param(svc: Service, name: str = "strategies") -> list[str]:
     raw = request.args.get(name)
     if raw is None or not raw.strip():
         return list(svc.strategy_names)
-    names = []
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        resolved = strategy_value(svc, part, name)
-        if resolved not in names:
-            names.append(resolved)
+    names = list(dict.fromkeys(strategy_value(svc, p, name) for p in raw.split(",") if p.strip()))
     if not names:
         raise bad_parameter(name, "give at least one name")
     return names
@@ -106,18 +144,15 @@ def k_value(svc: Service, strategy: str, raw: str | None, default: int = 10) -> 
 
 def offset_param(svc: Service, strategy: str) -> int:
     """Where a page of matches starts (0: the best match); pages end at the table's width."""
-    hi = max(0, svc.max_k(strategy) - 1)
-    return int_param("offset", 0, 0, hi)
+    return int_param("offset", 0, max(0, svc.max_k(strategy) - 1))
 
 
 def flag_param(name: str) -> bool:
-    """A yes/no switch: 1/true/yes/on or 0/false/no/off (absent: no)."""
-    raw = (request.args.get(name) or "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise bad_parameter(name, f"expected 1 or 0 (true/false, yes/no, on/off), got {raw[:40]!r}")
+    """A yes/no switch (core.env.parse_bool's words; absent: no), or a 400."""
+    try:
+        return parse_bool(name, request.args.get(name), False)
+    except ValueError as e:
+        raise BadRequest("bad_parameter", str(e), parameter=name) from None
 
 
 def variant_param() -> str:
@@ -127,8 +162,7 @@ def variant_param() -> str:
 
 def appids_param(name: str, cap: int) -> list[int]:
     """A comma-separated list of appids, at most ``cap`` of them, in the order given."""
-    raw = request.args.get(name) or ""
-    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    parts = [p.strip() for p in (request.args.get(name) or "").split(",") if p.strip()]
     if not parts:
         raise bad_parameter(name, "give one or more appids separated by commas, e.g. appids=620,400")
     if len(parts) > cap:

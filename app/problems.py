@@ -1,8 +1,7 @@
 """What can go wrong for a client, in the service's own words: no HTTP here.
 
-The service and the request readers raise these; ``app/errors.py`` is the one
-place that turns them into status codes and JSON or HTML. Each carries a
-stable ``code`` (the API's error code), a message for people, and optional
+The service and the request readers raise these; ``app/errors.py`` is the one place that turns them into status
+codes and JSON or HTML. Each carries a stable ``code`` (the API's error code), a message for people, and optional
 extra fields for the JSON body.
 """
 

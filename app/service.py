@@ -1,10 +1,8 @@
 """The service behind the API and the pages: index, catalog, matcher and the payloads they share.
 
-One instance per process, created by ``create_app`` and kept in
-``app.extensions``. It knows nothing of HTTP: it takes plain values (an
-appid, an upload's bytes, a base URL) and raises domain problems
-(``app/problems.py``); the blueprints read requests and ``app/errors.py``
-maps problems to status codes.
+One instance per process, created by ``create_app`` and kept in ``app.extensions``. It knows nothing of HTTP: it
+takes plain values (an appid, an upload's bytes, a base URL) and raises domain problems (``app/problems.py``); the
+blueprints read requests and ``app/errors.py`` maps problems to status codes.
 """
 
 from __future__ import annotations
@@ -25,10 +23,10 @@ from core.variants import apply_variant
 from . import metrics
 from .catalog import Catalog, Game
 from .config import Settings
-from .fallback import BannerFetcher, FetchFailed
+from .fallback import CdnFallback
 from .http_cache import HttpCache, build_id
 from .matching import Matcher
-from .problems import Forbidden, Unavailable, UpstreamFailed, unknown_app, variant_unavailable
+from .problems import Forbidden, Unavailable, unknown_app, variant_unavailable
 from .uploads import Upload, decode_upload
 from .urlfetch import UrlFetcher, public_only
 
@@ -40,7 +38,6 @@ def without_paths(text: str) -> str:
     return _PATH.sub("…/", text)
 
 
-ABSENT = "absent"  # cached fallback result: the CDN has no banner for this appid
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +48,10 @@ class Service:
         self.catalog = Catalog(index.apps, settings.banners_dir, settings.cdn_url)
         self.strategy_names = list(index.strategies)
         self._by_lower = {n.lower(): n for n in self.strategy_names}
-        self.default_strategy = self._pick_default(settings.default_strategy)
+        if settings.default_strategy is not None:
+            self.default_strategy = self._named("DEFAULT_STRATEGY", [settings.default_strategy])[0]
+        else:
+            self.default_strategy = DEFAULT_STRATEGY if DEFAULT_STRATEGY in index.strategies else self.strategy_names[0]
         self.matcher = Matcher(
             index,
             allow_download=settings.allow_weights_download,
@@ -72,31 +72,25 @@ class Service:
             if settings.url_fetch
             else None
         )
-        self.preload = self._check_preload(settings.preload_models)
+        self.preload = self._named("PRELOAD_MODELS", settings.preload_models)
+        # the CDN fallback (FALLBACK_FETCH), or None
         self.fetcher = (
-            BannerFetcher(
-                settings.cdn_url,
-                settings.fallback_timeout,
-                int(settings.fallback_max_mb * 2**20),
-                settings.fallback_cache_size,
-                settings.fallback_negative_ttl,
-            )
-            if settings.fallback_fetch
-            else None
+            CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0]) if settings.fallback_fetch else None
         )
 
-    def _pick_default(self, wanted: str | None) -> str:
-        if wanted is not None:
-            resolved = self.resolve_strategy(wanted)
-            if resolved is None:
-                raise ValueError(
-                    f"DEFAULT_STRATEGY={wanted!r} is not in the index {self.index.path} "
-                    f"(it has {', '.join(self.strategy_names)})"
-                )
-            return resolved
-        return DEFAULT_STRATEGY if DEFAULT_STRATEGY in self.index.strategies else self.strategy_names[0]
+    def _named(self, setting: str, wanted: list[str]) -> list[str]:
+        """A setting's strategies resolved to the index's (``all``: every one); a name it lacks stops start-up."""
+        if wanted == ["all"] and setting == "PRELOAD_MODELS":
+            return list(self.strategy_names)
+        resolved = [self.resolve_strategy(w) for w in wanted]
+        unknown = [w for w, r in zip(wanted, resolved, strict=True) if r is None]
+        if unknown:
+            raise ValueError(
+                f"{setting}={','.join(wanted)!r}: {', '.join(unknown)} not in the index {self.index.path} "
+                f"(it has {', '.join(self.strategy_names)})"
+            )
+        return list(dict.fromkeys(resolved))
 
-    # -- strategies ----------------------------------------------------------------------------------
     def resolve_strategy(self, raw: str) -> str | None:
         """The index's strategy for a name, case-insensitively ("complexb16" is ComplexB16)."""
         if raw in self.index.strategies:
@@ -130,22 +124,9 @@ class Service:
             "default": name == self.default_strategy,
         }
 
-    def _check_preload(self, wanted: list[str]) -> list[str]:
-        """PRELOAD_MODELS resolved to the index's strategies; a name it lacks stops start-up (ValueError)."""
-        if wanted == ["all"]:
-            return list(self.strategy_names)
-        resolved = [self.resolve_strategy(w) for w in wanted]
-        unknown = [w for w, r in zip(wanted, resolved, strict=True) if r is None]
-        if unknown:
-            raise ValueError(
-                f"PRELOAD_MODELS={','.join(wanted)!r}: {', '.join(unknown)} not in the index "
-                f"(it has {', '.join(self.strategy_names)}; or 'all')"
-            )
-        return list(dict.fromkeys(resolved))
-
     def preload_models(self, wanted: list[str] | None = None) -> None:
         """Load the backbones (and searchers) of these strategies now rather than on the first upload."""
-        for name in self._check_preload(wanted) if wanted is not None else self.preload:
+        for name in self._named("PRELOAD_MODELS", wanted) if wanted is not None else self.preload:
             try:
                 self.matcher.extractor(name)
                 self.matcher.searcher(name)
@@ -160,6 +141,19 @@ class Service:
             for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), first_rank)
         ]
 
+    def match_payload(
+        self, strategy: str, query: dict, rows: np.ndarray, scores: np.ndarray, host_url: str, offset: int, variant: str
+    ) -> dict:
+        """The one shape of every match answer: a game's lookup, an upload's, a batch's parts, the fallback's."""
+        return {
+            "strategy": strategy,
+            "k": len(rows),
+            "offset": offset,
+            **({"variant": variant} if variant else {}),
+            "query": query,
+            "matches": self.matches(rows, scores, host_url, offset + 1),
+        }
+
     def check_variant(self, strategy: str, variant: str) -> None:
         """A mirror/flip lookup needs its precomputed tables: a 400 naming the build option otherwise."""
         if variant and variant not in self.index.strategies[strategy].variants:
@@ -169,51 +163,27 @@ class Service:
         self, strategy: str, game: Game, k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> dict:
         rows, scores = self.matcher.table_matches(strategy, game.row, k, offset, variant)
-        return {
-            "strategy": strategy,
-            "k": len(rows),
-            "offset": offset,
-            **({"variant": variant} if variant else {}),
-            "query": self.catalog.describe_row(game.row, host_url),
-            "matches": self.matches(rows, scores, host_url, offset + 1),
-        }
+        query = self.catalog.describe_row(game.row, host_url)
+        return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)
 
-    def table_payload_json(
-        self, strategy: str, game: Game, k: int, host_url: str, offset: int = 0, variant: str = ""
-    ) -> str:
-        """table_payload() serialised, built from per-game JSON made at start: the lookup hot path.
-
-        Equal to ``json.dumps(table_payload(...))`` (tests check it), at a fraction of the cost.
-        """
-        rows, scores = self.matcher.table_matches(strategy, game.row, k, offset, variant)
-        host = json.dumps(host_url)[1:-1]
-        row_json = self.catalog.describe_row_json
-        matches = ",".join(
-            f'{{"rank":{rank},{row_json(row, host)},"score":{round(score, 6)!r}}}'
-            for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), offset + 1)
-        )
-        variant_json = f',"variant":"{variant}"' if variant else ""
-        return (
-            f'{{"strategy":{json.dumps(strategy)},"k":{len(rows)},"offset":{offset}{variant_json},'
-            f'"query":{{{row_json(game.row, host)}}},"matches":[{matches}]}}'
-        )
+    def table_payload_json(self, *args, **kwargs) -> str:
+        """``table_payload`` as compact JSON: a lookup's answer."""
+        return compact_json(self.table_payload(*args, **kwargs))
 
     def batch_payload_json(
         self, strategy: str, appids: list[int], k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> str:
         """Lookups of many appids in one answer: each one's match payload, or its error, in the order asked."""
-        parts = []
+        results = []
         for appid in appids:
             game = self.catalog.get(appid)
             if game is None:
                 problem = unknown_app(appid)
-                parts.append(json.dumps({"appid": appid, "error": {"code": problem.code, "message": problem.message}}))
+                results.append({"appid": appid, "error": {"code": problem.code, "message": problem.message}})
             else:
-                parts.append(self.table_payload_json(strategy, game, k, host_url, offset, variant))
-        return (
-            f'{{"strategy":{json.dumps(strategy)},"k":{k},"offset":{offset},'
-            f'"variant":{json.dumps(variant)},"results":[{",".join(parts)}]}}'
-        )
+                results.append(self.table_payload(strategy, game, k, host_url, offset, variant))
+        batch = {"strategy": strategy, "k": k, "offset": offset, "variant": variant, "results": results}
+        return compact_json(batch)
 
     def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, dict[str, float]]:
         """The embedding; a 503 without server paths when the weights are missing (the log has them in full)."""
@@ -244,19 +214,11 @@ class Service:
     ) -> tuple[dict, dict[str, float], Upload]:
         """Matches for an uploaded image's bytes, decoded with the configured limits (mirrored/flipped first)."""
         upload = decode_upload(data, self.settings, self._resize_to(strategy))
-        image = apply_variant(upload.image, variant)
-        vec, timings = self.embed_or_503(strategy, image)
+        vec, timings = self.embed_or_503(strategy, apply_variant(upload.image, variant))
         found = self.matcher.search(strategy, vec, offset + k)
-        rows, scores = found.rows[offset:], found.scores[offset:]
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
-        payload = {
-            "strategy": strategy,
-            "k": len(rows),
-            "offset": offset,
-            **({"variant": variant} if variant else {}),
-            "query": upload.describe(),
-            "matches": self.matches(rows, scores, host_url, offset + 1),
-        }
+        rows, scores = found.rows[offset:], found.scores[offset:]
+        payload = self.match_payload(strategy, upload.describe(), rows, scores, host_url, offset, variant)
         if embedding:
             payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()
         metrics.upload_timed(strategy, timings)
@@ -280,87 +242,47 @@ class Service:
         return out
 
     def compare_payload(self, names: list[str], game: Game, k: int, host_url: str) -> dict:
-        results = {}
-        sets = {}
+        results, sets = {}, {}
         for name in names:
-            kk = min(k, self.max_k(name))
-            rows, scores = self.matcher.table_matches(name, game.row, kk)
+            rows, scores = self.matcher.table_matches(name, game.row, min(k, self.max_k(name)))
             results[name] = self.matches(rows, scores, host_url)
             sets[name] = {self.catalog.games[r].appid for r in rows.tolist()}
         overlap = {
             a: {b: round(len(sets[a] & sets[b]) / max(1, min(len(sets[a]), len(sets[b]))), 4) for b in names}
             for a in names
         }
-        common = set.intersection(*sets.values()) if sets else set()
         return {
             "query": self.catalog.describe_row(game.row, host_url),
             "k": k,
             "strategies": names,
             "matches": results,
             "overlap": overlap,
-            "in_all": sorted(common),
+            "in_all": sorted(set.intersection(*sets.values()) if sets else set()),
         }
 
-    # -- unknown appids: optional CDN fallback -------------------------------------------------------
+    # -- unknown appids: the optional CDN fallback (app/fallback.py) ---------------------------------
     def fallback_needs_fetch(self, appid: int, strategy: str, variant: str = "") -> bool:
         """Whether a lookup of this appid would fetch and embed a banner: it then counts as an upload."""
         return (
             self.fetcher is not None
             and self.catalog.get(appid) is None
-            and (self.fetcher.cached((appid, strategy, variant)) is None)
+            and self.fetcher.needs_fetch(appid, strategy, variant)
         )
 
     def fallback_match(
         self, appid: int, strategy: str, k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> dict:
-        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on).
-
-        A cache miss costs a model pass, so it counts against the upload rate limit (app/limits.py).
-        """
+        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on)."""
         if self.fetcher is None:
             raise unknown_app(appid)
-        key = (appid, strategy, variant)
-        cached = self.fetcher.cached(key)
-        if cached is None:
-            cached = self.fetcher.flights.run(key, lambda: self._fetch_and_embed(appid, strategy, variant))
-        if isinstance(cached, UpstreamFailed):  # a fresh exception: the cached one is shared between threads
-            raise UpstreamFailed(cached.code, cached.message)
-        if cached is ABSENT:
-            raise unknown_app(appid, "is not in the index and Steam has no banner for it")
-        found = self.matcher.search(strategy, cached, offset + k)
+        vec = self.fetcher.embedding(appid, strategy, variant, self._resize_to(strategy))
+        found = self.matcher.search(strategy, vec, offset + k)
+        query = {"appid": appid, "name": "", "store_url": store_url(appid), "banner_url": self.fetcher.url(appid)}
+        query["source"] = "steam_cdn"
         rows, scores = found.rows[offset:], found.scores[offset:]
-        return {
-            "strategy": strategy,
-            "k": len(rows),
-            "offset": offset,
-            **({"variant": variant} if variant else {}),
-            "query": {
-                "appid": appid,
-                "name": "",
-                "store_url": store_url(appid),
-                "banner_url": self.fetcher.url(appid),
-                "source": "steam_cdn",
-            },
-            "matches": self.matches(rows, scores, host_url, offset + 1),
-        }
+        return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)
 
-    def _fetch_and_embed(self, appid: int, strategy: str, variant: str = ""):
-        """The embedding, ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
-        key = (appid, strategy, variant)
-        try:
-            data = self.fetcher.fetch(appid)
-            if data is None:
-                self.fetcher.remember(key, ABSENT)
-                return ABSENT
-            image = decode_upload(data, self.settings, self._resize_to(strategy)).image
-        except FetchFailed as e:
-            failed = UpstreamFailed("fallback_failed", f"appid {appid} is not in the index and {e}")
-            self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
-            return failed
-        except ImageRejected as e:
-            failed = UpstreamFailed("fallback_failed", f"the CDN's banner for {appid} is not usable: {e.message}")
-            self.fetcher.remember(key, failed, ttl_s=self.settings.fallback_negative_ttl)
-            return failed
-        vec, _ = self.embed_or_503(strategy, apply_variant(image, variant))
-        self.fetcher.remember(key, vec)
-        return vec
+
+def compact_json(obj: object) -> str:
+    """JSON as the app's provider writes it (compact, keys in order, ASCII), without its trailing newline."""
+    return json.dumps(obj, separators=(",", ":"))

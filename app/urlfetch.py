@@ -1,14 +1,11 @@
 """Fetching a query image from a client's URL (POST /match {"url": ...}) without becoming a proxy into our network.
 
-Off unless URL_FETCH=1. Only http(s); the host name is resolved here and
-every address it resolves to is checked (loopback, private, link-local,
-shared, multicast and reserved addresses are refused; ``allow_networks``
-lets named networks through, for internal image hosts and tests), then the
-connection goes to that checked address, so a second DNS answer cannot
-swap it (DNS rebinding). Redirects are followed by hand, at most
-``MAX_REDIRECTS``, each hop checked the same way. The body is capped while
-it streams, the whole fetch has a deadline, and decoding applies the
-service's pixel cap.
+Off unless URL_FETCH=1. Only http(s); the host name is resolved here and every address it resolves to is checked
+(loopback, private, link-local, shared, multicast and reserved addresses are refused; ``allow_networks`` lets named
+networks through, for internal image hosts and tests), then the connection goes to that checked address, so a
+second DNS answer cannot swap it (DNS rebinding). Redirects are followed by hand, at most ``MAX_REDIRECTS``, each
+hop checked the same way. The body is capped while it streams, the whole fetch has a deadline, and decoding applies
+the service's pixel cap.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ CATALOG = 29_982
 
 
 def _write_one(job: tuple[int, str]) -> int:
-    from indexer.synthetic import textured_banner_jpeg  # imported by write_catalog before the fork
+    from devtools.synthetic import textured_banner_jpeg  # imported by write_catalog before the fork
 
     seed, path = job
     p = Path(path)
@@ -52,7 +52,7 @@ def write_catalog(folder: Path, n: int, processes: int) -> tuple[list[Path], flo
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{10 * (i + 1)}.jpg" for i in range(n)]
     t0 = time.perf_counter()
-    import indexer.synthetic  # noqa: F401 - once, here: it imports torch (seconds), then each fork has it
+    import devtools.synthetic  # noqa: F401 - once, here: it imports torch (seconds), then each fork has it
 
     with get_context("fork").Pool(processes) as pool:
         sizes = pool.map(_write_one, [(i, str(p)) for i, p in enumerate(paths)], chunksize=64)

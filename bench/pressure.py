@@ -16,6 +16,8 @@ import threading
 import time
 from collections import Counter
 
+from devtools.clients import ClientThreads
+
 
 class SlowClients:
     def __init__(self, host: str, port: int, n: int, interval: float = 1.0) -> None:
@@ -62,28 +64,7 @@ class SlowClients:
         self._thread.join()
 
 
-class _ClientThreads:
-    """Client threads, each running ``_run(i)`` until ``_stop`` is set: started and stopped with the block."""
-
-    def __init__(self, n: int) -> None:
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, i: int) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=90)
-
-
-class Uploaders(_ClientThreads):
+class Uploaders(ClientThreads):
     def __init__(self, host: str, port: int, n: int, body: bytes, strategy: str = "SimpleS16") -> None:
         super().__init__(n)
         self.host, self.port, self.body, self.strategy = host, port, body, strategy

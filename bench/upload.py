@@ -27,11 +27,11 @@ from bench.common import (
     chosen_backbones,
     connection_owner,
     machine_line,
-    parse_server_timing,
     print_table,
     running_server,
     service_workspace,
 )
+from devtools.clients import parse_server_timing
 
 SEARCH_TARGET_MS = 5.0
 

@@ -1,9 +1,8 @@
 """App lists (``[{"appid": 620, "name": "Portal 2"}, ...]``): one reader and one set of rules for all.
 
-The same shape is read from a user's APPS.json (downloader, builder) and from
-an index's ``apps.json`` (service), so both are checked by the same code and
-a bad file gets the same clear message wherever it is read. Entries may carry
-more (the catalog's ``banner``, ``type``, ``release_date``...): they are kept.
+The same shape is read from a user's APPS.json (downloader, builder) and from an index's ``apps.json`` (service),
+so both are checked by the same code and a bad file gets the same clear message wherever it is read. Entries may
+carry more (the catalog's ``banner``, ``type``, ``release_date``...): they are kept.
 """
 
 from __future__ import annotations

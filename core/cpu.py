@@ -1,4 +1,5 @@
-"""How many cores this process may use (torch-free: the gunicorn master and its hooks use it)."""
+"""Processes: the cores this one may use, and whether another is alive (torch-free: the gunicorn master and its
+hooks use it)."""
 
 from __future__ import annotations
 
@@ -8,3 +9,22 @@ import os
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a killed child its parent has not reaped yet)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True

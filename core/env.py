@@ -1,11 +1,13 @@
-"""Reading one setting from the environment: whole numbers and switches, with one-line errors.
+"""Reading one setting's value: switches, whole numbers and numbers, with one-line errors naming the setting.
 
-One parser for the service's settings (app/config.py) and for those gunicorn needs before the app
-exists (serving/env.py, gunicorn.conf.py), so that ``1/0, true/false, yes/no, on/off`` mean the same
-everywhere and a typo names its variable.
+One parser for the service's settings (app/config.py), for those gunicorn needs before the app exists
+(serving/env.py, gunicorn.conf.py) and for the API's switches (app/params.py), so that ``1/0, true/false,
+yes/no, on/off`` mean the same everywhere and a typo names its variable.
 """
 
 from __future__ import annotations
+
+import math
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -16,16 +18,30 @@ def parse_bool(name: str, raw: str | None, default: bool) -> bool:
     value = (raw or "").strip().lower()
     if not value:
         return default
-    if value in TRUE:
-        return True
-    if value in FALSE:
-        return False
+    if value in TRUE or value in FALSE:
+        return value in TRUE
     raise ValueError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
 
 
-def parse_whole(name: str, raw: str | None, default: int, lo: int) -> int:
-    """``raw`` as a whole number of at least ``lo`` (empty or None: ``default``); ValueError otherwise."""
+def parse_whole(name: str, raw: str | None, default: int, lo: int, hi: int | None = None) -> int:
+    """``raw`` as a whole number from ``lo`` (to ``hi``) (empty or None: ``default``); ValueError otherwise."""
     value = (raw or "").strip() or str(default)
-    if not value.isascii() or not value.isdigit() or int(value) < lo:
-        raise ValueError(f"{name}={value!r}: expected a whole number of at least {lo}")
+    ok = value.isascii() and value.isdigit() and len(value) < 19
+    if not ok or int(value) < lo or (hi is not None and int(value) > hi):
+        within = f"of at least {lo}" if hi is None else f"from {lo} to {hi}"
+        raise ValueError(f"{name}={value!r}: expected a whole number {within}")
     return int(value)
+
+
+def parse_float(name: str, raw: str | None, default: float, lo: float, hi: float) -> float:
+    """``raw`` as a number from ``lo`` to ``hi`` (empty or None: ``default``); ValueError otherwise."""
+    value = (raw or "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not lo <= number <= hi:
+        raise ValueError(f"{name}={value!r}: expected a number from {lo:g} to {hi:g}")
+    return number

@@ -45,15 +45,11 @@ def os_error_words(e: OSError) -> str:
     return str(e)
 
 
-def temp_name(path: Path) -> Path:
-    """A hidden sibling that no reader of the folder mistakes for the real file."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-
-
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write through the yielded file; on success it is fsynced and renamed to ``path``, else removed."""
-    tmp = temp_name(path)
+    """Write through the yielded file, a hidden sibling of ``path`` (no reader of the folder mistakes it for the
+    real file); on success it is fsynced and renamed to ``path``, else removed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "wb") as f:
             yield f

@@ -156,12 +156,11 @@ def topk_table(
 class ExactSearch:
     """Exact top k of one query against a fixed table; built once, then safe to call from many threads.
 
-    The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table),
-    whose exact integer scores come with a per-row error bound; the stored rows are read only for
-    the candidates it leaves, so a memory-mapped table is mostly never paged in by searches.
-    ``sketch``: the table's stored sketch (``Int8Sketch.of(embeddings)``, as the index keeps it; the
-    table is then not read at all here), else one is made now. ``threads``: the prefilter's threads
-    (default: the cores this process may use).
+    The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table), whose exact
+    integer scores come with a per-row error bound; the stored rows are read only for the candidates it leaves, so
+    a memory-mapped table is mostly never paged in by searches. ``sketch``: the table's stored sketch
+    (``Int8Sketch.of(embeddings)``, as the index keeps it; the table is then not read at all here), else one is
+    made now. ``threads``: the prefilter's threads (default: the cores this process may use).
     """
 
     def __init__(self, embeddings: np.ndarray, threads: int | None = None, sketch: Int8Sketch | None = None) -> None:
@@ -182,25 +181,14 @@ class ExactSearch:
         """Whether searches run the int8 prefilter (False: a full float64 scan, slower, as exact)."""
         return self._sketch is not None
 
-    def search(self, query: np.ndarray, k: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The k rows most similar to ``query``: ``(rows int64, scores float32)``, best first, exact.
-
-        ``exclude`` drops one row (the query's own game); ``k`` is capped to the rows available.
-        """
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k rows most similar to ``query``: ``(rows int64, scores float32)``, best first, exact (k capped to N)."""
         q = self._check_query(query)
-        k = check_count(k, "k")
-        if exclude is not None:
-            if isinstance(exclude, bool) or not isinstance(exclude, (int, np.integer)):
-                raise ValueError(f"exclude must be a row index or None, got {exclude!r}")
-            if not 0 <= exclude < self.n:
-                raise ValueError(f"exclude must be a row index in [0, {self.n}), got {exclude}")
-        k = min(k, self.n - (exclude is not None))
-        if k == 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        k = min(check_count(k, "k"), self.n)
         if self._sketch is not None:
-            rows, scores = self._rescored(q, k, exclude)
+            rows, scores = self._rescored(q, k)
         else:
-            rows = np.arange(self.n) if exclude is None else np.delete(np.arange(self.n), exclude)
+            rows = np.arange(self.n)
             scores = self._exact_scores(q, rows)
         best = np.lexsort((rows, -scores))[:k]
         return rows[best].astype(np.int64), scores[best].astype(np.float32)
@@ -216,7 +204,7 @@ class ExactSearch:
             raise ValueError("query contains NaN or infinite values")
         return q
 
-    def _rescored(self, q: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _rescored(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of every row that can reach the top k, and of few more.
 
         The k best approximations are rescored first: the k-th of their exact scores is a floor under
@@ -228,8 +216,6 @@ class ExactSearch:
         unit = q / norm
         query = self._sketch.coded(unit)
         approx, bound = self._sketch.scores(query, self._threads)
-        if exclude is not None:
-            approx[exclude] = -np.inf
         first = np.argpartition(approx, approx.size - k)[approx.size - k :]
         scores = self._exact_scores(q, first)
         floor = scores.min() / norm  # of the unit query

@@ -1,11 +1,8 @@
 """Exact neighbour tables on an accelerator: a float64 brute force, which a GPU makes cheap.
 
-On an H200 a float64 matrix product of 30k x 1536 embeddings by their transpose takes a fraction of a
-second, so no float32 prefilter or error bound is needed there: every score is the float64 dot
-product of the stored values (exact for float16 storage, whose products and sums fit in float64),
-and the result is the same table as ``core.knn.topk_table``: best first, ties broken by the lower
-row index, the row itself excluded, scores rounded to float32. The CPU keeps ``topk_table``; this
-runs on any torch device (the tests run it on the CPU).
+No float32 prefilter or error bound is needed there: every score is the float64 dot product of the stored values,
+and the result is ``core.knn.topk_table``'s table (best first, ties to the lower row, the row itself excluded,
+scores rounded to float32). It runs on any torch device (the tests run it on the CPU).
 """
 
 from __future__ import annotations

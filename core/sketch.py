@@ -1,14 +1,13 @@
 """An int8 sketch of an embedding table: approximate scores of one query, each with a rigorous error bound.
 
-An upload's search is bound by memory bandwidth: one pass over the float16 table reads 2 N D bytes.
-The sketch keeps each row as int8 codes (a quarter of float32's bytes, half of float16's), so that
-the pass reads half as much, and the exact integer dot products come from SimSIMD's SIMD kernels
-(numpy and torch have no int8 matrix-vector product that accumulates without overflow).
+An upload's search scans it instead of the float16 embeddings: half the bytes, and what a 1 GiB dyno's page cache
+can still hold for a whole catalog. SimSIMD's kernels sum the int8 products exactly in int32 (numpy and torch have
+no int8 matrix-vector product that does not overflow).
 
-Row i is stored as ``x_i ~ s_i * (t * c_i)``: ``t`` a per-column scale (so that a few large feature
-dimensions do not coarsen all the others), ``s_i`` a per-row scale, ``c_i`` int8 codes in [-127, 127].
-A query ``u`` is coded the same way as ``u * t ~ s_q * c_q``. Then ``s_q s_i (c_q . c_i)`` differs
-from ``u . x_i`` by ``u . e_i + s_i (u t - s_q c_q) . c_i`` (``e_i`` the row's rounding), so by at most
+Row i is stored as ``x_i ~ s_i * (t * c_i)``: ``t`` a per-column scale (so that a few large feature dimensions do
+not coarsen all the others), ``s_i`` a per-row scale, ``c_i`` int8 codes in [-127, 127]. A query ``u`` is coded
+the same way as ``u * t ~ s_q * c_q``. Then ``s_q s_i (c_q . c_i)`` differs from ``u . x_i`` by
+``u . e_i + s_i (u t - s_q c_q) . c_i`` (``e_i`` the row's rounding), so by at most
 ``|u| |e_i| + s_i |c_i| |u t - s_q c_q|``: both norms per row are computed once, in float64.
 """
 
@@ -107,9 +106,8 @@ class Int8Sketch:
     def refined(self, query: CodedQuery, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Closer scores of some rows, given their ``scores`` (``approx``), and their bounds.
 
-        A second int8 level codes what the first left of the query, so only the rows' own rounding
-        remains in the bound (about half of it). It reads only these rows' codes: a search's last
-        candidates, after the full pass.
+        A second int8 level codes what the first left of the query, so only the rows' own rounding remains in the
+        bound (about half of it). It reads only these rows' codes: a search's last candidates, after the full pass.
         """
         codes, scale, left = _coded(query.residual)
         rows = np.asarray(rows, dtype=np.intp)

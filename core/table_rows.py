@@ -1,15 +1,8 @@
 """Rows of a memory-mapped table, read with ``pread`` instead of through the mapping.
 
-The index's tables are memory-mapped (``np.load(mmap_mode="r")``), which costs nothing until a page
-is touched. But touching one row of a mapping maps far more than the row: the kernel maps a whole
-page-cache folio (up to a few MiB on current kernels) and faults around it, so a few hundred random
-lookups leave every table wholly mapped in every worker. The pages are shared, but they count in each
-worker's RSS, which is what a Heroku-like host meters (its R14 "memory quota exceeded"). Read with
-``pread``, the same bytes come from the same page cache (the start-up verification already read the
-files) and nothing is mapped: lookups and the search's rescoring no longer grow a worker's memory.
-
-Arrays that are not whole read-only memory-mapped files (a view, an in-memory array) are read by
-ordinary indexing, with the same results.
+Touching one row of a mapping maps a whole page-cache folio around it, so a few hundred random lookups would leave
+every table mapped, and counted in every worker's RSS (what a Heroku-like host meters); ``pread`` reads the same
+page cache and maps nothing. Arrays that are not whole read-only memory-mapped files are read by indexing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Mirror and flip queries (as heroku-flask-api offers them): the image transformed before it is embedded.
 
-``mirror`` swaps left and right, ``flip`` top and bottom; both together are
-one variant. A variant is named by its transforms in a fixed order joined by
-``+`` ("mirror", "flip", "mirror+flip"), the name the index manifest and the
+``mirror`` swaps left and right, ``flip`` top and bottom; both together are one variant. A variant is named by its
+transforms in a fixed order joined by ``+`` ("mirror", "flip", "mirror+flip"), the name the index manifest and the
 API share.
 """
 

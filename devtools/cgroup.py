@@ -1,4 +1,4 @@
-"""A memory limit like a dyno's or a container's: a cgroup v1 memory group, for tests and benchmarks.
+"""Memory: a limit like a dyno's or a container's (a cgroup v1 memory group), and readings from /proc.
 
 Development only, like ``devtools/server.py`` (whose ``cgroup=`` option runs ``join`` in the server's
 child). Needs root and a cgroup v1 memory controller; ``MemoryCgroup.unavailable()`` says why not.
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+MB = 2**20
 
 
 class MemoryCgroup:
@@ -83,3 +84,41 @@ class MemoryCgroup:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup in bytes (Rss, Pss, Pss_Anon, Pss_File, Private_*, Shared_*...)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0]) * 1024
+    return out
+
+
+def memory_of(pid: int, under: Path | None = None) -> dict[str, float]:
+    """RSS, PSS and USS (private) of a process in MiB, plus the same for its mappings of files under
+    ``under`` (the index tables), from /proc/<pid>/smaps_rollup and /proc/<pid>/smaps."""
+    r = smaps_rollup(pid)
+    out = {
+        "rss": r.get("Rss", 0) / MB,
+        "pss": r.get("Pss", 0) / MB,
+        "uss": (r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)) / MB,
+        "anon": r.get("Anonymous", 0) / MB,
+    }
+    if under is not None:
+        prefix = str(Path(under).resolve())
+        totals = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
+        inside = False
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            first = line.split(None, 1)[0]
+            if not first.endswith(":"):  # a mapping header: "start-end perms offset dev inode [path]"
+                parts = line.split(None, 5)
+                inside = len(parts) == 6 and parts[5].startswith(prefix)
+            elif inside and first[:-1] in totals:
+                totals[first[:-1]] += int(line.split()[1]) * 1024
+        out["tables_rss"] = totals["Rss"] / MB
+        out["tables_pss"] = totals["Pss"] / MB
+        out["tables_uss"] = (totals["Private_Clean"] + totals["Private_Dirty"]) / MB
+    return out

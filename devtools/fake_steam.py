@@ -23,7 +23,7 @@ from functools import cache
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from indexer.synthetic import synthetic_banner
+from devtools.synthetic import synthetic_banner
 
 ENDPOINTS = {"/IStoreService/GetAppList/v1/": "GetAppList", "/IStoreBrowseService/GetItems/v1/": "GetItems"}
 

@@ -185,3 +185,26 @@ def connections_per_worker(server_port: int, pids: Sequence[int]) -> list[int]:
             if parts[1] == local and parts[3] == "01":  # ESTABLISHED, server side
                 inodes.add(parts[9])
     return [len(inodes & _socket_inodes(pid)) for pid in pids]
+
+
+def pin_many(
+    srv: GunicornServer, pids: Sequence[int], per_worker: int, tries: int = 200
+) -> dict[int, list[http.client.HTTPConnection]]:
+    """``per_worker`` keep-alive connections held by each worker (fewer if ``tries`` connections did not do)."""
+    pinned: dict[int, list[http.client.HTTPConnection]] = {pid: [] for pid in pids}
+    spare = []
+    for _ in range(tries):
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=300)
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        owner = connection_owner(srv.port, conn.sock.getsockname()[1], pids)
+        if owner is not None and len(pinned[owner]) < per_worker:
+            pinned[owner].append(conn)
+        else:
+            spare.append(conn)
+        if all(len(c) == per_worker for c in pinned.values()):
+            break
+        time.sleep(0.01)
+    for c in spare:
+        c.close()
+    return {pid: conns for pid, conns in pinned.items() if conns}

@@ -2,18 +2,15 @@
 
 The steps, each safe to interrupt:
 
-1. check the inputs (folder, apps list, strategies, options): bad input stops
-   here, before anything is written;
-2. resolve each backbone's checkpoint (cache, download or ``--weights``) and
-   hash it; hash every banner (in threads);
-3. embed what the cache lacks, batch by batch, each batch persisted at once
-   (see ``cache.py``) by a writer thread while the next batch runs; unreadable
-   images are skipped and recorded; on CUDA, banners are decoded on the GPU
-   (``core.dino.device_input``);
-4. for every strategy, store the embeddings (float16 by default) and compute
-   the exact top-k tables over the stored values (``core.knn``; on CUDA a
-   float64 brute force on the GPU, ``core.knn_device``);
-5. write it all to a staging folder and swap it into place (``writer.py``).
+1. check the inputs (folder, apps list, strategies, options): bad input stops here, before anything
+   is written;
+2. resolve each backbone's checkpoint (cache, download or ``--weights``) and hash it; hash every banner;
+3. embed what the cache lacks (plain, then each mirror/flip variant), each batch persisted at once
+   (``cache.py``) by a writer thread while the next one runs; unreadable images are skipped and
+   recorded; on CUDA, banners are decoded on the GPU (``core.dino.device_input``);
+4. for every strategy, store the embeddings (float16 by default) and compute the exact top-k tables
+   over the stored values (``core.knn``; on CUDA a float64 brute force there, ``core.knn_device``);
+5. write it all to a staging folder and swap it into place (``core.index.writer``).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +30,7 @@ from tqdm import tqdm
 
 from core.apps import load_apps
 from core.cpu import cpu_cores
-from core.dino.extract import (
-    Extractor,
-    configure_threads,
-    default_batch_size,
-    default_device,
-    default_precision,
-)
+from core.dino.extract import Extractor, configure_threads, default_batch_size, default_device, default_precision
 from core.dino.strategies import Strategy
 from core.dino.timing import StageTimer, UtilisationSampler
 from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
@@ -46,10 +38,11 @@ from core.files import os_error_words, sha256_file, sha256_files
 from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
 from core.knn import topk_table
 from core.knn_device import topk_table_device
+from core.variants import apply_variant
 
 from .cache import EmbeddingCache, strategy_key
-from .sources import Source, SourceError, plan_sources
-from .variants import embed_variants, write_variants
+from .sources import SourceError, SourcePlan, plan_sources
+from .variants import variant_key, write_variants
 
 DTYPES = ("float16", "float32")
 
@@ -106,10 +99,10 @@ class BuildSummary:
 
     def line(self) -> str:
         rate = f"{self.embedded / self.embed_seconds:.1f} images/s" if self.embedded and self.embed_seconds else "-"
+        missing = f", {self.missing_images} listed apps without a banner" if self.missing_images else ""
         return (
             f"index: {self.rows} images ({self.embedded} embedded, {self.reused} reused, {len(self.skipped)} skipped"
-            f"{f', {self.missing_images} listed apps without a banner' if self.missing_images else ''}), "
-            f"{len(self.strategies)} strategies ({', '.join(self.strategies)}) in {self.seconds:.1f} s, "
+            f"{missing}), {len(self.strategies)} strategies ({', '.join(self.strategies)}) in {self.seconds:.1f} s, "
             f"embedding at {rate} -> {self.out}"
         )
 
@@ -127,8 +120,7 @@ def _check_config(cfg: BuildConfig) -> None:
     unused = set(cfg.weights) - codes
     if unused:
         raise SourceError(f"--weights given for {sorted(unused)}, which no requested strategy uses ({sorted(codes)})")
-    device = cfg.device or default_device()
-    if device.startswith("cuda") and cfg.ray is None and not torch.cuda.is_available():
+    if (cfg.device or default_device()).startswith("cuda") and cfg.ray is None and not torch.cuda.is_available():
         raise SourceError("--device cuda: no CUDA device is available here")
     if cfg.ray is not None and (cfg.variants or cfg.decode == "device"):
         raise SourceError("--ray embeds plain banners decoded on CPUs: --variants and --decode device run without it")
@@ -142,7 +134,8 @@ class BuildFailed(RuntimeError):
 
 def build_index(cfg: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
-    cfg = _resolve_out(cfg)
+    real = cfg.out.resolve()  # through symlinks: builds given the link and its target share one lock
+    cfg = cfg if real == cfg.out.absolute() else replace(cfg, out=real)
     _check_config(cfg)
     apps = load_apps(cfg.apps_file) if cfg.apps_file else None
     plan = plan_sources(cfg.images, apps)
@@ -157,49 +150,61 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         device = default_device()
     configure_threads(None if cfg.ray is not None else cfg.threads)
     precision = cfg.precision or default_precision(cfg.device or device)
-    timer = StageTimer(device)
-    notes = []
-    work = cfg.out.parent / f".{cfg.out.name}.work"
     try:
-        with EmbeddingCache(work) as cache:
+        with EmbeddingCache(cfg.out.parent / f".{cfg.out.name}.work") as cache:
+            run = _Build(cfg, device, precision, plan, cache, StageTimer(device))
             note = recover(cfg.out)
-            if note:
-                notes.append(note)
-            rows, skipped, embedded, embed_seconds, utilisation = _build_in(cfg, device, precision, plan, cache, timer)
+            run.notes += [note] if note else []
+            run.build()
             t0 = time.perf_counter()
             try:
                 cache.consolidate()
             except OSError as e:  # the index is complete and in place; the cache's chunks are kept
-                notes.append(
+                run.notes.append(
                     f"the new index is in place at {cfg.out}, but merging the embedding cache failed "
                     f"({os_error_words(e)}); the next build reads its chunks instead"
                 )
-            timer.add("writing", time.perf_counter() - t0)
+            run.timer.add("writing", time.perf_counter() - t0)
     except OSError as e:
         raise BuildFailed(f"{os_error_words(e)}. {_previous_index_state(cfg.out)}") from e
-    embedded = min(embedded, len(rows))
+    embedded = min(run.embedded, len(run.rows))
     return BuildSummary(
         out=cfg.out,
-        rows=len(rows),
+        rows=len(run.rows),
         strategies=[s.name for s in cfg.strategies],
         embedded=embedded,
-        reused=len(rows) - embedded,
-        skipped=skipped,
+        reused=len(run.rows) - embedded,
+        skipped=run.skipped,
         missing_images=len(plan.missing_images),
         seconds=time.perf_counter() - start,
-        embed_seconds=embed_seconds,
-        notes=notes,
-        timings=timer.totals(),
-        counts=dict(timer.counts),
-        gpu_utilisation=utilisation,
+        embed_seconds=run.embed_seconds,
+        notes=run.notes,
+        timings=run.timer.totals(),
+        counts=dict(run.timer.counts),
+        gpu_utilisation=run.utilisation,
     )
 
 
-def _resolve_out(cfg: BuildConfig) -> BuildConfig:
-    """Write through symlinks to the real folder: the link stays a link, and builds given the link and
-    the target share one lock (the lock and the staging folder live beside the real folder)."""
-    real = cfg.out.resolve()
-    return cfg if real == cfg.out.absolute() else replace(cfg, out=real)
+def missing(
+    strategies: list[Strategy], shas: list[str], keys: dict[str, str], cache: EmbeddingCache
+) -> tuple[list[Strategy], list[int]]:
+    """The strategies the cache lacks some banner's features for, and those banners (indices into ``shas``);
+    banners that failed before are not tried again."""
+
+    def lacks(s: Strategy, h: str) -> bool:
+        return h not in cache.failed and not cache.has(keys[s.name], h)
+
+    lacking = [s for s in strategies if any(lacks(s, h) for h in shas)]
+    return lacking, [i for i, h in enumerate(shas) if any(lacks(s, h) for s in lacking)]
+
+
+def _ray_embed():
+    """indexer.ray_embed, imported only for --ray: Ray is an optional extra."""
+    try:
+        from . import ray_embed
+    except ImportError as e:
+        raise SourceError(f"--ray needs Ray: pip install '.[ray]' (or -r requirements-ray.txt); {e}") from None
+    return ray_embed
 
 
 def _previous_index_state(out: Path) -> str:
@@ -212,185 +217,169 @@ def _previous_index_state(out: Path) -> str:
     return f"No index was written to {out}; finished batches are kept: run again to resume."
 
 
-def _build_in(cfg: BuildConfig, device: str, precision: str, plan, cache: EmbeddingCache, timer: StageTimer):
-    """Checkpoints, hashes, embeddings and the index, under the cache's lock.
+@dataclass
+class _Build:
+    """One build under the cache's lock: checkpoints, hashes, embeddings, then the index."""
 
-    Returns (rows, skipped, embedded, embed_seconds, mean GPU utilisation).
-    """
-    checkpoints, ckpt_sha = {}, {}
-    for s in cfg.strategies:
-        code = s.backbone.code
-        if code not in checkpoints:
-            checkpoints[code] = resolve_checkpoint(s.backbone, cfg.weights.get(code), progress=cfg.progress)
-            ckpt_sha[code] = sha256_file(checkpoints[code], cache=True)
-    keys = {s.name: strategy_key(s.to_manifest(), ckpt_sha[s.backbone.code], precision) for s in cfg.strategies}
-    preload = str(device).startswith("cuda") and cfg.ray is None
-    with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
-        if preload:  # load the models onto the GPU while the CPU hashes the banners
-            loading = loader.submit(_load_models, cfg.strategies, device, checkpoints, ckpt_sha, timer)
+    cfg: BuildConfig
+    device: str
+    precision: str
+    plan: SourcePlan
+    cache: EmbeddingCache
+    timer: StageTimer
+    notes: list[str] = field(default_factory=list)
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    ckpt_sha: dict[str, str] = field(default_factory=dict)
+    shas: list[str] = field(default_factory=list)  # of each source's bytes
+    keys: dict[str, str] = field(default_factory=dict)  # strategy name -> cache key
+    rows: list[int] = field(default_factory=list)  # the sources that made it into the index
+    skipped: list[dict] = field(default_factory=list)
+    embedded: int = 0
+    embed_seconds: float = 0.0
+    utilisation: float | None = None
+
+    def build(self) -> None:
+        self._prepare()
         t0 = time.perf_counter()
-        shas = sha256_files([src.path for src in plan.sources], workers=max(4, cpu_cores()))
-        timer.add("hashing", time.perf_counter() - t0)
-        if preload:
-            loading.result()
+        with UtilisationSampler(self.device) as utilisation:
+            self.embedded = self._embed_missing()
+            for variant in self.cfg.variants:
+                self._embed_missing(variant)
+        self.embed_seconds, self.utilisation = time.perf_counter() - t0, utilisation.mean
+        failed = self.cache.failed
+        self.rows = [i for i, h in enumerate(self.shas) if h not in failed]
+        for i, h in enumerate(self.shas):
+            if h in failed:
+                source = self.plan.sources[i]
+                self.skipped.append({"appid": source.appid, "file": source.path.name, "reason": failed[h]})
+                print(f"warning: skipped {source.path.name}: {failed[h]}", file=sys.stderr)
+        if len(self.rows) < 2:
+            raise SourceError(f"{self.cfg.images}: fewer than 2 readable banners; nothing to index")
+        self._write_index()
 
-    embed_start = time.perf_counter()
-    with UtilisationSampler(device) as utilisation:
-        embedded = _embed_missing(cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache, timer)
-        embed_variants(cfg, device, precision, plan.sources, shas, keys, checkpoints, ckpt_sha, cache)
-    embed_seconds = time.perf_counter() - embed_start
-
-    rows = [i for i, h in enumerate(shas) if h not in cache.failed]
-    skipped = [
-        {"appid": plan.sources[i].appid, "file": plan.sources[i].path.name, "reason": cache.failed[h]}
-        for i, h in enumerate(shas)
-        if h in cache.failed
-    ]
-    for s in skipped:
-        print(f"warning: skipped {s['file']}: {s['reason']}", file=sys.stderr)
-    if len(rows) < 2:
-        raise SourceError(f"{cfg.images}: fewer than 2 readable banners; nothing to index")
-    _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer)
-    return rows, skipped, embedded, embed_seconds, utilisation.mean
-
-
-def _load_models(strategies, device, checkpoints, ckpt_sha, timer: StageTimer) -> None:
-    """Put every backbone's model in the process-wide cache, where the Extractor finds it."""
-    t0 = time.perf_counter()
-    for code in dict.fromkeys(s.backbone.code for s in strategies):
-        backbone = next(s.backbone for s in strategies if s.backbone.code == code)
-        MODELS.get(backbone, checkpoints[code], device=device, expected_sha256=ckpt_sha[code], download=False)
-    timer.add("models", time.perf_counter() - t0)
-
-
-def missing(
-    strategies: list[Strategy], shas: list[str], keys: dict[str, str], cache: EmbeddingCache
-) -> tuple[list[Strategy], list[int]]:
-    """The strategies the cache lacks some banner's features for, and those banners (indices into ``shas``);
-    banners that failed before are not tried again."""
-    todo_strategies = [
-        s for s in strategies if any(h not in cache.failed and not cache.has(keys[s.name], h) for h in shas)
-    ]
-    todo = [
-        i
-        for i, h in enumerate(shas)
-        if h not in cache.failed and any(not cache.has(keys[s.name], h) for s in todo_strategies)
-    ]
-    return todo_strategies, todo
-
-
-def _embed_missing(
-    cfg: BuildConfig,
-    device: str,
-    precision: str,
-    sources: list[Source],
-    shas: list[str],
-    keys: dict[str, str],
-    checkpoints: dict[str, Path],
-    ckpt_sha: dict[str, str],
-    cache: EmbeddingCache,
-    timer: StageTimer,
-) -> int:
-    """Embed the banners the cache lacks for some strategy; returns how many were embedded (not failed)."""
-    todo_strategies, todo = missing(cfg.strategies, shas, keys, cache)
-    if not todo:
-        return 0
-    if cfg.ray is not None:
-        paths = [src.path for src in sources]
-        return _ray_embed().embed(cfg, precision, todo_strategies, paths, shas, keys, ckpt_sha, cache, timer)
-    t0 = time.perf_counter()
-    extractor = Extractor(
-        todo_strategies,
-        device=device,
-        precision=precision,
-        checkpoints=checkpoints,
-        expected_sha256=ckpt_sha,
-        download=False,
-    )
-    timer.add("models", time.perf_counter() - t0)
-    batch_size = cfg.batch_size or default_batch_size(device)
-    done = 0
-    t0 = time.perf_counter()
-    # One writer thread persists each batch while the next one runs; at most two wait to be written.
-    with (
-        tqdm(total=len(todo), unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1) as bar,
-        ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as writer,
-    ):
-        writes: deque = deque()
-        for batch in extractor.iter_files(
-            [sources[i].path for i in todo],
-            batch_size=batch_size,
-            num_workers=cfg.num_workers,
-            decode=cfg.decode,
-            timer=timer,
-        ):
-            batch_shas = [shas[todo[j]] for j in batch.indices]
-            features = {keys[name]: feats for name, feats in batch.features.items()}
-            failed = {shas[todo[j]]: reason for j, reason in batch.failures}
-            writes.append(writer.submit(cache.add_batch, batch_shas, features, failed))
-            while len(writes) > 2:
-                writes.popleft().result()
-            bar.update(len(batch.indices) + len(batch.failures))
-            done += len(batch.indices)
-        while writes:
-            writes.popleft().result()
-    timer.add("embedding", time.perf_counter() - t0)
-    return done
-
-
-def _ray_embed():
-    """indexer.ray_embed, imported only for --ray: Ray is an optional extra."""
-    try:
-        from . import ray_embed
-    except ImportError as e:
-        raise SourceError(f"--ray needs Ray: pip install '.[ray]' (or -r requirements-ray.txt); {e}") from None
-    return ray_embed
-
-
-def _write_index(cfg, device, precision, plan, rows, shas, skipped, keys, checkpoints, ckpt_sha, cache, timer):
-    n = len(rows)
-    t_start, t_tables = time.perf_counter(), 0.0
-    apps = [{"appid": plan.sources[i].appid, "name": plan.sources[i].name} for i in rows]
-    # Tables one after the other (on the GPU, or on every core), files written and hashed in threads meanwhile.
-    with IndexWriter(cfg.out) as writer, ThreadPoolExecutor(4, thread_name_prefix="index-writer") as pool:
-        apps_sha = writer.write_json(APPS, apps)
-        writes = {}
-        for s in cfg.strategies:
-            key = keys[s.name]
-            emb = np.stack([cache.get(key, shas[i]) for i in rows]).astype(cfg.dtype)
-            t0 = time.perf_counter()
-            with tqdm(total=n, unit="row", desc=f"neighbours {s.name}", disable=not cfg.progress) as bar:
-                if str(device).startswith("cuda"):
-                    neighbours, scores = topk_table_device(emb, min(cfg.k, n - 1), device, progress=bar.update)
-                else:
-                    neighbours, scores = topk_table(emb, min(cfg.k, n - 1), progress=bar.update)
-            t_tables += time.perf_counter() - t0
+    def _prepare(self) -> None:
+        """Each backbone's checkpoint and its sha256, the strategies' cache keys, every banner's sha256 (models
+        loaded onto a GPU meanwhile)."""
+        for s in self.cfg.strategies:
             code = s.backbone.code
-            checkpoint = {"file": checkpoints[code].name, "sha256": ckpt_sha[code], "url": checkpoint_url(s.backbone)}
-            variants = write_variants(writer, cfg, s, emb, key, [shas[i] for i in rows], cache) if cfg.variants else {}
-            writes[s.name] = pool.submit(
-                write_strategy,
-                writer,
-                s,
-                emb,
-                neighbours,
-                scores,
-                checkpoint,
-                precision=precision,
-                cache_key=key,
-                **({"variants": variants} if variants else {}),
+            if code not in self.checkpoints:
+                path = resolve_checkpoint(s.backbone, self.cfg.weights.get(code), progress=self.cfg.progress)
+                self.checkpoints[code], self.ckpt_sha[code] = path, sha256_file(path, cache=True)
+            self.keys[s.name] = strategy_key(s.to_manifest(), self.ckpt_sha[code], self.precision)
+        preload = self.device.startswith("cuda") and self.cfg.ray is None
+        with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
+            if preload:
+                loading = loader.submit(self._load_models)
+            t0 = time.perf_counter()
+            self.shas = sha256_files([src.path for src in self.plan.sources], workers=max(4, cpu_cores()))
+            self.timer.add("hashing", time.perf_counter() - t0)
+            if preload:
+                loading.result()
+
+    def _load_models(self) -> None:
+        """Put every backbone's model in the process-wide cache, where the Extractor finds it."""
+        t0 = time.perf_counter()
+        for s in {s.backbone.code: s for s in self.cfg.strategies}.values():
+            code = s.backbone.code
+            sha = self.ckpt_sha[code]
+            MODELS.get(s.backbone, self.checkpoints[code], device=self.device, expected_sha256=sha, download=False)
+        self.timer.add("models", time.perf_counter() - t0)
+
+    def _embed_missing(self, variant: str = "") -> int:
+        """Embed (as ``variant`` shows them) the banners the cache lacks for some strategy; banners that failed
+        before are not tried again. Returns how many were embedded."""
+        keys = {name: variant_key(key, variant) for name, key in self.keys.items()}
+        cache, shas = self.cache, self.shas
+        lacking, todo = missing(self.cfg.strategies, shas, keys, cache)
+        if not todo:
+            return 0
+        if self.cfg.ray is not None:
+            paths = [src.path for src in self.plan.sources]
+            return _ray_embed().embed(
+                self.cfg, self.precision, lacking, paths, shas, keys, self.ckpt_sha, cache, self.timer
             )
-        entries = {name: future.result() for name, future in writes.items()}
-        manifest = make_manifest(
-            n,
-            apps_sha,
-            cfg.dtype,
-            entries,
-            skipped_images=skipped,
-            missing_images=plan.missing_images,
-            variants=cfg.variants,
-            build={"device": device, "torch": torch.__version__, "python": platform.python_version()},
+        t0 = time.perf_counter()
+        extractor = Extractor(
+            lacking,
+            device=self.device,
+            precision=self.precision,
+            checkpoints=self.checkpoints,
+            expected_sha256=self.ckpt_sha,
+            download=False,
         )
-        writer.commit(manifest)
-    timer.add("tables", t_tables)
-    timer.add("writing", time.perf_counter() - t_start - t_tables)
+        self.timer.add("models", time.perf_counter() - t0)
+        done, t0 = 0, time.perf_counter()
+        batches = extractor.iter_files(
+            [self.plan.sources[i].path for i in todo],
+            batch_size=self.cfg.batch_size or default_batch_size(self.device),
+            num_workers=self.cfg.num_workers,
+            decode=self.cfg.decode,
+            timer=self.timer,
+            image_op=partial(apply_variant, variant=variant) if variant else None,
+        )
+        desc = f"embedding {variant}".strip()
+        # One writer thread persists each batch while the next one runs; at most two wait to be written.
+        with (
+            tqdm(total=len(todo), unit="img", desc=desc, disable=not self.cfg.progress, smoothing=0.1) as bar,
+            ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as writer,
+        ):
+            writes: deque = deque()
+            for batch in batches:
+                batch_shas = [shas[todo[j]] for j in batch.indices]
+                features = {keys[name]: feats for name, feats in batch.features.items()}
+                failed = {shas[todo[j]]: reason for j, reason in batch.failures}
+                writes.append(writer.submit(cache.add_batch, batch_shas, features, failed))
+                while len(writes) > 2:
+                    writes.popleft().result()
+                bar.update(len(batch.indices) + len(batch.failures))
+                done += len(batch.indices)
+            while writes:
+                writes.popleft().result()
+        self.timer.add("embedding", time.perf_counter() - t0)
+        return done
+
+    def _write_index(self) -> None:
+        """The tables one strategy after the other (on the GPU, or on every core), files written and hashed in
+        threads meanwhile, then the manifest and the swap."""
+        cfg, n = self.cfg, len(self.rows)
+        t_start, t_tables = time.perf_counter(), 0.0
+        row_shas = [self.shas[i] for i in self.rows]
+        apps = [{"appid": self.plan.sources[i].appid, "name": self.plan.sources[i].name} for i in self.rows]
+        with IndexWriter(cfg.out) as writer, ThreadPoolExecutor(4, thread_name_prefix="index-writer") as pool:
+            apps_sha = writer.write_json(APPS, apps)
+            writes = {}
+            for s in cfg.strategies:
+                key, code = self.keys[s.name], s.backbone.code
+                emb = np.stack([self.cache.get(key, h) for h in row_shas]).astype(cfg.dtype)
+                t0 = time.perf_counter()
+                with tqdm(total=n, unit="row", desc=f"neighbours {s.name}", disable=not cfg.progress) as bar:
+                    if self.device.startswith("cuda"):
+                        neighbours, scores = topk_table_device(emb, min(cfg.k, n - 1), self.device, progress=bar.update)
+                    else:
+                        neighbours, scores = topk_table(emb, min(cfg.k, n - 1), progress=bar.update)
+                t_tables += time.perf_counter() - t0
+                ckpt = {
+                    "file": self.checkpoints[code].name,
+                    "sha256": self.ckpt_sha[code],
+                    "url": checkpoint_url(s.backbone),
+                }
+                extra = {"precision": self.precision, "cache_key": key}
+                if cfg.variants:
+                    extra["variants"] = write_variants(writer, cfg, s, emb, key, row_shas, self.cache)
+                writes[s.name] = pool.submit(write_strategy, writer, s, emb, neighbours, scores, ckpt, **extra)
+            entries = {name: future.result() for name, future in writes.items()}
+            build = {"device": self.device, "torch": torch.__version__, "python": platform.python_version()}
+            writer.commit(
+                make_manifest(
+                    n,
+                    apps_sha,
+                    cfg.dtype,
+                    entries,
+                    skipped_images=self.skipped,
+                    missing_images=self.plan.missing_images,
+                    variants=cfg.variants,
+                    build=build,
+                )
+            )
+        self.timer.add("tables", t_tables)
+        self.timer.add("writing", time.perf_counter() - t_start - t_tables)

@@ -1,19 +1,10 @@
 """The build's embedding cache: what makes a build resumable and incremental.
 
-Every batch the extractor finishes is written at once, atomically, as a
-chunk file: the sha256 of each banner's bytes and, per strategy key, its
-float32 features (and the banners that could not be decoded, with why).
-A run killed at any point (SIGKILL included) loses at most the batch in
-flight; the next run loads the chunks and computes only what is missing.
-After a successful build the chunks are merged into one store file per
-strategy key, which later builds reuse: adding banners to a catalog only
-embeds the new ones, and a changed banner (new sha256) is embedded again.
-
-A strategy key hashes everything that determines the features: the
-strategy's recorded settings, the checkpoint's sha256 and the precision.
-
-The cache lives beside the index (``.<index>.work/``); a lock file keeps two
-builds from writing the same one.
+Every finished batch is written at once, atomically, as a chunk: each banner's sha256 and, per strategy key, its
+float32 features (and the banners that could not be decoded, with why). A killed run loses at most the batch in
+flight. After a successful build the chunks are merged into one store file per key, which later builds reuse:
+only new or changed banners are embedded. A key hashes what determines the features: the strategy's settings, the
+checkpoint's sha256 and the precision. The cache lives beside the index (``.<index>.work/``), locked by one build.
 """
 
 from __future__ import annotations
@@ -66,10 +57,9 @@ class EmbeddingCache:
     def __enter__(self) -> EmbeddingCache:
         """Take the build lock: a POSIX record lock, which dies with this process.
 
-        Not ``flock``: that lock belongs to the open file, which forked children (the
-        DataLoader's decoding workers) share, so an orphaned child kept a killed build's
-        lock. A record lock is the process's own and is released when it exits, however.
-        Record locks do not exclude within one process, hence ``_HELD``.
+        Not ``flock``: that lock belongs to the open file, which forked children (the DataLoader's decoding
+        workers) share, so an orphaned child kept a killed build's lock. A record lock is the process's own and is
+        released when it exits, however. Record locks do not exclude within one process, hence ``_HELD``.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         self.chunks.mkdir(exist_ok=True)

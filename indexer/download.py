@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from core.apps import AppsInvalid
+from core.cpu import pid_alive
 from core.files import atomic_write_bytes, atomic_write_json
 from core.http import TRANSIENT, BodyTooLarge, RetryPolicy, TransientError, check_status, read_body, with_retries
 from core.steam import ASSETS_URL, asset_url, is_asset_path, plain_banner_path
@@ -144,7 +145,7 @@ def clean_stale_temp_files(out_dir: Path) -> list[Path]:
         if not m:
             continue
         pid = int(m.group("pid"))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         try:
             path.unlink()
@@ -322,20 +323,6 @@ class _Fetcher:
             # a slow trickle is cut off like a read timeout
             deadline = time.monotonic() + max(4 * self.timeout, 30.0)
             return read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop, chunk_size=_CHUNK)
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:

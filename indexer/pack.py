@@ -1,12 +1,10 @@
 """Packing an index folder, or some of its strategies, into one archive to ship to the web dynos.
 
-The archive is a tar (gzip-compressed when its name ends in ``.gz``) of the
-index folder's files at its top level: ``manifest.json`` listing only the
-chosen strategies, ``apps.json`` and the chosen ``<Strategy>/*.npy``.
-Its sha256 is written beside it (``<archive>.sha256``, sha256sum's format)
-and is what ``INDEX_SHA256`` must say; the service unpacks it with
-``core.index.fetch``. The same index packs to the same bytes (sorted
-entries, fixed times and owners), so its sha256 only changes with its data.
+The archive is a tar (gzip-compressed when its name ends in ``.gz``) of the index folder's files at its top level:
+``manifest.json`` listing only the chosen strategies, ``apps.json`` and the chosen ``<Strategy>/*.npy``. Its sha256
+is written beside it (``<archive>.sha256``, sha256sum's format) and is what ``INDEX_SHA256`` must say; the service
+unpacks it with ``core.index.fetch``. The same index packs to the same bytes (sorted entries, fixed times and
+owners), so its sha256 only changes with its data.
 """
 
 from __future__ import annotations

@@ -1,27 +1,20 @@
 """Optional mirror/flip tables (``--variants mirror,flip``): each banner transformed, embedded, and searched.
 
-For every requested variant ("mirror", "flip", "mirror+flip") and strategy,
-the builder embeds the transformed banners (cached like the plain ones, so
-an interrupted build resumes) and computes each one's exact top-k among the
-plain embeddings, the game itself excluded: ``GET /match/<appid>?mirror=1``
-then reads a table, like a plain lookup.
+For every requested variant ("mirror", "flip", "mirror+flip") and strategy, the builder embeds the
+transformed banners (``build.py``, cached like the plain ones under ``variant_key``, so an interrupted
+build resumes) and computes each one's exact top-k among the plain embeddings, the game itself
+excluded: ``GET /match/<appid>?mirror=1`` then reads a table, like a plain lookup.
 """
 
 from __future__ import annotations
 
 import hashlib
-from functools import partial
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from core.dino.extract import Extractor, default_batch_size
 from core.index import IndexWriter, write_variant
 from core.knn_device import best_k
-from core.variants import apply_variant
-
-from .cache import EmbeddingCache
 
 
 def variant_key(strategy_key: str, variant: str) -> str:
@@ -29,43 +22,6 @@ def variant_key(strategy_key: str, variant: str) -> str:
     if not variant:
         return strategy_key
     return hashlib.sha256(f"{strategy_key}|{variant}".encode()).hexdigest()[:20]
-
-
-def embed_variants(cfg, device, precision, sources, shas, keys, checkpoints, ckpt_sha, cache: EmbeddingCache) -> int:
-    """Embed the transformed banners the cache lacks, variant by variant; returns how many were embedded."""
-    done = 0
-    for variant in cfg.variants:
-        vkeys = {s.name: variant_key(keys[s.name], variant) for s in cfg.strategies}
-        strategies = [s for s in cfg.strategies if any(not cache.has(vkeys[s.name], h) for h in shas)]
-        todo = [
-            i
-            for i, h in enumerate(shas)
-            if h not in cache.failed and any(not cache.has(vkeys[s.name], h) for s in strategies)
-        ]
-        if not todo:
-            continue
-        extractor = Extractor(
-            strategies,
-            device=device,
-            precision=precision,
-            checkpoints=checkpoints,
-            expected_sha256=ckpt_sha,
-            download=False,
-        )
-        batches = extractor.iter_files(
-            [sources[i].path for i in todo],
-            batch_size=cfg.batch_size or default_batch_size(device),
-            num_workers=cfg.num_workers,
-            image_op=partial(apply_variant, variant=variant),
-        )
-        with tqdm(total=len(todo), unit="img", desc=f"embedding {variant}", disable=not cfg.progress) as bar:
-            for batch in batches:
-                batch_shas = [shas[todo[j]] for j in batch.indices]
-                features = {vkeys[name]: feats for name, feats in batch.features.items()}
-                cache.add_batch(batch_shas, features, {shas[todo[j]]: why for j, why in batch.failures})
-                bar.update(len(batch.indices) + len(batch.failures))
-                done += len(batch.indices)
-    return done
 
 
 def variant_tables(queries: np.ndarray, table: np.ndarray, k: int, chunk_rows: int = 256) -> tuple[np.ndarray, ...]:

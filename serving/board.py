@@ -14,28 +14,11 @@ import mmap
 import os
 import time
 
+from core.cpu import pid_alive
+
 FREE, BOOTING, READY, STOPPING = 0, 1, 2, 3
 ROWS = 64
 _FIELDS = 3
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie (a killed worker the master has not reaped yet)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
 
 
 class Board:
@@ -51,7 +34,7 @@ class Board:
         """A free row for a worker about to be forked (rows of dead workers are reused)."""
         for row in range(1, self.rows + 1):
             pid, state = self._v[row * _FIELDS], self._v[row * _FIELDS + 1]
-            if state == FREE or (pid > 0 and not _alive(pid)):
+            if state == FREE or (pid > 0 and not pid_alive(pid)):
                 base = row * _FIELDS
                 self._v[base], self._v[base + 1], self._v[base + 2] = 0, BOOTING, 0
                 self._v[0] = max(self._v[0], row)
@@ -84,7 +67,7 @@ class Board:
         now = time.monotonic()
         checked = self._alive_at.get(pid)
         if checked is None or now - checked[0] > max_age:
-            checked = (now, _alive(pid))
+            checked = (now, pid_alive(pid))
             if len(self._alive_at) > 4 * self.rows:
                 self._alive_at.clear()
             self._alive_at[pid] = checked

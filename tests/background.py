@@ -2,7 +2,7 @@
 
 - the benchmark smoke runs of tests/test_bench_smoke.py (``bench.run_all --quick``,
   ``bench.gpu_build --quick``): ~30 s of two cores between them;
-- test_dyno.py's workspace (``bench.common.Workspace``): a random ViT-B/16 checkpoint and the
+- test_dyno.py's workspace (``devtools.workspace.Workspace``): a random ViT-B/16 checkpoint and the
   catalog-size index of all eight strategies, ~12 s of numpy and disk.
 
 The rest of the suite keeps about one core busy. Started at once, at a lower CPU priority, these run
@@ -70,7 +70,7 @@ def _start(name: str) -> BackgroundRun:
 
 
 _DYNO_WORKSPACE = (
-    "import sys; from bench.common import Workspace; ws = Workspace(sys.argv[1]); "
+    "import sys; from devtools.workspace import Workspace; ws = Workspace(sys.argv[1]); "
     "ws.ensure_checkpoints(['B16']); ws.ensure_index()"
 )
 COMMANDS = {  # name: (the test file that waits for it, python's arguments, extra environment)

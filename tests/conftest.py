@@ -26,7 +26,7 @@ from core.dino.backbones import BACKBONES
 from core.dino.vit import VisionTransformer
 from devtools.fake_steam import start_http_server
 from devtools.server import GunicornServer, free_port  # noqa: F401 - the shared launcher, re-exported to tests
-from indexer.synthetic import synthetic_banner
+from devtools.synthetic import synthetic_banner
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -135,7 +135,7 @@ def install_checkpoints(torch_home, checkpoint_store):
 
 
 def make_banner(path: Path, seed: int, size: tuple[int, int] = (300, 450), fmt: str | None = None) -> Path:
-    """A synthetic banner file (indexer.synthetic.synthetic_banner), deterministic per seed."""
+    """A synthetic banner file (devtools.synthetic.synthetic_banner), deterministic per seed."""
     img = synthetic_banner(seed, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None), quality=92)

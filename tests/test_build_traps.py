@@ -1,4 +1,4 @@
-"""Issue #12, operator traps: a full disk, a builder killed with its decoding children alive, --out
+"""Operator traps: a full disk, a builder killed with its decoding children alive, --out
 through a symlink, broken files and settings: each reported truthfully, in one line, losing nothing."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, make_catalog
 
+from core.cpu import pid_alive
 from core.dino.strategies import parse_strategies
 from indexer.build import BuildConfig, BuildFailed, build_index
 from indexer.cache import BuildLocked, EmbeddingCache
@@ -101,19 +102,11 @@ def _hold_lock_then_kill(work: Path, mode: str) -> int:
     return child
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
 def test_build_lock_is_released_when_the_builder_dies_even_with_children_alive(tmp_path):
     work = tmp_path / ".index.work"
     child = _hold_lock_then_kill(work, "live")
     try:
-        assert _alive(child)  # the orphan still has the lock file open
+        assert pid_alive(child)  # the orphan still has the lock file open
         with EmbeddingCache(work):  # yet the lock is free at once: it was the killed process's own
             pass
     finally:
@@ -124,9 +117,9 @@ def test_build_lock_is_released_when_the_builder_dies_even_with_children_alive(t
 def test_decoding_workers_die_with_the_builder(tmp_path):
     child = _hold_lock_then_kill(tmp_path / ".index.work", "die")
     deadline = time.monotonic() + 20
-    while _alive(child) and time.monotonic() < deadline:
+    while pid_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(child):
+    if pid_alive(child):
         os.kill(child, signal.SIGKILL)
         pytest.fail("the decoding worker outlived its builder")
 

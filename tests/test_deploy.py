@@ -21,9 +21,9 @@ from app.config import ConfigError, Settings
 from core.dino.strategies import parse_strategies
 from core.index import load_index
 from core.index.fetch import FETCHED, FetchFailed, FetchPolicy, fetch_index, fetched_sha256
+from devtools.synthetic import write_synthetic_index
 from indexer.cli.pack_index import main as pack_main
 from indexer.pack import pack_index
-from indexer.synthetic import write_synthetic_index
 
 FAST = FetchPolicy(attempts=2, backoff_s=0.05, timeout_s=2.0, max_seconds=3.0)
 

@@ -25,7 +25,7 @@ from core.dino.weights import ModelCache
 from core.images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
 from core.knn import topk_table
 from core.knn_device import topk_table_device
-from indexer.synthetic import synthetic_banner, textured_banner_jpeg
+from devtools.synthetic import synthetic_banner, textured_banner_jpeg
 
 CPU = torch.device("cpu")
 

@@ -17,9 +17,11 @@ import background
 import pytest
 import requests
 
-from bench.common import Server, Workspace, banner_jpeg, load_apps, pin_many
 from core.dino.strategies import ORIGINAL_STRATEGIES
 from devtools.cgroup import MemoryCgroup
+from devtools.server import GunicornServer as Server
+from devtools.server import pin_many
+from devtools.workspace import Workspace, banner_jpeg, load_apps
 
 DYNO_BYTES = 2**30
 UPLOADS = 16
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def catalog_index():
     """The catalog-size index (all 8 strategies, k=100) recording a random ViT-B/16 checkpoint's sha256: a
-    ``bench.common.Workspace``, made in the background since the tests were collected (tests/background.py)."""
+    ``devtools.workspace.Workspace``, made in the background since the tests were collected (tests/background.py)."""
     run = background.get("dyno_workspace")
     rc, out = run.wait(timeout=600)
     assert rc == 0, out[-4000:]

@@ -21,9 +21,9 @@ from PIL import Image
 from core.dino.weights import ModelCache
 from core.images import open_image
 from core.index import load_index
-from indexer import evaluate as ev
+from indexer.evaluation import alterations, report
+from indexer.evaluation import metrics as ev
 
-SCRIPT = ROOT / "scripts" / "evaluate.py"
 S16 = ["SimpleS16", "ComplexS16"]
 MILD = ("jpeg", "resize", "flip")  # alterations that must leave a banner its own nearest neighbour
 
@@ -47,7 +47,7 @@ def extractors(built_index, index, models, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cli():
-    """scripts/evaluate.py as a module, for in-process calls of its main()."""
+    """The steam-dino-evaluate command as a module, for in-process calls of its main()."""
     return importlib.import_module("indexer.cli.evaluate")
 
 
@@ -57,7 +57,8 @@ def banner(built_index, index, row: int) -> Image.Image:
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "indexer.cli.evaluate", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -72,12 +73,12 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_alterations_are_deterministic_and_really_altered(built_index, index):
     img = banner(built_index, index, 0)
-    a = ev.alterations(img, random.Random(1))
-    b = ev.alterations(img, random.Random(1))
-    c = ev.alterations(img, random.Random(2))
-    assert list(a) == list(ev.ALTERATIONS)
+    a = alterations.alterations(img, random.Random(1))
+    b = alterations.alterations(img, random.Random(1))
+    c = alterations.alterations(img, random.Random(2))
+    assert list(a) == list(alterations.ALTERATIONS)
     original = np.asarray(img)
-    for name in ev.ALTERATIONS:
+    for name in alterations.ALTERATIONS:
         assert a[name].mode == "RGB"
         assert a[name].size == b[name].size and np.array_equal(np.asarray(a[name]), np.asarray(b[name])), name
         same_size = a[name].size == img.size
@@ -91,13 +92,17 @@ def test_alterations_are_deterministic_and_really_altered(built_index, index):
         assert a[name].size != c[name].size or not np.array_equal(np.asarray(a[name]), np.asarray(c[name])), name
     assert np.array_equal(np.asarray(a["flip"]), original[:, ::-1])
     # The per-banner source of randomness depends on the seed and the appid only.
-    assert ev.query_rng(0, 10).random() == ev.query_rng(0, 10).random() != ev.query_rng(1, 10).random()
+    assert (
+        alterations.query_rng(0, 10).random()
+        == alterations.query_rng(0, 10).random()
+        != alterations.query_rng(1, 10).random()
+    )
 
 
 def test_crop_keeps_half_to_nine_tenths_of_the_area():
     img = Image.new("RGB", (300, 450))
     for seed in range(200):
-        w, h = ev.random_crop(img, random.Random(seed)).size
+        w, h = alterations.random_crop(img, random.Random(seed)).size
         assert 0.5 - 0.01 <= w * h / (300 * 450) <= 0.9 + 0.01
         assert w <= 300 and h <= 450
 
@@ -142,8 +147,8 @@ def test_mild_alterations_stay_nearest_to_their_original(built_index, index, ext
     pairs = [
         (row, name, img)
         for row in rows
-        for name, img in ev.alterations(
-            banner(built_index, index, row), ev.query_rng(0, int(index.appids[row]))
+        for name, img in alterations.alterations(
+            banner(built_index, index, row), alterations.query_rng(0, int(index.appids[row]))
         ).items()
         if name in MILD
     ]
@@ -165,20 +170,20 @@ def test_copy_detection_recall_is_high_for_mild_alterations(built_index, index, 
     assert det.strategies == S16 and det.k == 5 and det.num_items == 24
     assert det.rows == ev.sample_rows(24, 3, 0) and not det.skipped
     for name in S16:
-        for alt in ev.ALTERATIONS:
+        for alt in alterations.ALTERATIONS:
             ranks = det.ranks[name][alt]
             assert ranks.shape == (3,) and ((ranks >= 0) & (ranks <= 5)).all()
         for alt in MILD:
             m = det.metrics(name, alt)
             assert (m.recall_1, m.recall_k, m.map_k, m.n) == (1.0, 1.0, 1.0, 3), (name, alt)
         overall = det.metrics(name)
-        assert overall.n == 3 * len(ev.ALTERATIONS)
+        assert overall.n == 3 * len(alterations.ALTERATIONS)
         assert 0.5 <= overall.recall_1 <= overall.map_k <= overall.recall_k <= 1.0
         # The strong combination moves the features further than a JPEG does.
         assert det.similarity[name]["strong"].mean() < det.similarity[name]["jpeg"].mean()
-    table = ev.format_table(det, None)
+    table = report.format_table(det, None)
     assert "AP = 1/rank of the original if it is in the top 5, else 0" in table
-    assert ev.to_markdown(det, None).count("| SimpleS16 |") == 1
+    assert report.to_markdown(det, None).count("| SimpleS16 |") == 1
 
 
 def test_copy_detection_skips_missing_banners(built_index, index, extractors, tmp_path):
@@ -190,7 +195,7 @@ def test_copy_detection_skips_missing_banners(built_index, index, extractors, tm
     (folder / f"{int(index.appids[rows[1]])}.png").write_bytes(b"not an image")
     det = ev.copy_detection(index, folder, ["SimpleS16"], queries=2, k=3, seed=0, extractors=extractors, progress=False)
     assert det.rows == [rows[0]] and [a for a, _ in det.skipped] == [int(index.appids[rows[1]])]
-    assert "skipped appid" in ev.format_table(det, None)
+    assert "skipped appid" in report.format_table(det, None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ev.EvaluationError, match="none of the 2 sampled banners could be read"):
         ev.copy_detection(index, tmp_path / "empty", ["SimpleS16"], queries=2, k=3, extractors=extractors)
@@ -223,7 +228,7 @@ def test_overlap_matrix(index, built_index):
     # Wider than the tables: capped, and the report says so.
     wide = ev.overlap_matrix(index, ["SimpleS16"], 50)
     assert wide.k == 10 and wide.matrix.tolist() == [[1.0]]
-    assert "capped" in ev.format_table(None, wide)
+    assert "capped" in report.format_table(None, wide)
 
 
 def test_overlap_at_k_disjoint_and_identical():
@@ -252,7 +257,7 @@ def test_cli_end_to_end(built_index, tmp_path, cli, run_main, monkeypatch):
     assert "AP = 1/rank of the original" in out and "mAP@5 = MRR@5" in out
     header = next(line for line in out.splitlines() if line.startswith("strategy"))
     assert header.split() == ["strategy", "alteration", "R@1", "R@5", "mAP@5", "cos", "n"]
-    for alt in (ev.ALL, *ev.ALTERATIONS):
+    for alt in (ev.ALL, *alterations.ALTERATIONS):
         assert any(line.split()[:1] == [alt] or line.split()[1:2] == [alt] for line in out.splitlines()), alt
     assert "overlap@5" in out
     last = out.strip().splitlines()[-1]

@@ -331,7 +331,7 @@ def test_refuses_inconsistent_shapes(index_copy):
 
 
 def test_refuses_unknown_default_strategy_and_bad_env(index_copy):
-    assert "DEFAULT_STRATEGY='SimpleB8' is not in the index" in _refused(index_copy, default_strategy="SimpleB8")
+    assert "DEFAULT_STRATEGY='SimpleB8': SimpleB8 not in the index" in _refused(index_copy, default_strategy="SimpleB8")
     with pytest.raises(ConfigError, match="MAX_UPLOAD_MB"):
         Settings.from_env({"MAX_UPLOAD_MB": "lots"})
     with pytest.raises(ConfigError, match="UPLOAD_RATE_LIMIT"):

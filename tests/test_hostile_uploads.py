@@ -30,8 +30,11 @@ from hostile_images import (
 )
 from PIL import Image
 
-from bench.common import Server, Workspace, banner_jpeg, load_apps, make_banner, parse_server_timing, pin_many
 from devtools.cgroup import MemoryCgroup
+from devtools.clients import parse_server_timing
+from devtools.server import GunicornServer as Server
+from devtools.server import pin_many
+from devtools.workspace import Workspace, banner_jpeg, load_apps, make_banner
 
 pytestmark = pytest.mark.slow
 

@@ -60,11 +60,8 @@ def brute_table(table: np.ndarray, k: int, scores: np.ndarray | None = None) -> 
     return order, np.take_along_axis(s, order, axis=1)
 
 
-def brute_search(table: np.ndarray, query: np.ndarray, k: int, exclude: int | None = None):
+def brute_search(table: np.ndarray, query: np.ndarray, k: int):
     s = dots(table, query)
-    if exclude is not None:
-        s[exclude] = -np.inf
-    k = min(k, len(table) - (exclude is not None))
     order = np.argsort(-s, kind="stable")[:k]
     return order, s[order]
 
@@ -195,9 +192,9 @@ def queries_near(table: np.ndarray, count: int, seed: int) -> np.ndarray:
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
-def assert_search_exact(search: ExactSearch, table: np.ndarray, query, k, exclude=None) -> None:
-    idx, scores = search.search(query, k, exclude=exclude)
-    ref_i, ref_s = brute_search(table, query, k, exclude)
+def assert_search_exact(search: ExactSearch, table: np.ndarray, query, k) -> None:
+    idx, scores = search.search(query, k)
+    ref_i, ref_s = brute_search(table, query, k)
     assert idx.dtype == np.int64 and scores.dtype == np.float32
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
@@ -212,10 +209,9 @@ def test_search_on_readonly_memmap_equals_brute_force(tmp_path, dtype):
     search = ExactSearch(stored)
     assert search.uses_prefilter
     for i, query in enumerate(queries_near(table, 40, seed=dtype().itemsize)):
-        assert_search_exact(search, table, query, k=1 + i % 25, exclude=None if i % 3 else i * 7)
+        assert_search_exact(search, table, query, k=1 + i % 25)
     own = table[3].astype(np.float32)
     assert_search_exact(search, table, own, 5)  # itself and its duplicates tie at the top
-    assert_search_exact(search, table, own, 5, exclude=3)
     idx, _ = search.search(own, 4)
     np.testing.assert_array_equal(idx, [3, 10, 500, 1999])
     assert_search_exact(search, table, own, 5000)  # k capped to N
@@ -226,19 +222,19 @@ def test_search_matches_the_table_rows():
     neighbours, scores = topk_table(table, 10)
     search = ExactSearch(table)
     for i in range(0, 600, 37):
-        idx, sc = search.search(table[i].astype(np.float32), 10, exclude=i)
-        np.testing.assert_array_equal(idx, neighbours[i])
-        np.testing.assert_array_equal(sc, scores[i])
+        idx, sc = search.search(table[i].astype(np.float32), 11)  # the row itself first, then its table
+        np.testing.assert_array_equal(idx[1:], neighbours[i])
+        np.testing.assert_array_equal(sc[1:], scores[i])
 
 
 def test_search_from_many_threads():
     table = unit_rows(3000, 192, seed=8)
     search = ExactSearch(table)
     queries = queries_near(table, 64, seed=1)
-    expected = [brute_search(table, q, 10, exclude=i) for i, q in enumerate(queries)]
+    expected = [brute_search(table, q, 10) for q in queries]
 
     def run(i: int):
-        return search.search(queries[i], 10, exclude=i)
+        return search.search(queries[i], 10)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(run, list(range(64)) * 3))
@@ -253,7 +249,7 @@ def test_search_of_scaled_zero_and_large_queries_and_rows(monkeypatch):
     search = ExactSearch(table)
     assert search.uses_prefilter
     query = queries_near(table, 2, seed=3)[0]
-    assert_search_exact(search, table, query, 10, exclude=4)
+    assert_search_exact(search, table, query, 10)
     assert_search_exact(search, table, query * 1e6, 3)  # scaled queries: the prefilter sees q / |q|
     assert_search_exact(search, table, np.zeros(64, np.float32), 5)  # all scores tie at 0: lowest rows
     big = (unit_rows(300, 16, seed=2, dtype=np.float32) * 1e5).astype(np.float32)  # beyond float16 range
@@ -268,8 +264,8 @@ def test_search_without_prefilter_stays_exact(monkeypatch):
     table = clustered_rows(700, 96, centres=5, noise=0.1, seed=5)
     search = ExactSearch(table)
     assert not search.uses_prefilter
-    for i, query in enumerate(queries_near(table, 6, seed=4)):
-        assert_search_exact(search, table, query, 12, exclude=i * 50)
+    for query in queries_near(table, 6, seed=4):
+        assert_search_exact(search, table, query, 12)
 
 
 def test_a_kernel_with_wrong_sums_is_not_used(monkeypatch):
@@ -287,34 +283,30 @@ def test_a_kernel_with_wrong_sums_is_not_used(monkeypatch):
     table = unit_rows(800, 384, seed=6)
     search = ExactSearch(table)
     assert not search.uses_prefilter
-    for i, query in enumerate(queries_near(table, 4, seed=2)):
-        assert_search_exact(search, table, query, 10, exclude=i)
+    for query in queries_near(table, 4, seed=2):
+        assert_search_exact(search, table, query, 10)
 
 
-def test_search_single_row_and_exclude_everything():
+def test_search_single_row():
     search = ExactSearch(unit_rows(1, 8))
     idx, scores = search.search(unit_rows(1, 8, seed=1)[0].astype(np.float32), 3)
     assert idx.tolist() == [0] and scores.shape == (1,)
-    idx, scores = search.search(unit_rows(1, 8, seed=1)[0].astype(np.float32), 3, exclude=0)
-    assert idx.size == 0 and scores.size == 0
 
 
 @pytest.mark.parametrize(
-    ("query", "k", "exclude", "message"),
+    ("query", "k", "message"),
     [
-        (np.ones(7, np.float32), 3, None, r"shape \(8,\)"),
-        (np.ones((1, 8), np.float32), 3, None, r"shape \(8,\)"),
-        (np.full(8, np.nan, np.float32), 3, None, "NaN"),
-        (np.ones(8, np.float32), 0, None, "k must be at least 1"),
-        (np.ones(8, np.float32), 3, 50, "exclude"),
-        (np.ones(8, np.float32), 3, -1, "exclude"),
-        (np.array(["a"] * 8), 3, None, "real-valued"),
+        (np.ones(7, np.float32), 3, r"shape \(8,\)"),
+        (np.ones((1, 8), np.float32), 3, r"shape \(8,\)"),
+        (np.full(8, np.nan, np.float32), 3, "NaN"),
+        (np.ones(8, np.float32), 0, "k must be at least 1"),
+        (np.array(["a"] * 8), 3, "real-valued"),
     ],
 )
-def test_search_bad_inputs(query, k, exclude, message):
+def test_search_bad_inputs(query, k, message):
     search = ExactSearch(unit_rows(50, 8))
     with pytest.raises(ValueError, match=message):
-        search.search(query, k, exclude=exclude)
+        search.search(query, k)
 
 
 def test_search_bad_table():

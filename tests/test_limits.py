@@ -1,4 +1,4 @@
-"""Issue #12, unit level: tiny images that would cost gigabytes, JPEG scan bombs, the CDN fallback's
+"""Hostile input, unit level: tiny images that would cost gigabytes, JPEG scan bombs, the CDN fallback's
 cache, single flight, deadline and rate limit, headers and URLs, and settings and index files that
 must stop start-up with one clear line. The same reproductions against gunicorn: test_limits_service.py.
 """

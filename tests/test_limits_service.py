@@ -1,6 +1,6 @@
-"""Issue #12 against the real service: gunicorn (2 workers) inside a cgroup v1 memory group.
+"""Hostile input against the real service: gunicorn (2 workers) inside a cgroup v1 memory group.
 
-Every reproduction from the issue must get a clear 4xx (or a correct 200), and the group's peak
+Every hostile request must get a clear 4xx (or a correct 200), and the group's peak
 memory must stay bounded: a regression is stopped by the group's limit (an OOM-killed worker, a
 failed test), never by the test machine running out of memory. Skipped where no writable memory
 cgroup (v1) is mounted, as in unprivileged containers.

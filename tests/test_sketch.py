@@ -87,7 +87,7 @@ def test_an_upload_search_rescores_few_rows():
     table = normalised(rng.standard_normal((8000, 256)), np.float16)
     search = ExactSearch(table)
     for _ in range(5):
-        rows, _ = search._rescored(rng.standard_normal(256), 10, None)
+        rows, _ = search._rescored(rng.standard_normal(256), 10)
         assert 10 <= rows.size <= 40  # of 8,000 (12-22 here)
 
 
@@ -119,9 +119,6 @@ def test_the_index_loader_checks_the_sketch_and_does_without_one(built_index, tm
     search = ExactSearch(table)  # made in memory, as the service does then
     assert search.uses_prefilter
     q = np.asarray(table[3], dtype=np.float64)
-    assert (
-        search.search(q, 4, exclude=3)[0].tolist()
-        == ExactSearch(table, sketch=Int8Sketch.of(table)).search(q, 4, exclude=3)[0].tolist()
-    )
+    assert search.search(q, 4)[0].tolist() == ExactSearch(table, sketch=Int8Sketch.of(table)).search(q, 4)[0].tolist()
     with pytest.raises(ValueError, match="shape"):
         ExactSearch(table, sketch=index.strategies["SimpleS16"].sketch)

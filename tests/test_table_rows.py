@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.common import memory_of
 from core.table_rows import RowReader
+from devtools.cgroup import memory_of
 
 
 def mapped_kib(path: Path) -> float:
-    """This process's resident memory in the mappings of ``path`` (bench.common.memory_of, from /proc)."""
+    """This process's resident memory in the mappings of ``path`` (devtools.cgroup.memory_of, from /proc)."""
     return memory_of(os.getpid(), path)["tables_rss"] * 1024
 
 

@@ -1,8 +1,7 @@
 """The pretrained backbones we can load: shape, checkpoint file and where it is published.
 
-A backbone is named by its short code, the part of a strategy name after the
-style: ``S16`` is DINO ViT-S/16, ``B8`` DINO ViT-B/8, ``S14`` DINOv2 ViT-S/14.
-Adding a backbone is one entry in ``BACKBONES``.
+A backbone is named by its short code, the part of a strategy name after the style: ``S16`` is DINO ViT-S/16,
+``B8`` DINO ViT-B/8, ``S14`` DINOv2 ViT-S/14. Adding a backbone is one entry in ``BACKBONES``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
 """Decoding and preprocessing banners on the model's device, in batches, ahead of the forwards.
 
-On a GPU, decoding JPEGs with Pillow on the CPU cannot keep up with the models (about 2,300 images/s
-on 16 cores against about 9,000 for nvJPEG), so this path reads files in threads, decodes whole
-batches with ``torchvision.io.decode_jpeg(list, device=...)`` and preprocesses them on the device
-(``Preprocessing.tensor_transform``, which mirrors Pillow's resampling). One background thread
-prepares batch i+1 (two threads, two batches ahead), each on its own high-priority CUDA stream (so that
-its small decoding kernels are not queued behind the models' large ones), while the caller runs the
-forwards of batch i.
+Pillow on the CPU cannot keep up with a GPU's models, so this path reads files in threads, decodes whole batches
+with ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG) and preprocesses them on the device
+(``Preprocessing.tensor_transform``, Pillow's resampling mirrored). Two threads prepare the next batches, each on
+its own high-priority CUDA stream (its small kernels are not queued behind the models' large ones), while the
+caller runs the forwards of the current one.
 
-Files that this decoder should not or cannot take go through the CPU path (``open_image`` and the
-Pillow transforms that uploads use), each counted: anything that is not a plain 8-bit JPEG with one
-or three components (PNG, WebP, CMYK, 12-bit, lossless), a JPEG with an EXIF rotation, an Adobe RGB
-JPEG, a file without its end marker (Pillow rejects truncated files; nvJPEG may not), more pixels than
-allowed, and anything the decoder raises on. So a file is rejected for the same reasons, with the same
-messages, as on the CPU path.
+Files this decoder should not or cannot take go through the CPU path (``open_image`` and the Pillow transforms
+uploads use), counted: anything but a plain 8-bit JPEG of one or three components, an EXIF-rotated or Adobe RGB
+JPEG, a file without its end marker (Pillow rejects truncated files; nvJPEG may not), too many pixels, and anything
+the decoder raises on. So a file is rejected for the same reasons, with the same messages, as on the CPU path.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Embedding images for a set of strategies, one image or many, with one code path.
 
-Strategies are grouped by (backbone, preprocessing): each group costs one
-forward pass per input scale, whatever the number of strategies reading it
-(Simple and Complex of a backbone share one pass, so the eight original
-strategies cost four). Each image is decoded once for all requested
-strategies; the preprocessings it needs are computed from that one decode.
-
-For folders there are two input paths. ``cpu`` (the default on the CPU, and
-the reference): decoding and Pillow preprocessing run in DataLoader workers
-while the main process runs the model under ``torch.inference_mode``.
-``device`` (the default on CUDA): files are read in threads and decoded and
-preprocessed in batches on the device, one batch ahead of the forwards
-(``device_input.py``); the forwards of a batch are queued before the results
-of the previous one are copied back, so the GPU never waits for Python. An
+Strategies of one (backbone, preprocessing) share one forward pass per input scale (the eight original
+strategies cost four), and each image is decoded once for all of them. Folders take one of two paths:
+``cpu`` (the reference; the CPU's default), decoding and Pillow preprocessing in DataLoader workers;
+``device`` (CUDA's default), batched decoding and preprocessing on the device one batch ahead of the
+forwards (``device_input.py``), whose results are copied back only once the next batch is queued. An
 unreadable file never stops the run: it is reported with its reason and skipped.
 """
 
@@ -51,7 +43,7 @@ CUDA_DEFAULT_PRECISION = "bf16"
 
 
 def default_precision(device: str) -> str:
-    """fp32 on the CPU; bf16 on CUDA, whose tables keep >= 99% of fp32's top-10 (BENCHMARKS.md)."""
+    """fp32 on the CPU; bf16 on CUDA (its tables keep 99% of fp32's top-10)."""
     return CUDA_DEFAULT_PRECISION if str(device).startswith("cuda") else "fp32"
 
 
@@ -60,7 +52,7 @@ def default_device() -> str:
 
 
 def default_batch_size(device: str) -> int:
-    """Measured on a 2-core AVX-512 machine (bench/extract.py): larger CPU batches only add cache misses."""
+    """Larger CPU batches only add cache misses (bench/extract.py)."""
     return 256 if str(device).startswith("cuda") else 16
 
 
@@ -80,19 +72,9 @@ class Batch:
 
 
 class _ImageFiles(Dataset):
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        transforms: list[Callable],
-        max_pixels: int,
-        preps: Sequence[Preprocessing],
-        image_op: Callable[[Image.Image], Image.Image] | None = None,
-    ) -> None:
-        self.paths = list(paths)
-        self.transforms = transforms
-        self.max_pixels = max_pixels
+    def __init__(self, paths: Sequence[Path], transforms: list, max_pixels: int, preps, image_op=None) -> None:
+        self.paths, self.transforms, self.max_pixels, self.image_op = list(paths), transforms, max_pixels, image_op
         self.resize_to = largest_resize(preps)
-        self.image_op = image_op
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,9 +108,8 @@ def decode_files(paths: Sequence[Path], preps: Sequence[Preprocessing], max_pixe
 class Extractor:
     """Embeds images for a fixed set of strategies on one device.
 
-    Models come from a process-wide cache, so an Extractor is cheap to create
-    and several share one model per backbone. ``checkpoints`` maps backbone
-    codes to explicit checkpoint paths; ``expected_sha256`` maps them to the
+    Models come from a process-wide cache: Extractors are cheap, and share one model per backbone.
+    ``checkpoints``: backbone code -> explicit checkpoint path; ``expected_sha256``: backbone code -> the
     sha256 the caller requires (the index's), refusing any other weights.
     """
 
@@ -140,9 +121,7 @@ class Extractor:
         precision: str = "fp32",
         checkpoints: dict[str, str | os.PathLike] | None = None,
         expected_sha256: dict[str, str] | None = None,
-        url_override: str | None = None,
         download: bool = True,
-        progress: bool = False,
         models: ModelCache = MODELS,
     ) -> None:
         if not strategies:
@@ -163,34 +142,23 @@ class Extractor:
             self.groups.setdefault(s.group, []).append(s)
         self.preprocessings: list[Preprocessing] = list(dict.fromkeys(p for _, p in self.groups))
         self.transforms = [p.transform() for p in self.preprocessings]
-        checkpoints = checkpoints or {}
-        expected_sha256 = expected_sha256 or {}
+        checkpoints, expected_sha256 = checkpoints or {}, expected_sha256 or {}
         self.backbones: dict[str, LoadedBackbone] = {}
         for s in self.strategies:
             code = s.backbone.code
             if code not in self.backbones:
+                sha = expected_sha256.get(code)
+                path = checkpoints.get(code)
                 self.backbones[code] = models.get(
-                    s.backbone,
-                    checkpoints.get(code),
-                    device=self.device,
-                    expected_sha256=expected_sha256.get(code),
-                    url_override=url_override,
-                    download=download,
-                    progress=progress,
+                    s.backbone, path, device=self.device, expected_sha256=sha, download=download, progress=False
                 )
-        # bf16/fp16: weights cast once and activations in that type, not autocast, whose float32 residual
-        # stream and per-op casts make the GPU build's forwards ~13% slower (BENCHMARKS.md)
+        # bf16/fp16: the weights cast once and activations in that type; autocast's float32 residual stream and
+        # per-op casts make the forwards slower
         low = PRECISIONS[precision]
         self._models = {
             code: loaded.model if low is None else copy.deepcopy(loaded.model).to(low)
             for code, loaded in self.backbones.items()
         }
-
-    def _needs(self, strategies: list[Strategy]) -> Needs:
-        needs = strategies[0].needs
-        for s in strategies[1:]:
-            needs = needs.merge(s.needs)
-        return needs
 
     @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
@@ -208,7 +176,7 @@ class Extractor:
             with span:
                 model = self._models[code]
                 x = by_prep[prep].to(self.device, non_blocking=True)
-                needs = self._needs(strategies)
+                needs = functools.reduce(Needs.merge, (s.needs for s in strategies))
                 outputs = {}
                 for scale in needs.scales:
                     if scale == 1.0:
@@ -247,11 +215,9 @@ class Extractor:
     ) -> Iterator[Batch]:
         """Embed image files in order, batch by batch; unreadable files come back as failures.
 
-        ``decode``: ``cpu`` (DataLoader workers, Pillow) or ``device`` (batched decoding on this
-        extractor's device with ``decoder``, default torchvision's nvJPEG one); default
-        ``default_decode()``. ``timer`` collects seconds per stage and counts. ``image_op``
-        (picklable, for decoding workers) transforms each decoded image first (mirror/flip
-        variants); it implies ``cpu`` decoding.
+        ``decode``: ``cpu`` or ``device`` (with ``decoder``, default nvJPEG's); default ``default_decode()``.
+        ``timer`` collects seconds per stage and counts. ``image_op`` (picklable) transforms each decoded
+        image first (mirror/flip variants), on the ``cpu`` path.
         """
         batch_size = batch_size or default_batch_size(self.device.type)
         decode = "cpu" if image_op is not None else decode or self.default_decode()
@@ -261,20 +227,18 @@ class Extractor:
         if decode == "device":
             yield from self._iter_on_device(paths, batch_size, num_workers, max_pixels, decoder, timer)
             return
-        if num_workers is None:
-            num_workers = default_num_workers()
-        dataset = _ImageFiles(paths, self.transforms, max_pixels, self.preprocessings, image_op)
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if num_workers else None,
-            persistent_workers=False,
-            worker_init_fn=functools.partial(die_with_parent, os.getpid()),
+        workers = default_num_workers() if num_workers is None else num_workers
+        batches = iter(
+            DataLoader(
+                _ImageFiles(paths, self.transforms, max_pixels, self.preprocessings, image_op),
+                batch_size=batch_size,
+                num_workers=workers,
+                collate_fn=_collate,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4 if workers else None,
+                worker_init_fn=functools.partial(die_with_parent, os.getpid()),
+            )
         )
-        batches = iter(loader)
         while True:
             t0 = time.perf_counter()
             item = next(batches, None)
@@ -283,14 +247,12 @@ class Extractor:
             if item is None:
                 return
             indices, tensors, failures = item
-            if indices:
-                features = {name: f.cpu().numpy() for name, f in self._forward(tensors, timer).items()}
-            else:
-                features = {s.name: _empty(s) for s in self.strategies}
-            yield Batch(indices, features, failures)
+            feats = {name: f.cpu().numpy() for name, f in self._forward(tensors, timer).items()} if indices else None
+            yield self._batch(indices, failures, feats)
 
     def _iter_on_device(self, paths, batch_size, num_workers, max_pixels, decoder, timer) -> Iterator[Batch]:
         """Forwards of batch i are queued before batch i-1's features are copied back and handed out."""
+        read_workers = num_workers or max(4, cpu_cores())
         batches = DeviceBatches(
             paths,
             self.preprocessings,
@@ -298,7 +260,7 @@ class Extractor:
             self.device,
             batch_size=batch_size,
             decoder=decoder,
-            read_workers=num_workers or max(4, cpu_cores()),
+            read_workers=read_workers,
             max_pixels=max_pixels,
             timer=timer,
         )
@@ -320,20 +282,18 @@ class Extractor:
     def _finish(self, indices, failures, copies, done) -> Batch:
         if done is not None:
             done.synchronize()
-        if indices:
-            features = {name: t.numpy() for name, t in copies.items()}
-        else:
-            features = {s.name: _empty(s) for s in self.strategies}
+        return self._batch(indices, failures, {name: t.numpy() for name, t in copies.items()})
+
+    def _batch(self, indices: list[int], failures: list, features: dict | None) -> Batch:
+        if not indices:  # every file of the batch failed
+            features = {s.name: np.zeros((0, s.dim), dtype=np.float32) for s in self.strategies}
         return Batch(indices, features, failures)
 
 
 def die_with_parent(parent: int, _worker_id: int = 0) -> None:
-    """Make this (forked) decoding worker die with its parent, kill -9 included, not ~5 s later.
-
-    torch's workers notice a dead parent only on their next poll; meanwhile an orphan
-    keeps the parent's files open. Linux only (prctl PR_SET_PDEATHSIG); a no-op elsewhere.
-    A parent that died before the prctl is caught by comparing the parent pid.
-    """
+    """Make this (forked) decoding worker die with its parent, kill -9 included, at once: an orphan keeps the
+    parent's files (and its build lock) open until its next poll. Linux only (prctl PR_SET_PDEATHSIG); a parent
+    that died before the prctl is caught by comparing the parent pid."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -342,10 +302,6 @@ def die_with_parent(parent: int, _worker_id: int = 0) -> None:
         os._exit(1)
 
 
-def _empty(s: Strategy) -> np.ndarray:
-    return np.zeros((0, s.dim), dtype=np.float32)
-
-
 def default_num_workers() -> int:
-    """Decoding is a few percent of a forward pass on CPU: one worker is enough there; more on GPUs."""
+    """Decoding is a few percent of a forward pass on a CPU: one worker is enough there; more for GPUs."""
     return 1 if not torch.cuda.is_available() else max(1, min(8, cpu_cores() - 1))

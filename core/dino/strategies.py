@@ -1,24 +1,20 @@
 """Strategies: how a backbone's outputs become one L2-normalised embedding per image.
 
-A strategy name is ``<Style><Backbone>[@<preprocessing>]``, e.g. ``ComplexB16``,
-``SimpleS8@full``, ``GemB16``, ``SimpleS14`` (DINOv2). Styles:
+A strategy name is ``<Style><Backbone>[@<preprocessing>]``, e.g. ``ComplexB16``, ``SimpleS8@full``,
+``GemB16``, ``SimpleS14`` (DINOv2). Styles:
 
 - ``Simple`` (DINO eval_knn.py): the final normed [CLS] token.
-- ``Complex`` (DINO eval_linear.py): the normed [CLS] tokens of the last
-  ``n_last_blocks`` blocks, concatenated, plus with ``avgpool`` the mean of
-  the last block's normed patch tokens, laid out exactly as the official code
-  does (for n=1 it interleaves [CLS] and mean channel by channel).
-  Small backbones: n=4, no avgpool; Base/Large: n=1, avgpool.
-- ``Gem`` (DINO eval_copy_detection.py): the final normed [CLS] token
-  concatenated with the GeM-pooled (p=4) normed patch tokens of the last block.
-- ``MultiScale`` (DINO eval_knn.py with multi-scale): the mean of the Simple
-  features of the image at scales 1, 1/sqrt(2) and 1/2 (bilinear resize of
-  the preprocessed tensor, as DINO's ``utils.multi_scale``).
+- ``Complex`` (DINO eval_linear.py): the normed [CLS] tokens of the last ``n_last_blocks`` blocks,
+  concatenated, plus with ``avgpool`` the mean of the last block's normed patch tokens, laid out as the
+  official code does (for n=1 it interleaves [CLS] and mean channel by channel). Small backbones: n=4,
+  no avgpool; Base/Large: n=1, avgpool.
+- ``Gem`` (DINO eval_copy_detection.py): the final normed [CLS] token and the GeM-pooled (p=4) normed
+  patch tokens of the last block.
+- ``MultiScale`` (DINO eval_knn.py, multi-scale): the mean of the Simple features at scales 1,
+  1/sqrt(2) and 1/2 (bilinear resize of the preprocessed tensor, as DINO's ``utils.multi_scale``).
 
-Every embedding is L2-normalised at the end. A style declares what it needs
-from a forward pass (``Needs``), so that one pass per backbone and scale
-serves every requested strategy. Adding a style is a subclass of ``Style``
-registered in ``STYLES``.
+A style declares what it reads from a forward pass (``Needs``), so that one pass per backbone and scale
+serves every requested strategy. Adding a style is a subclass of ``Style`` registered in ``STYLES``.
 """
 
 from __future__ import annotations
@@ -55,12 +51,8 @@ class UnknownStrategy(ValueError):
 
 @dataclass(frozen=True)
 class Needs:
-    """What a strategy reads from the backbone.
-
-    At scale 1: the [CLS] tokens of the last ``n_last_blocks`` blocks and, if
-    ``patch_tokens``, the last block's patch tokens. At every other scale in
-    ``scales``: the final [CLS] token only.
-    """
+    """At scale 1, the [CLS] tokens of the last ``n_last_blocks`` blocks and, if ``patch_tokens``, the last
+    block's patch tokens; at the other ``scales``, the final [CLS] token only."""
 
     n_last_blocks: int = 1
     patch_tokens: bool = False
@@ -72,57 +64,42 @@ class Needs:
 
 
 class Style:
-    """A pooling of backbone outputs. Subclasses set ``name``/``summary``, implement ``pool``, and override
-    ``needs``/``dim`` when they read more than the final [CLS] token."""
+    """A pooling of backbone outputs: ``summary`` says what it computes in the DINO papers' terms, ``plain``
+    the same for people who never read them; by default it reads the final [CLS] token alone."""
 
-    name = ""
-    summary = ""  # technical: what it computes, in the DINO papers' terms
-    plain = ""  # the same for people who never read them
+    name = summary = plain = ""
 
     def describe(self, params: dict) -> str:
-        """One technical line: what this style computes with these parameters."""
         return self.summary
 
     def describe_plain(self, params: dict) -> str:
-        """What this style looks at, in everyday words (for the pages)."""
         return self.plain
 
     def default_params(self, backbone: Backbone) -> dict:
         return {}
 
     def validate_params(self, params: dict, backbone: Backbone) -> dict:
-        """Parameters from a manifest, checked: same keys and types as the defaults."""
+        """Parameters from a manifest: the defaults' keys, each of its default's type (an int for a float)."""
         expected = self.default_params(backbone)
         if set(params) != set(expected):
             raise ValueError(f"{self.name} parameters must be {sorted(expected)}, got {sorted(params)}")
         out = {}
         for key, default in expected.items():
-            value = params[key]
-            if isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-                value = float(value) if ok else value
-            else:
-                ok = isinstance(value, type(default))
-            if not ok:
+            value = float(params[key]) if isinstance(default, float) and type(params[key]) is int else params[key]
+            if type(value) is not type(default):
                 raise ValueError(f"{self.name} parameter {key}={value!r} should be like {default!r}")
             out[key] = value
         return out
 
     def needs(self, params: dict) -> Needs:
-        """What it reads from a forward pass; by default the final [CLS] token alone."""
         return Needs()
 
     def dim(self, backbone: Backbone, params: dict) -> int:
-        """Width of its features; by default one token's."""
         return backbone.dim
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         """(B, dim) features, before L2 normalisation."""
-        raise NotImplementedError
+        return outputs[1.0].cls[:, -1]
 
 
 class Simple(Style):
@@ -130,19 +107,14 @@ class Simple(Style):
     summary = "final normed [CLS] token (DINO eval_knn)"
     plain = "the model's overall impression of the picture"
 
-    def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
-        return outputs[1.0].cls[:, -1]
-
 
 class Complex(Style):
     name = "Complex"
-    summary = "[CLS] of the last blocks (+ mean patch token) (DINO eval_linear)"
 
     def describe(self, params: dict) -> str:
         n = params["n_last_blocks"]
-        blocks = "the last block" if n == 1 else f"the last {n} blocks"
         mean = " + mean patch token" if params["avgpool_patchtokens"] else ""
-        return f"[CLS] of {blocks}{mean} (DINO eval_linear)"
+        return f"[CLS] of {'the last block' if n == 1 else f'the last {n} blocks'}{mean} (DINO eval_linear)"
 
     def describe_plain(self, params: dict) -> str:
         n = params["n_last_blocks"]
@@ -150,9 +122,8 @@ class Complex(Style):
         return seen + (", plus the average of every part of the picture" if params["avgpool_patchtokens"] else "")
 
     def default_params(self, backbone: Backbone) -> dict:
-        if backbone.arch == "S":
-            return {"n_last_blocks": 4, "avgpool_patchtokens": False}
-        return {"n_last_blocks": 1, "avgpool_patchtokens": True}
+        small = backbone.arch == "S"
+        return {"n_last_blocks": 4 if small else 1, "avgpool_patchtokens": not small}
 
     def validate_params(self, params: dict, backbone: Backbone) -> dict:
         params = super().validate_params(params, backbone)
@@ -169,16 +140,14 @@ class Complex(Style):
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         import torch
 
-        out = outputs[1.0]
-        n = params["n_last_blocks"]
+        out, n = outputs[1.0], params["n_last_blocks"]
         feats = out.cls[:, -n:].reshape(out.cls.shape[0], -1)  # torch.cat([x[:, 0] for x in layers], -1)
-        if params["avgpool_patchtokens"]:
-            mean = out.patch.mean(dim=1)
-            if n == 1:  # the official layout: channels of [CLS] and mean interleaved
-                feats = torch.stack((feats, mean), dim=-1).reshape(feats.shape[0], -1)
-            else:  # the official code only supports n=1 here; beyond it, a plain concatenation
-                feats = torch.cat((feats, mean), dim=-1)
-        return feats
+        if not params["avgpool_patchtokens"]:
+            return feats
+        mean = out.patch.mean(dim=1)
+        if n == 1:  # the official layout: channels of [CLS] and mean interleaved
+            return torch.stack((feats, mean), dim=-1).reshape(feats.shape[0], -1)
+        return torch.cat((feats, mean), dim=-1)  # the official code has n=1 only; beyond it, concatenated
 
 
 class Gem(Style):
@@ -196,12 +165,10 @@ class Gem(Style):
         return 2 * backbone.dim
 
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
-        out = outputs[1.0]
-        p = params["gem_p"]
         import torch
 
-        gem = out.patch.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
-        return torch.cat((out.cls[:, -1], gem), dim=-1)
+        out, p = outputs[1.0], params["gem_p"]
+        return torch.cat((out.cls[:, -1], out.patch.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)), dim=-1)
 
 
 class MultiScale(Style):
@@ -216,8 +183,7 @@ class MultiScale(Style):
         return {"scales": [1.0, 1 / math.sqrt(2), 0.5]}
 
     def validate_params(self, params: dict, backbone: Backbone) -> dict:
-        params = super().validate_params(params, backbone)
-        scales = [float(s) for s in params["scales"]]
+        scales = [float(s) for s in super().validate_params(params, backbone)["scales"]]
         if not scales or any(not 0 < s <= 1 for s in scales) or 1.0 not in scales:
             raise ValueError("scales must be in (0, 1] and include 1.0")
         return {"scales": scales}
@@ -228,19 +194,12 @@ class MultiScale(Style):
     def pool(self, outputs: dict[float, BackboneOutput], params: dict) -> torch.Tensor:
         import torch
 
-        feats = [outputs[s].cls[:, -1] for s in params["scales"]]
-        return torch.stack(feats).mean(dim=0)
+        return torch.stack([outputs[s].cls[:, -1] for s in params["scales"]]).mean(dim=0)
 
 
 _MODEL_SIZES = {"S": "Small", "B": "Medium", "L": "Large"}
-_FRAMINGS = {
-    "dino": "middle of the banner only",
-    "square": "whole banner, squeezed square",
-    "full": "whole banner",
-}
-
+_FRAMINGS = {"dino": "middle of the banner only", "square": "whole banner, squeezed square", "full": "whole banner"}
 STYLES: dict[str, Style] = {s.name: s for s in (Simple(), Complex(), Gem(), MultiScale())}
-
 _NAME_RE = re.compile(r"^(?P<style>[A-Z][A-Za-z]*?)(?P<backbone>[SBL](?:16|14|8))(?:@(?P<prep>[a-z]+))?$")
 
 
@@ -298,15 +257,13 @@ class Strategy:
     def from_manifest(cls, name: str, entry: dict) -> Strategy:
         """The strategy exactly as recorded (not as today's defaults would make it); validated."""
         try:
-            style = STYLES[entry["style"]]
-            backbone = get_backbone(entry["backbone"])
+            style, backbone = STYLES[entry["style"]], get_backbone(entry["backbone"])
             params = style.validate_params(dict(entry.get("params", {})), backbone)
-            prep = Preprocessing.from_manifest(entry["preprocessing"])
+            strategy = cls(name, style, backbone, Preprocessing.from_manifest(entry["preprocessing"]), params)
         except KeyError as e:
             raise ValueError(f"strategy {name!r}: manifest entry lacks or has an unknown {e}") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"strategy {name!r}: {e}") from None
-        strategy = cls(name, style, backbone, prep, params)
         _check_input_size(strategy)
         if int(entry.get("dim", -1)) != strategy.dim:
             raise ValueError(f"strategy {name!r}: manifest dim {entry.get('dim')} != {strategy.dim}")
@@ -314,13 +271,12 @@ class Strategy:
 
 
 def _check_input_size(s: Strategy) -> None:
-    h, w = s.preprocessing.output_size
-    p = s.backbone.patch_size
+    (h, w), p = s.preprocessing.output_size, s.backbone.patch_size
     if h % p or w % p:
         raise ValueError(f"strategy {s.name!r}: input {w}x{h} is not a multiple of the patch size {p}")
 
 
-def valid_names_hint() -> str:
+def _hint() -> str:
     return (
         f"valid names are <Style><Backbone>[@<preprocessing>] with Style in {', '.join(STYLES)}, "
         f"Backbone in {', '.join(BACKBONES)}, preprocessing in {', '.join(PREPROCESSINGS)} "
@@ -332,14 +288,13 @@ def parse_strategy(name: str) -> Strategy:
     """A strategy from its name, with today's default parameters; UnknownStrategy if invalid."""
     m = _NAME_RE.match(name or "")
     if not m or m["style"] not in STYLES or m["backbone"] not in BACKBONES:
-        raise UnknownStrategy(f"unknown strategy {name!r}: {valid_names_hint()}")
-    prep_name = m["prep"] or DEFAULT_PREPROCESSING
-    if prep_name not in PREPROCESSINGS:
-        raise UnknownStrategy(f"unknown preprocessing {prep_name!r} in {name!r}: {valid_names_hint()}")
-    style = STYLES[m["style"]]
-    backbone = BACKBONES[m["backbone"]]
-    canonical = f"{style.name}{backbone.code}" + ("" if prep_name == DEFAULT_PREPROCESSING else f"@{prep_name}")
-    strategy = Strategy(canonical, style, backbone, get_preprocessing(prep_name), style.default_params(backbone))
+        raise UnknownStrategy(f"unknown strategy {name!r}: {_hint()}")
+    prep = m["prep"] or DEFAULT_PREPROCESSING
+    if prep not in PREPROCESSINGS:
+        raise UnknownStrategy(f"unknown preprocessing {prep!r} in {name!r}: {_hint()}")
+    style, backbone = STYLES[m["style"]], BACKBONES[m["backbone"]]
+    canonical = f"{style.name}{backbone.code}" + ("" if prep == DEFAULT_PREPROCESSING else f"@{prep}")
+    strategy = Strategy(canonical, style, backbone, get_preprocessing(prep), style.default_params(backbone))
     _check_input_size(strategy)
     return strategy
 
@@ -348,9 +303,5 @@ def parse_strategies(spec: str) -> list[Strategy]:
     """A comma-separated list, or ``all`` for the eight original strategies; duplicates removed."""
     names = ORIGINAL_STRATEGIES if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise UnknownStrategy(f"no strategy given: {valid_names_hint()}")
-    out: dict[str, Strategy] = {}
-    for n in names:
-        s = parse_strategy(n)
-        out.setdefault(s.name, s)
-    return list(out.values())
+        raise UnknownStrategy(f"no strategy given: {_hint()}")
+    return list(dict.fromkeys(map(parse_strategy, names)))

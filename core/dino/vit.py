@@ -1,11 +1,9 @@
 """The vision transformer of DINO and DINOv2, in the official checkpoint layout.
 
-One small module, written to be read: parameter names match the official
-state dicts (so checkpoints load with ``strict=True``), and the numerics match
-the official code (LayerNorm eps 1e-6, exact GELU, bicubic position-embedding
-interpolation with the historical +0.1 offset). Attention goes through
-``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest
-kernel available on the device.
+One small module, written to be read: parameter names match the official state dicts (so checkpoints load with
+``strict=True``), and the numerics match the official code (LayerNorm eps 1e-6, exact GELU, bicubic
+position-embedding interpolation with the historical +0.1 offset). Attention goes through
+``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest kernel available on the device.
 
 Two extras over the official code, both exact reformulations:
 

@@ -1,13 +1,12 @@
 """The index format, in one place: its layout, the reader (with every check) and the atomic writer."""
 
-from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
-from .reader import IndexInvalid, LoadedIndex, StrategyIndex, VariantTables, load_index
-from .writer import IndexWriter, make_manifest, recover, staging_dir, swap_in, write_strategy, write_variant
+from .layout import APPS, ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
+from .reader import IndexInvalid, LoadedIndex, load_index
+from .writer import IndexWriter, make_manifest, recover, write_strategy, write_variant
 
 __all__ = [
     "APPS",
     "ARRAYS",
-    "EMBEDDING_DTYPES",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -16,13 +15,9 @@ __all__ = [
     "IndexInvalid",
     "IndexWriter",
     "LoadedIndex",
-    "StrategyIndex",
-    "VariantTables",
     "load_index",
     "make_manifest",
     "recover",
-    "staging_dir",
-    "swap_in",
     "write_strategy",
     "write_variant",
 ]

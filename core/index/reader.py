@@ -1,22 +1,16 @@
-"""The index folder: its format, and loading it with every check the service relies on.
+"""Loading an index folder (``layout.py``) with every check the service relies on.
 
-The layout and its names are in ``layout.py``.
-
-Arrays are memory-mapped read-only: gunicorn workers share one copy of the
-pages through the page cache, and start-up does not read them into memory.
-Verifying (``verify="full"``: sha256; both modes: the neighbour and score
-tables' ranges) reads the files through separate, short-lived mappings, a
-bounded chunk of rows at a time, so that neither the tables nor temporaries
-stay resident in the process that verified them (the gunicorn master). Anything
-missing, partial, of another format version or inconsistent stops loading
-with an ``IndexInvalid`` that says what and where: the service never serves
-wrong data.
+Arrays are memory-mapped read-only: gunicorn workers share one copy of the pages through the page cache, and
+start-up does not read them into memory. Verifying (``verify="full"``: sha256; both modes: the neighbour and score
+tables' ranges) reads the files through separate, short-lived mappings, a bounded chunk of rows at a time, so that
+neither the tables nor temporaries stay resident in the process that verified them (the gunicorn master). Anything
+missing, partial, of another format version or inconsistent stops loading with an ``IndexInvalid`` that says what
+and where: the service never serves wrong data.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,18 +67,10 @@ class LoadedIndex:
     manifest: dict
     apps: list[dict]
     appids: np.ndarray
-    row_of: dict[int, int]
     strategies: dict[str, StrategyIndex] = field(default_factory=dict)
-    pending: Callable[[], None] | None = None  # the deferred sha256 comparisons (load_index(wait=False))
 
     def __len__(self) -> int:
         return len(self.apps)
-
-    def wait_verified(self) -> None:
-        """Return once every file's sha256 matched the manifest; IndexInvalid otherwise."""
-        if self.pending is not None:
-            self.pending()
-            self.pending = None
 
 
 def _read_json(path: Path, what: str):
@@ -97,34 +83,18 @@ def _read_json(path: Path, what: str):
 
 
 class _Digests:
-    """The sha256 of the index's files, hashed in threads from the start (reading and hashing release the
-    GIL, so start-up verifies on every core while the main thread goes on), compared with the manifest as
-    each file is opened or, deferred, all at once in ``check``."""
+    """The sha256 of the index's files, hashed in threads from the start (hashing releases the GIL: every core
+    verifies while loading goes on), each compared with the manifest when its file is opened."""
 
-    def __init__(self, root: Path, strategies: list[str], defer: bool = False) -> None:
+    def __init__(self, root: Path, strategies: list[str]) -> None:
         folders = [root / name for name in strategies if isinstance(name, str) and name not in ("", ".", "..")]
         tables = sorted(p for f in folders if f.parent == root for p in f.rglob("*.npy") if p.is_file())
         self._futures = sha256_started([root / APPS, *tables], workers=cpu_cores())
-        self.defer = defer
-        self._expected: list[tuple[Path, object]] = []
 
-    def of(self, path: Path) -> str:
+    def check(self, path: Path, sha256: object) -> None:
         future = self._futures.get(path)
-        return future.result() if future is not None else sha256_file(path)
-
-    def expect(self, path: Path, sha256: object) -> None:
-        """Compare now, or at ``check`` when deferred."""
-        if self.defer:
-            self._expected.append((path, sha256))
-        elif self.of(path) != sha256:
+        if (future.result() if future is not None else sha256_file(path)) != sha256:
             raise IndexInvalid(f"{path}: sha256 does not match the manifest (a partial copy or a changed file)")
-
-    def check(self) -> None:
-        """Wait for the deferred comparisons; IndexInvalid names the first file that does not match."""
-        self.defer = False
-        expected, self._expected = self._expected, []
-        for path, sha256 in expected:
-            self.expect(path, sha256)
 
 
 def _open_array(
@@ -141,19 +111,12 @@ def _open_array(
     if arr.dtype.name not in dtypes or arr.dtype.name != spec.get("dtype"):
         raise IndexInvalid(f"{path}: dtype {arr.dtype.name}, manifest says {spec.get('dtype')} (allowed: {dtypes})")
     if digests is not None:
-        digests.expect(path, spec.get("sha256"))
+        digests.check(path, spec.get("sha256"))
     return arr
 
 
-def load_index(
-    path: str | Path, *, verify: str = "full", strategies: list[str] | None = None, wait: bool = True
-) -> LoadedIndex:
-    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (no sha256).
-
-    ``wait=False`` returns before the files' sha256 are compared (they go on being hashed in threads), so
-    that the caller can build its own structures meanwhile; it must then call ``index.wait_verified()``,
-    which raises IndexInvalid like ``load_index`` would have, before serving anything.
-    """
+def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] | None = None) -> LoadedIndex:
+    """Open and check an index folder; ``verify`` is "full" (sha256 of every file) or "quick" (no sha256)."""
     if verify not in ("full", "quick"):
         raise ValueError("verify must be 'full' or 'quick'")
     root = Path(path)
@@ -182,17 +145,12 @@ def load_index(
     missing = [s for s in wanted if s not in entries]
     if missing:
         raise IndexInvalid(f"{root}: strategies {missing} are not in this index (it has {sorted(entries)})")
-    digests = _Digests(root, wanted, defer=not wait) if verify == "full" else None
-    if digests is not None and digests.of(apps_path) != manifest.get("apps_sha256"):
-        raise IndexInvalid(f"{apps_path}: sha256 does not match the manifest")
-    appids = np.array([a["appid"] for a in apps], dtype=np.int64)
-    index = LoadedIndex(root, manifest, apps, appids, {int(a): i for i, a in enumerate(appids)})
+    digests = _Digests(root, wanted) if verify == "full" else None
+    if digests is not None:
+        digests.check(apps_path, manifest.get("apps_sha256"))
+    index = LoadedIndex(root, manifest, apps, np.array([a["appid"] for a in apps], dtype=np.int64))
     for name in wanted:
         index.strategies[name] = _load_strategy(root, name, entries[name], n, digests)
-    if digests is not None:
-        index.pending = digests.check
-    if wait:
-        index.wait_verified()
     return index
 
 
@@ -204,11 +162,7 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, digests: _Digests
         strategy = Strategy.from_manifest(name, entry)
     except ValueError as e:
         raise IndexInvalid(f"{where}: {e}") from None
-    files = entry.get("files")
-    k = entry.get("k")
-    checkpoint = entry.get("checkpoint")
-    if not isinstance(files, dict) or set(files) != set(ARRAYS):
-        raise IndexInvalid(f"{where}: 'files' must describe {', '.join(ARRAYS)}")
+    files, k, checkpoint = _files(entry, ARRAYS, where), entry.get("k"), entry.get("checkpoint")
     if not isinstance(k, int) or not 0 <= k < max(n, 1):
         raise IndexInvalid(f"{where}: k={k!r} is not in 0..{n - 1}")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("sha256"), str):
@@ -218,6 +172,14 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, digests: _Digests
     variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), digests)
     sketch = _load_sketch(folder / SKETCH_DIR, where, entry.get("sketch"), (n, strategy.dim), digests)
     return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants, sketch)
+
+
+def _files(entry: object, names: tuple[str, ...], where: str) -> dict:
+    """The manifest's description of a table's files, which must name exactly ``names``."""
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(files, dict) or set(files) != set(names):
+        raise IndexInvalid(f"{where}: 'files' must describe {', '.join(names)}")
+    return files
 
 
 def _load_tables(
@@ -266,9 +228,7 @@ def _load_variants(
             canonical = None
         if canonical != name:
             raise IndexInvalid(f"{where}: unknown variant {name!r} (known: mirror, flip, mirror+flip)")
-        files = entry.get("files") if isinstance(entry, dict) else None
-        if not isinstance(files, dict) or set(files) != set(ARRAYS):
-            raise IndexInvalid(f"{where} variant {name}: 'files' must describe {', '.join(ARRAYS)}")
+        files = _files(entry, ARRAYS, f"{where} variant {name}")
         out[name] = VariantTables(*_load_tables(folder / VARIANTS_DIR / name, files, shape, digests))
     return out
 
@@ -280,17 +240,13 @@ def _load_sketch(
     norms (3 N + D numbers) finite and non-negative, since every search's bounds are made of them."""
     if entry is None:
         return None
-    files = entry.get("files") if isinstance(entry, dict) else None
-    if not isinstance(files, dict) or set(files) != set(Int8Sketch.FILES):
-        raise IndexInvalid(f"{where} sketch: 'files' must describe {', '.join(Int8Sketch.FILES)}")
-    n, dim = shape
+    files, (n, dim) = _files(entry, Int8Sketch.FILES, f"{where} sketch"), shape
     shapes = {
         "codes.npy": ((n, dim), ("int8",)),
         "columns.npy": ((dim,), ("float64",)),
         "rows.npy": ((3, n), ("float64",)),
     }
-    arrays = [_open_array(folder / f, files[f], *shapes[f], digests) for f in Int8Sketch.FILES]
-    codes, columns, rows = arrays
+    codes, columns, rows = [_open_array(folder / f, files[f], *shapes[f], digests) for f in Int8Sketch.FILES]
     if not (np.isfinite(columns).all() and (columns > 0).all() and np.isfinite(rows).all() and (rows >= 0).all()):
         raise IndexInvalid(f"{folder}: sketch scales or norms not finite and positive")
     return Int8Sketch(codes, columns, rows)

@@ -1,13 +1,10 @@
 """Writing an index folder so that it appears all at once, or not at all.
 
-Everything is written into a hidden staging folder beside the target
-(``.<index>.staging-<pid>``), fsynced, with ``manifest.json`` last; then the
-previous index (if any) is renamed aside, the staging folder renamed into
-place, and the previous one deleted. A crash or a full disk while writing
-leaves the previous index untouched; a crash between the two renames is
-repaired by ``recover`` at the start of the next build, and a failed second
-rename puts the previous index back at once. ``replaced`` says whether the
-new index is in place, so a caller can report what happened truthfully.
+Everything is written into a hidden staging folder beside the target (``.<index>.staging-<pid>``), fsynced, with
+``manifest.json`` last; then the previous index (if any) is renamed aside, the staging folder renamed into place,
+and the previous one deleted. A crash or a full disk while writing leaves the previous index untouched; a crash
+between the two renames is repaired by ``recover`` at the start of the next build, and a failed second rename puts
+the previous index back at once.
 """
 
 from __future__ import annotations
@@ -20,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from core.dino.strategies import Strategy
-from core.files import atomic_write_json, fsync_dir, sha256_file
+from core.files import atomic_file, atomic_write_json, fsync_dir, sha256_file
 from core.sketch import Int8Sketch, sketch_fits
 
-from .layout import FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
+from .layout import ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 
 
 def _hidden(out: Path, tag: str) -> list[Path]:
@@ -53,7 +50,6 @@ class IndexWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.staging = staging_dir(out)
-        self.replaced = False  # True once the new index is in place
 
     def __enter__(self) -> IndexWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +65,8 @@ class IndexWriter:
         """Save an array durably; returns its manifest entry (shape, dtype, sha256)."""
         path = self.staging / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
+        with atomic_file(path) as f:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
         return {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": sha256_file(path)}
 
     def write_json(self, rel: str, obj: object, indent: int | None = None) -> str:
@@ -84,7 +78,6 @@ class IndexWriter:
     def commit(self, manifest: dict) -> None:
         atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
         swap_in(self.staging, self.out)
-        self.replaced = True
 
 
 def staging_dir(out: Path) -> Path:
@@ -112,6 +105,12 @@ def swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_tables(writer: IndexWriter, rel: str, embeddings: np.ndarray, neighbours: np.ndarray, scores) -> dict:
+    """The three arrays of a strategy or a variant, under ``rel``: their manifest entries by file name."""
+    arrays = (embeddings, neighbours.astype(np.int32), scores.astype(np.float32))
+    return {f: writer.write_array(f"{rel}/{f}", a) for f, a in zip(ARRAYS, arrays, strict=True)}
+
+
 def write_strategy(
     writer: IndexWriter,
     strategy: Strategy,
@@ -123,11 +122,7 @@ def write_strategy(
 ) -> dict:
     """Write one strategy's three arrays and its sketch; returns its manifest entry (settings, checkpoint, files)."""
     name = strategy.name
-    files = {
-        "embeddings.npy": writer.write_array(f"{name}/embeddings.npy", embeddings),
-        "neighbours.npy": writer.write_array(f"{name}/neighbours.npy", neighbours.astype(np.int32)),
-        "scores.npy": writer.write_array(f"{name}/scores.npy", scores.astype(np.float32)),
-    }
+    files = _write_tables(writer, name, embeddings, neighbours, scores)
     entry = strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
     if sketch_fits(embeddings.shape[1]):
         arrays = Int8Sketch.of(embeddings).arrays()
@@ -139,14 +134,7 @@ def write_variant(
     writer: IndexWriter, strategy: str, variant: str, embeddings: np.ndarray, neighbours: np.ndarray, scores: np.ndarray
 ) -> dict:
     """Write a mirror/flip variant's three arrays; returns its entry for the strategy's "variants"."""
-    rel = f"{strategy}/{VARIANTS_DIR}/{variant}"
-    return {
-        "files": {
-            "embeddings.npy": writer.write_array(f"{rel}/embeddings.npy", embeddings),
-            "neighbours.npy": writer.write_array(f"{rel}/neighbours.npy", neighbours.astype(np.int32)),
-            "scores.npy": writer.write_array(f"{rel}/scores.npy", scores.astype(np.float32)),
-        }
-    }
+    return {"files": _write_tables(writer, f"{strategy}/{VARIANTS_DIR}/{variant}", embeddings, neighbours, scores)}
 
 
 def make_manifest(num_apps: int, apps_sha256: str, dtype: str, strategies: dict, **extra: object) -> dict:

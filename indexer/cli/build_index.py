@@ -1,11 +1,6 @@
 """Build an index folder from a folder of banners: DINO embeddings and exact top-k neighbour tables.
 
-    python scripts/build_index.py --images data/banners --out data/index \\
-        [--strategies ComplexB16,SimpleS16 | all] [--k 100] [--apps APPS.json] \\
-        [--batch-size N] [--device cpu|cuda] [--weights PATH] [--variants mirror,flip] [--ray [ADDRESS]]
-
-Interrupt it at any time and run it again: it resumes from the last finished
-batch. Run it again after adding banners: only the new ones are embedded.
+Interrupted, it resumes from the last finished batch; after new banners, only those are embedded.
 Exit codes: 0 done, 1 failed (the message says what became of the previous index), 2 bad input.
 """
 

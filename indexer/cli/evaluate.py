@@ -1,12 +1,5 @@
 """Measure the retrieval quality of an index's strategies without labels: copy detection and agreement.
 
-    python scripts/evaluate.py --index data/index --images data/banners \\
-        [--strategies a,b | all] [--queries 200] [--k 10] [--seed 0] [--markdown results.md]
-
-Copy detection: a seeded sample of banners is altered (crop, JPEG, downscale, flip, colour jitter,
-strong), each copy embedded as the index embeds and searched among the index; the report gives
-recall@1, recall@k and mAP@k (AP = 1/rank of the original, 0 outside the top k) per strategy and
-alteration. Agreement: overlap@k of the strategies' precomputed neighbour tables.
 Exit codes: 0 done, 1 failed (weights unavailable, I/O), 2 bad input.
 """
 
@@ -65,16 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return error(problem, BAD_INPUT)
 
     from core.dino.weights import WeightsUnavailable
+    from core.files import atomic_write_bytes
     from core.index import IndexInvalid, load_index
-    from indexer.evaluate import (
-        EvaluationError,
-        copy_detection,
-        format_table,
-        overlap_matrix,
-        summary_line,
-        to_markdown,
-        write_text_atomic,
-    )
+    from indexer.evaluation.metrics import EvaluationError, copy_detection, overlap_matrix
+    from indexer.evaluation.report import format_table, summary_line, to_markdown
 
     try:
         names = None if args.strategies.strip() in ("all", "") else [s.strip() for s in args.strategies.split(",")]
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(detection, overlap))
     if args.markdown is not None:
         try:
-            write_text_atomic(args.markdown, to_markdown(detection, overlap))
+            atomic_write_bytes(args.markdown, to_markdown(detection, overlap).encode("utf-8"))
         except OSError as e:
             return error(f"--markdown {args.markdown}: {e}", FAILED)
         print(f"wrote {args.markdown}")

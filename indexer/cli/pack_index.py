@@ -1,9 +1,7 @@
 """Pack an index (all or some of its strategies) into one archive and its sha256, for INDEX_URL deploys.
 
-    python scripts/pack_index.py --index data/index --out dist/index.tar [--strategies ComplexB16,SimpleS16]
-
-Writes ``dist/index.tar`` (``.tar.gz`` names are gzip-compressed) and ``dist/index.tar.sha256``;
-upload the archive anywhere the dynos can reach and set ``INDEX_URL`` and ``INDEX_SHA256``.
+Writes the archive (``.tar``, or gzip-compressed ``.tar.gz``) and ``<archive>.sha256``: upload the archive anywhere
+the dynos can reach, and set ``INDEX_URL`` and ``INDEX_SHA256``.
 Exit codes: 0 done, 1 failed (I/O), 2 bad input (no index, unknown strategy, index fails its checks).
 """
 

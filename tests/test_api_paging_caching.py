@@ -1,4 +1,4 @@
-"""Issue #13's API additions through the test client: paging, batches, embeddings, mirror/flip on uploads,
+"""The API's options through the test client: paging, batches, embeddings, mirror/flip on uploads,
 HTTP caching (ETag, 304, Cache-Control, Vary, gzip), metrics, and the upload rate limit."""
 
 from __future__ import annotations
@@ -39,16 +39,6 @@ def test_offset_pages_through_the_table(client, built_index):
     unique = client.get("/unique?strategy=SimpleS16&n=3&offset=2").get_json()
     full = client.get("/unique?strategy=SimpleS16&n=5").get_json()
     assert unique["games"] == full["games"][2:5] and unique["offset"] == 2
-
-
-def test_fast_path_equals_payload_with_offset_and_variant(client, built_index):
-    from app.params import EXTENSION_KEY
-
-    svc = client.application.extensions[EXTENSION_KEY]
-    for game in svc.catalog.games[:3]:
-        for offset in (0, 3, 9):
-            fast = json.loads(svc.table_payload_json("ComplexB16", game, 4, "http://h/", offset))
-            assert fast == svc.table_payload("ComplexB16", game, 4, "http://h/", offset)
 
 
 def test_batch_lookup(make_client, built_index):

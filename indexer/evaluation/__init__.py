@@ -1,0 +1,1 @@
+"""Retrieval quality without labels: altered copies of banners (alterations), what is measured (metrics), reports."""
