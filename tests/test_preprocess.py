@@ -59,3 +59,47 @@ def test_manifest_round_trip_and_validation():
         Preprocessing.from_manifest({"name": "dino"})
     with pytest.raises(ValueError, match="unknown preprocessing 'fisheye'"):
         get_preprocessing("fisheye")
+
+
+@pytest.mark.parametrize(
+    "prep",
+    [
+        *PREPROCESSINGS.values(),
+        Preprocessing("lanczos", resize=100, crop=(120, 90), interpolation="lanczos"),  # crop > image: padded
+        Preprocessing("nearest", resize=(50, 60), crop=(55, 61), interpolation="nearest"),
+        Preprocessing("bilinear", resize=224, crop=(224, 224), interpolation="bilinear"),
+    ],
+    ids=lambda p: p.name,
+)
+@pytest.mark.slow  # importing torchvision takes seconds
+def test_transform_is_torchvisions_bit_for_bit(prep):
+    """Our PIL pipeline (no torchvision import) against torchvision's Resize, CenterCrop, ToTensor, Normalize."""
+    import torch
+    from torchvision import transforms as T
+
+    steps = [
+        T.Resize(
+            prep.resize if isinstance(prep.resize, int) else list(prep.resize), T.InterpolationMode(prep.interpolation)
+        )
+    ]
+    steps += [T.CenterCrop(list(prep.crop))] if prep.crop is not None else []
+    reference = T.Compose([*steps, T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+    rng = np.random.default_rng(0)
+    for width, height in [(300, 450), (256, 256), (224, 224), (1000, 333), (31, 77), (257, 256)]:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        want, got = reference(img), prep.transform()(img)
+        assert got.dtype == want.dtype and torch.equal(got, want), (prep.name, width, height)
+
+
+@pytest.mark.slow
+def test_tensor_crop_and_normalize_are_torchvisions():
+    import torch
+    from torchvision.transforms import functional as TF
+
+    from core.dino.preprocess import _center_crop_tensor, _normalize
+
+    x = torch.rand(2, 3, 100, 80) * 255
+    for crop in [(50, 40), (100, 80), (120, 90), (33, 79), (7, 200)]:
+        assert torch.equal(_center_crop_tensor(x, crop), TF.center_crop(x, list(crop))), crop
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert torch.equal(_normalize(x.clone(), mean, std), TF.normalize(x.clone(), mean, std))

@@ -61,13 +61,9 @@ class Preprocessing:
         return w, h
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL RGB image to a normalised (3, H, W) float32 tensor: DINO's torchvision pipeline."""
-        from torchvision import transforms as T
-
-        size = self.resize if isinstance(self.resize, int) else list(self.resize)
-        steps = [T.Resize(size, T.InterpolationMode(self.interpolation))]
-        steps += [T.CenterCrop(list(self.crop))] if self.crop is not None else []
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
+        """PIL RGB image to a normalised (3, H, W) float32 tensor: torchvision's Resize, CenterCrop,
+        ToTensor and Normalize on PIL images, step for step (``PilTransform``)."""
+        return PilTransform(self)
 
     @property
     def supports_tensor_input(self) -> bool:
@@ -83,8 +79,10 @@ class Preprocessing:
         return (new_long, self.resize) if width <= height else (self.resize, new_long)
 
     def tensor_transform(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 images, on any device, to normalised (B, 3, h, w) float32 tensors: the steps of
-        ``transform``, on tensors (the resize as Pillow's, ``resize_like_pillow``)."""
+        """(B, 3, H, W) uint8 images, on any device, to normalised (B, 3, h, w) float32 tensors.
+
+        The same steps as ``transform`` on PIL images, on tensors (see ``resize_like_pillow``).
+        """
         import torch
 
         if not self.supports_tensor_input:
@@ -93,12 +91,11 @@ class Preprocessing:
             raise ValueError(f"expected a (B, 3, H, W) uint8 batch, got {images.dtype} {tuple(images.shape)}")
         x = images.float()
         height, width = self.resized_size(x.shape[-2], x.shape[-1])
-        from torchvision.transforms import functional as TF
-
         x = resize_like_pillow(x, (height, width), self.interpolation)
         if self.crop is not None:
-            x = TF.center_crop(x, list(self.crop))
-        return TF.normalize(x.div_(255.0), self.mean, self.std, inplace=True)  # as ToTensor, then Normalize
+            x = _center_crop_tensor(x, self.crop)
+        x = x.div_(255.0)  # as ToTensor: uint8 / 255
+        return _normalize(x, self.mean, self.std)
 
     def to_manifest(self) -> dict:
         d = asdict(self)
@@ -160,8 +157,7 @@ def _vertical_first(height: int, width: int, out_h: int, out_w: int, mode: str) 
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-    resized = img.resize((out_w, out_h), Image.Resampling[mode.upper()])
-    want = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()
+    want = torch.from_numpy(np.array(img.resize((out_w, out_h), _PIL_RESAMPLE[mode]))).permute(2, 0, 1).float()
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
     h_first = _pil_pass(_pil_pass(x, (height, out_w), mode), (out_h, out_w), mode)[0]
     v_first = _pil_pass(_pil_pass(x, (out_h, width), mode), (out_h, out_w), mode)[0]
@@ -174,6 +170,88 @@ def _pil_pass(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor
 
     x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
     return x.add_(0.5).floor_().clamp_(0.0, 255.0)
+
+
+class PilTransform:
+    """One preprocessing mode on a PIL image, as DINO's torchvision transforms compute it (the same Pillow
+    calls, the same torch ops in the same order: bit for bit), without importing torchvision: its import
+    pulls in torch's compiler stack, two seconds that every process paid before its first upload. A class,
+    not a closure, so that DataLoader workers can pickle it."""
+
+    def __init__(self, prep: Preprocessing) -> None:
+        self.prep = prep
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        import torch
+
+        p = self.prep
+        height, width = p.resized_size(img.height, img.width)
+        if (img.height, img.width) != (height, width):  # Resize: Pillow's resize, as for PIL images
+            img = img.resize((width, height), _PIL_RESAMPLE[p.interpolation])
+        if p.crop is not None:
+            img = _center_crop_pil(img, p.crop)
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))  # ToTensor
+        x = x.view(img.height, img.width, len(img.getbands())).permute((2, 0, 1)).contiguous()
+        return _normalize(x.to(dtype=torch.get_default_dtype()).div(255), p.mean, p.std)
+
+
+# torchvision's InterpolationMode -> Pillow filter, for PIL images
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _crop_box(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of a centre crop, rounded as torchvision rounds it."""
+    return round((height - crop[0]) / 2.0), round((width - crop[1]) / 2.0)
+
+
+def _padding(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) zeros that a crop larger than the image needs first, as torchvision pads."""
+    ch, cw = crop
+    return (
+        (cw - width) // 2 if cw > width else 0,
+        (ch - height) // 2 if ch > height else 0,
+        (cw - width + 1) // 2 if cw > width else 0,
+        (ch - height + 1) // 2 if ch > height else 0,
+    )
+
+
+def _center_crop_pil(img: Image.Image, crop: tuple[int, int]) -> Image.Image:
+    from PIL import ImageOps
+
+    pad = _padding(img.height, img.width, crop)
+    if any(pad):
+        img = ImageOps.expand(img, border=pad, fill=0)
+    if (img.height, img.width) == tuple(crop):
+        return img
+    top, left = _crop_box(img.height, img.width, crop)
+    return img.crop((left, top, left + crop[1], top + crop[0]))
+
+
+def _center_crop_tensor(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    left, top, right, bottom = _padding(x.shape[-2], x.shape[-1], crop)
+    if left or top or right or bottom:
+        x = F.pad(x, (left, right, top, bottom), value=0.0)
+    top, left = _crop_box(x.shape[-2], x.shape[-1], crop)
+    return x[..., top : top + crop[0], left : left + crop[1]]
+
+
+def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """In place, as torchvision's Normalize: the mean and std as tensors of ``x``'s dtype, subtract, divide."""
+    import torch
+
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x.sub_(m).div_(s)
 
 
 PREPROCESSINGS: dict[str, Preprocessing] = {
