@@ -44,7 +44,7 @@ PER_UPLOAD_MIB = 220  # README, "Hostile input": "at most about 200 MiB" per upl
 
 @pytest.fixture(scope="module")
 def dyno(tmp_path_factory):
-    """(server, memory group, apps): the service over the whole catalog in a 1 GiB group, workers sharing torch."""
+    """(server, memory group, apps): the service over the whole catalog in a 1 GiB group."""
     why = MemoryCgroup.unavailable()
     if why:
         pytest.skip(f"cannot limit memory like a dyno: {why}")
@@ -57,7 +57,6 @@ def dyno(tmp_path_factory):
         srv = Server(env, tmp_path_factory.mktemp("dyno") / "gunicorn.log", cgroup=cgroup)
         try:
             srv.wait_ready()
-            srv.wait_torch_shared()
             for conn in _each_worker(srv):  # each worker loads the model: what follows is the uploads' own cost
                 assert _post(conn, banner_jpeg(0))[0] == 200
                 conn.close()

@@ -56,7 +56,17 @@ def test_a_rejection_comes_back_with_its_code_and_message():
 
 
 def _children() -> set[int]:
-    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+    """This process's forked children (decoders run our own command line; background commands do not)."""
+    own = Path("/proc/self/cmdline").read_bytes()
+    pids = {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+    out = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == own:
+                out.add(pid)
+        except OSError:  # ended meanwhile
+            pass
+    return out
 
 
 @pytest.mark.slow
