@@ -53,7 +53,7 @@ lint: $(VENV)/.runtime
 
 bench: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -r bench/requirements.txt
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all --markdown BENCHMARKS.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -151,6 +152,13 @@ def skip_exit_collection() -> None:
     gc.freeze()
 
 
+def _read(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def machine_line() -> str:
     """Cores and load, to read the figures against; warns when the CPU is shared (torch-free: imports
     nothing heavy, so that the benchmarks of the service never import torch themselves)."""
@@ -158,7 +166,10 @@ def machine_line() -> str:
 
     cores = cpu_cores()
     load = os.getloadavg()[0]
-    line = f"machine: {cores} cores, load average {load:.1f}"
+    model = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo") if ln.startswith("model name")), "")
+    mem = next((int(ln.split()[1]) // 2**20 for ln in _read("/proc/meminfo") if ln.startswith("MemTotal")), 0)
+    line = f"machine: {cores} cores{f' ({model})' if model else ''}, {mem} GiB, Python {platform.python_version()}"
+    line += f", load average {load:.1f}"
     if load > cores:
         line += " (other processes are using the CPU: figures are pessimistic)"
     return line

@@ -1,15 +1,16 @@
 """Every benchmark, at sizes that fit a few minutes on a 2-core machine, and one combined table.
 
-    python -m bench.run_all [--quick] [--workdir DIR] [--markdown PATH] [--only extract,serve,...] [--jobs 1]
+    python -m bench.run_all [--quick] [--workdir DIR] [--markdown BENCHMARKS.md] [--only extract,...] [--jobs 1]
 
-Runs bench/extract.py, serve.py, upload.py, memory.py and knn.py one after the other (each as its own
-process, printing its own table), sharing one workspace (random checkpoints, the synthetic index of
-the whole catalog and the banners to upload, made once), then prints one line per measured figure
-with its target and PASS / MISS where there is one. ``--markdown`` also writes that table as Markdown
-(for the README); ``--quick`` runs everything at tiny sizes (the smoke test), where ``--jobs 2`` may
-run two benchmarks at once (their figures then mean even less; each one's output is printed whole,
-in order). Exit status 0 even when a target is missed (the table says so); 1 when a benchmark fails
-to run.
+Runs the benchmarks of BENCHES one after the other (each as its own process, printing its own table),
+sharing one workspace (random checkpoints, the synthetic index of the whole catalog and the banners to
+upload, made once), then prints one line per measured figure with its target and PASS / MISS where there
+is one. ``--markdown`` also writes that table as a Markdown page with the machine it ran on, followed by
+the recorded outputs of bench/recorded/ (benchmarks that need a machine this one is not: a GPU);
+``make bench`` writes BENCHMARKS.md so. ``--quick`` runs everything at tiny sizes (the smoke test), where
+``--jobs 2`` may run two benchmarks at once (their figures then mean even less; each one's output is
+printed whole, in order). Exit status 0 even when a target is missed (the table says so); 1 when a
+benchmark fails to run.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from bench.common import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# (name, arguments at full size, arguments with --quick): sized for ~8 minutes on 2 cores
+# (name, arguments at full size, arguments with --quick or None to leave it out): ~10 minutes on 2 cores
 BENCHES = {
     "extract": (["--seconds", "1"], ["--quick", "--end-to-end"]),
     "serve": (["--duration", "6"], ["--quick"]),
     "upload": (["--requests", "3"], ["--quick"]),
     "memory": (["--get-requests", "1000"], ["--quick"]),
     "knn": (["--queries", "100"], ["--n", "500", "--dim", "64", "--queries", "10"]),
+    "ray_build": ([], None),  # not with --quick: a Ray instance's start; tests/test_ray_build.py runs it
 }
 
 
@@ -110,11 +112,14 @@ def knn_figures(text: str) -> list[Figure]:
     return figures
 
 
-def markdown(figures: list[Figure]) -> str:
-    out = ["| benchmark | figure | value | target | result |", "| --- | --- | --- | --- | --- |"]
+def markdown(figures: list[Figure], header: str) -> str:
+    """BENCHMARKS.md: where and how it ran, the one table, then the recorded outputs (bench/recorded/*.md)."""
+    out = ["# Benchmarks", "", header, ""]
+    out += ["| benchmark | figure | value | target | result |", "| --- | --- | --- | --- | --- |"]
     for f in figures:
         out.append(f"| {f.bench} | {f.name} | {f.shown()} | {f.target} | {verdict(f.passed)} |")
-    return "\n".join(out) + "\n"
+    recorded = [p.read_text().strip() for p in sorted((ROOT / "bench" / "recorded").glob("*.md"))]
+    return "\n".join([*out, "", *(f"{text}\n" for text in recorded)]).rstrip() + "\n"
 
 
 def main() -> None:
@@ -126,6 +131,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="benchmarks run at once (default 1: each alone, as measured)")
     args = p.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
+    names = [n for n in names if not (args.quick and n in BENCHES and BENCHES[n][1] is None)]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"unknown benchmarks {unknown}; known: {', '.join(BENCHES)}")
@@ -156,8 +162,14 @@ def main() -> None:
     if failed:
         print(f"FAILED to run: {', '.join(failed)}")
     if args.markdown:
+        header = (
+            f"Written by `make bench` (`python -m bench.run_all --markdown {args.markdown.name}`) on "
+            f"{time.strftime('%Y-%m-%d')}: {machine_line()}; {total:.0f} s in all, load average {load_start:.1f} at "
+            f"start and {load_end:.1f} at end. Machines differ run to run: ratios to a baseline measured in the "
+            "same run are the figures to compare."
+        )
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(figures))
+        args.markdown.write_text(markdown(figures, header))
         print(f"(written to {args.markdown})")
     skip_exit_collection()  # torch was imported to make the workspace
     sys.exit(1 if failed else 0)
