@@ -204,7 +204,6 @@ class ModelCache:
         *,
         device: str | torch.device = "cpu",
         expected_sha256: str | None = None,
-        url_override: str | None = None,
         download: bool = True,
         progress: bool = True,
     ) -> LoadedBackbone:
@@ -213,9 +212,7 @@ class ModelCache:
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:  # one thread loads; the others wait for its model
             if key not in self._models:
-                path = resolve_checkpoint(
-                    backbone, weights, url_override=url_override, download=download, progress=progress
-                )
+                path = resolve_checkpoint(backbone, weights, download=download, progress=progress)
                 sha = sha256_file(path, cache=True)
                 _check_sha(path, backbone, sha, expected_sha256)  # before loading: a wrong file costs nothing
                 loaded = LoadedBackbone(backbone, load_model(backbone, path, device, sha256=sha), path, sha)

@@ -114,7 +114,6 @@ def make_extractors(
     *,
     device: str | None = None,
     models: ModelCache | None = None,
-    download: bool = True,
 ) -> list[Extractor]:
     """Extractors that embed as the index did: its recorded strategies and checkpoints (``WeightsUnavailable``
     for another sha256). Strategies of one backbone share an Extractor, hence one forward pass per image; one
@@ -131,7 +130,7 @@ def make_extractors(
             pack[0][code] = sha
             pack[1].append(strategy)
     models = models if models is not None else ModelCache()  # a batch job: its own models by default
-    return [Extractor(ms, device=device, expected_sha256=shas, models=models, download=download) for shas, ms in packs]
+    return [Extractor(ms, device=device, expected_sha256=shas, models=models) for shas, ms in packs]
 
 
 def embed(extractors: Sequence[Extractor], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
