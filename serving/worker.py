@@ -75,7 +75,7 @@ class BufferedWorker(base.Worker):
     def init_process(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
-        self.nconns = self.shedding = 0
+        self.shedding = 0  # connections to close after their answer, for the balance
         self.held = 0  # body bytes held in memory by all connections (max_buffered_bytes)
         self.pipelined: deque[Conn] = deque()  # connections whose buffer holds their next request
         self.accepting = False
@@ -178,7 +178,7 @@ class BufferedWorker(base.Worker):
         """Watch the listening sockets unless stopping, full, or leaving a connection to the others for a
         moment; returns how long the loop may wait."""
         now = time.monotonic()
-        if not (self.alive and self.nconns < self.cfg.worker_connections):
+        if not (self.alive and len(self.conns) < self.cfg.worker_connections):
             self._set_accepting(False)
             return TICK
         if not self.accepting and now >= self.resume_accept_at:
@@ -202,7 +202,7 @@ class BufferedWorker(base.Worker):
         to the others, unless nobody took it within ACCEPT_GRACE. One per event: the balance is re-checked."""
         now = time.monotonic()
         fewest = self.board.fewest_connections_elsewhere(self.row)
-        if fewest is not None and self.nconns > fewest:
+        if fewest is not None and len(self.conns) > fewest:
             self.pending_since = self.pending_since or now
             if now - self.pending_since < ACCEPT_GRACE:
                 self._set_accepting(False)
@@ -218,8 +218,7 @@ class BufferedWorker(base.Worker):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock, addr, listener.getsockname(), time.monotonic() + self.cfg.keepalive)
         self.conns[sock.fileno()] = conn
-        self.nconns += 1
-        self.board.set_conns(self.row, self.nconns)
+        self.board.set_conns(self.row, len(self.conns))
         self._watch(conn, selectors.EVENT_READ)
 
     def _surplus(self) -> bool:
@@ -228,7 +227,7 @@ class BufferedWorker(base.Worker):
         if len(ready) < 2:
             return False
         share = math.ceil(sum(c for _, _, c in ready) / len(ready))
-        return self.nconns - self.shedding > share
+        return len(self.conns) - self.shedding > share
 
     def _watch(self, conn: Conn, events: int) -> None:
         if events == conn.events:
@@ -249,10 +248,9 @@ class BufferedWorker(base.Worker):
         with contextlib.suppress(OSError):
             conn.sock.close()
         conn.phase = CLOSED
-        self.nconns -= 1
         self.shedding -= conn.shed
         self._hold(conn, 0)
-        self.board.set_conns(self.row, self.nconns)
+        self.board.set_conns(self.row, len(self.conns))
 
     def _expired(self, conn: Conn) -> None:
         if conn.phase == HEAD:
