@@ -29,11 +29,11 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from core.apps import AppsInvalid
+from core.apps import validate_apps
 from core.cpu import pid_alive
 from core.files import atomic_write_bytes, atomic_write_json
 from core.http import TRANSIENT, BodyTooLarge, RetryPolicy, TransientError, check_status, read_body, with_retries
-from core.steam import ASSETS_URL, asset_url, is_asset_path, plain_banner_path
+from core.steam import ASSETS_URL, asset_url, plain_banner_path
 
 RECORD_FILE = "banners.json"  # {"fetched": {appid: path}, "missing": {appid: path}}
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -70,18 +70,10 @@ class DownloadSummary:
 
 
 def banner_paths(apps: Iterable[int | Mapping[str, Any]]) -> dict[int, str]:
-    """appid -> the banner's path under the assets' base, in first-seen order, each appid once: the store's
-    path from the catalog, or the plain path for a bare appid or an entry without one."""
-    paths: dict[int, str] = {}
-    for app in apps:
-        appid = app["appid"] if isinstance(app, Mapping) else app
-        if isinstance(appid, bool) or not isinstance(appid, int) or appid <= 0:
-            raise AppsInvalid(f"not a valid appid: {appid!r}")
-        banner = app.get("banner") if isinstance(app, Mapping) else None
-        if banner is not None and not is_asset_path(banner):
-            raise AppsInvalid(f"appid {appid}: 'banner' is not a store asset path: {banner!r:.80}")
-        paths.setdefault(appid, banner or plain_banner_path(appid))
-    return paths
+    """appid -> the banner's path under the assets' base, each appid once (its first entry): the catalog's path,
+    or the plain path for a bare appid or an entry without one. ``AppsInvalid`` for a bad entry."""
+    entries = validate_apps([app if isinstance(app, Mapping) else {"appid": app} for app in apps])
+    return {app["appid"]: app.get("banner") or plain_banner_path(app["appid"]) for app in entries}
 
 
 def image_problem(data: bytes) -> str | None:
@@ -114,18 +106,13 @@ def file_is_valid(path: Path, max_bytes: int = MAX_BODY_BYTES) -> bool:
 
 
 def read_record(out_dir: Path) -> dict[str, dict[int, str]]:
-    """What earlier runs fetched and found missing, per appid (its path); unreadable: empty (it is a cache)."""
-    record: dict[str, dict[int, str]] = {"fetched": {}, "missing": {}}
+    """What earlier runs fetched and found missing, per appid (its path); unreadable: empty (it is a cache, and
+    its paths are only compared with the catalog's)."""
     try:
         data = json.loads((out_dir / RECORD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return record
-    for kind, paths in record.items():
-        entries = data.get(kind) if isinstance(data, dict) else None
-        for appid, path in (entries or {}).items() if isinstance(entries, dict) else ():
-            if appid.isascii() and appid.isdigit() and is_asset_path(path):
-                paths[int(appid)] = path
-    return record
+        return {kind: {int(appid): path for appid, path in data[kind].items()} for kind in ("fetched", "missing")}
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return {"fetched": {}, "missing": {}}
 
 
 def clean_stale_temp_files(out_dir: Path) -> None:
