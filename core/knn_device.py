@@ -1,8 +1,7 @@
 """Exact neighbour tables on an accelerator: a float64 brute force, which a GPU makes cheap.
 
-No float32 prefilter or error bound is needed there: every score is the float64 dot product of the stored values,
-and the result is ``core.knn.topk_table``'s table (best first, ties to the lower row, the row itself excluded,
-scores rounded to float32). It runs on any torch device (the tests run it on the CPU).
+Every score is the float64 dot product of the stored values, so no prefilter or error bound is needed, and the
+result is ``core.knn.topk_table``'s table. It runs on any torch device (the tests run it on the CPU).
 """
 
 from __future__ import annotations
