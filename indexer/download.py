@@ -98,9 +98,7 @@ def image_problem(data: bytes) -> str | None:
 def file_is_valid(path: Path, max_bytes: int = MAX_BODY_BYTES) -> bool:
     """Whether an existing banner is complete and decodable (a file cut short by a crash is not)."""
     try:
-        if path.stat().st_size > max_bytes:
-            return False
-        return image_problem(path.read_bytes()) is None
+        return path.stat().st_size <= max_bytes and image_problem(path.read_bytes()) is None
     except OSError:
         return False
 
