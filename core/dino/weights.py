@@ -175,7 +175,7 @@ def load_model(
             model = VisionTransformer(backbone.config)
         model.load_state_dict(state, strict=True, assign=True)
         if any(t.dtype != torch.float32 for t in model.state_dict().values()):
-            model = model.float()  # a half-precision checkpoint: converted (a private copy), as before
+            model = model.float()  # a half-precision checkpoint: converted to float32, a private copy
     except Exception as e:  # a truncated file, a pickle, another architecture...
         raise WeightsUnavailable(f"{path} is not a loadable {backbone.label} checkpoint: {e}") from e
     return model.eval().requires_grad_(False).to(device)
