@@ -76,21 +76,17 @@ def resolve_checkpoint(
     if cached.is_file():
         return cached
     url = checkpoint_url(backbone, url_override)
+    missing = f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent}"
     hint = (
         f"Download {url} elsewhere and put it at {cached} (set TORCH_HOME to change the folder), "
         f"or point {BASE_URL_ENV[backbone.family]} at a mirror."
     )
     if not download:
-        raise WeightsUnavailable(
-            f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent}. {hint}"
-        )
+        raise WeightsUnavailable(f"{missing}. {hint}")
     try:
         download_file(url, cached, timeout=DOWNLOAD_TIMEOUT, max_bytes=MAX_CHECKPOINT_BYTES, progress=progress)
     except (requests.RequestException, OSError, BodyTooLarge) as e:
-        raise WeightsUnavailable(
-            f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent} "
-            f"and could not be downloaded ({e}). {hint}"
-        ) from e
+        raise WeightsUnavailable(f"{missing} and could not be downloaded ({e}). {hint}") from e
     return cached
 
 
@@ -99,9 +95,8 @@ def fetch_checkpoint(
 ) -> Path:
     """Have the backbone's checkpoint in the cache, verified and mappable, before any upload needs it (boot).
 
-    Several processes may call this at once: a lock file lets one download while the others wait.
-    Retries a failed download; raises ``WeightsUnavailable`` after the last attempt, at once on a sha256
-    mismatch (``WeightsMismatch``) or when downloads are not allowed.
+    A lock file lets one of several processes download while the others wait. A failed download is retried;
+    ``WeightsUnavailable`` after the last attempt, at once for a sha256 mismatch or without downloads allowed.
     """
     cached = checkpoint_dir() / backbone.filename
 
