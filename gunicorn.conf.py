@@ -1,17 +1,10 @@
 """gunicorn settings for the service, started by ``python -m serving.launch`` (Procfile, Dockerfile, tests).
 
-Worker class: serving.worker.BufferedWorker, which reads whole requests before the app sees them, runs
-lookups inline and model passes in a small pool of lower-priority threads (docs/serving.md says why).
-
-preload_app: the master loads and checks the index once, before forking, so a bad index stops start-up
-with one message and the memory-mapped tables are shared by all workers. The master also imports torch
-before forking (when_ready), so the workers share its memory too. Models are loaded in each worker, on
-the first upload or at start with PRELOAD_MODELS. With INDEX_URL the app is not preloaded: the master
-binds $PORT at once and each worker fetches the index (app/boot.py).
-
-Environment, checked by serving/env.py: PORT (default 8000), WEB_CONCURRENCY (workers, default 2),
-GUNICORN_TIMEOUT (default 120 s), TORCH_THREADS, MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, LOG_LEVEL;
-also HOST and ACCESS_LOG.
+preload_app: the master loads and checks the index once before forking, so a bad index stops start-up with one
+message and the workers share the memory-mapped tables; it also imports torch (when_ready) for them to share.
+With INDEX_URL the app is not preloaded: the master binds $PORT at once and each worker fetches the index
+(app/boot.py). Environment, checked by serving/env.py: PORT, WEB_CONCURRENCY, GUNICORN_TIMEOUT, TORCH_THREADS,
+MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, LOG_LEVEL; also HOST and ACCESS_LOG.
 """
 
 import contextlib
@@ -57,14 +50,9 @@ def post_fork(server, worker):
 
 
 def _limit_malloc_arenas() -> None:
-    """At most MALLOC_ARENA_MAX glibc malloc arenas in a worker, and blocks over MALLOC_MMAP_THRESHOLD_
-    bytes always mapped on their own, so that what an upload's forward pass frees goes back to the system.
-
-    By default each of the worker's threads may get its own arena, which keeps what it freed, and glibc
-    raises its mmap threshold after each large block freed, so a forward pass's activations would end up
-    in the heap for good. glibc reads these variables only at exec: they are applied here, in the worker,
-    before its threads start.
-    """
+    """At most MALLOC_ARENA_MAX glibc arenas, and blocks over MALLOC_MMAP_THRESHOLD_ bytes mapped on their own,
+    so that what a forward pass frees goes back to the system instead of staying in a thread's arena. glibc
+    reads these variables only at exec: they are applied here, before the worker's threads start."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to limit
@@ -87,9 +75,8 @@ def post_worker_init(worker):
 
 
 def _freeze_heap() -> None:
-    """Leave what this process made so far (the app, the catalog's objects, torch's modules) out of garbage
-    collection: a full collection traverses every tracked object with the GIL held, a stall of every
-    request in flight, and writes to their headers, turning the pages the workers share into private copies."""
+    """Leave what this process made so far out of garbage collection: a full collection stalls every request
+    in flight, and its writes to object headers turn the pages the workers share into private copies."""
     gc.collect()
     gc.freeze()
 

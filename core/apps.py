@@ -1,8 +1,7 @@
 """App lists (``[{"appid": 620, "name": "Portal 2"}, ...]``): one reader and one set of rules for all.
 
-The same shape is read from a user's APPS.json (downloader, builder) and from an index's ``apps.json`` (service),
-so both are checked by the same code and a bad file gets the same clear message wherever it is read. Entries may
-carry more (the catalog's ``banner``, ``type``, ``release_date``...): they are kept.
+A user's APPS.json (downloader, builder) and an index's ``apps.json`` (service) are checked by the same code,
+with the same messages. Entries may carry more (the catalog's ``banner``, ``type``...): it is kept.
 """
 
 from __future__ import annotations
@@ -26,11 +25,8 @@ def _kind(value: Any) -> str:
 def validate_apps(
     data: Any, where: str = "apps", *, duplicates: Literal["first", "error"] = "first"
 ) -> list[dict[str, Any]]:
-    """The checked list of {"appid", "name", ...} (names may be omitted: ""; other keys are kept).
-
-    ``duplicates="first"`` keeps the first entry of a repeated appid (a user's
-    list); ``"error"`` refuses it (an index's rows must be unique).
-    """
+    """The checked list of {"appid", "name", ...} (a missing name is ""; other keys are kept). A repeated appid:
+    its first entry with ``duplicates="first"`` (a user's list), refused with ``"error"`` (an index's rows)."""
     if not isinstance(data, list):
         raise AppsInvalid(f"{where}: expected a JSON list of {{'appid': int, 'name': str}}, got {_kind(data)}")
     apps: dict[int, dict[str, Any]] = {}

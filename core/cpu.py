@@ -1,5 +1,4 @@
-"""Processes: the cores this one may use, and whether another is alive (torch-free: the gunicorn master and its
-hooks use it)."""
+"""Processes: the cores this one may use, and whether another is alive (torch-free, for the gunicorn master)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""Reading one setting's value: switches, whole numbers and numbers, with one-line errors naming the setting.
+"""Parsing one setting's value (switch, whole number, number), with one-line errors naming the setting.
 
-One parser for the service's settings (app/config.py), for those gunicorn needs before the app exists
-(serving/env.py, gunicorn.conf.py) and for the API's switches (app/params.py), so that ``1/0, true/false,
-yes/no, on/off`` mean the same everywhere and a typo names its variable.
+The service's settings (app/config.py), gunicorn's (serving/env.py) and the API's switches (app/params.py) use
+it, so that ``1/0, true/false, yes/no, on/off`` mean the same everywhere.
 """
 
 from __future__ import annotations

@@ -20,16 +20,12 @@ import numpy as np
 
 def fsync_dir(path: Path) -> None:
     """Persist a folder's entries (renames into it) across a power cut; best effort where unsupported."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile(): a full disk, without errno
@@ -88,9 +84,7 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}
-# Large enough that threads hashing beside a busy main thread (the service's start-up) spend their time
-# hashing, not waiting up to a switch interval (5 ms) for the GIL after every chunk.
-_HASH_CHUNK = 8 << 20
+_HASH_CHUNK = 8 << 20  # hashing threads beside a busy main thread wait for the GIL once per chunk, not per 64 KB
 
 
 def sha256_started(paths: list[Path], workers: int = 8) -> dict[Path, Future[str]]:
@@ -118,11 +112,10 @@ def sha256_file(path: Path, *, cache: bool = False) -> str:
             return _sha_cache[key]
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        # a buffer no larger than the file: a banner's 230 KB, not 8 MB to zero per file
-        buf = bytearray(max(1, min(_HASH_CHUNK, os.fstat(f.fileno()).st_size)))
+        buf = bytearray(max(1, min(_HASH_CHUNK, os.fstat(f.fileno()).st_size)))  # a banner's: not 8 MB to zero
         view = memoryview(buf)
         while size := f.readinto(buf):
-            h.update(view[:size])  # reading and hashing release the GIL: 8 MB between two waits for it
+            h.update(view[:size])
     digest = h.hexdigest()
     if key is not None:
         _sha_cache[key] = digest

@@ -1,12 +1,10 @@
-"""Reading HTTP bodies with a size cap and a deadline, and retrying what failed: the one copy every download uses.
+"""HTTP bodies read under a size cap and a deadline, and one retry loop: what every download uses.
 
-requests' timeouts bound each socket read, not the whole body: a server that
-trickles a byte at a time would hold a download forever, and a body larger
-than expected would fill memory or the disk. Banners, fallback banners,
-checkpoints and indexes all read their bodies through ``iter_body``; the
-service's fetches of uploaded URLs (urllib3, pinned to a checked address)
-through ``iter_raw_body``, which it wraps. ``with_retries`` under a ``RetryPolicy`` is the one retry loop of
-the banner downloader, the catalog's store calls, the index fetch and the weights fetch.
+requests' timeouts bound each socket read, not the whole body: a server trickling a byte at a time would hold
+a download forever, and a larger body than expected would fill memory or the disk. Banners, checkpoints,
+indexes and the CDN fallback read their bodies through ``iter_body``; the service's fetches of uploaded URLs
+through ``iter_raw_body``. ``with_retries`` under a ``RetryPolicy`` retries the downloader, the store's calls,
+the index fetch and the weights fetch.
 """
 
 from __future__ import annotations
@@ -73,9 +71,9 @@ def with_retries(
     stop: threading.Event | None = None,
     on_retry: Callable[[Exception, int, float], object] | None = None,
 ) -> T:
-    """``call()``'s result, calling again after each failure that ``retry_if`` accepts, ``policy.attempts`` times
-    in all. The last failure propagates, and so does one whose pause ``stop`` cuts short. ``on_retry(error,
-    failed attempts, pause)`` tells a caller's user what is happening."""
+    """``call()``'s result, called again after each failure that ``retry_if`` accepts, ``policy.attempts`` times in
+    all; the last failure propagates, as does one whose pause ``stop`` cuts short. ``on_retry(error, failures,
+    pause)`` tells the user."""
     failed = 0
     while True:
         try:
@@ -130,13 +128,9 @@ def iter_raw_body(
     chunk_size: int = 1 << 16,
     decode_content: bool = True,
 ) -> Iterator[bytes]:
-    """The body of a urllib3 response, as each socket read brings it (at most ``chunk_size`` bytes).
-
-    Unlike ``iter_content``, which waits for whole chunks, a server trickling bytes cannot hold a
-    read past the deadline. Raises ``BodyTooLarge`` past ``max_bytes`` (or when Content-Length already
-    says so) and ``BodyTooSlow`` after ``deadline`` (a ``time.monotonic()`` value); urllib3's own
-    errors pass through.
-    """
+    """The body of a urllib3 response as each socket read brings it, so a trickle cannot hold a read past the
+    deadline (``iter_content`` waits for whole chunks). ``BodyTooLarge`` past ``max_bytes`` (or a Content-Length
+    over it), ``BodyTooSlow`` after ``deadline`` (``time.monotonic()``); urllib3's own errors pass through."""
     declared = declared_length(raw.headers)
     if max_bytes is not None and declared is not None and declared > max_bytes:
         raise BodyTooLarge(f"body too large ({declared} > {max_bytes} bytes)")
@@ -158,11 +152,9 @@ def iter_body(
     stop: threading.Event | None = None,
     chunk_size: int = 1 << 16,
 ) -> Iterator[bytes]:
-    """The body of a streamed requests response, chunk by chunk, under ``iter_raw_body``'s limits.
-
-    Errors are requests' (as ``iter_content`` maps them), but for ``BodyTooLarge``: ``requests.Timeout``
-    after ``deadline`` and ``requests.ConnectionError`` once ``stop`` is set.
-    """
+    """A streamed requests response's body under ``iter_raw_body``'s limits, with requests' errors (as
+    ``iter_content`` maps them) but ``BodyTooLarge``: ``requests.Timeout`` after ``deadline``,
+    ``requests.ConnectionError`` once ``stop`` is set."""
     try:
         for chunk in iter_raw_body(resp.raw, max_bytes=max_bytes, deadline=deadline, chunk_size=chunk_size):
             if stop is not None and stop.is_set():
@@ -194,7 +186,6 @@ def download_file(
     max_bytes: int | None = None,
     max_seconds: float | None = None,
     progress: bool = False,
-    session: requests.Session | None = None,
 ) -> int:
     """Stream url into dst; dst appears (atomically, fsynced) only when the whole body arrived.
 
@@ -205,7 +196,7 @@ def download_file(
 
     deadline = time.monotonic() + max_seconds if max_seconds else None
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with (session or requests).get(url, stream=True, timeout=timeout) as r:
+    with requests.get(url, stream=True, timeout=timeout) as r:
         check_status(r)
         total = declared_length(r.headers) if not r.headers.get("Content-Encoding") else None
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=dst.name, disable=not progress, leave=False)

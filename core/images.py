@@ -1,24 +1,15 @@
-"""Decoding images safely into RGB, for uploads and for the banner folder alike.
+"""Decoding untrusted images safely into RGB, for uploads and for the banner folder alike.
 
-Everything that can go wrong with an untrusted file is turned into an
-``ImageRejected`` with a stable code: not an image at all, a format we do not
-accept, more pixels than allowed (checked from the header, before any pixel
-is decoded, so decompression bombs cost nothing), or a corrupt/truncated
-file. Any mode is converted to RGB the way a viewer would show it:
-transparency composited on white, 16-bit greyscale scaled rather than
-clipped, EXIF orientation applied. Only the first frame of an animation is decoded.
+Whatever goes wrong is an ``ImageRejected`` with a stable code: not an image, a format not accepted, too many
+pixels, too much decoding work, corrupt or truncated data. Any mode becomes RGB as a viewer shows it
+(transparency on white, 16-bit greyscale scaled, EXIF orientation applied; an animation's first frame).
 
-Cost is bounded before any pixel is decoded, from the header alone: the pixel
-cap, an aspect-ratio cap and, when the caller says how the image will be
-resized (``resize_to``), a cap on the resized size (a 1 x 40000 image is tiny
-but becomes 256 x 10,240,000 under ``dino``'s shorter-edge resize). For JPEGs
-and MPOs (JPEG frames behind a multi-picture header) the scans are counted from
-the markers (a progressive file can repeat empty scans by the thousand, each a
-pass over every block), and a JPEG much larger than needed is decoded at a
-reduced DCT scale (``draft``). A WebP's canvas is checked from its header before
-Pillow opens it: libwebp allocates its canvases as the file is opened. Memory is
-about ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap at most (WebP: its own cap);
-``core.isolated`` enforces that bound, and a deadline, on whatever a decoder does.
+The cost is bounded from the header before any pixel is decoded: the pixel cap, an aspect-ratio cap and, given
+the caller's resize (``resize_to``), a cap on the resized size (a 1 x 40000 image becomes 256 x 10,240,000
+under ``dino``'s shorter-edge resize). A JPEG's (or MPO's) scans are counted from its markers (a progressive
+file can repeat empty scans by the thousand), and one much larger than needed is decoded at a reduced DCT
+scale; a WebP's canvas is checked from its header, since libwebp allocates it as the file is opened. Memory
+stays within about ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap, which ``core.isolated`` enforces.
 """
 
 from __future__ import annotations
@@ -70,23 +61,21 @@ def open_image(
     source: bytes | str | Path,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    formats: tuple[str, ...] = ALLOWED_FORMATS,
     resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Decode source (bytes or a path) into a fully loaded RGB image.
 
-    ``resize_to(width, height)`` is the (width, height) the caller will resize to (see
-    ``core.dino.preprocess``): it bounds the resized size, and lets a huge image be decoded
-    (JPEG) or shrunk (any format) to a reduced size that is still at least twice that size.
+    ``resize_to(width, height)`` is the size the caller will resize to (``core.dino.preprocess``): it bounds
+    the resized size, and lets a huge image be decoded or shrunk to no less than twice that size.
     ``info["source_size"]`` is the (width, height) shown, before any reduction.
     """
     data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
-    img = _open(data, max_pixels, formats)
+    img = _open(data, max_pixels)
     width, height = img.size
     target = check_geometry(width, height, resize_to)
     if img.format in JPEG_FORMATS:
         _bound_jpeg(img, data, target, max_pixels)
-    img = _load(img, data, formats)
+    img = _load(img, data)
     out = _reduce_to_rgb(img, resize_to)
     out.info["source_size"] = (width, height)
     with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
@@ -113,19 +102,18 @@ def _bound_jpeg(
         check_memory(f"a {width}x{height} progressive JPEG", needed, max_pixels)
 
 
-def _open(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Pillow's image of the header, its size checked against the pixel caps; nothing decoded yet."""
-    canvas = webp_canvas(data[:30]) if "WEBP" in formats else None
-    if canvas:  # before Pillow opens it: libwebp allocates its canvases as the file is opened
+    if canvas := webp_canvas(data[:30]):  # before Pillow opens it: libwebp allocates its canvases as the file is opened
         check_memory(f"a {canvas[0]}x{canvas[1]} WebP", canvas[0] * canvas[1] * WEBP_BYTES_PER_PIXEL, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-            img = Image.open(io.BytesIO(data), formats=list(formats))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageRejected("too_many_pixels", f"image has too many pixels; the limit is {max_pixels:,}") from None
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", _unidentified_message(data, formats)) from None
+        raise ImageRejected("not_an_image", _unidentified_message(data)) from None
     except MemoryError:
         raise
     except Exception as e:  # a header Pillow recognised but could not parse
@@ -203,10 +191,8 @@ def check_geometry(
 
 
 def _reduce_to_rgb(img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None) -> Image.Image:
-    """RGB; an image many times larger than needed is also shrunk by an integer factor (box filter), keeping at
-    least twice the resized size. It is shrunk in bands, each converted to RGB first, so that a conversion's
-    copies (alpha on white: three; a palette; 16 bits) cost a band, not the whole image. Banners of ordinary
-    sizes are converted exactly as they are."""
+    """RGB; an image many times larger than needed is also shrunk by an integer factor (box filter) to at least
+    twice the resized size, in bands each converted first, so that a conversion's copies cost a band."""
     factor = 1
     if resize_to is not None:
         tw, th = resize_to(img.width, img.height)
@@ -224,11 +210,9 @@ def _reduce_to_rgb(img: Image.Image, resize_to: Callable[[int, int], tuple[int, 
 def check_jpeg_scans(data: bytes, pixels: int) -> int:
     """Bound a JPEG's scans by its SOS markers (no decoding); refuse more than the decode-work budget allows.
 
-    Every ``FF DA`` pair in the bytes is counted, wherever it sits: libjpeg finds each next marker by
-    skipping whatever precedes an 0xFF, so junk between segments hides no scan from it, and
-    entropy-coded data never holds the pair (its 0xFF bytes are followed by 0x00 or a restart marker).
-    The count is an upper bound on the scans libjpeg decodes, in a JPEG and in any container of JPEG
-    streams (MPO, EXIF thumbnails), at memory speed.
+    Every ``FF DA`` pair in the bytes counts, wherever it sits: libjpeg skips junk before a marker, and
+    entropy-coded data never holds the pair (its 0xFF is followed by 0x00 or a restart marker). So the count
+    bounds the scans libjpeg decodes, in a JPEG and in any container of JPEG streams (MPO, EXIF thumbnails).
     """
     limit = min(MAX_JPEG_SCANS, max(1, MAX_JPEG_SCAN_WORK // max(1, pixels)))
     scans = data.count(b"\xff\xda")
@@ -241,14 +225,14 @@ def check_jpeg_scans(data: bytes, pixels: int) -> int:
     return scans
 
 
-def _load(img: Image.Image, data: bytes, formats: tuple[str, ...]) -> Image.Image:
+def _load(img: Image.Image, data: bytes) -> Image.Image:
     """Decode the pixels (the first frame); any failure of the data is a ``corrupt_image``."""
     try:
         if img.format == "PNG":
             # Pillow checks the CRC of image data chunks only in verify(), which leaves the
             # image unusable: verify the chunks (no decompression), then open it again.
             img.verify()
-            img = Image.open(io.BytesIO(data), formats=list(formats))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         img.seek(0)  # first frame of an animation
         img.load()
     except MemoryError:
@@ -258,10 +242,10 @@ def _load(img: Image.Image, data: bytes, formats: tuple[str, ...]) -> Image.Imag
     return img
 
 
-def _unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
-    accepted = ", ".join(formats)
+def _unidentified_message(data: bytes) -> str:
+    accepted = ", ".join(ALLOWED_FORMATS)
     found = image_format(data)
-    if found and found not in formats:
+    if found and found not in ALLOWED_FORMATS:
         return f"{found} images are not accepted; send one of: {accepted}"
     return f"not a recognised image; send one of: {accepted}"
 

@@ -1,10 +1,9 @@
 """Decoding an untrusted image in a child process, under a memory cap and a deadline it cannot exceed.
 
-The header checks of ``core.images`` bound what can be known ahead. The rest (a decoder's own
-buffers, Pillow's decoders written in Python, whatever the next file finds) is bounded here: the image
-is decoded in a child forked for it, whose address space may grow by ``DECODE_BYTES_PER_PIXEL`` per
-pixel of the cap (RLIMIT_AS) and which is killed at the deadline, so one upload can neither hold its
-worker longer nor take more memory. The decoded RGB image comes back through a pipe, a band at a time.
+``core.images`` bounds what the header tells; the rest (a decoder's own buffers, Pillow's Python decoders) is
+bounded here: the image is decoded in a child forked for it, whose address space may grow by
+``DECODE_BYTES_PER_PIXEL`` per pixel of the cap (RLIMIT_AS) and which is killed at the deadline. The RGB image
+comes back through a pipe, a band at a time.
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ def open_image_isolated(
     timeout: float,
     resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """``open_image(data, ...)`` run in a child process: the same image (``info["source_size"]`` included) or
-    ``ImageRejected``, which also answers a decode that would take more memory or time than allowed."""
+    """``open_image(data, ...)`` in a child process: the same image or ``ImageRejected``, which also answers a
+    decode that would take more memory or time than allowed."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -1,20 +1,15 @@
 """Exact cosine k-nearest neighbours over stored (L2-normalised) embeddings.
 
-"Exact" means: the neighbours and scores a float64 brute force over the stored values gives, best
-first, ties broken by the lower row, scores rounded to float32; so the tables and the upload search
-agree. For float16 storage (what the index keeps) the float64 sums are exact whatever their order:
-the products are multiples of 2**-48 and no partial sum exceeds |x| |y| ~ 1.
+"Exact": the neighbours and scores of a float64 brute force over the stored values, best first, ties to the
+lower row, scores rounded to float32, so that the tables and the upload search agree. For float16 storage the
+float64 sums are exact in any order (the products are multiples of 2**-48, no partial sum exceeds ~1).
 
-float64 products over the whole table cost twice the float32 ones, so both entry points prefilter
-in lower precision, with a rigorous bound ``E`` on the error, and rescore in float64 only the rows
-within ``2 E`` of the k-th best: a row left out scores below ``t_k - E``, under each of the k kept.
-
-- ``topk_table`` (offline): float32 products of a chunk of rows against all rows (numpy's BLAS),
-  then each row's best k + margin, rescored.
-- ``ExactSearch`` (one upload): exact integer scores of an int8 sketch of the rows (``core.sketch``),
-  each with its own bound. The k best are rescored, and their k-th exact score is the threshold a
-  row's upper bound must reach. A probe at start-up checks the integer kernel, else every search
-  scans in float64.
+Both entry points prefilter in lower precision under a rigorous error bound ``E`` and rescore in float64 only
+the rows within ``2 E`` of the k-th best (a row left out scores below ``t_k - E``, under each of the k kept):
+``topk_table`` (offline) with float32 products of a chunk of rows against all rows; ``ExactSearch`` (one
+upload) with the exact integer scores of an int8 sketch (``core.sketch``), each with its own bound, whose k
+best, rescored, set the threshold a row's upper bound must reach. Where the integer kernel fails its probe at
+start-up, every search scans in float64.
 """
 
 from __future__ import annotations
@@ -121,12 +116,10 @@ def topk_table(
     chunk_rows: int = 512,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's k most similar other rows: ``(neighbours (N, k) int32, scores (N, k) float32)``.
+    """Every row's k most similar other rows, exactly: ``(neighbours (N, k) int32, scores (N, k) float32)``.
 
-    Exact (see the module docstring), the row itself excluded, independent of ``chunk_rows``; ``k`` is
-    capped to N - 1. ``progress`` is called after each chunk with its number of rows (``tqdm.update``
-    fits). Memory: a float32 copy of the table (4 N D bytes), chunk_rows x N float32 scores and their
-    top-list indices (int64, x 3 again).
+    The row itself excluded, ``k`` capped to N - 1; ``progress(rows)`` after each chunk. Memory: a float32 copy
+    of the table and chunk_rows x N float32 scores with their top-list indices.
     """
     table = check_table(embeddings)
     k = check_count(k, "k")
@@ -156,11 +149,9 @@ def topk_table(
 class ExactSearch:
     """Exact top k of one query against a fixed table; built once, then safe to call from many threads.
 
-    The prefilter is an int8 sketch of the rows (``core.sketch``: N D bytes, half the float16 table), whose exact
-    integer scores come with a per-row error bound; the stored rows are read only for the candidates it leaves, so
-    a memory-mapped table is mostly never paged in by searches. ``sketch``: the table's stored sketch
-    (``Int8Sketch.of(embeddings)``, as the index keeps it; the table is then not read at all here), else one is
-    made now. ``threads``: the prefilter's threads (default: the cores this process may use).
+    The int8 sketch (``core.sketch``: half the float16 table's bytes) prefilters, and only its candidates' stored
+    rows are read, so searches leave a memory-mapped table mostly unread. ``sketch``: the index's stored one,
+    else one is made now. ``threads``: the prefilter's (default: the cores this process may use).
     """
 
     def __init__(self, embeddings: np.ndarray, threads: int | None = None, sketch: Int8Sketch | None = None) -> None:
@@ -207,10 +198,9 @@ class ExactSearch:
     def _rescored(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of every row that can reach the top k, and of few more.
 
-        The k best approximations are rescored first: the k-th of their exact scores is a floor under
-        the answer's k-th, and close to it. Only rows whose upper bound reaches that floor can still
-        be in the top k (or tie); the sketch tightens their bounds, and those that still reach it are
-        rescored. Any other row scores below k rows already scored.
+        The k best approximations, rescored, give a floor under the answer's k-th score; only rows whose upper
+        bound reaches it can still be in the top k (or tie), and those still reaching it once the sketch's
+        second level tightens their bounds are rescored.
         """
         norm = float(np.linalg.norm(q)) or 1.0
         unit = q / norm

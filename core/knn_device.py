@@ -1,8 +1,7 @@
 """Exact neighbour tables on an accelerator: a float64 brute force, which a GPU makes cheap.
 
-No float32 prefilter or error bound is needed there: every score is the float64 dot product of the stored values,
-and the result is ``core.knn.topk_table``'s table (best first, ties to the lower row, the row itself excluded,
-scores rounded to float32). It runs on any torch device (the tests run it on the CPU).
+Every score is the float64 dot product of the stored values, so no prefilter or error bound is needed, and the
+result is ``core.knn.topk_table``'s table. It runs on any torch device (the tests run it on the CPU).
 """
 
 from __future__ import annotations
@@ -22,10 +21,14 @@ def topk_table_device(
     k: int,
     device: str | torch.device,
     *,
+    queries: np.ndarray | None = None,
     chunk_rows: int | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(neighbours (N, k) int32, scores (N, k) float32)`` as ``topk_table``, computed on ``device``."""
+    """``(neighbours (N, k) int32, scores (N, k) float32)`` as ``topk_table``, computed on ``device``.
+
+    ``queries`` (Q, D): the tables of those rows instead of the table's own (row i still excludes row i).
+    """
     table = check_table(embeddings)
     k = min(check_count(k, "k"), table.shape[0] - 1)
     n = table.shape[0]
@@ -35,15 +38,17 @@ def topk_table_device(
         raise ValueError(f"embeddings contain NaN or infinite values (row {int(torch.nonzero(~finite)[0, 0])})")
     if float(torch.linalg.vector_norm(x, dim=1).max()) > 1e18:
         raise ValueError("embeddings must be L2-normalised")
+    q = x if queries is None else torch.from_numpy(np.ascontiguousarray(queries)).to(device).double()
+    rows = q.shape[0]
     if k == 0:
         if progress is not None:
-            progress(n)
-        return np.empty((n, 0), dtype=np.int32), np.empty((n, 0), dtype=np.float32)
-    step = chunk_rows or max(1, min(n, _CHUNK_BYTES // (8 * n)))
+            progress(rows)
+        return np.empty((rows, 0), dtype=np.int32), np.empty((rows, 0), dtype=np.float32)
+    step = chunk_rows or max(1, min(rows, _CHUNK_BYTES // (8 * n)))
     neighbours, scores = [], []
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = x[start:stop] @ x.T
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = q[start:stop] @ x.T
         local = torch.arange(stop - start, device=block.device)
         block[local, local + start] = -torch.inf  # never the row itself
         cols, vals = best_k(block, k)

@@ -51,9 +51,8 @@ class CodedQuery(NamedTuple):
 class Int8Sketch:
     """int8 codes of a table's rows, with what bounds their scores' error; immutable once made.
 
-    ``Int8Sketch.of(table)`` makes one; the index stores its ``arrays()`` beside the embeddings
-    (``<Strategy>/sketch/``), so that the service maps them, shared by its workers, instead of
-    making a private copy in each.
+    ``Int8Sketch.of(table)`` makes one; the index stores its ``arrays()`` (``<Strategy>/sketch/``), which the
+    service maps, shared by its workers.
     """
 
     FILES = ("codes.npy", "columns.npy", "rows.npy")
@@ -74,8 +73,6 @@ class Int8Sketch:
     def of(cls, table: np.ndarray) -> Int8Sketch:
         """The sketch of a 2-D float table (a memmap is read a block of rows at a time)."""
         n, dim = table.shape
-        if not sketch_fits(dim):
-            raise ValueError(f"dimension {dim} is too large for int32 sums of int8 products")
         peak = _column_peaks(table)
         column_scale = np.where(peak > 0, peak, 1.0)
         codes = np.empty((n, dim), dtype=np.int8)
@@ -104,11 +101,8 @@ class Int8Sketch:
         return approx, self._bound(query.norm, query.residual, slice(None))
 
     def refined(self, query: CodedQuery, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Closer scores of some rows, given their ``scores`` (``approx``), and their bounds.
-
-        A second int8 level codes what the first left of the query, so only the rows' own rounding remains in the
-        bound (about half of it). It reads only these rows' codes: a search's last candidates, after the full pass.
-        """
+        """Closer scores of some rows (a search's last candidates), given their ``scores`` (``approx``), and their
+        bounds: a second int8 level codes what the first left of the query, so only the rows' rounding remains."""
         codes, scale, left = _coded(query.residual)
         rows = np.asarray(rows, dtype=np.intp)
         if rows.size == 0:
@@ -154,11 +148,8 @@ def _quantise(block: np.ndarray, column_scale: np.ndarray, codes: np.ndarray, ro
 
 
 def _column_peaks(table: np.ndarray) -> np.ndarray:
-    """Each column's largest |value|, as float64.
-
-    For float16, on the bits: without the sign bit, finite float16 values order as their uint16
-    patterns do, and integer reductions are many times faster than numpy's float16 ones.
-    """
+    """Each column's largest |value|, as float64; for float16 on the bits (without the sign bit, finite float16
+    values order as their uint16 patterns, and integer reductions are many times faster)."""
     peak = np.zeros(table.shape[1])
     for start in range(0, table.shape[0], _ROWS):
         rows = np.asarray(table[start : start + _ROWS])
@@ -178,10 +169,7 @@ def _coded(vector: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
 
 
 def _round_to_codes(rows: np.ndarray) -> np.ndarray:
-    """Round float64 rows, in place, to integers in [-127, 127] of the row's peak; return each row's scale.
-
-    An all-zero row gets scale 0 and codes 0.
-    """
+    """Round float64 rows, in place, to integers in [-127, 127] of the row's peak; each row's scale (0: all zero)."""
     peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))
     rows *= np.divide(_LEVELS, peak, out=np.zeros_like(peak), where=peak > 0)[:, None]
     np.rint(rows, out=rows)

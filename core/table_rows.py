@@ -1,8 +1,8 @@
 """Rows of a memory-mapped table, read with ``pread`` instead of through the mapping.
 
-Touching one row of a mapping maps a whole page-cache folio around it, so a few hundred random lookups would leave
-every table mapped, and counted in every worker's RSS (what a Heroku-like host meters); ``pread`` reads the same
-page cache and maps nothing. Arrays that are not whole read-only memory-mapped files are read by indexing.
+Touching a row of a mapping maps a page-cache folio around it, so random lookups would leave every table mapped
+and counted in each worker's RSS (what the host meters); ``pread`` reads the same page cache and maps nothing.
+Other arrays are read by indexing.
 """
 
 from __future__ import annotations

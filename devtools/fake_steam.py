@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
-import io
 import json
 import threading
 import time
@@ -23,7 +22,7 @@ from functools import cache
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from devtools.synthetic import synthetic_banner
+from devtools.workspace import banner_jpeg
 
 ENDPOINTS = {"/IStoreService/GetAppList/v1/": "GetAppList", "/IStoreBrowseService/GetItems/v1/": "GetItems"}
 
@@ -50,13 +49,6 @@ class FakeGame:
     last_modified: int = 1_700_000_000
 
 
-@cache
-def banner_jpeg(seed: int) -> bytes:
-    buf = io.BytesIO()
-    synthetic_banner(seed).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 class FakeSteam:
     def __init__(self, games: dict[int, FakeGame], *, page_size: int = 50000, spy_page_size: int = 1000) -> None:
         self.games = games
@@ -70,7 +62,7 @@ class FakeSteam:
         self.counts: Counter[str] = Counter()
         self.queries: list[dict[str, list[str]]] = []  # GetAppList's, in order
         self.lock = threading.Lock()
-        self.server = start_http_server(_handler(self))
+        self.server = start_http_server(type("Handler", (_Handler,), {"fake": self}))
         self.server.handle_error = lambda *a: None  # a client that gave up on a slow answer is expected
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -93,7 +85,7 @@ class FakeSteam:
         return f"steam/apps/{appid}/{self.capsule(appid)}"
 
     def banner_bytes(self, appid: int) -> bytes:
-        return banner_jpeg(appid * 1000 + self.games[appid].token)
+        return _banner(appid * 1000 + self.games[appid].token)
 
     def item(self, appid: int) -> dict[str, Any] | None:
         game = self.games.get(appid)
@@ -115,70 +107,77 @@ class FakeSteam:
         self.server.server_close()
 
 
-def _handler(fake: FakeSteam) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
+_banner = cache(banner_jpeg)
 
-        def send(self, code: int, body: bytes, ctype: str = "application/json", **headers: str) -> None:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in headers.items():
-                    self.send_header(name.replace("_", "-"), value)
-                self.end_headers()
-                self.wfile.write(body)
 
-        def do_GET(self) -> None:
-            url = urlsplit(self.path)
-            query = parse_qs(url.query)
-            endpoint = ENDPOINTS.get(url.path, "SteamSpy" if url.path == "/api.php" else "CDN")
-            with fake.lock:
-                fake.counts[endpoint] += 1
-                fake.counts[url.path] += endpoint == "CDN"
-                fault = fake.faults[endpoint].pop(0) if fake.faults[endpoint] else None
-                if endpoint == "GetAppList":
-                    fake.queries.append(query)
-            if fault == "slow":
-                time.sleep(fake.slow_s)
-            if fault in ("429", "503"):
-                self.send(int(fault), b"busy", "text/plain", Retry_After=fake.retry_after)
-            elif fault == "malformed":
-                self.send(200, b'{"response": {"store_it')
-            else:
-                getattr(self, endpoint)(query, url.path)
+class _Handler(http.server.BaseHTTPRequestHandler):
+    fake: FakeSteam  # set on the subclass each FakeSteam serves
 
-        def json(self, data: object) -> None:
-            self.send(200, json.dumps(data).encode())
+    def log_message(self, *args) -> None:
+        pass
 
-        def GetAppList(self, query: dict, path: str) -> None:
-            if query.get("key") != [fake.key]:
-                return self.send(403, b"<html><body>Forbidden</body></html>", "text/html")
-            last, since = int(query["last_appid"][0]), int(query.get("if_modified_since", ["0"])[0])
-            size = min(int(query["max_results"][0]), fake.page_size)
-            listed = [a for a, g in sorted(fake.games.items()) if a > last and g.visible and g.last_modified > since]
-            page = [{"appid": a, "name": fake.games[a].name, "last_modified": fake.games[a].last_modified,
-                     "price_change_number": 1} for a in listed[:size]]  # fmt: skip
-            more = {"have_more_results": True, "last_appid": listed[size - 1]} if len(listed) > size else {}
-            self.json({"response": {"apps": page, **more}})
+    def send(self, code: int, body: bytes, ctype: str = "application/json", **headers: str) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(body)
 
-        def GetItems(self, query: dict, path: str) -> None:
-            ids = [i["appid"] for i in json.loads(query["input_json"][0])["ids"]]
-            items = [item for a in ids if (item := fake.item(a)) is not None]
-            self.json({"response": {"store_items": items + fake.extra_items}})
+    def do_GET(self) -> None:
+        fake = self.fake
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        endpoint = ENDPOINTS.get(url.path, "SteamSpy" if url.path == "/api.php" else "CDN")
+        with fake.lock:
+            fake.counts[endpoint] += 1
+            fake.counts[url.path] += endpoint == "CDN"
+            fault = fake.faults[endpoint].pop(0) if fake.faults[endpoint] else None
+            if endpoint == "GetAppList":
+                fake.queries.append(query)
+        if fault == "slow":
+            time.sleep(fake.slow_s)
+        if fault in ("429", "503"):
+            self.send(int(fault), b"busy", "text/plain", Retry_After=fake.retry_after)
+        elif fault == "malformed":
+            self.send(200, b'{"response": {"store_it')
+        else:
+            getattr(self, endpoint)(query, url.path)
 
-        def SteamSpy(self, query: dict, path: str) -> None:
-            page, size = int(query["page"][0]), fake.spy_page_size
-            listed = [a for a, g in sorted(fake.games.items()) if g.visible][page * size : (page + 1) * size]
-            self.json({str(a): {"appid": a, "name": fake.games[a].name, "owners": "0 .. 20,000"} for a in listed})
+    def json(self, data: object) -> None:
+        self.send(200, json.dumps(data).encode())
 
-        def CDN(self, query: dict, path: str) -> None:
-            parts = path.split("/")  # /store_item_assets/steam/apps/<appid>/...
-            appid = int(parts[4]) if len(parts) > 5 and parts[4].isdigit() else 0
-            if appid in fake.games and path == f"/store_item_assets/{fake.banner_path(appid)}":
-                self.send(200, fake.banner_bytes(appid), "image/jpeg")
-            else:
-                self.send(404, b"not found", "text/plain")
+    def GetAppList(self, query: dict, path: str) -> None:
+        fake = self.fake
+        if query.get("key") != [fake.key]:
+            return self.send(403, b"<html><body>Forbidden</body></html>", "text/html")
+        last, since = int(query["last_appid"][0]), int(query.get("if_modified_since", ["0"])[0])
+        size = min(int(query["max_results"][0]), fake.page_size)
+        listed = [a for a, g in sorted(fake.games.items()) if a > last and g.visible and g.last_modified > since]
+        page = [{"appid": a, "name": fake.games[a].name, "last_modified": fake.games[a].last_modified,
+                 "price_change_number": 1} for a in listed[:size]]  # fmt: skip
+        more = {"have_more_results": True, "last_appid": listed[size - 1]} if len(listed) > size else {}
+        self.json({"response": {"apps": page, **more}})
 
-    return Handler
+    def GetItems(self, query: dict, path: str) -> None:
+        fake = self.fake
+        ids = [i["appid"] for i in json.loads(query["input_json"][0])["ids"]]
+        items = [item for a in ids if (item := fake.item(a)) is not None]
+        self.json({"response": {"store_items": items + fake.extra_items}})
+
+    def SteamSpy(self, query: dict, path: str) -> None:
+        fake = self.fake
+        page, size = int(query["page"][0]), fake.spy_page_size
+        listed = [a for a, g in sorted(fake.games.items()) if g.visible][page * size : (page + 1) * size]
+        self.json({str(a): {"appid": a, "name": fake.games[a].name, "owners": "0 .. 20,000"} for a in listed})
+
+    def CDN(self, query: dict, path: str) -> None:
+        fake = self.fake
+        parts = path.split("/")  # /store_item_assets/steam/apps/<appid>/...
+        appid = int(parts[4]) if len(parts) > 5 and parts[4].isdigit() else 0
+        if appid in fake.games and path == f"/store_item_assets/{fake.banner_path(appid)}":
+            self.send(200, fake.banner_bytes(appid), "image/jpeg")
+        else:
+            self.send(404, b"not found", "text/plain")

@@ -156,34 +156,23 @@ def _socket_inodes(pid: int) -> set[str]:
     return out
 
 
-def connection_owner(server_port: int, client_port: int, pids: Sequence[int]) -> int | None:
-    """The worker holding the server side of our 127.0.0.1 connection from ``client_port`` (via /proc/net/tcp)."""
+def _server_side(server_port: int) -> list[list[str]]:
+    """The fields of /proc/net/tcp's rows for the server side of 127.0.0.1:server_port."""
     local = f"0100007F:{server_port:04X}"
-    remote = f"0100007F:{client_port:04X}"
-    inode = None
     with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if parts[1] == local and parts[2] == remote:
-                inode = parts[9]
-                break
-    if inode is None:
-        return None
-    for pid in pids:
-        if inode in _socket_inodes(pid):
-            return pid
-    return None
+        return [parts for line in f.readlines()[1:] if (parts := line.split())[1] == local]
+
+
+def connection_owner(server_port: int, client_port: int, pids: Sequence[int]) -> int | None:
+    """The worker holding the server side of our 127.0.0.1 connection from ``client_port``."""
+    remote = f"0100007F:{client_port:04X}"
+    inode = next((parts[9] for parts in _server_side(server_port) if parts[2] == remote), None)
+    return next((pid for pid in pids if inode in _socket_inodes(pid)), None) if inode else None
 
 
 def connections_per_worker(server_port: int, pids: Sequence[int]) -> list[int]:
-    """How many established connections to 127.0.0.1:server_port each worker holds (from /proc)."""
-    local = f"0100007F:{server_port:04X}"
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if parts[1] == local and parts[3] == "01":  # ESTABLISHED, server side
-                inodes.add(parts[9])
+    """How many established connections to 127.0.0.1:server_port each worker holds."""
+    inodes = {parts[9] for parts in _server_side(server_port) if parts[3] == "01"}  # ESTABLISHED
     return [len(inodes & _socket_inodes(pid)) for pid in pids]
 
 

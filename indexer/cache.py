@@ -1,10 +1,10 @@
 """The build's embedding cache: what makes a build resumable and incremental.
 
 Every finished batch is written at once, atomically, as a chunk: each banner's sha256 and, per strategy key, its
-float32 features (and the banners that could not be decoded, with why). A killed run loses at most the batch in
-flight. After a successful build the chunks are merged into one store file per key, which later builds reuse:
-only new or changed banners are embedded. A key hashes what determines the features: the strategy's settings, the
-checkpoint's sha256 and the precision. The cache lives beside the index (``.<index>.work/``), locked by one build.
+float32 features (and the banners that could not be decoded, with why), so a killed run loses at most the batch
+in flight. After a successful build the chunks are merged into one store file per key, which later builds reuse:
+only new or changed banners are embedded. A key hashes what determines the features (the strategy's settings, the
+checkpoint's sha256, the precision). The cache lives beside the index (``.<index>.work/``), locked by one build.
 """
 
 from __future__ import annotations
@@ -55,12 +55,9 @@ class EmbeddingCache:
 
     # -- locking ---------------------------------------------------------------------------------
     def __enter__(self) -> EmbeddingCache:
-        """Take the build lock: a POSIX record lock, which dies with this process.
-
-        Not ``flock``: that lock belongs to the open file, which forked children (the DataLoader's decoding
-        workers) share, so an orphaned child kept a killed build's lock. A record lock is the process's own and is
-        released when it exits, however. Record locks do not exclude within one process, hence ``_HELD``.
-        """
+        """Take the build lock: a POSIX record lock, the process's own, freed when it exits (an ``flock`` is the
+        open file's, kept by forked decoding workers that outlive a killed build). Record locks do not exclude
+        within one process, hence ``_HELD``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.chunks.mkdir(exist_ok=True)
         self.store.mkdir(exist_ok=True)

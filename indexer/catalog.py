@@ -1,13 +1,11 @@
 """The catalog: the store's list of games, then each game's store metadata, into one APPS.json.
 
-APPS.json stays a list of ``{"appid", "name", ...}`` that the downloader and the builder read, one game a line,
-sorted by appid, each with what the store said: ``type``, ``release_date``, ``banner`` (the banner's path under the
-store assets' base, with its ``?t=`` token; absent when the store gave none) and, from GetAppList,
-``last_modified``. Games the store does not describe (unknown, delisted) are left out.
+APPS.json is a list of ``{"appid", "name", ...}``, one game a line in appid order, with what the store said:
+``type``, ``release_date``, ``banner`` (its path under the store assets' base, with its ``?t=`` token) and
+GetAppList's ``last_modified``. Games the store does not describe (unknown, delisted) are left out.
 
-- Resumable: every answered page and batch is appended to a journal beside the output (``APPS.json.journal``,
-  one fsynced JSON line each) before the next request. A killed run replays it and asks only for the rest, so
-  it ends with the same file as an uninterrupted run. The output is written atomically, then the journal removed.
+- Resumable: each answered page and batch goes to a journal beside the output (``APPS.json.journal``, one
+  fsynced JSON line each) before the next request; a killed run replays it and asks only for the rest.
 - Incremental (GetAppList only): with a previous file, only the games changed since its newest
   ``last_modified`` (or ``since``) are asked for, and merged into it.
 """
@@ -50,8 +48,8 @@ class CatalogSummary:
 
 
 class Journal:
-    """The finished steps of one run, one fsynced JSON line each, after a header naming the run; a torn last line
-    (a kill mid-write) is dropped, and the journal of another run (other source or options) is started anew."""
+    """A run's finished steps, one fsynced JSON line each after a header naming the run; a torn last line is
+    dropped, and the journal of another run (other source or options) is started anew."""
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path

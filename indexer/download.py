@@ -1,14 +1,13 @@
 """Download vertical Steam banners into a folder of `<appid>.jpg` files, from the paths the store gives.
 
-Each game's banner is the ``banner`` path of its APPS.json entry (the store's ``library_capsule``, with its
-``?t=`` token, as ``scripts/fetch_catalog.py`` writes it) under the store assets' base URL; only a game
-without one falls back to the plain ``steam/apps/<appid>/library_600x900.jpg`` path.
+Each game's banner is the ``banner`` path of its APPS.json entry (the store's ``library_capsule`` with its
+``?t=`` token, as ``scripts/fetch_catalog.py`` writes it) under the store assets' base URL; a game without one
+falls back to the plain ``steam/apps/<appid>/library_600x900.jpg``.
 
-The index builder trusts whatever it finds under `<appid>.<jpg|jpeg|png|webp>`, so only complete, decodable
-images ever land under those names: bodies are buffered (with a size cap), checked with Pillow, written to a
-hidden temporary file, fsynced and renamed into place. ``banners.json`` beside them records the path each
-banner came from and the paths that answered 404: a rerun skips an unchanged banner and a known 404 without a
-request, and fetches again a banner whose path or token changed (art re-uploaded to the store).
+The builder trusts whatever lies under `<appid>.<jpg|jpeg|png|webp>`, so only complete, decodable images land
+there (buffered under a size cap, checked with Pillow, written atomically). ``banners.json`` beside them records
+each banner's path and the paths that answered 404: a rerun skips both without a request, and fetches again a
+banner whose path or token changed (art re-uploaded to the store).
 """
 
 from __future__ import annotations
@@ -30,17 +29,16 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from core.apps import AppsInvalid
+from core.apps import validate_apps
 from core.cpu import pid_alive
 from core.files import atomic_write_bytes, atomic_write_json
 from core.http import TRANSIENT, BodyTooLarge, RetryPolicy, TransientError, check_status, read_body, with_retries
-from core.steam import ASSETS_URL, asset_url, is_asset_path, plain_banner_path
+from core.steam import ASSETS_URL, asset_url, plain_banner_path
 
 RECORD_FILE = "banners.json"  # {"fetched": {appid: path}, "missing": {appid: path}}
 MAX_BODY_BYTES = 10 * 1024 * 1024
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 USER_AGENT = "steam-dino-banners/0.1 (banner downloader)"
-_CHUNK = 64 * 1024
 # Temporary names start with a dot and do not end in an image extension, so the index builder never reads them.
 _TMP_RE = re.compile(r"^\.(?:\d+\.jpg|banners\.json)\.tmp-(?P<pid>\d+)(?:-\d+)?$")
 
@@ -72,25 +70,14 @@ class DownloadSummary:
 
 
 def banner_paths(apps: Iterable[int | Mapping[str, Any]]) -> dict[int, str]:
-    """appid -> the banner's path under the assets' base, in first-seen order, each appid once: the store's
-    path from the catalog, or the plain path for a bare appid or an entry without one."""
-    paths: dict[int, str] = {}
-    for app in apps:
-        appid = app["appid"] if isinstance(app, Mapping) else app
-        if isinstance(appid, bool) or not isinstance(appid, int) or appid <= 0:
-            raise AppsInvalid(f"not a valid appid: {appid!r}")
-        banner = app.get("banner") if isinstance(app, Mapping) else None
-        if banner is not None and not is_asset_path(banner):
-            raise AppsInvalid(f"appid {appid}: 'banner' is not a store asset path: {banner!r:.80}")
-        paths.setdefault(appid, banner or plain_banner_path(appid))
-    return paths
+    """appid -> the banner's path under the assets' base, each appid once (its first entry): the catalog's path,
+    or the plain path for a bare appid or an entry without one. ``AppsInvalid`` for a bad entry."""
+    entries = validate_apps([app if isinstance(app, Mapping) else {"appid": app} for app in apps])
+    return {app["appid"]: app.get("banner") or plain_banner_path(app["appid"]) for app in entries}
 
 
 def image_problem(data: bytes) -> str | None:
-    """Why `data` is not a usable banner, or None when it is.
-
-    `verify()` alone misses truncated JPEGs, so the image is also fully decoded (300x450 costs ~1 ms).
-    """
+    """Why `data` is not a usable banner, or None; fully decoded, since `verify()` alone misses truncated JPEGs."""
     if not data:
         return "empty body"
     try:
@@ -111,48 +98,28 @@ def image_problem(data: bytes) -> str | None:
 def file_is_valid(path: Path, max_bytes: int = MAX_BODY_BYTES) -> bool:
     """Whether an existing banner is complete and decodable (a file cut short by a crash is not)."""
     try:
-        if path.stat().st_size > max_bytes:
-            return False
-        return image_problem(path.read_bytes()) is None
+        return path.stat().st_size <= max_bytes and image_problem(path.read_bytes()) is None
     except OSError:
         return False
 
 
 def read_record(out_dir: Path) -> dict[str, dict[int, str]]:
-    """What earlier runs fetched and found missing, per appid (its path); unreadable: empty (it is a cache)."""
-    record: dict[str, dict[int, str]] = {"fetched": {}, "missing": {}}
+    """What earlier runs fetched and found missing, per appid (its path); unreadable: empty (it is a cache, and
+    its paths are only compared with the catalog's)."""
     try:
         data = json.loads((out_dir / RECORD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return record
-    for kind, paths in record.items():
-        entries = data.get(kind) if isinstance(data, dict) else None
-        for appid, path in (entries or {}).items() if isinstance(entries, dict) else ():
-            if appid.isascii() and appid.isdigit() and is_asset_path(path):
-                paths[int(appid)] = path
-    return record
+        return {kind: {int(appid): path for appid, path in data[kind].items()} for kind in ("fetched", "missing")}
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return {"fetched": {}, "missing": {}}
 
 
-def clean_stale_temp_files(out_dir: Path) -> list[Path]:
+def clean_stale_temp_files(out_dir: Path) -> None:
     """Remove temporary files left by a killed run (those of a still-running process are left alone)."""
-    removed = []
-    try:
-        entries = list(out_dir.iterdir())
-    except OSError:
-        return removed
-    for path in entries:
+    for path in out_dir.iterdir():
         m = _TMP_RE.match(path.name)
-        if not m:
-            continue
-        pid = int(m.group("pid"))
-        if pid != os.getpid() and pid_alive(pid):
-            continue
-        try:
-            path.unlink()
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
+        if m and (int(m["pid"]) == os.getpid() or not pid_alive(int(m["pid"]))):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def download_banners(
@@ -164,7 +131,6 @@ def download_banners(
     timeout: float = 15.0,
     retries: int = 4,
     backoff: float = 1.0,
-    max_backoff: float = 30.0,
     max_retry_after: float = 60.0,
     max_bytes: int = MAX_BODY_BYTES,
     retry_missing: bool = False,
@@ -173,15 +139,9 @@ def download_banners(
     """Fetch every app's banner (``banner_paths``) under `assets_url` into `<out_dir>/<appid>.jpg`.
 
     A valid file from the same path is skipped; 404s are recorded and not asked again unless `retry_missing`
-    or the path changed. 429, 5xx, connection errors and timeouts are retried `retries` times (the project's
-    RetryPolicy: backoff from `backoff` seconds, or the server's Retry-After up to `max_retry_after`).
+    or the path changed. 429, 5xx, connection errors and timeouts are retried `retries` times (backoff from
+    `backoff` seconds, or the server's Retry-After up to `max_retry_after`).
     """
-    if workers < 1:
-        raise ValueError("workers must be >= 1")
-    if timeout <= 0:
-        raise ValueError("timeout must be > 0")
-    if retries < 0:
-        raise ValueError("retries must be >= 0")
     paths = banner_paths(apps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +150,7 @@ def download_banners(
     start = time.monotonic()
     summary = DownloadSummary(requested=len(paths))
     record = read_record(out)
-    policy = RetryPolicy(retries + 1, backoff, max_backoff, max_retry_after)
+    policy = RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after)
     fetcher = _Fetcher(assets_url, timeout, policy, max_bytes)
     todo = {}
     for appid, path in paths.items():
@@ -250,10 +210,9 @@ def _fetch_all(
             bar.update(1)
     except BaseException:
         fetcher.stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
 
@@ -268,23 +227,17 @@ class _Fetcher:
         self.stop = threading.Event()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
 
     def session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            s.headers["User-Agent"] = USER_AGENT
-            self._local.session = s
-            with self._lock:
-                self._sessions.append(s)
-        return s
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+            self._local.session.headers["User-Agent"] = USER_AGENT
+            self._sessions.append(self._local.session)
+        return self._local.session
 
     def close(self) -> None:
-        with self._lock:
-            for s in self._sessions:
-                s.close()
-            self._sessions.clear()
+        for s in self._sessions:
+            s.close()
 
     def fetch_one(self, appid: int, path: str, out: Path, unchanged: bool) -> tuple[str, str]:
         """One banner end to end: ("downloaded" | "skipped" | "missing" | "failed" | "interrupted", reason)."""
@@ -298,16 +251,15 @@ class _Fetcher:
         except TRANSIENT as exc:
             if self.stop.is_set():
                 return "interrupted", ""
-            reason = str(exc) if isinstance(exc, TransientError) else f"{type(exc).__name__}: {_short(exc)}"
+            reason = str(exc) if isinstance(exc, TransientError) else f"{type(exc).__name__}: {str(exc)[:160]}"
             return "failed", f"{reason} (after {self.policy.attempts} attempts)"
-        except requests.HTTPError as exc:
-            if exc.response is not None and exc.response.status_code == 404:
-                return "missing", ""
-            return "failed", f"HTTP {exc.response.status_code if exc.response is not None else '?'}"
+        except requests.HTTPError as exc:  # check_status's: the response is there
+            status = exc.response.status_code
+            return ("missing", "") if status == 404 else ("failed", f"HTTP {status}")
         except BodyTooLarge:
             return "failed", f"body too large (> {self.max_bytes} bytes)"
         except requests.RequestException as exc:
-            return "failed", f"request error ({type(exc).__name__}: {_short(exc)})"
+            return "failed", f"request error ({type(exc).__name__}: {str(exc)[:160]})"
         if problem := image_problem(body):
             return "failed", problem
         try:
@@ -320,11 +272,5 @@ class _Fetcher:
         """One GET of a banner's bytes; raises the errors of ``check_status``, ``read_body`` and requests."""
         with self.session().get(url, stream=True, timeout=(self.timeout, self.timeout)) as resp:
             check_status(resp)
-            # a slow trickle is cut off like a read timeout
-            deadline = time.monotonic() + max(4 * self.timeout, 30.0)
-            return read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop, chunk_size=_CHUNK)
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+            deadline = time.monotonic() + max(4 * self.timeout, 30.0)  # a slow trickle is cut off too
+            return read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop)

@@ -1,16 +1,11 @@
 """The builder's embedding pass on a Ray cluster (``build_index.py --ray [ADDRESS]``), with Ray Data.
 
-One pipeline per backbone: a row is one forward batch of the local build (the same banners, in the
-same order), decoded and preprocessed by ``core.dino.extract.decode_files`` (the local CPU path's
-code), then embedded by a pool of model actors (``map_batches``), one per GPU, or on CPU clusters one
-per ``--threads`` cores. A CPU forward's results depend on its batch and on its thread count, so
-with the same ``--batch-size`` and ``--threads`` the features are bit-identical to the local build's.
-On CPU clusters the decoding runs in the model actors (Ray Data fuses the two steps, whose resources
-are equal): it is a few percent of a forward there, and a separate step would need cores the actors
-hold. Each actor resolves the checkpoint on its own node (``--weights``, or its ``$TORCH_HOME``) and
-checks it against the sha256 the driver records. Every finished batch is written by the driver into
-the build's work folder, so a killed driver resumes; Ray restarts killed actors and retries their
-batches. Ray is an optional extra: the builder imports this module for --ray only.
+One pipeline per backbone: a row is one forward batch of the local build, decoded by ``decode_files`` (the local
+CPU path's code), then embedded by a pool of model actors, one per GPU or, on CPU clusters, one per ``--threads``
+cores; with the same ``--batch-size`` and ``--threads`` the features are bit-identical to the local build's. On
+CPU clusters Ray Data fuses the decoding into the actors (a few percent of a forward there). Each actor resolves
+the checkpoint on its own node and checks the driver's sha256. The driver writes every finished batch into the
+build's cache, so a killed driver resumes; Ray restarts killed actors. Ray is optional: imported for --ray only.
 """
 
 from __future__ import annotations

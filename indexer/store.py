@@ -1,17 +1,14 @@
 """The Steam store's own answers: its list of games and each game's store metadata.
 
 - ``IStoreService/GetAppList/v1`` (a Steam Web API key): every game, in pages of up to 50,000
-  (``last_appid`` / ``have_more_results``), or only those changed since a time (``if_modified_since``).
-- SteamSpy's ``api.php?request=all&page=N`` (keyless): 1,000 games a page, one page a minute, and only
-  the games SteamSpy tracks: a partial list. (``steamspypi`` wraps this call, but answers ``{}`` for an
-  error status as for the end of the list, has no timeout and no retries, so it is not used.)
-- ``IStoreBrowseService/GetItems/v1`` (keyless, a GET with a URL-encoded ``input_json``): per game its
-  name, type, release date and assets, of which the banner's path (``asset_url_format`` with
-  ``${FILENAME}`` -> ``library_capsule``, under the store assets' base, with its ``?t=`` token).
+  (``last_appid`` / ``have_more_results``), or those changed since a time (``if_modified_since``).
+- SteamSpy's ``api.php?request=all&page=N`` (keyless): 1,000 games a page, one page a minute, a partial list.
+  (``steamspypi`` answers ``{}`` for an error as for the end of the list, without timeout or retries.)
+- ``IStoreBrowseService/GetItems/v1`` (keyless, a GET with a URL-encoded ``input_json``): per game its name,
+  type, release date and banner path (``asset_url_format`` with ``${FILENAME}`` -> ``library_capsule``).
 
-Every call waits for its service's rate (``Throttle``) and is retried under the project's RetryPolicy
-(429 and 5xx with Retry-After, timeouts, malformed bodies). Answers are checked: what cannot be read is left
-out, never passed on; names lose control characters; banner paths must be safe paths under the assets' base.
+Every call waits for its service's rate (``Throttle``) and is retried under a RetryPolicy. Answers are checked:
+what cannot be read is left out; names lose control characters; banner paths must be safe asset paths.
 """
 
 from __future__ import annotations
@@ -38,15 +35,15 @@ STORE_TYPES += ("hardware", "music", "beta", "tool", "advertising")
 
 @dataclass
 class ListPage:
-    """One page of a game list: [appid, name, last_modified or None] per game, and the next page's cursor
-    (``last_appid`` for GetAppList, a page number for SteamSpy), None after the last page."""
+    """A page of a game list: [appid, name, last_modified or None] per game, and the next page's cursor
+    (GetAppList's ``last_appid``, SteamSpy's page number), None after the last."""
 
     apps: list[list[Any]]
     next: int | None
 
 
 class Throttle:
-    """At most one call per ``interval`` seconds: a service's rate limit, kept by the client, not learnt from 429s."""
+    """At most one call per ``interval`` seconds: a service's rate limit, kept rather than learnt from 429s."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval

@@ -1,11 +1,9 @@
-"""A table in shared memory where the workers say whether they serve and how many connections they hold.
+"""A table in shared memory where each worker says whether it serves and how many connections it holds.
 
-Created in the gunicorn master before any worker is forked (an anonymous shared mapping), so every
-worker sees every other's row: ``/health`` reads it to answer 200 only when all the configured
-workers serve, and each worker reads it to keep the connections balanced (see ``serving.worker``).
-A row is three 32-bit integers: pid, state, open connections. Rows are claimed by the master
-(single-threaded) and written only by the worker that owns them, so no lock is needed; a worker
-killed without cleaning up is recognised by its pid no longer existing.
+Made in the gunicorn master before the first fork (an anonymous shared mapping), so every worker sees every
+row: ``/health`` answers 200 only when all the configured workers serve, and the workers balance their
+connections by it. A row is three 32-bit integers (pid, state, open connections), claimed by the master and
+written only by its worker, so no lock is needed; a killed worker's row is known by its pid being gone.
 """
 
 from __future__ import annotations
@@ -17,32 +15,29 @@ import time
 from core.cpu import pid_alive
 
 FREE, BOOTING, READY, STOPPING = 0, 1, 2, 3
-ROWS = 64
 _FIELDS = 3
 
 
 class Board:
-    def __init__(self, rows: int = ROWS) -> None:
+    def __init__(self, rows: int = 64) -> None:
         self.rows = rows
         # row 0 is a header: [rows ever claimed, 0, 0]; workers use rows 1..rows
         self._mem = mmap.mmap(-1, (rows + 1) * _FIELDS * 4)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
         self._v = memoryview(self._mem).cast("i")
         self._alive_at: dict[int, tuple[float, bool]] = {}
 
-    # -- the master ---------------------------------------------------------------------------------
     def claim(self) -> int:
-        """A free row for a worker about to be forked (rows of dead workers are reused)."""
+        """In the master: a free row for a worker about to be forked (rows of dead workers are reused)."""
         for row in range(1, self.rows + 1):
-            pid, state = self._v[row * _FIELDS], self._v[row * _FIELDS + 1]
-            if state == FREE or (pid > 0 and not pid_alive(pid)):
-                base = row * _FIELDS
+            base = row * _FIELDS
+            if self._v[base + 1] == FREE or (self._v[base] > 0 and not pid_alive(self._v[base])):
                 self._v[base], self._v[base + 1], self._v[base + 2] = 0, BOOTING, 0
                 self._v[0] = max(self._v[0], row)
                 return row
         raise RuntimeError(f"more than {self.rows} gunicorn workers: no row left in the board")
 
-    # -- a worker, in its own row -------------------------------------------------------------------
     def set(self, row: int, state: int, conns: int | None = None) -> None:
+        """In a worker, its own row."""
         base = row * _FIELDS
         self._v[base] = os.getpid()
         self._v[base + 1] = state
@@ -52,7 +47,6 @@ class Board:
     def set_conns(self, row: int, conns: int) -> None:
         self._v[row * _FIELDS + 2] = conns
 
-    # -- anyone ---------------------------------------------------------------------------------------
     def ready(self) -> list[tuple[int, int, int]]:
         """(row, pid, connections) of the live workers that serve."""
         out = []

@@ -1,12 +1,9 @@
 """Running a complete request on the app: light ones inline in the event loop, heavy ones in a small pool.
 
-A request reaches here whole, headers and body in memory. gunicorn's parser reads its head and makes
-the WSGI environ, and the app's ``is_heavy(environ)`` says where it runs, on the path as the app will
-route it. Light requests (lookups, pages) run inline, as a sync worker would: no thread hand-off and
-no contention for the GIL, so the server adds no latency. Heavy ones (model passes) run in a few
-threads at a lower CPU priority, so that lookups keep the cores; beyond those slots they wait in a
-short queue with a deadline, and beyond the queue or past the deadline they get 503 with Retry-After.
-A waiting request holds no thread: its body is already in memory.
+gunicorn's parser makes the WSGI environ, and the app's ``is_heavy(environ)`` says where it runs, on the path
+as the app will route it. Light requests (lookups, pages) run inline, as in a sync worker: no hand-off, no
+contention for the GIL. Heavy ones (model passes) run in a few lower-priority threads, so that lookups keep
+the cores; beyond those they wait in a short queue under a deadline, and beyond it get 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -90,9 +87,9 @@ def refusal(e: Exception) -> bytes:
 
 
 class AppCall:
-    """One complete request: its head parsed by gunicorn, the environ the app will get; ``run()`` answers it.
+    """One complete request, its head parsed by gunicorn into the app's environ; ``run()`` answers it.
 
-    ``worker`` is the gunicorn worker: its cfg, log, wsgi app, request count, and ``workers_ready``.
+    ``worker``: the gunicorn worker (its cfg, log, wsgi app, request count and ``workers_ready``).
     """
 
     def __init__(self, worker, raw: bytes, addr, server) -> None:
@@ -146,10 +143,8 @@ class AppCall:
 
 
 class HeavyPool:
-    """The heavy requests' threads, their queue and its deadline; jobs are keyed by their connection.
-
-    ``wake()`` is called from a thread when its job is done, so that the loop collects the answer.
-    """
+    """The heavy requests' threads, their queue and its deadline; jobs are keyed by their connection, and a
+    thread calls ``wake()`` when its job is done, so that the loop collects the answer."""
 
     def __init__(self, limits: Limits, wake: Callable[[], None], log) -> None:
         self.limits, self.wake, self.log = limits, wake, log

@@ -1,9 +1,7 @@
-"""The settings gunicorn.conf.py reads from the environment, checked in one place.
+"""gunicorn's settings from the environment, checked in one place (the app's own: app/config.py).
 
-``serving/launch.py`` reads them before gunicorn starts (gunicorn parses WEB_CONCURRENCY with ``int()``
-as it is imported), and gunicorn.conf.py reads them again: a bad value stops start-up with one line
-naming the variable, never a traceback and never ignored. The app's own settings are in app/config.py;
-both parse with core/env.py.
+``serving.launch`` reads them before gunicorn starts (which parses WEB_CONCURRENCY with ``int()`` on import),
+and gunicorn.conf.py again: a bad value stops start-up with one line naming the variable.
 """
 
 from __future__ import annotations

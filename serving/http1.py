@@ -1,9 +1,8 @@
-"""Where an HTTP/1.1 request ends in a byte buffer, without parsing more of it than that.
+"""Where an HTTP/1.1 request ends in a byte buffer, and bad framing refused at once.
 
-The worker reads requests into memory before gunicorn's parser and the app see them; it needs to
-know when a request is complete (the end of the headers, then Content-Length bytes or the last
-chunk) and to refuse bad framing at once. Everything else in the request (the request line, header
-syntax, smuggling checks) stays with gunicorn's parser, which reads the same bytes afterwards.
+The worker reads requests into memory before gunicorn's parser and the app see them: it needs only the end
+of the headers, then Content-Length bytes or the last chunk. The rest (request line, header syntax,
+smuggling checks) stays with gunicorn's parser, which reads the same bytes afterwards.
 """
 
 from __future__ import annotations
@@ -52,12 +51,9 @@ class Framing:
 
 
 def head_framing(head: bytes) -> Framing:
-    """The body framing announced by a request's head (request line and headers).
+    """The body framing announced by a request's head; conflicting or malformed framing refused (RFC 9112 6.3).
 
-    Conflicting or malformed framing is refused here (RFC 9112 section 6.3), before any body byte is
-    read: both Content-Length and Transfer-Encoding, differing or non-numeric Content-Lengths, a
-    transfer coding other than chunked. ``Expect: 100-continue`` counts from HTTP/1.1 clients only
-    (RFC 9110 section 10.1.1: an HTTP/1.0 client gets no interim answer).
+    ``Expect: 100-continue`` counts from HTTP/1.1 clients only (RFC 9110 10.1.1).
     """
     lengths: list[bytes] = []
     codings: list[bytes] = []
@@ -88,12 +84,10 @@ def head_framing(head: bytes) -> Framing:
 
 
 class ChunkScanner:
-    """Walks a chunked body as its bytes arrive, checking the framing; says where the body ends.
+    """Walks a chunked body as its bytes arrive, checking the framing (400 at once) and the size (413).
 
-    ``scan(buf)`` is called again whenever more bytes are in ``buf`` (which holds the request from
-    its first byte); it returns the index just past the body once the last chunk and the trailers are
-    in, else None. A malformed chunk size (``zz``, ``-5``) or a missing CRLF raises a 400 at once; a
-    body that grows past ``max_bytes`` decoded bytes raises a 413.
+    ``scan(buf)``, called whenever more bytes are in ``buf`` (the request from its first byte), returns the
+    index just past the body once the last chunk and the trailers are in, else None.
     """
 
     def __init__(self, start: int, max_bytes: int) -> None:

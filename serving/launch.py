@@ -1,8 +1,7 @@
 """The web command of the Procfile and the Dockerfile: ``python -m serving.launch [gunicorn options]``.
 
-It checks the settings gunicorn reads (serving/env.py), then becomes ``gunicorn -c gunicorn.conf.py
-wsgi:app`` (exec: the same process, so the platform's signals reach gunicorn directly). Run it from
-the project's folder (the platforms do).
+It checks gunicorn's settings (serving/env.py), then execs ``gunicorn -c gunicorn.conf.py wsgi:app`` in the
+same process, so the platform's signals reach gunicorn. Run it from the project's folder.
 """
 
 from __future__ import annotations

@@ -1,20 +1,14 @@
 """A gunicorn worker that reads whole requests before the app sees them, and balances its connections.
 
-One event loop per process (the main thread) accepts connections and reads requests without
-blocking: the headers under a total deadline, then the body (Content-Length bytes or a chunked body,
-framing checked as it arrives) under another, the size cap applied before a byte of an oversized
-body is read. A slow client costs a few bytes of buffer, never a thread. A complete request goes to
-``serving.dispatch``, which runs it inline or in the heavy pool. The answer is written by the loop
-as the socket takes it, so a slow reader holds no thread either. Requests a client pipelined are
-answered one per turn of the loop, so that one client's burst does not starve the others.
+One event loop per process accepts connections and reads each request without blocking: the headers, then
+the body (Content-Length bytes or chunks, framing checked as they arrive), each under a total deadline, and
+the size cap applied before a byte of an oversized body is read. A slow client costs a few bytes of buffer,
+never a thread; answers are written as the socket takes them. ``serving.dispatch`` runs each complete
+request. Pipelined requests are answered one per turn of the loop, so one client's burst starves no other.
 
-Connections are balanced between the workers through ``serving.board``: a worker accepts new
-connections only while it holds no more than any other serving worker, and a worker holding more
-than its share closes surplus keep-alive connections after their next response ("Connection:
-close"), so the clients reconnect to the others. ``/health`` reads the same board (``serving.ready``
-in the WSGI environ) and says "starting" until every configured worker serves.
-
-Use: ``worker_class = "serving.worker.BufferedWorker"`` in gunicorn.conf.py; docs/serving.md says why.
+A worker accepts new connections only while it holds no more than any other serving worker (``serving.board``),
+and one holding more than its share closes surplus keep-alive connections after their answer, so their
+clients reconnect to the others.
 """
 
 from __future__ import annotations
@@ -81,7 +75,7 @@ class BufferedWorker(base.Worker):
     def init_process(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
-        self.nconns = self.shedding = 0
+        self.shedding = 0  # connections to close after their answer, for the balance
         self.held = 0  # body bytes held in memory by all connections (max_buffered_bytes)
         self.pipelined: deque[Conn] = deque()  # connections whose buffer holds their next request
         self.accepting = False
@@ -140,10 +134,8 @@ class BufferedWorker(base.Worker):
     def _drain_and_stop(self) -> None:
         """Graceful stop: no new connections; requests under way finish (graceful_timeout at most).
 
-        An idle keep-alive connection has LAME_DUCK_SECONDS to send one more request, answered with
-        ``Connection: close``, and a connection closed after its answer lingers as long: closing either at
-        once would race with a request or an answer already on its way, which the client would see as a
-        reset. So a restart under load loses no request.
+        Idle keep-alive and lingering connections are closed after LAME_DUCK_SECONDS, not at once: a request
+        or an answer already on its way would meet a reset. So a restart under load loses no request.
         """
         self._set_accepting(False)
         self.board.set(self.row, STOPPING)
@@ -184,13 +176,13 @@ class BufferedWorker(base.Worker):
     # -- connections and balance ---------------------------------------------------------------------
     def _balance(self) -> float:
         """Watch the listening sockets unless stopping, full, or leaving a connection to the others for a
-        moment; returns how long the loop may wait for events."""
+        moment; returns how long the loop may wait."""
         now = time.monotonic()
-        if not (self.alive and self.nconns < self.cfg.worker_connections):
+        if not (self.alive and len(self.conns) < self.cfg.worker_connections):
             self._set_accepting(False)
             return TICK
         if not self.accepting and now >= self.resume_accept_at:
-            if self.pending_since is not None and not _readable(self.sockets):
+            if self.pending_since is not None and not select.select(self.sockets, [], [], 0)[0]:
                 self.pending_since = None  # another worker took it
             self._set_accepting(True)
         return TICK if self.accepting else max(0.0, min(TICK, self.resume_accept_at - now))
@@ -206,12 +198,11 @@ class BufferedWorker(base.Worker):
         self.accepting = on
 
     def _on_accept(self, listener, _mask) -> None:
-        """Take one connection, if this worker's turn: every worker watches the listening sockets, and
-        one holding more connections than another leaves a new one to the others, unless nobody has
-        taken it after ACCEPT_GRACE. One per event: the balance is re-checked before the next."""
+        """Take one connection if it is this worker's turn: one holding more connections than another leaves it
+        to the others, unless nobody took it within ACCEPT_GRACE. One per event: the balance is re-checked."""
         now = time.monotonic()
         fewest = self.board.fewest_connections_elsewhere(self.row)
-        if fewest is not None and self.nconns > fewest:
+        if fewest is not None and len(self.conns) > fewest:
             self.pending_since = self.pending_since or now
             if now - self.pending_since < ACCEPT_GRACE:
                 self._set_accepting(False)
@@ -227,8 +218,7 @@ class BufferedWorker(base.Worker):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock, addr, listener.getsockname(), time.monotonic() + self.cfg.keepalive)
         self.conns[sock.fileno()] = conn
-        self.nconns += 1
-        self.board.set_conns(self.row, self.nconns)
+        self.board.set_conns(self.row, len(self.conns))
         self._watch(conn, selectors.EVENT_READ)
 
     def _surplus(self) -> bool:
@@ -237,7 +227,7 @@ class BufferedWorker(base.Worker):
         if len(ready) < 2:
             return False
         share = math.ceil(sum(c for _, _, c in ready) / len(ready))
-        return self.nconns - self.shedding > share
+        return len(self.conns) - self.shedding > share
 
     def _watch(self, conn: Conn, events: int) -> None:
         if events == conn.events:
@@ -258,10 +248,9 @@ class BufferedWorker(base.Worker):
         with contextlib.suppress(OSError):
             conn.sock.close()
         conn.phase = CLOSED
-        self.nconns -= 1
         self.shedding -= conn.shed
         self._hold(conn, 0)
-        self.board.set_conns(self.row, self.nconns)
+        self.board.set_conns(self.row, len(self.conns))
 
     def _expired(self, conn: Conn) -> None:
         if conn.phase == HEAD:
@@ -358,8 +347,8 @@ class BufferedWorker(base.Worker):
         return end if len(conn.buf) >= end else None
 
     def _hold(self, conn: Conn, nbytes: int) -> None:
-        """Count `nbytes` of body for this connection against the worker's budget, or refuse the request:
-        bodies wait in memory (while received, queued, run), and many large ones at once would exhaust it."""
+        """Count ``nbytes`` of body for this connection against the worker's budget (bodies wait in memory while
+        received, queued and run), or refuse the request."""
         total = self.held - conn.held + nbytes
         if nbytes > conn.held and total > self.limits.max_buffered_bytes:
             mb = self.limits.max_buffered_bytes / 2**20
@@ -420,8 +409,8 @@ class BufferedWorker(base.Worker):
             self._watch(conn, selectors.EVENT_READ)
 
     def _linger(self, conn: Conn) -> None:
-        """Close after a final answer: FIN first, then drop what the client still sends for a while,
-        so that it reads the answer instead of a reset (RFC 9112 section 9.6)."""
+        """Close after a final answer: FIN first, then drop what the client still sends for a while, so that
+        it reads the answer instead of a reset (RFC 9112 section 9.6)."""
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -431,11 +420,6 @@ class BufferedWorker(base.Worker):
         conn.phase = LINGER
         conn.deadline = time.monotonic() + LINGER_SECONDS
         self._watch(conn, selectors.EVENT_READ)
-
-
-def _readable(sockets) -> bool:
-    """Whether a connection is waiting on any listening socket (a zero-timeout poll)."""
-    return bool(select.select(sockets, [], [], 0)[0])
 
 
 def _send_quietly(target, data: bytes) -> None:
@@ -452,7 +436,7 @@ def _send_quietly(target, data: bytes) -> None:
 
 def _exit_now() -> None:
     """End a worker that stopped cleanly without the interpreter's teardown (torch's takes seconds on busy
-    cores, which every restart and every stop would wait for); logs and output are flushed first."""
+    cores); logs and output are flushed first."""
     for handler in logging.getLogger().handlers + logging.getLogger("gunicorn.error").handlers:
         with contextlib.suppress(Exception):
             handler.flush()

@@ -12,8 +12,8 @@ from conftest import build_generated_index
 from PIL import Image
 
 from core.index import IndexInvalid, load_index
+from core.knn_device import topk_table_device
 from core.variants import UnknownVariant, apply_variant, parse_variants, variant_name
-from indexer.variants import variant_tables
 
 
 def test_names_and_transforms():
@@ -37,7 +37,7 @@ def test_variant_tables_are_a_float64_brute_force():
     table = (table / np.linalg.norm(table.astype(np.float64), axis=1, keepdims=True)).astype(np.float16)
     queries = np.concatenate([table[:10], table[:40]]).astype(np.float16)  # exact ties with the rows themselves
     queries[10:] = (rng.normal(size=(40, 16))).astype(np.float16)
-    nbr, sco = variant_tables(queries, table, 7, chunk_rows=8)
+    nbr, sco = topk_table_device(table, 7, "cpu", queries=queries, chunk_rows=8)
     dots = queries.astype(np.float64) @ table.astype(np.float64).T
     for i in range(len(queries)):
         dots[i, i] = -np.inf
@@ -73,7 +73,7 @@ def test_build_with_variants_and_look_them_up(variant_index, monkeypatch):
     images = [open_image(variant_index / "banners" / f"{a['appid']}.jpg") for a in index.apps]
     flipped = ex.embed_images([apply_variant(im, "mirror+flip") for im in images])["SimpleS16"]
     np.testing.assert_allclose(s.variants["mirror+flip"].embeddings, flipped.astype(np.float16), atol=2e-3)
-    nbr, sco = variant_tables(s.variants["mirror+flip"].embeddings, s.embeddings, 4)
+    nbr, sco = topk_table_device(s.embeddings, 4, "cpu", queries=s.variants["mirror+flip"].embeddings)
     np.testing.assert_array_equal(s.variants["mirror+flip"].neighbours, nbr)
     np.testing.assert_array_equal(s.variants["mirror+flip"].scores, sco)
 

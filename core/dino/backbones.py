@@ -9,13 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-# The base URLs that DINO's and DINOv2's own hubconf.py download from.
-DINO_BASE_URL = "https://dl.fbaipublicfiles.com/dino"
-DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
-
-# Environment variables that override those base URLs (mirrors, local test servers).
+# Where DINO's and DINOv2's own hubconf.py download from, and the variables that override it (mirrors, tests).
+DEFAULT_BASE_URL = {"dino": "https://dl.fbaipublicfiles.com/dino", "dinov2": "https://dl.fbaipublicfiles.com/dinov2"}
 BASE_URL_ENV = {"dino": "DINO_BASE_URL", "dinov2": "DINOV2_BASE_URL"}
-DEFAULT_BASE_URL = {"dino": DINO_BASE_URL, "dinov2": DINOV2_BASE_URL}
 
 
 @dataclass(frozen=True)

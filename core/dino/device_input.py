@@ -1,15 +1,14 @@
 """Decoding and preprocessing banners on the model's device, in batches, ahead of the forwards.
 
-Pillow on the CPU cannot keep up with a GPU's models, so this path reads files in threads, decodes whole batches
-with ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG) and preprocesses them on the device
-(``Preprocessing.tensor_transform``, Pillow's resampling mirrored). Two threads prepare the next batches, each on
-its own high-priority CUDA stream (its small kernels are not queued behind the models' large ones), while the
-caller runs the forwards of the current one.
+Pillow on the CPU cannot keep up with a GPU's models, so files are read in threads, whole batches decoded with
+``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG) and preprocessed on the device
+(``Preprocessing.tensor_transform``). Two threads prepare the next batches, each on its own high-priority CUDA
+stream (its small kernels are not queued behind the models'), while the caller runs the current one.
 
-Files this decoder should not or cannot take go through the CPU path (``open_image`` and the Pillow transforms
-uploads use), counted: anything but a plain 8-bit JPEG of one or three components, an EXIF-rotated or Adobe RGB
-JPEG, a file without its end marker (Pillow rejects truncated files; nvJPEG may not), too many pixels, and anything
-the decoder raises on. So a file is rejected for the same reasons, with the same messages, as on the CPU path.
+What this decoder should not take goes through the CPU path (``open_image`` and the uploads' transforms),
+counted: anything but a plain 8-bit JPEG of one or three components, an EXIF-rotated or Adobe RGB JPEG, a file
+without its end marker, too many pixels, anything the decoder raises on. So a file is refused for the same
+reasons, with the same messages, as on the CPU path.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from .preprocess import Preprocessing, largest_resize
 from .timing import StageTimer
 
 Decoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+PREPARE_THREADS = 2
 
 _SOF_PLAIN = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive Huffman: what nvJPEG decodes
 _SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # lossless, hierarchical, arithmetic
@@ -50,11 +50,9 @@ def nvjpeg_decoder(device: str | torch.device) -> Decoder:
 
 
 def plain_jpeg(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tuple[int, int]] | None = None) -> bool:
-    """Whether a decoder of plain JPEGs gives what ``open_image`` gives for these bytes (see module doc).
-
-    Images that ``open_image`` would refuse for their geometry or decoding work (extreme aspect ratio,
-    too large once resized with ``resize_to``, too many scans) are not plain: the CPU path refuses them,
-    with its message, before the device spends memory on them."""
+    """Whether a decoder of plain JPEGs gives what ``open_image`` gives for these bytes (see the module's doc);
+    images ``open_image`` would refuse for their geometry or decoding work are not plain: the CPU path refuses
+    them, with its message, before the device spends memory on them."""
     if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return False
     i, adobe_rgb = 2, False
@@ -76,7 +74,8 @@ def plain_jpeg(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tup
         if marker in _SOF_PLAIN:
             if len(segment) < 6:
                 return False
-            precision, height, width, comps = segment[0], *_be16(segment, 1, 3), segment[5]
+            precision, comps = segment[0], segment[5]
+            height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
             ids = tuple(segment[6 + 3 * c] for c in range(comps)) if len(segment) >= 6 + 3 * comps else ()
             return (
                 precision == 8
@@ -96,10 +95,6 @@ def _within_limits(data: bytes, width: int, height: int, resize_to) -> bool:
     except ImageRejected:
         return False
     return True
-
-
-def _be16(data: bytes, *offsets: int) -> list[int]:
-    return [int.from_bytes(data[o : o + 2], "big") for o in offsets]
 
 
 def _exif_orientation(tiff: bytes) -> int | None:
@@ -141,7 +136,6 @@ class DeviceBatches:
         batch_size: int,
         decoder: Decoder | None = None,
         read_workers: int = 8,
-        prepare_workers: int = 2,
         max_pixels: int,
         timer: StageTimer | None = None,
     ) -> None:
@@ -155,20 +149,19 @@ class DeviceBatches:
         self.max_pixels = max_pixels
         self.resize_to = largest_resize(self.preprocessings)  # the geometry limits, as on the CPU path
         self.timer = timer or StageTimer(device)
-        self.prepare_workers = max(1, prepare_workers)
         self._local = threading.local()  # each preparing thread's own CUDA stream
 
     def __iter__(self) -> Iterator[Prepared]:
         starts = range(0, len(self.paths), self.batch_size)
         with (
             ThreadPoolExecutor(self.read_workers, thread_name_prefix="read") as pool,
-            ThreadPoolExecutor(self.prepare_workers, thread_name_prefix="prepare") as preparer,
+            ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare") as preparer,
         ):
             ahead: deque = deque()
             try:
-                for start in starts:  # the batch being used, and prepare_workers batches being prepared
+                for start in starts:  # the batch being used, and PREPARE_THREADS batches being prepared
                     ahead.append(preparer.submit(self._prepare, start, pool))
-                    if len(ahead) > self.prepare_workers:
+                    if len(ahead) > PREPARE_THREADS:
                         yield self._ready(ahead.popleft().result())
                 while ahead:
                     yield self._ready(ahead.popleft().result())

@@ -1,9 +1,5 @@
-"""Where an embedding run spends its time: per-stage seconds, GPU work timed with CUDA events.
-
-GPU work is asynchronous, so wall-clock spans around a forward pass would time the kernel launches,
-not the kernels; on CUDA each span records a pair of events instead, read once at the end. The
-utilisation sampler asks the driver (NVML, through torch) a few times a second, when it can.
-"""
+"""Where an embedding run spends its time: seconds per stage, GPU work timed with CUDA events (a wall-clock span
+around asynchronous kernels would time their launches), and the GPU's utilisation sampled through NVML."""
 
 from __future__ import annotations
 

@@ -1,24 +1,13 @@
 """Finding, downloading, verifying and loading the official checkpoints.
 
-Resolution order for a backbone's checkpoint:
+A backbone's checkpoint is an explicit path (``--weights PATH``), else ``$TORCH_HOME/hub/checkpoints/<file>``
+(torch.hub's cache, used without network), else downloaded there from its family's base URL (or an override),
+renamed into place only when complete; with neither, the error says which file to put where. The sha256 of
+every checkpoint used is recorded in the index manifest and checked again when the service embeds queries.
 
-1. an explicit path (``--weights PATH``), used as is;
-2. ``$TORCH_HOME/hub/checkpoints/<file name>`` (torch.hub's checkpoint cache),
-   used without any network access;
-3. a download from the family's base URL (or its override) into that cache,
-   streamed to a temporary file and renamed into place only when complete.
-
-With no file and no network the error says which file to put where. The
-sha256 of every checkpoint used is computed once per process, recorded in
-the index manifest and checked again when the service embeds queries, so
-that queries are never embedded with other weights than the index.
-
-Models are memory-mapped (``torch.load(mmap=True)`` with ``assign=True``):
-their weights are the page cache's pages of the checkpoint file, shared by
-every worker process that loads the same file, so a worker's private memory
-grows by activations only. A checkpoint torch cannot map (the pre-1.6,
-non-zip format) is converted once, after its sha256 is known, into a
-mappable copy beside the cache (``mmap/<sha256 prefix>-<file name>``).
+Models are memory-mapped (``torch.load(mmap=True)``, ``assign=True``): their weights are the page cache's pages
+of the file, shared by every worker that loads it. A checkpoint in torch's pre-1.6 format, which cannot be
+mapped, is converted once into ``mmap/<sha256 prefix>-<file name>`` beside the cache.
 """
 
 from __future__ import annotations
@@ -63,14 +52,10 @@ def checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def base_url(backbone: Backbone, override: str | None = None) -> str:
-    """Where the backbone's family is published: the override, its environment variable, or the official URL."""
-    url = override or os.environ.get(BASE_URL_ENV[backbone.family]) or DEFAULT_BASE_URL[backbone.family]
-    return url.rstrip("/")
-
-
 def checkpoint_url(backbone: Backbone, override: str | None = None) -> str:
-    return f"{base_url(backbone, override)}/{backbone.checkpoint}"
+    """Where the checkpoint is published: under the override, its family's environment variable, or the official URL."""
+    base = override or os.environ.get(BASE_URL_ENV[backbone.family]) or DEFAULT_BASE_URL[backbone.family]
+    return f"{base.rstrip('/')}/{backbone.checkpoint}"
 
 
 def resolve_checkpoint(
@@ -91,21 +76,17 @@ def resolve_checkpoint(
     if cached.is_file():
         return cached
     url = checkpoint_url(backbone, url_override)
+    missing = f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent}"
     hint = (
         f"Download {url} elsewhere and put it at {cached} (set TORCH_HOME to change the folder), "
         f"or point {BASE_URL_ENV[backbone.family]} at a mirror."
     )
     if not download:
-        raise WeightsUnavailable(
-            f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent}. {hint}"
-        )
+        raise WeightsUnavailable(f"{missing}. {hint}")
     try:
         download_file(url, cached, timeout=DOWNLOAD_TIMEOUT, max_bytes=MAX_CHECKPOINT_BYTES, progress=progress)
     except (requests.RequestException, OSError, BodyTooLarge) as e:
-        raise WeightsUnavailable(
-            f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent} "
-            f"and could not be downloaded ({e}). {hint}"
-        ) from e
+        raise WeightsUnavailable(f"{missing} and could not be downloaded ({e}). {hint}") from e
     return cached
 
 
@@ -114,9 +95,8 @@ def fetch_checkpoint(
 ) -> Path:
     """Have the backbone's checkpoint in the cache, verified and mappable, before any upload needs it (boot).
 
-    Several processes may call this at once: a lock file lets one download while the others wait.
-    Retries a failed download; raises ``WeightsUnavailable`` after the last attempt, at once on a sha256
-    mismatch (``WeightsMismatch``) or when downloads are not allowed.
+    A lock file lets one of several processes download while the others wait. A failed download is retried;
+    ``WeightsUnavailable`` after the last attempt, at once for a sha256 mismatch or without downloads allowed.
     """
     cached = checkpoint_dir() / backbone.filename
 
@@ -190,7 +170,7 @@ def load_model(
             model = VisionTransformer(backbone.config)
         model.load_state_dict(state, strict=True, assign=True)
         if any(t.dtype != torch.float32 for t in model.state_dict().values()):
-            model = model.float()  # a half-precision checkpoint: converted (a private copy), as before
+            model = model.float()  # a half-precision checkpoint: converted to float32, a private copy
     except Exception as e:  # a truncated file, a pickle, another architecture...
         raise WeightsUnavailable(f"{path} is not a loadable {backbone.label} checkpoint: {e}") from e
     return model.eval().requires_grad_(False).to(device)
@@ -205,10 +185,7 @@ class LoadedBackbone:
 
 
 class ModelCache:
-    """One model per (backbone, checkpoint, device) per process, shared by every strategy using it.
-
-    Thread-safe: concurrent first requests load the model once; the others wait.
-    """
+    """One model per (backbone, checkpoint, device) per process, shared by every strategy using it; thread-safe."""
 
     def __init__(self) -> None:
         self._models: dict[tuple[str, str, str], LoadedBackbone] = {}
@@ -222,32 +199,23 @@ class ModelCache:
         *,
         device: str | torch.device = "cpu",
         expected_sha256: str | None = None,
-        url_override: str | None = None,
         download: bool = True,
         progress: bool = True,
     ) -> LoadedBackbone:
         key = (backbone.code, str(weights or ""), str(device))
         with self._lock:
-            if key in self._models:
-                loaded = self._models[key]
-                _check_sha(loaded.path, backbone, loaded.sha256, expected_sha256)
-                return loaded
             key_lock = self._loading.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                if key in self._models:
-                    loaded = self._models[key]
-                    _check_sha(loaded.path, backbone, loaded.sha256, expected_sha256)
-                    return loaded
-            path = resolve_checkpoint(
-                backbone, weights, url_override=url_override, download=download, progress=progress
-            )
-            sha = sha256_file(path, cache=True)
-            _check_sha(path, backbone, sha, expected_sha256)  # before loading: a wrong file costs nothing
-            loaded = LoadedBackbone(backbone, load_model(backbone, path, device, sha256=sha), path, sha)
-            with self._lock:
-                self._models[key] = loaded
-            return loaded
+        with key_lock:  # one thread loads; the others wait for its model
+            if key not in self._models:
+                path = resolve_checkpoint(backbone, weights, download=download, progress=progress)
+                sha = sha256_file(path, cache=True)
+                _check_sha(path, backbone, sha, expected_sha256)  # before loading: a wrong file costs nothing
+                loaded = LoadedBackbone(backbone, load_model(backbone, path, device, sha256=sha), path, sha)
+                with self._lock:
+                    self._models[key] = loaded
+            loaded = self._models[key]
+        _check_sha(loaded.path, backbone, loaded.sha256, expected_sha256)
+        return loaded
 
     def loaded(self) -> list[LoadedBackbone]:
         with self._lock:

@@ -1,9 +1,5 @@
-"""How the offline commands end: one way to report a failure, and the exit codes they share.
-
-Every command says what went wrong in one line on stderr (``error: ...``) and exits with BAD_INPUT (2)
-when the arguments or inputs are wrong and nothing was changed, FAILED (1) when the work itself failed
-(I/O, weights, a build), and INTERRUPTED (130) on Ctrl-C, saying what was kept.
-"""
+"""How the offline commands end: one line on stderr (``error: ...``) and a shared exit code: BAD_INPUT (2) when
+the arguments or inputs are wrong and nothing changed, FAILED (1) when the work failed, INTERRUPTED (130)."""
 
 from __future__ import annotations
 

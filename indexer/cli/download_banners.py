@@ -21,6 +21,7 @@ from indexer.cli._common import BAD_INPUT, error, interrupted, number
 DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_games.json"
 
 MAX_FAILURE_LINES = 20
+OPTIONS = ("assets_url", "workers", "timeout", "retries", "backoff", "retry_missing")  # passed on as they are
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,17 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {n_dupes} duplicated appid entries, each appid is fetched once", file=sys.stderr)
 
     try:
-        summary = download_banners(
-            apps,
-            args.out,
-            assets_url=args.assets_url,
-            workers=args.workers,
-            timeout=args.timeout,
-            retries=args.retries,
-            backoff=args.backoff,
-            retry_missing=args.retry_missing,
-            progress=not args.no_progress,
-        )
+        options = {name: getattr(args, name) for name in OPTIONS}
+        summary = download_banners(apps, args.out, progress=not args.no_progress, **options)
     except KeyboardInterrupt:
         return interrupted("files already written are complete; rerun to resume")
 

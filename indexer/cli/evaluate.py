@@ -17,11 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--index", type=Path, required=True, help="index folder (written by scripts/build_index.py)")
     p.add_argument("--images", type=Path, required=True, help="folder of the banners the index was built from")
-    p.add_argument(
-        "--strategies",
-        default="all",
-        help="comma-separated strategies of the index, or 'all' for every one in it (default: all)",
-    )
+    p.add_argument("--strategies", default="all", help="comma-separated strategies of the index, or 'all' (default)")
     p.add_argument("--queries", type=int, default=200, help="banners to alter and search (default: 200)")
     p.add_argument("--k", type=int, default=10, help="depth of recall@k, mAP@k and overlap@k (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and of the alterations (default: 0)")
@@ -64,21 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from indexer.evaluation.report import format_table, summary_line, to_markdown
 
     try:
-        names = None if args.strategies.strip() in ("all", "") else [s.strip() for s in args.strategies.split(",")]
-        names = [n for n in names if n] if names is not None else None
+        names = [n.strip() for n in args.strategies.split(",") if n.strip()]
         index = load_index(args.index)
-        overlap = overlap_matrix(index, names, args.k)
-        detection = copy_detection(
-            index,
-            args.images,
-            overlap.strategies,
-            queries=args.queries,
-            k=args.k,
-            seed=args.seed,
-            device=args.device,
-            batch_size=args.batch_size,
-            progress=not args.quiet,
-        )
+        overlap = overlap_matrix(index, None if args.strategies.strip() in ("all", "") else names, args.k)
+        options = {name: getattr(args, name) for name in ("queries", "k", "seed", "device", "batch_size")}
+        detection = copy_detection(index, args.images, overlap.strategies, progress=not args.quiet, **options)
     except (EvaluationError, IndexInvalid) as e:
         return error(e, BAD_INPUT)
     except (WeightsUnavailable, OSError) as e:

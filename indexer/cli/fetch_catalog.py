@@ -3,10 +3,9 @@ indexer.catalog.
 
     python scripts/fetch_catalog.py --out APPS.json [--apps LIST] [--since DATE] [--full]
 
-With STEAM_API_KEY: every game on the store (IStoreService/GetAppList), and on a rerun only those changed
-since the previous file. Without one: SteamSpy's list, which is partial. --apps LIST: only the games of LIST.
-Then each game's name, type, release date and banner path from IStoreBrowseService/GetItems. Settings:
-STEAM_API_KEY, STEAM_API_URL, STEAMSPY_URL (the banner paths are relative to STEAM_ASSETS_URL).
+The games: with STEAM_API_KEY every game on the store (GetAppList; on a rerun only those changed since the
+previous file), else SteamSpy's partial list, or with --apps only those of LIST; then each one's name, type,
+release date and banner path (GetItems). Settings: STEAM_API_KEY, STEAM_API_URL, STEAMSPY_URL.
 Exit codes: 0 written, 1 the store failed (rerun to resume), 2 bad arguments or input, 130 interrupted.
 """
 

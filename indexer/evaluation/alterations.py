@@ -20,11 +20,11 @@ JPEG_QUALITY = (20, 40)
 JITTER = (0.6, 1.4)  # factor range of brightness, contrast and saturation
 
 
-def random_crop(img: Image.Image, rng: random.Random, area: tuple[float, float] = CROP_AREA) -> Image.Image:
+def random_crop(img: Image.Image, rng: random.Random) -> Image.Image:
     """A crop keeping 50-90% of the area, anywhere, its aspect ratio changed by at most 4:3: a reframed banner,
     often without its edges (the title, the logo)."""
     w, h = img.size
-    a = rng.uniform(*area)
+    a = rng.uniform(*CROP_AREA)
     r = math.exp(rng.uniform(math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1])))
     fw, fh = math.sqrt(a * r), math.sqrt(a / r)
     if fw > 1.0:  # keep the area when one side would exceed the image
@@ -36,10 +36,10 @@ def random_crop(img: Image.Image, rng: random.Random, area: tuple[float, float] 
     return img.crop((x, y, x + cw, y + ch))
 
 
-def jpeg(img: Image.Image, rng: random.Random, quality: tuple[int, int] = JPEG_QUALITY) -> Image.Image:
+def jpeg(img: Image.Image, rng: random.Random) -> Image.Image:
     """Recompressed as a JPEG of quality 20-40: the blocking and colour bleeding of re-uploads."""
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=rng.randint(*quality))
+    img.convert("RGB").save(buf, format="JPEG", quality=rng.randint(*JPEG_QUALITY))
     buf.seek(0)
     with Image.open(buf) as out:
         return out.convert("RGB")
@@ -57,11 +57,11 @@ def flip(img: Image.Image, rng: random.Random | None = None) -> Image.Image:
     return ImageOps.mirror(img)
 
 
-def colour_jitter(img: Image.Image, rng: random.Random, factors: tuple[float, float] = JITTER) -> Image.Image:
+def colour_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
     """Brightness, contrast and saturation each scaled by a random factor in [0.6, 1.4]: a re-graded version."""
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(*factors))
-    img = ImageEnhance.Contrast(img).enhance(rng.uniform(*factors))
-    return ImageEnhance.Color(img).enhance(rng.uniform(*factors))
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(rng.uniform(*JITTER))
+    return img
 
 
 def strong(img: Image.Image, rng: random.Random) -> Image.Image:

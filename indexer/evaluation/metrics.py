@@ -1,12 +1,11 @@
 """What the evaluation measures, without labels: copy detection, and how much the strategies agree.
 
-1. **Copy detection** (DINO's Copydays, on banners). Altered copies of a seeded sample of the index's
-   banners are embedded as the index embeds (its strategies, its checkpoints by sha256) and searched among
-   its stored embeddings; the original is the one relevant answer. A strategy that cannot find a JPEG of
-   a banner will not find its look-alikes either. With one relevant item, a query's average precision is
-   1/rank of the original within the top k, else 0: mAP@k is the mean reciprocal rank at k.
-2. **Agreement**: overlap@k of two strategies' neighbour tables, the mean over rows of ``|A_k ∩ B_k| / k``.
-   Two that agree closely cost the service twice for the same answers.
+1. **Copy detection** (DINO's Copydays, on banners): altered copies of a seeded sample of the index's banners
+   are embedded as the index embeds (its strategies, its checkpoints by sha256) and searched among its stored
+   embeddings; the original is the one relevant answer, so mAP@k is the mean reciprocal rank at k. A strategy
+   that cannot find a JPEG of a banner will not find its look-alikes either.
+2. **Agreement**: overlap@k of two strategies' neighbour tables, the mean over rows of ``|A_k ∩ B_k| / k``:
+   two that agree closely cost the service twice for the same answers.
 """
 
 from __future__ import annotations
@@ -115,7 +114,6 @@ def make_extractors(
     *,
     device: str | None = None,
     models: ModelCache | None = None,
-    download: bool = True,
 ) -> list[Extractor]:
     """Extractors that embed as the index did: its recorded strategies and checkpoints (``WeightsUnavailable``
     for another sha256). Strategies of one backbone share an Extractor, hence one forward pass per image; one
@@ -132,15 +130,12 @@ def make_extractors(
             pack[0][code] = sha
             pack[1].append(strategy)
     models = models if models is not None else ModelCache()  # a batch job: its own models by default
-    return [Extractor(ms, device=device, expected_sha256=shas, models=models, download=download) for shas, ms in packs]
+    return [Extractor(ms, device=device, expected_sha256=shas, models=models) for shas, ms in packs]
 
 
 def embed(extractors: Sequence[Extractor], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
     """(len(images), dim) float32 features of RGB images for every strategy of the extractors."""
-    out: dict[str, np.ndarray] = {}
-    for extractor in extractors:
-        out.update(extractor.embed_images(images))
-    return out
+    return {name: f for extractor in extractors for name, f in extractor.embed_images(images).items()}
 
 
 def copy_detection(
@@ -154,7 +149,6 @@ def copy_detection(
     device: str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
-    models: ModelCache | None = None,
     extractors: Sequence[Extractor] | None = None,
 ) -> CopyDetection:
     """Alter a seeded sample of the index's banners, search each copy exactly among the index, rank the original.
@@ -170,7 +164,7 @@ def copy_detection(
     if not Path(images_dir).is_dir():
         raise EvaluationError(f"--images {images_dir}: no such folder")
     paths = scan_banners(Path(images_dir))
-    extractors = extractors or make_extractors(index, names, device=device, models=models)
+    extractors = extractors or make_extractors(index, names, device=device)
     batch_size = batch_size or default_batch_size(extractors[0].device.type)
     ranker = _Ranker(index, names, extractors, min(k, len(index)))
     skipped: list[tuple[int, str]] = []

@@ -52,11 +52,9 @@ def _sections(detection: CopyDetection | None, overlap: Overlap | None) -> list[
     if overlap is not None:
         k = overlap.k
         capped = f" (capped: the tables hold {k})" if overlap.requested_k > k else ""
-        heading = (
-            f"Agreement: overlap@{k} of the precomputed neighbour tables, mean over rows of |A ∩ B| / {k}{capped}."
-        )
+        heading = f"Agreement: overlap@{k} of the neighbour tables, mean over rows of |A ∩ B| / {k}{capped}."
         rows = [[a] + [_fmt(v) for v in overlap.matrix[i]] for i, a in enumerate(overlap.strategies)]
-        out.append((f"{heading}{capped}.", ["", *overlap.strategies], rows))
+        out.append((heading, ["", *overlap.strategies], rows))
     return out
 
 
