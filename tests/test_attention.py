@@ -144,6 +144,18 @@ def test_why_without_weights_is_503(make_client, monkeypatch, tmp_path):
     assert client.get("/pair/10/20").status_code == 200  # the page itself needs none either
 
 
+def test_why_counts_against_the_upload_rate_limit(make_client, built_index):
+    client = make_client(upload_rate_limit=(2, 3600.0))
+    assert client.get("/why/10/20?strategy=SimpleS16").status_code == 200
+    assert client.get("/why/10/20.png?strategy=SimpleS16").status_code == 200
+    r = client.get("/why/10/30?strategy=SimpleS16")
+    assert r.status_code == 429 and error_of(r)["code"] == "rate_limited"
+    data = (built_index.banners / "30.jpg").read_bytes()
+    assert client.post("/match?strategy=SimpleS16", data=data, content_type="image/jpeg").status_code == 429
+    assert client.get("/attention/10.png").status_code == 200  # the stored maps are lookups: never charged
+    assert client.get("/pair/10/30").status_code == 200
+
+
 def test_gallery_view_of_what_the_model_looks_at_and_the_pair_page(client):
     page = client.get("/render/10?strategy=SimpleS16&k=4").get_data(as_text=True)
     assert "/attention/" not in page and 'href="/render/10?strategy=SimpleS16&amp;k=4&amp;attention=1"' in page
