@@ -47,6 +47,13 @@ def _cached_json(etag: str, build: Callable[[], str | dict]) -> Response:
     return cached if cached is not None else _json(build(), etag)
 
 
+def _cached_png(etag: str, build: Callable[[], bytes]) -> Response:
+    """304 when the client holds this ETag; else the PNG ``build()`` makes, with its ETag."""
+    cache = get_service().http_cache
+    cached = cache.not_modified(etag)
+    return cached if cached is not None else cache.mark(current_app.response_class(build(), mimetype="image/png"), etag)
+
+
 @bp.get("/match/<appid>")
 def match_appid(appid: str):
     svc = get_service()
@@ -87,14 +94,48 @@ def match_upload():
     k = k_param(svc, strategy)
     offset = offset_param(svc, strategy)
     variant = variant_param()
-    embedding = flag_param("embedding")
+    embedding, attention = flag_param("embedding"), flag_param("attention")
     data = svc.fetch_url(read_url_query()) if request.mimetype == "application/json" else read_upload()
     payload, timings, _ = svc.upload_payload(
-        data, strategy, k, host_url(), offset=offset, variant=variant, embedding=embedding
+        data, strategy, k, host_url(), offset=offset, variant=variant, embedding=embedding, attention=attention
     )
     resp = jsonify(payload)
     resp.headers["Server-Timing"] = ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
     return resp
+
+
+@bp.get("/attention/<appid>")
+def attention(appid: str):
+    """What the model looks at in a game's banner: the [CLS] attention map stored in the index."""
+    svc = get_service()
+    game, strategy = svc.game(parse_appid(appid)), strategy_param(svc)
+    etag = svc.http_cache.etag("attention", game.appid, strategy)
+    return _cached_json(etag, lambda: svc.attention_payload(strategy, game))
+
+
+@bp.get("/attention/<appid>.png")
+def attention_png(appid: str):
+    svc = get_service()
+    game, strategy = svc.game(parse_appid(appid)), strategy_param(svc)
+    etag = svc.http_cache.etag("attention.png", game.appid, strategy)
+    return _cached_png(etag, lambda: svc.overlay_png(strategy, [(game, svc.attention_map(strategy, game))]))
+
+
+@bp.get("/why/<appid>/<other>")
+def why(appid: str, other: str):
+    """Which parts of two banners match: each patch's best cosine to the other banner's patches (a model pass)."""
+    svc = get_service()
+    a, b, strategy, host = svc.game(parse_appid(appid)), svc.game(parse_appid(other)), strategy_param(svc), host_url()
+    etag = svc.http_cache.etag("why", a.appid, b.appid, strategy, host)
+    return _cached_json(etag, lambda: svc.why_payload(strategy, a, b, host))
+
+
+@bp.get("/why/<appid>/<other>.png")
+def why_png(appid: str, other: str):
+    svc = get_service()
+    a, b, strategy = svc.game(parse_appid(appid)), svc.game(parse_appid(other)), strategy_param(svc)
+    etag = svc.http_cache.etag("why.png", a.appid, b.appid, strategy)
+    return _cached_png(etag, lambda: svc.why_png(strategy, a, b))
 
 
 @bp.get("/strategies")

@@ -1,8 +1,9 @@
 """The upload rate limit (UPLOAD_RATE_LIMIT), with Flask-Limiter: a moving window per client address.
 
-One limit for every way to send an image (POST /match, the upload page) and for lookups that fetch and embed a
-banner from the CDN (FALLBACK_FETCH). RATE_LIMIT_STORAGE_URI ``memory://`` (the default) counts in each worker, so
-W workers allow up to W times the limit; ``redis://host:port`` counts once for every worker and dyno. An
+One limit for every way to send an image (POST /match, the upload page), for the "why alike?" maps of a pair
+(/why: two forward passes) and for lookups that fetch and embed a banner from the CDN (FALLBACK_FETCH).
+RATE_LIMIT_STORAGE_URI ``memory://`` (the default) counts in each worker, so W workers allow up to W times the
+limit; ``redis://host:port`` counts once for every worker and dyno. An
 unreachable store lets requests through (logged). ``needs_model_pass`` says which requests run a model pass: this
 limit charges them, and the serving worker runs them in its heavy pool.
 """
@@ -22,6 +23,7 @@ from .params import EXTENSION_KEY, parse_appid, strategy_value
 from .problems import Problem
 
 UPLOAD_ENDPOINTS = ("api.match_upload", "pages.upload")
+MODEL_ENDPOINTS = (*UPLOAD_ENDPOINTS, "api.why", "api.why_png")  # every request to these runs a model pass
 
 
 def install(app: Flask, settings: Settings) -> Limiter | None:
@@ -38,7 +40,7 @@ def install(app: Flask, settings: Settings) -> Limiter | None:
         default_limits=[],
     )
     shared = limiter.shared_limit(rate, scope="uploads")
-    for endpoint in UPLOAD_ENDPOINTS:
+    for endpoint in MODEL_ENDPOINTS:
         if endpoint in app.view_functions:
             app.view_functions[endpoint] = shared(app.view_functions[endpoint])  # the check runs in the wrapper
     if settings.fallback_fetch:
@@ -50,8 +52,8 @@ def install(app: Flask, settings: Settings) -> Limiter | None:
 
 
 def needs_model_pass(app: Flask, environ: dict) -> bool:
-    """Whether a request runs a model pass: an upload, or a lookup of a game that is not in the index whose
-    banner is fetched from the CDN (FALLBACK_FETCH, not cached yet).
+    """Whether a request runs a model pass: an upload, a pair's /why, or a lookup of a game that is not in the
+    index whose banner is fetched from the CDN (FALLBACK_FETCH, not cached yet).
 
     The rate limit charges these, and the serving worker runs them in its heavy pool. Both decide on the
     route as Flask matches it, so an absolute-form target or a percent-encoded path is classified as routed.
@@ -59,13 +61,14 @@ def needs_model_pass(app: Flask, environ: dict) -> bool:
     svc = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
     fallback = svc is not None and svc.fetcher is not None
     method = environ.get("REQUEST_METHOD")
-    if method == "OPTIONS" or (method in ("GET", "HEAD") and not fallback):
-        return False  # uploads are POSTs: no routing needed for the lookups
+    light_get = method in ("GET", "HEAD") and not fallback and "/why/" not in environ.get("PATH_INFO", "")
+    if method == "OPTIONS" or light_get:
+        return False  # uploads are POSTs and /why the one GET with a model pass: no routing needed for the rest
     try:
         endpoint, view_args = app.url_map.bind_to_environ(environ).match()
     except HTTPException:  # 404, 405, a redirect: answered without a model
         return False
-    if endpoint in UPLOAD_ENDPOINTS:
+    if endpoint in MODEL_ENDPOINTS:
         return True
     if endpoint != "api.match_appid" or not fallback:
         return False

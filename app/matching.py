@@ -111,6 +111,7 @@ class Matcher:
                     expected_sha256={s.strategy.backbone.code: s.checkpoint["sha256"]},
                     download=self.allow_download,
                     models=self.models,
+                    attention=True,
                 )
             except WeightsUnavailable as e:
                 self._failures[name] = (time.monotonic(), str(e))
@@ -135,17 +136,24 @@ class Matcher:
                     self._searchers[name] = se
         return se
 
-    def embed(self, name: str, image: Image.Image) -> tuple[np.ndarray, dict[str, float]]:
-        """The image's embedding for a strategy, exactly as the index embedded its banners."""
+    def embed(self, name: str, image: Image.Image) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """The image's embedding for a strategy, exactly as the index embedded its banners, and its attention map."""
         ex = self.extractor(name)
         t0 = time.perf_counter()
         tensors = ex.preprocess([image])
         t1 = time.perf_counter()
         with self._forwards:
             tw = time.perf_counter()
-            vec = ex.embed_tensors(tensors)[name][0]
+            features = ex.embed_tensors(tensors)
         t2 = time.perf_counter()
-        return vec, {"preprocess": (t1 - t0) * 1000, "queue": (tw - t1) * 1000, "forward": (t2 - tw) * 1000}
+        timings = {"preprocess": (t1 - t0) * 1000, "queue": (tw - t1) * 1000, "forward": (t2 - tw) * 1000}
+        return features[name][0], features[ex.strategies[0].attention_name][0], timings
+
+    def patch_matches(self, name: str, a: Image.Image, b: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """Each patch's best cosine to the other image's patches (``Extractor.patch_matches``): two forwards."""
+        ex = self.extractor(name)
+        with self._forwards:
+            return ex.patch_matches(a, b)
 
     def search(self, name: str, vector: np.ndarray, k: int) -> ImageMatches:
         t0 = time.perf_counter()

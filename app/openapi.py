@@ -39,8 +39,27 @@ ERROR = {
     "appid) where they help",
 }
 
+MAP = {
+    "grid": {**_list(INT), "minItems": 2, "maxItems": 2, "description": "[rows, columns] of patches"},
+    "map": {**_list(_list(NUM)), "description": "one value per patch, row by row"},
+}
 SCHEMAS: dict[str, dict] = {
     "Error": _obj(error=ERROR),
+    "Map": _obj(**MAP),
+    "Attention": {
+        **_obj(appid=INT, strategy=STR, **MAP),
+        "description": "the last block's [CLS] attention to each patch, averaged over the heads",
+    },
+    "Why": _obj(
+        strategy=STR,
+        score={**NUM, "description": "the pair's cosine"},
+        score_from={
+            "enum": ["table", "embeddings"],
+            "description": "a's table, or their embeddings when b is not in it",
+        },
+        a={"allOf": [_ref("Game"), _ref("Map")], "description": "each patch's best cosine to b's patches"},
+        b={"allOf": [_ref("Game"), _ref("Map")], "description": "each patch's best cosine to a's patches"},
+    ),
     "Game": _obj(appid=INT, name=STR, store_url=STR, banner_url=STR),
     "Match": {
         "allOf": [_ref("Game"), _obj(rank={"type": "integer", "minimum": 1}, score=NUM)],
@@ -56,6 +75,7 @@ SCHEMAS: dict[str, dict] = {
         query={"anyOf": [_ref("Game"), _ref("UploadQuery")]},
         matches=_list(_ref("Match")),
         embedding={**_list(NUM), "description": "with embedding=1 on an upload: its L2-normalised vector"},
+        attention={**_ref("Map"), "description": "with attention=1 on an upload: its attention map"},
     ),
     "BatchError": _obj(appid=INT, error=_obj(code=STR, message=STR)),
     "BatchAnswer": _obj(
@@ -112,7 +132,7 @@ SCHEMAS: dict[str, dict] = {
 def _param(name: str, description: str | None = None, required: bool = False) -> dict:
     """A parameter as app/params.py declares it (``description`` for this operation's own sense of it)."""
     schema, about = PARAMS[name]
-    where = "path" if name in ("appid", "filename") else "query"
+    where = "path" if name in ("appid", "other", "filename") else "query"
     return {
         "name": name,
         "in": where,
@@ -125,14 +145,14 @@ def _param(name: str, description: str | None = None, required: bool = False) ->
 ERRORS = {
     "400": "bad parameter, appid, upload or URL (code says which)",
     "403": "url_fetch_disabled, url_not_allowed",
-    "404": "unknown_appid, not_found",
+    "404": "unknown_appid, not_found; no_banner, attention_unavailable (an index built without attention maps)",
     "405": "method_not_allowed",
     "408": "upload_timeout: the upload stalled or took too long",
     "413": "too_large",
     "415": "unsupported_media_type",
     "429": "rate_limited (UPLOAD_RATE_LIMIT), with Retry-After",
     "502": "fallback_failed, url_fetch_failed, url_too_large, url_fetch_timeout: a server we fetch from",
-    "503": "weights_unavailable: uploads need the checkpoint; lookups keep working",
+    "503": "weights_unavailable: model passes need the checkpoint; lookups keep working. busy: no model slot",
 }
 CACHED = {"ETag": {"schema": STR}, "Cache-Control": {"schema": STR}}
 
@@ -206,7 +226,7 @@ def _match_paths() -> dict:
             "post": _op(
                 "uploads",
                 'An image embedded on demand (upload, or JSON {"url"}), searched exactly',
-                [*lookup, _param("embedding")],
+                [*lookup, _param("embedding"), _param("attention")],
                 _answers(
                     {"200": _ok("MatchAnswer", "matches; Server-Timing splits decode, preprocess, forward, search")},
                     *("400", "403", "408", "413", "415", "429", "502", "503"),
@@ -214,6 +234,23 @@ def _match_paths() -> dict:
                 requestBody=UPLOAD_BODY,
             ),
         },
+    }
+
+
+def _why_paths() -> dict:
+    """What the model looks at, and which parts of two banners match (/why: two forward passes, like an upload)."""
+    one, two = [_param("appid"), _param("strategy")], [_param("appid"), _param("other"), _param("strategy")]
+    png = {"description": "PNG", "content": {"image/png": {"schema": STR}}, "headers": CACHED}
+    stored, model = ("304", "400", "404"), ("304", "400", "404", "429", "503")
+    ops = {  # path: (parameters, summary, answer, error statuses)
+        "/attention/{appid}": (one, "A game's attention map, from the index", _ok("Attention", "map", True), stored),
+        "/attention/{appid}.png": (one, "The banner at its size, the map drawn where the model looks", png, stored),
+        "/why/{appid}/{other}": (two, "Which parts of two banners match", _ok("Why", "score and maps", True), model),
+        "/why/{appid}/{other}.png": (two, "The two banners side by side, each with its map", png, model),
+    }
+    return {
+        path: {"get": _op("attention", summary, params, _answers({"200": answer}, *codes))}
+        for path, (params, summary, answer, codes) in ops.items()
     }
 
 
@@ -296,7 +333,7 @@ def _page_paths() -> dict:
             "get": _op(
                 "pages",
                 "A game's matches as a gallery",
-                [_param("appid"), _param("strategy"), _param("k")],
+                [_param("appid"), _param("strategy"), _param("k"), _param("attention", "1: what the model looks at")],
                 _answers({"200": _html("page")}, "400", "404", html=True),
             )
         },
@@ -306,6 +343,14 @@ def _page_paths() -> dict:
                 "A redirect to a random game's gallery (heroku-flask-api's /render/ without an appid)",
                 [_param("strategy")],
                 _answers(to_gallery, "400", html=True),
+            )
+        },
+        "/pair/{appid}/{other}": {
+            "get": _op(
+                "pages",
+                "Why two games are alike: their banners coloured by how well each part matches",
+                [_param("appid"), _param("other"), _param("strategy")],
+                _answers({"200": _html("page")}, "400", "404", html=True),
             )
         },
         "/render/": {
@@ -349,7 +394,7 @@ def document(version: str = "1") -> dict:
             "description": "Similar Steam games by their store banners, with DINO vision transformers. "
             'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
         },
-        "paths": {**_match_paths(), **_index_paths(), **_service_paths(), **_page_paths()},
+        "paths": {**_match_paths(), **_why_paths(), **_index_paths(), **_service_paths(), **_page_paths()},
         "components": {"schemas": SCHEMAS},
     }
 

@@ -16,7 +16,16 @@ from PIL import Image
 from core.banners import find_banner_file
 from core.steam import is_ascii_digits
 
-from .params import APPID_DIGITS, get_service, host_url, k_param, parse_appid, strategy_param, strategy_value
+from .params import (
+    APPID_DIGITS,
+    flag_param,
+    get_service,
+    host_url,
+    k_param,
+    parse_appid,
+    strategy_param,
+    strategy_value,
+)
 from .problems import NotFound
 from .uploads import read_upload
 
@@ -83,7 +92,20 @@ def render(appid: str):
     strategy = strategy_param(svc)
     k = k_param(svc, strategy, default=20)
     payload = svc.table_payload(strategy, svc.game(app_id), k, host_url())
-    return _gallery(svc, payload, strategy, k, upload=None, more=more_links(k, svc.max_k(strategy)))
+    looks = flag_param("attention") and svc.index.strategies[strategy].attention is not None
+    return _gallery(svc, payload, strategy, k, upload=None, more=more_links(k, svc.max_k(strategy)), looks=looks)
+
+
+@bp.get("/pair/<appid>/<other>")
+def pair(appid: str, other: str):
+    """Why two games are alike: their banners, each part coloured by how well it matches the other banner."""
+    svc = get_service()
+    a, b, strategy = svc.game(parse_appid(appid)), svc.game(parse_appid(other)), strategy_param(svc)
+    for game in (a, b):
+        svc.banner_file(game)  # the picture needs both banners: a 404 here rather than a broken image
+    score, _ = svc.pair_score(strategy, a, b)
+    games = [svc.catalog.describe_row(g.row, host_url()) for g in (a, b)]
+    return render_template("pair.html", games=games, score=score, strategy=strategy)
 
 
 @bp.get("/render/")
@@ -114,8 +136,9 @@ def upload():
     return _gallery(svc, payload, strategy, k, upload=thumb, more=[])
 
 
-def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more: list) -> str:
-    """The gallery page of a game's matches (``upload`` None) or of an uploaded image's (its thumbnail)."""
+def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more: list, looks: bool = False) -> str:
+    """The gallery page of a game's matches (``upload`` None) or of an uploaded image's (its thumbnail);
+    ``looks``: each banner shows what the model looks at."""
     return render_template(
         "gallery.html",
         payload=payload,
@@ -124,6 +147,9 @@ def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more
         strategy=strategy,
         k=k,
         more=more,
+        looks=looks,
+        has_attention=svc.index.strategies[strategy].attention is not None,
+        local=svc.catalog.local_banners,
     )
 
 

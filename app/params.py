@@ -20,9 +20,10 @@ EXTENSION_KEY = "steam_dino"  # the Service in app.extensions
 APPID_DIGITS = 10
 FLAG = {"type": "integer", "enum": [0, 1]}  # published as 0/1; the readers also take true/false, yes/no, on/off
 
-# name: (JSON schema, description); path parameters are appid and filename
+# name: (JSON schema, description); path parameters are appid, other and filename
 PARAMS: dict[str, tuple[dict, str]] = {
     "appid": ({"type": "integer", "minimum": 0, "maximum": 10**APPID_DIGITS - 1}, "a Steam appid"),
+    "other": ({"type": "integer", "minimum": 0, "maximum": 10**APPID_DIGITS - 1}, "the other game's appid"),
     "strategy": ({"type": "string"}, "strategy name, case-insensitive (GET /strategies); default ComplexB16"),
     "strategies": ({"type": "string"}, "comma-separated strategies (default: all)"),
     "k": ({"type": "integer", "minimum": 1}, "matches per answer, 1 to the table width (default 10)"),
@@ -37,6 +38,7 @@ PARAMS: dict[str, tuple[dict, str]] = {
     ),
     "flip": (FLAG, "1: query with the banner flipped upside down (as mirror)"),
     "embedding": (FLAG, "1: return the upload's L2-normalised embedding"),
+    "attention": (FLAG, "1: return the upload's attention map (what the model looks at)"),
     "appids": ({"type": "string", "pattern": "^[0-9]+(,[0-9]+)*$"}, "comma-separated appids, e.g. 620,400"),
     "q": ({"type": "string", "minLength": 1, "maxLength": 200}, "name or part of it"),
     "limit": ({"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "games at most (default 20)"),

@@ -7,16 +7,23 @@ blueprints read requests and ``app/errors.py`` maps problems to status codes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 
+from core.banners import find_banner_file
 from core.dino.strategies import DEFAULT_STRATEGY
 from core.dino.weights import ModelCache, WeightsUnavailable
-from core.images import ImageRejected
+from core.images import ImageRejected, open_image
 from core.index import LoadedIndex
+from core.overlay import overlay, png_bytes, side_by_side
 from core.steam import store_url
 from core.variants import apply_variant
 
@@ -26,7 +33,7 @@ from .config import Settings
 from .fallback import CdnFallback
 from .http_cache import HttpCache, build_id
 from .matching import Matcher
-from .problems import Forbidden, Unavailable, unknown_app, variant_unavailable
+from .problems import Forbidden, NotFound, Unavailable, unknown_app, variant_unavailable
 from .uploads import Upload, decode_upload
 from .urlfetch import UrlFetcher, public_only
 
@@ -39,6 +46,13 @@ def without_paths(text: str) -> str:
 
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+PAIRS_REMEMBERED = 256  # per worker: a pair seen again (its page, then its picture) skips two forward passes
+
+
+def map_json(heat: np.ndarray) -> dict:
+    """A (h, w) map for JSON answers."""
+    return {"grid": list(heat.shape), "map": np.round(np.asarray(heat, np.float64), 6).tolist()}
 
 
 class Service:
@@ -77,6 +91,7 @@ class Service:
         self.fetcher = (
             CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0]) if settings.fallback_fetch else None
         )
+        self.patch_maps = functools.lru_cache(maxsize=PAIRS_REMEMBERED)(self._patch_maps)
 
     def _named(self, setting: str, wanted: list[str]) -> list[str]:
         """A setting's strategies resolved to the index's (``all``: every one); a name it lacks stops start-up."""
@@ -185,14 +200,18 @@ class Service:
         batch = {"strategy": strategy, "k": k, "offset": offset, "variant": variant, "results": results}
         return compact_json(batch)
 
-    def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, dict[str, float]]:
-        """The embedding; a 503 without server paths when the weights are missing (the log has them in full)."""
+    def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """The embedding and attention map (``Matcher.embed``), or the problems of ``model_pass``."""
+        return self.model_pass(strategy, lambda: self.matcher.embed(strategy, image))
+
+    def model_pass(self, strategy: str, work: Callable[[], T]) -> T:
+        """``work()``; a 503 without server paths when the weights are missing (the log has them in full)."""
         try:
-            return self.matcher.embed(strategy, image)
+            return work()
         except WeightsUnavailable as e:
-            log.warning("image search unavailable for %s: %s", strategy, e)
+            log.warning("the model is unavailable for %s: %s", strategy, e)
             raise Unavailable(
-                "weights_unavailable", f"image search is unavailable for {strategy}: {without_paths(str(e))}"
+                "weights_unavailable", f"the model is unavailable for {strategy}: {without_paths(str(e))}"
             ) from None
         except (OverflowError, MemoryError) as e:  # core.images bounds sizes first: a last line of defence
             raise ImageRejected("too_large_after_resize", f"the image is too large to preprocess ({e})") from None
@@ -211,16 +230,19 @@ class Service:
         offset: int = 0,
         variant: str = "",
         embedding: bool = False,
+        attention: bool = False,
     ) -> tuple[dict, dict[str, float], Upload]:
         """Matches for an uploaded image's bytes, decoded with the configured limits (mirrored/flipped first)."""
         upload = decode_upload(data, self.settings, self._resize_to(strategy))
-        vec, timings = self.embed_or_503(strategy, apply_variant(upload.image, variant))
+        vec, heat, timings = self.embed_or_503(strategy, apply_variant(upload.image, variant))
         found = self.matcher.search(strategy, vec, offset + k)
         timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
         rows, scores = found.rows[offset:], found.scores[offset:]
         payload = self.match_payload(strategy, upload.describe(), rows, scores, host_url, offset, variant)
         if embedding:
             payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()
+        if attention:
+            payload["attention"] = map_json(heat)
         metrics.upload_timed(strategy, timings)
         return payload, timings, upload
 
@@ -259,6 +281,62 @@ class Service:
             "overlap": overlap,
             "in_all": sorted(set.intersection(*sets.values()) if sets else set()),
         }
+
+    # -- what the model looks at, and which parts of two banners match -------------------------------
+    def attention_map(self, strategy: str, game: Game) -> np.ndarray:
+        """The game's (h, w) attention map from the index; NotFound for an index built without them."""
+        maps = self.index.strategies[strategy].attention
+        if maps is None:
+            why = f"this index has no attention maps for {strategy}: rebuild it with this version's build_index.py"
+            raise NotFound("attention_unavailable", why)
+        return np.asarray(maps[game.row], np.float32)
+
+    def attention_payload(self, strategy: str, game: Game) -> dict:
+        return {"appid": game.appid, "strategy": strategy, **map_json(self.attention_map(strategy, game))}
+
+    def banner_file(self, game: Game) -> Path:
+        """The game's banner in the banner folder; NotFound without one."""
+        local = game.appid in self.catalog.local_banners
+        path = find_banner_file(self.settings.banners_dir, game.appid) if local else None
+        if path is None:
+            raise NotFound("no_banner", f"appid {game.appid} has no banner in this service's banner folder")
+        return path
+
+    def banner(self, strategy: str, game: Game) -> Image.Image:
+        """The game's banner, decoded as the builder does."""
+        return open_image(self.banner_file(game), resize_to=self._resize_to(strategy))
+
+    def overlay_png(self, strategy: str, pairs: list[tuple[Game, np.ndarray]]) -> bytes:
+        """Each game's banner with its map drawn where the strategy's preprocessing looks, side by side."""
+        prep = self.index.strategies[strategy].strategy.preprocessing
+        images = [self.banner(strategy, game) for game, _ in pairs]
+        drawn = [overlay(im, heat, prep.seen_box(*im.size)) for im, (_, heat) in zip(images, pairs, strict=True)]
+        return png_bytes(functools.reduce(side_by_side, drawn))
+
+    def _patch_maps(self, strategy: str, a: Game, b: Game) -> tuple[np.ndarray, np.ndarray]:
+        """Each banner's patches scored by their best cosine to the other's (two forward passes)."""
+        images = self.banner(strategy, a), self.banner(strategy, b)
+        return self.model_pass(strategy, lambda: self.matcher.patch_matches(strategy, *images))
+
+    def pair_score(self, strategy: str, a: Game, b: Game) -> tuple[float, str]:
+        """The pair's cosine, from a's table when b is in it, else of their stored embeddings."""
+        s = self.index.strategies[strategy]
+        rows, scores = self.matcher.table_matches(strategy, a.row, s.k)
+        hit = np.flatnonzero(rows == b.row)
+        if len(hit):
+            return round(float(scores[hit[0]]), 6), "table"
+        ea, eb = (np.asarray(s.embeddings[g.row], np.float32) for g in (a, b))
+        return round(float(ea @ eb), 6), "embeddings"
+
+    def why_payload(self, strategy: str, a: Game, b: Game, host_url: str) -> dict:
+        (map_a, map_b), (score, source) = self.patch_maps(strategy, a, b), self.pair_score(strategy, a, b)
+        describe = self.catalog.describe_row
+        a_side, b_side = describe(a.row, host_url) | map_json(map_a), describe(b.row, host_url) | map_json(map_b)
+        return {"strategy": strategy, "score": score, "score_from": source, "a": a_side, "b": b_side}
+
+    def why_png(self, strategy: str, a: Game, b: Game) -> bytes:
+        map_a, map_b = self.patch_maps(strategy, a, b)
+        return self.overlay_png(strategy, [(a, map_a), (b, map_b)])
 
     # -- unknown appids: the optional CDN fallback (app/fallback.py) ---------------------------------
     def fallback_needs_fetch(self, appid: int, strategy: str, variant: str = "") -> bool:

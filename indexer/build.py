@@ -188,11 +188,11 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
 def missing(
     strategies: list[Strategy], shas: list[str], keys: dict[str, str], cache: EmbeddingCache
 ) -> tuple[list[Strategy], list[int]]:
-    """The strategies the cache lacks some banner's features for, and those banners (indices into ``shas``);
-    banners that failed before are not tried again."""
+    """The strategies the cache lacks some banner's features or attention map for, and those banners (indices
+    into ``shas``); banners that failed before are not tried again."""
 
     def lacks(s: Strategy, h: str) -> bool:
-        return h not in cache.failed and not cache.has(keys[s.name], h)
+        return h not in cache.failed and not all(cache.has(keys[n], h) for n in (s.name, s.attention_name))
 
     lacking = [s for s in strategies if any(lacks(s, h) for h in shas)]
     return lacking, [i for i, h in enumerate(shas) if any(lacks(s, h) for s in lacking)]
@@ -266,6 +266,7 @@ class _Build:
                 path = resolve_checkpoint(s.backbone, self.cfg.weights.get(code), progress=self.cfg.progress)
                 self.checkpoints[code], self.ckpt_sha[code] = path, sha256_file(path, cache=True)
             self.keys[s.name] = strategy_key(s.to_manifest(), self.ckpt_sha[code], self.precision)
+            self.keys[s.attention_name] = f"{self.keys[s.name]}-attention"
         preload = self.device.startswith("cuda") and self.cfg.ray is None
         with ThreadPoolExecutor(1, thread_name_prefix="models") as loader:
             if preload:
@@ -306,6 +307,7 @@ class _Build:
             checkpoints=self.checkpoints,
             expected_sha256=self.ckpt_sha,
             download=False,
+            attention=True,
         )
         self.timer.add("models", time.perf_counter() - t0)
         done, t0 = 0, time.perf_counter()
@@ -351,6 +353,7 @@ class _Build:
             for s in cfg.strategies:
                 key, code = self.keys[s.name], s.backbone.code
                 emb = np.stack([self.cache.get(key, h) for h in row_shas]).astype(cfg.dtype)
+                attention = np.stack([self.cache.get(self.keys[s.attention_name], h) for h in row_shas])
                 t0 = time.perf_counter()
                 with tqdm(total=n, unit="row", desc=f"neighbours {s.name}", disable=not cfg.progress) as bar:
                     if self.device.startswith("cuda"):
@@ -366,7 +369,8 @@ class _Build:
                 extra = {"precision": self.precision, "cache_key": key}
                 if cfg.variants:
                     extra["variants"] = write_variants(writer, cfg, s, emb, key, row_shas, self.cache)
-                writes[s.name] = pool.submit(write_strategy, writer, s, emb, neighbours, scores, ckpt, **extra)
+                args = (writer, s, emb, neighbours, scores, ckpt, attention)
+                writes[s.name] = pool.submit(write_strategy, *args, **extra)
             entries = {name: future.result() for name, future in writes.items()}
             build = {"device": self.device, "torch": torch.__version__, "python": platform.python_version()}
             writer.commit(

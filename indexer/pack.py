@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from core.files import atomic_file, atomic_write_bytes, sha256_file
-from core.index import APPS, ARRAYS, MANIFEST, SKETCH_DIR, VARIANTS_DIR, LoadedIndex, load_index
+from core.index import APPS, ARRAYS, ATTENTION, MANIFEST, SKETCH_DIR, VARIANTS_DIR, LoadedIndex, load_index
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInf
 
 
 def strategy_files(name: str, index: LoadedIndex) -> list[str]:
-    """Every file of a strategy the manifest lists: its tables, its sketch and its variants' tables."""
+    """Every file of a strategy the manifest lists: its tables, attention maps, sketch and variants' tables."""
     entry = index.manifest["strategies"][name]
-    rels = [f"{name}/{a}" for a in ARRAYS]
+    rels = [f"{name}/{a}" for a in ARRAYS] + ([f"{name}/{ATTENTION}"] if "attention" in entry else [])
     rels += [f"{name}/{SKETCH_DIR}/{f}" for f in entry.get("sketch", {}).get("files", {})]
     for variant, v in entry.get("variants", {}).items():
         rels += [f"{name}/{VARIANTS_DIR}/{variant}/{a}" for a in v["files"]]

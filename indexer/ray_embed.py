@@ -67,6 +67,7 @@ class _Embedder:
                 checkpoints={code: weights} if weights else None,
                 expected_sha256={code: sha256},
                 download=False,
+                attention=True,
             )
         except WeightsUnavailable as e:  # raised by the first batch: Ray hands a task's exception to the driver
             self.extractor = e
@@ -80,7 +81,7 @@ class _Embedder:
             preps = self.extractor.preprocessings
             features = self.extractor.embed_tensors([torch.from_numpy(np.array(row[f"x_{p.name}"])) for p in preps])
         else:
-            features = {s.name: np.zeros((0, s.dim), np.float32) for s in self.strategies}
+            features = self.extractor.no_features()
         out = {name: [row[name]] for name in ("first", "ok", "failures", "decoding")}
         return out | {f"f_{name}": [f] for name, f in features.items()} | {"forwards": [time.perf_counter() - t0]}
 
@@ -144,7 +145,8 @@ def embed(
                 batch = todo[row["first"] : row["first"] + batch_size]
                 ok = [batch[j] for j in row["ok"]]
                 failed = {shas[batch[j]]: why for j, why in json.loads(row["failures"])}
-                features = {keys[s.name]: np.asarray(row[f"f_{s.name}"]) for s in group}
+                names = [n for s in group for n in (s.name, s.attention_name)]
+                features = {keys[n]: np.asarray(row[f"f_{n}"]) for n in names}
                 cache.add_batch([shas[i] for i in ok], features, failed)
                 timer.add("decoding (all workers)", row["decoding"])
                 timer.add(f"forwards {code} (all actors)", row["forwards"])

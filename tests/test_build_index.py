@@ -53,6 +53,7 @@ def test_layout_manifest_and_tables(built_index):
     ckpt = built_index.torch_home / "hub" / "checkpoints"
     for name, entry in manifest["strategies"].items():
         assert sorted(p.name for p in (idx / name).iterdir()) == [
+            "attention.npy",
             "embeddings.npy",
             "neighbours.npy",
             "scores.npy",
@@ -76,6 +77,14 @@ def test_layout_manifest_and_tables(built_index):
         assert np.array_equal(nbr, want_nbr), name
         np.testing.assert_allclose(sco, want_sco, rtol=0, atol=1e-7)
         assert not (nbr == np.arange(24)[:, None]).any()
+        attention = np.load(idx / name / "attention.npy")  # [CLS] attention to each of the 14x14 patches
+        assert entry["attention"] == {
+            "shape": [24, 14, 14],
+            "dtype": "float16",
+            "sha256": sha256_of(idx / name / "attention.npy"),
+        }
+        assert attention.dtype == np.float16 and (attention >= 0).all()
+        np.testing.assert_allclose(attention.astype(np.float64).sum(axis=(1, 2)), 1.0, atol=0.2)  # [CLS] takes the rest
     assert manifest["strategies"]["ComplexS16"]["params"] == {"n_last_blocks": 4, "avgpool_patchtokens": False}
     assert manifest["strategies"]["ComplexB16"]["dim"] == 1536
     loaded = load_index(idx)  # the service's own checks accept it
@@ -88,7 +97,7 @@ def test_layout_manifest_and_tables(built_index):
 @pytest.mark.slow
 def test_embeddings_equal_single_image_extraction(built_index, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
-    ex = Extractor(parse_strategies(",".join(built_index.strategies)), models=ModelCache())
+    ex = Extractor(parse_strategies(",".join(built_index.strategies)), models=ModelCache(), attention=True)
     apps = json.loads((built_index.index / "apps.json").read_text())
     for row in (0, 7, 23):
         img = open_image(built_index.banners / f"{apps[row]['appid']}.jpg")
@@ -96,6 +105,8 @@ def test_embeddings_equal_single_image_extraction(built_index, monkeypatch):
         for name in built_index.strategies:
             stored = np.load(built_index.index / name / "embeddings.npy")[row].astype(np.float32)
             np.testing.assert_allclose(stored, single[name][0], atol=1e-3, rtol=0)  # float16 storage
+            stored = np.load(built_index.index / name / "attention.npy")[row].astype(np.float32)
+            np.testing.assert_allclose(stored, single[f"{name}:attention"][0], atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.slow
@@ -292,6 +303,7 @@ def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints, 
     first = run_cli(*common)
     assert first.returncode == 0 and "(8 embedded, 0 reused" in first.stdout, first.stdout + first.stderr
     old = np.load(tmp_path / "index" / "ComplexS16" / "embeddings.npy")
+    old_attention = np.load(tmp_path / "index" / "ComplexS16" / "attention.npy")
     for appid in (5, 500, 1000):
         make_banner(tmp_path / "banners" / f"{appid}.jpg", seed=appid)
     make_banner(tmp_path / "banners" / "10.jpg", seed=99)  # a changed banner is embedded again
@@ -301,6 +313,7 @@ def test_adding_banners_embeds_only_the_new_ones(tmp_path, install_checkpoints, 
     assert [a["appid"] for a in index.apps][:2] == [5, 10]
     emb = index.strategies["ComplexS16"].embeddings
     np.testing.assert_array_equal(emb[2:9], old[1:8])  # reused rows are the cached values, bit for bit
+    np.testing.assert_array_equal(index.strategies["ComplexS16"].attention[2:9], old_attention[1:8])
     nothing = run_cli(*common)
     assert "(0 embedded, 11 reused" in nothing.stdout
     fresh = run_cli(*common[:2], "--out", str(tmp_path / "fresh"), *common[4:])

@@ -71,6 +71,9 @@ def test_answers_fit_their_schemas(app, built_index):
         ("get", "/compare/{appid}", "/compare/10?k=2"),
         ("get", "/health", "/health"),
         ("get", "/match/{appid}", "/match/99999"),
+        ("get", "/attention/{appid}", "/attention/10?strategy=SimpleS16"),
+        ("get", "/why/{appid}/{other}", "/why/10/20?strategy=SimpleS16"),
+        ("get", "/why/{appid}/{other}", "/why/10/99999"),
     ]
     for method, path, url in cases:
         r = getattr(client, method)(url)

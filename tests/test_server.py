@@ -167,6 +167,8 @@ def _pages(base: str) -> dict[str, str]:
         "gallery": f"{base}/render/10",
         "gallery-show-more": f"{base}/render/20?strategy=SimpleS16&k=4",
         "compare": f"{base}/compare/10",
+        "gallery-attention": f"{base}/render/10?attention=1",
+        "pair": f"{base}/pair/10/20",
         "random": f"{base}/random",
         "error-unknown-appid": f"{base}/render/999999",
         "error-unknown-url": f"{base}/no/such/page",

@@ -124,6 +124,10 @@ HEAVY = [  # (the request's head, whether it runs a model pass) with the CDN fal
     (b"PUT /match/424242 HTTP/1.1", False),  # a 405
     (b"POST /no/such/thing HTTP/1.1", False),  # a 404
     (b"OPTIONS /match/424242 HTTP/1.1", False),
+    (b"GET /why/10/20 HTTP/1.1", True),  # two forward passes
+    (b"GET /w%68y/10/20.png?strategy=SimpleS16 HTTP/1.1", True),
+    (b"GET /attention/10.png HTTP/1.1", False),  # the stored map
+    (b"GET /pair/10/20 HTTP/1.1", False),  # the page; its picture is a /why
 ]
 
 
@@ -135,7 +139,7 @@ def test_model_passes_are_classified_on_the_route_the_app_matches(make_app, head
     worker = types.SimpleNamespace(cfg=Config(), log=logging.getLogger("test"))
     call = AppCall(worker, head + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n", ("127.0.0.1", 1), ("127.0.0.1", 2))
     assert Limits.of(with_fallback).is_heavy(call.environ) is heavy
-    assert Limits.of(without).is_heavy(call.environ) is head.startswith((b"POST /match", b"POST /upload"))
+    assert Limits.of(without).is_heavy(call.environ) is head.startswith((b"POST /match", b"POST /upload", b"GET /w"))
 
 
 # -- the real service (gunicorn.conf.py, serving.worker.BufferedWorker) ----------------------------
@@ -403,14 +407,18 @@ def test_http_1_0_client_expecting_continue_gets_only_the_final_answer(served):
 
 
 @pytest.mark.slow
-def test_uploads_beyond_the_model_slots_get_503_with_retry_after(served, built_index):
+@pytest.mark.parametrize("kind", ["upload", "why"])
+def test_model_passes_beyond_the_slots_get_503_with_retry_after(served, built_index, kind):
+    """Uploads, and /why (two forward passes, each pair a new one), share the model slots."""
     image = (built_index.banners / "30.jpg").read_bytes()
     head = "POST /match?strategy=SimpleS16&k=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
     head += f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n"
+    why = "GET /why/30/{}?strategy=SimpleS16 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    sends = [head.encode() + image] * 6 if kind == "upload" else [why.format(10 * i).encode() for i in range(1, 7)]
     socks = [socket.create_connection(("127.0.0.1", served.port), timeout=60) for _ in range(6)]
     try:
-        for s in socks:  # all at once: 2 workers x 1 slot, no queue
-            s.sendall(head.encode() + image)
+        for s, data in zip(socks, sends, strict=True):  # all at once: 2 workers x 1 slot, no queue
+            s.sendall(data)
         replies = []
         for s in socks:
             reply = b""
@@ -424,5 +432,5 @@ def test_uploads_beyond_the_model_slots_get_503_with_retry_after(served, built_i
     assert set(statuses) == {200, 503} and statuses.count(200) <= 2, statuses
     busy = next(r for r in replies if r.startswith(b"HTTP/1.1 503"))
     assert b"Retry-After: 1" in busy and json_body(busy)["error"]["code"] == "busy"
-    ok = next(r for r in replies if r.startswith(b"HTTP/1.1 200"))
-    assert json_body(ok)["matches"][0]["appid"] == 30
+    ok = json_body(next(r for r in replies if r.startswith(b"HTTP/1.1 200")))
+    assert (ok["matches"][0]["appid"] if kind == "upload" else ok["a"]["appid"]) == 30

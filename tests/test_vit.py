@@ -62,6 +62,20 @@ def test_dino_matches_official_outputs(name, case):
     assert feats.grid == (h // patch, w // patch)
 
 
+@pytest.mark.parametrize(("name", "case"), _dino_cases())
+@pytest.mark.parametrize("patch_tokens", [True, False], ids=["all-tokens", "cls-only"])
+def test_attention_map_matches_official_last_selfattention(name, case, patch_tokens):
+    """[CLS]'s row of the official get_last_selfattention, averaged over heads, on the patch grid."""
+    patch = int(name.split("_")[0][1:])
+    x = _input(DINO / case["input"])
+    want = np.load(DINO / case["last_selfattention_cls"])  # (batch, heads, tokens), token 0 = [CLS]
+    with torch.inference_mode():
+        got = _tiny_dino(patch).forward_features(x, 1, patch_tokens).attention
+    h, w = x.shape[-2] // patch, x.shape[-1] // patch
+    assert got.shape == (1, h, w) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want[:, :, 1:].mean(axis=1).reshape(1, h, w), atol=TOL, rtol=0)
+
+
 def test_fixture_covers_square_and_non_square_for_both_patch_sizes():
     names = [p.id for p in _dino_cases()]
     for patch in (16, 8):

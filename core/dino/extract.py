@@ -110,7 +110,8 @@ class Extractor:
 
     Models come from a process-wide cache: Extractors are cheap, and share one model per backbone.
     ``checkpoints``: backbone code -> explicit checkpoint path; ``expected_sha256``: backbone code -> the
-    sha256 the caller requires (the index's), refusing any other weights.
+    sha256 the caller requires (the index's), refusing any other weights. ``attention``: the features also hold
+    each strategy's (B, h, w) attention maps, under its ``attention_name``.
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class Extractor:
         expected_sha256: dict[str, str] | None = None,
         download: bool = True,
         models: ModelCache = MODELS,
+        attention: bool = False,
     ) -> None:
         if not strategies:
             raise ValueError("no strategy to extract")
@@ -135,7 +137,7 @@ class Extractor:
             # Exact fp32: no TF32 in matmuls or in the patch-embedding convolution.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        self.precision = precision
+        self.precision, self.attention = precision, attention
         self.strategies = list(strategies)
         self.groups: dict[tuple[str, Preprocessing], list[Strategy]] = {}
         for s in self.strategies:
@@ -186,6 +188,8 @@ class Extractor:
                         outputs[scale] = model.forward_features(xs.to(dtype), 1, False)
                 for s in strategies:
                     out[s.name] = s.pool(outputs)
+                    if self.attention:
+                        out[s.attention_name] = outputs[1.0].attention
         return out
 
     def preprocess(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
@@ -285,9 +289,26 @@ class Extractor:
         return self._batch(indices, failures, {name: t.numpy() for name, t in copies.items()})
 
     def _batch(self, indices: list[int], failures: list, features: dict | None) -> Batch:
-        if not indices:  # every file of the batch failed
-            features = {s.name: np.zeros((0, s.dim), dtype=np.float32) for s in self.strategies}
-        return Batch(indices, features, failures)
+        return Batch(indices, features if indices else self.no_features(), failures)  # empty: every file failed
+
+    def no_features(self) -> dict[str, np.ndarray]:
+        """The features of no image: empty arrays of the right shapes."""
+        out = {s.name: np.zeros((0, s.dim), dtype=np.float32) for s in self.strategies}
+        if self.attention:
+            out |= {s.attention_name: np.zeros((0, *s.grid), dtype=np.float32) for s in self.strategies}
+        return out
+
+    @torch.inference_mode()
+    def patch_matches(self, a: Image.Image, b: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """For each patch of ``a`` its best cosine to the patches of ``b``, and the same for ``b``: two (h, w)
+        maps, from the last block's normed patch tokens (the first strategy's backbone and preprocessing)."""
+        s = self.strategies[0]
+        x = torch.stack([self.transforms[0](a), self.transforms[0](b)])
+        x = x.to(self.device, PRECISIONS[self.precision] or torch.float32)
+        out = self._models[s.backbone.code].forward_features(x, 1, patch_tokens=True)
+        pa, pb = F.normalize(out.patch.float(), dim=-1)
+        cos = pa @ pb.T
+        return cos.amax(dim=1).reshape(out.grid).cpu().numpy(), cos.amax(dim=0).reshape(out.grid).cpu().numpy()
 
 
 def die_with_parent(parent: int, _worker_id: int = 0) -> None:

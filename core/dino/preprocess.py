@@ -78,6 +78,13 @@ class Preprocessing:
         new_long = int(self.resize * long / short)
         return (new_long, self.resize) if width <= height else (self.resize, new_long)
 
+    def seen_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom): the part of a width x height image that the model sees, in its pixels."""
+        h, w = self.resized_size(height, width)
+        crop_h, crop_w = self.crop or (h, w)
+        top, left = _crop_box(h, w, (crop_h, crop_w))
+        return left * width / w, top * height / h, (left + crop_w) * width / w, (top + crop_h) * height / h
+
     def tensor_transform(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 images, on any device, to normalised (B, 3, h, w) float32 tensors.
 

@@ -216,6 +216,17 @@ class Strategy:
         return self.style.dim(self.backbone, self.params)
 
     @property
+    def attention_name(self) -> str:
+        """Where its attention maps sit among an Extractor's features (made with ``attention=True``)."""
+        return f"{self.name}:attention"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of patches in the preprocessed input: the shape of its attention maps."""
+        (h, w), p = self.preprocessing.output_size, self.backbone.patch_size
+        return h // p, w // p
+
+    @property
     def needs(self) -> Needs:
         return self.style.needs(self.params)
 

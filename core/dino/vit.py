@@ -13,6 +13,8 @@ Two extras over the official code, both exact reformulations:
 - When the patch tokens of the last block are not needed, that block is run
   for the [CLS] query alone: its keys and values still see every token, but
   queries, attention output, projection and MLP are computed for one token.
+- The same pass yields the last block's [CLS] attention map (DINO's attention
+  maps), from the queries and keys that block computes anyway.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ class BackboneOutput:
          oldest first, so ``cls[:, -1]`` is DINO's ``forward()`` output.
     patch: (B, h*w, D) the final-normed patch tokens of the last block, or None.
     grid: (h, w) the patch grid of the input.
+    attention: (B, h, w) float32, the last block's [CLS] attention to each patch, averaged over the heads.
     """
 
     cls: torch.Tensor
     patch: torch.Tensor | None
     grid: tuple[int, int]
+    attention: torch.Tensor
 
 
 class PatchEmbed(nn.Module):
@@ -63,23 +67,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention output for the first ([CLS]) token only; keys and values from all tokens."""
+    def heads(self, x: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, ...]:
+        """q, k, v as (B, heads, tokens, head dim); with ``cls_only`` the query of [CLS] alone."""
         B, N, C = x.shape
         H = self.num_heads
+        if not cls_only:
+            return self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])
-        kv = F.linear(x, w[C:], None if b is None else b[C:])
-        q = q.reshape(B, 1, H, C // H).transpose(1, 2)
-        kv = kv.reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
-        return self.proj(out.transpose(1, 2).reshape(B, 1, C))
+        q = F.linear(x[:, :1], w[:C], None if b is None else b[:C]).reshape(B, 1, H, C // H).transpose(1, 2)
+        kv = F.linear(x, w[C:], None if b is None else b[C:]).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+        return q, kv[0], kv[1]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, H, n, d = q.shape
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, H * d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(*self.heads(x))
 
 
 class Mlp(nn.Module):
@@ -119,10 +123,16 @@ class Block(nn.Module):
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
-    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's output for the [CLS] token alone, shape (B, 1, D)."""
-        x_cls = x[:, :1] + self.ls1(self.attn.forward_cls(self.norm1(x)))
-        return x_cls + self.ls2(self.mlp(self.norm2(x_cls)))
+    def forward_last(self, x: torch.Tensor, cls_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's output (for [CLS] alone with ``cls_only``: keys and values still from every token), and
+        [CLS]'s softmax attention to the patch tokens averaged over the heads, (B, N - 1): row 0 of the official
+        ``get_last_selfattention``, as ``visualize_attention.py`` shows it. One row of q k^T: the block's own
+        output still goes through the fused attention."""
+        q, k, v = self.attn.heads(self.norm1(x), cls_only)
+        scores = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        cls_attention = scores.float().softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+        x = (x[:, :1] if cls_only else x) + self.ls1(self.attn.attend(q, k, v))
+        return x + self.ls2(self.mlp(self.norm2(x))), cls_attention
 
 
 class VisionTransformer(nn.Module):
@@ -205,14 +215,11 @@ class VisionTransformer(nn.Module):
             x = blk(x)
             if depth - 1 - i < n_last_blocks:
                 cls.append(self.norm(x[:, 0]))
-        patch = None
-        if patch_tokens:
-            x = self.norm(self.blocks[-1](x))
-            cls.append(x[:, 0])
-            patch = x[:, 1:]
-        else:
-            cls.append(self.norm(self.blocks[-1].forward_cls(x)[:, 0]))
-        return BackboneOutput(cls=torch.stack(cls, dim=1), patch=patch, grid=grid)
+        x, attention = self.blocks[-1].forward_last(x, cls_only=not patch_tokens)
+        x = self.norm(x)
+        cls.append(x[:, 0])
+        patch = x[:, 1:] if patch_tokens else None
+        return BackboneOutput(torch.stack(cls, dim=1), patch, grid, attention.reshape(-1, *grid))
 
 
 def count_flops(cfg: ViTConfig, height: int, width: int, cls_only_last_block: bool = False) -> int:

@@ -13,6 +13,8 @@ Layout (written by ``scripts/build_index.py``)::
                                prefilter: codes.npy (N, D) int8, columns.npy (D,) and rows.npy (3, N)
                                float64; optional (an index without it gets one made in memory)
     <Strategy>/variants/<variant>/*.npy   optional mirror/flip query tables (same three arrays)
+    <Strategy>/attention.npy   (N, h, w) float16, the last block's [CLS] attention to each patch, averaged
+                               over the heads, on the strategy's patch grid; optional (older indexes)
 """
 
 FORMAT = "steam-dino-index"
@@ -23,3 +25,4 @@ ARRAYS = ("embeddings.npy", "neighbours.npy", "scores.npy")
 EMBEDDING_DTYPES = ("float16", "float32")
 VARIANTS_DIR = "variants"
 SKETCH_DIR = "sketch"
+ATTENTION = "attention.npy"

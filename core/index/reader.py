@@ -23,7 +23,17 @@ from core.files import sha256_file, sha256_started
 from core.sketch import Int8Sketch
 from core.variants import UnknownVariant, variant_name
 
-from .layout import APPS, ARRAYS, EMBEDDING_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
+from .layout import (
+    APPS,
+    ARRAYS,
+    ATTENTION,
+    EMBEDDING_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SKETCH_DIR,
+    VARIANTS_DIR,
+)
 
 
 class IndexInvalid(RuntimeError):
@@ -51,6 +61,7 @@ class StrategyIndex:
     entry: dict
     variants: dict[str, VariantTables] = field(default_factory=dict)
     sketch: Int8Sketch | None = None  # the upload search's prefilter, when the index has it
+    attention: np.ndarray | None = None  # (N, h, w) attention maps, when the index has them
 
     @property
     def name(self) -> str:
@@ -171,7 +182,12 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, digests: _Digests
     emb, nbr, sco = _load_tables(folder, files, (n, strategy.dim, k), digests)
     variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), digests)
     sketch = _load_sketch(folder / SKETCH_DIR, where, entry.get("sketch"), (n, strategy.dim), digests)
-    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants, sketch)
+    spec, attention = entry.get("attention"), None
+    if spec is not None:  # optional: indexes built before attention maps serve without them
+        if not isinstance(spec, dict):
+            raise IndexInvalid(f"{where}: 'attention' must describe {ATTENTION}")
+        attention = _open_array(folder / ATTENTION, spec, (n, *strategy.grid), ("float16",), digests)
+    return StrategyIndex(strategy, emb, nbr, sco, checkpoint, entry, variants, sketch, attention)
 
 
 def _files(entry: object, names: tuple[str, ...], where: str) -> dict:

@@ -20,7 +20,7 @@ from core.dino.strategies import Strategy
 from core.files import atomic_file, atomic_write_json, fsync_dir, sha256_file
 from core.sketch import Int8Sketch, sketch_fits
 
-from .layout import ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
+from .layout import ARRAYS, ATTENTION, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 
 
 def _hidden(out: Path, tag: str) -> list[Path]:
@@ -118,12 +118,16 @@ def write_strategy(
     neighbours: np.ndarray,
     scores: np.ndarray,
     checkpoint: dict,
+    attention: np.ndarray | None = None,
     **extra: object,
 ) -> dict:
-    """Write one strategy's three arrays and its sketch; returns its manifest entry (settings, checkpoint, files)."""
+    """Write one strategy's three arrays, its sketch and its attention maps (as float16); returns its manifest
+    entry (settings, checkpoint, files)."""
     name = strategy.name
     files = _write_tables(writer, name, embeddings, neighbours, scores)
     entry = strategy.to_manifest() | {"k": int(neighbours.shape[1]), "checkpoint": checkpoint, **extra, "files": files}
+    if attention is not None:
+        entry["attention"] = writer.write_array(f"{name}/{ATTENTION}", attention.astype(np.float16))
     if sketch_fits(embeddings.shape[1]):
         arrays = Int8Sketch.of(embeddings).arrays()
         entry["sketch"] = {"files": {f: writer.write_array(f"{name}/{SKETCH_DIR}/{f}", a) for f, a in arrays.items()}}
