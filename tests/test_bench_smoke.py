@@ -56,7 +56,9 @@ def test_combined_table(quick_run):
     for bench in ("extract", "serve", "upload", "memory", "knn"):
         assert f"\n{bench} " in combined, f"{bench} has no line in the combined table"
     assert "targets:" in combined and "FAILED" not in combined
-    assert md.startswith("| benchmark | figure | value | target | result |")
+    assert md.startswith("# Benchmarks\n") and "machine: " in md
+    assert "\n| benchmark | figure | value | target | result |\n" in md
+    assert "## GPU build" in md  # the recorded outputs of bench/recorded/ follow the table
     assert "GET /match answers equal the tables" in md
     # the workspace records what it built, so that the next benchmark reuses it
     assert json.loads((ws / "index.params.json").read_text())["info"]["apps"] == 2000
