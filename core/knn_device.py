@@ -32,13 +32,13 @@ def topk_table_device(
     table = check_table(embeddings)
     k = min(check_count(k, "k"), table.shape[0] - 1)
     n = table.shape[0]
-    x = torch.tensor(table, dtype=torch.float64, device=device)  # a copy: read-only (mapped) tables too
+    x = torch.from_numpy(np.require(table, requirements="CW")).to(device).double()  # read-only tables: copied
     finite = torch.isfinite(x).all(dim=1)
     if not bool(finite.all()):
         raise ValueError(f"embeddings contain NaN or infinite values (row {int(torch.nonzero(~finite)[0, 0])})")
     if float(torch.linalg.vector_norm(x, dim=1).max()) > 1e18:
         raise ValueError("embeddings must be L2-normalised")
-    q = x if queries is None else torch.tensor(queries, dtype=torch.float64, device=device)
+    q = x if queries is None else torch.from_numpy(np.require(queries, requirements="CW")).to(device).double()
     rows = q.shape[0]
     if k == 0:
         if progress is not None:
