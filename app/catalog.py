@@ -5,8 +5,9 @@ exact name, then names starting with the query, then names with a word starting 
 then names containing every word of it; shorter names first within a rank. An all-digit query also finds the game
 with that appid.
 
-Everything is columns in numpy arrays (``core.apps.AppColumns`` and the folded names), made once before gunicorn
-forks: the workers share them, and a search is a few passes of ``numpy.strings`` over the names, in C.
+Everything is columns in numpy arrays (``core.apps.AppColumns``, and the folded names as one UTF-8 text with each
+name's offset), made once before gunicorn forks: the workers share them, and a search is a few vectorised passes
+over a few MB of text.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.apps import TEXT, AppColumns
+from core.apps import AppColumns
 from core.banners import scan_banners
 from core.steam import asset_url, is_ascii_digits, plain_banner_path, store_url
 
@@ -45,7 +46,11 @@ class Catalog:
 
     def __init__(self, apps: AppColumns, banners_dir: Path | None, assets_url: str) -> None:
         self.apps = apps
-        self.folded = np.array([fold(n) for n in apps.names.tolist()], dtype=TEXT)
+        folded = [fold(n).encode() for n in apps.names.tolist()]
+        # "\n" + every folded name + "\n" (no name holds one); row i spans _starts[i] to _starts[i + 1] - 1
+        self._text = np.frombuffer(b"\n" + b"\n".join(folded) + b"\n", dtype=np.uint8)
+        self._starts = np.cumsum([1] + [len(f) + 1 for f in folded])
+        self._chars = np.array([len(f.decode()) for f in folded], dtype=np.int32)  # the ranking's name lengths
         self.assets_url = assets_url
         self.banners_dir = banners_dir
         self.local = np.array(sorted(scan_banners(banners_dir) if banners_dir else ()), dtype=np.int64)
@@ -83,22 +88,38 @@ class Catalog:
             "banner_url": self.banner_url(row, host_url),
         }
 
+    def _at(self, pattern: bytes) -> np.ndarray:
+        """Offsets in the text where ``pattern`` (a folded word or phrase: no "\n") starts."""
+        text = self._text
+        at = np.flatnonzero(text[: max(0, len(text) - len(pattern) + 1)] == pattern[0])
+        for j in range(1, len(pattern)):
+            at = at[text[at + j] == pattern[j]]
+        return at
+
+    def _rows(self, at: np.ndarray) -> np.ndarray:
+        """Which rows hold these offsets, as a mask over the rows."""
+        mask = np.zeros(len(self), dtype=bool)
+        mask[np.searchsorted(self._starts, at, side="right") - 1] = True
+        return mask
+
     def search(self, query: str, limit: int) -> list[Game]:
         q = fold(query)
         if not q:
             return []
         terms = q.split()
-        rows = np.flatnonzero(np.strings.find(self.folded, terms[0]) >= 0)  # a match has every word of the query
-        names = self.folded[rows]
+        first = self._at(terms[0].encode())
+        every = self._rows(first)
         for term in terms[1:]:
-            keep = np.strings.find(names, term) >= 0
-            rows, names = rows[keep], names[keep]
-        whole = np.strings.find(names, q) >= 0
-        word = np.strings.startswith(names, terms[0]) | (np.strings.find(names, " " + terms[0]) >= 0)
-        rank = np.select([names == q, np.strings.startswith(names, q), word & whole, whole], [0, 1, 2, 3], 4)
-        order = np.lexsort((self.apps.appids[rows], np.strings.str_len(names), rank))
+            every &= self._rows(self._at(term.encode()))
+        at = first if len(terms) == 1 else self._at(q.encode())
+        rows = np.flatnonzero(every)
+        whole, prefix = self._rows(at)[rows], self._rows(at[self._text[at - 1] == ord("\n")])[rows]
+        word = self._rows(first[np.isin(self._text[first - 1], (ord(" "), ord("\n")))])[rows]
+        exact = prefix & (self._starts[rows + 1] - self._starts[rows] - 1 == len(q.encode()))
+        rank = np.select([exact, prefix, word & whole, whole], [0, 1, 2, 3], 4)
+        order = np.lexsort((self.apps.appids[rows], self._chars[rows], rank))
         found = [self.game(int(r)) for r in rows[order[:limit]]]
-        exact = self.get(int(query.strip())) if is_ascii_digits(query.strip()) else None
-        if exact is not None:
-            found = [exact, *(g for g in found if g.row != exact.row)][:limit]
+        exact_appid = self.get(int(query.strip())) if is_ascii_digits(query.strip()) else None
+        if exact_appid is not None:
+            found = [exact_appid, *(g for g in found if g.row != exact_appid.row)][:limit]
         return found
