@@ -48,6 +48,7 @@ from bench.common import (
 from bench.memory import memory_limit, request
 from bench.upload import post
 from core.dino.strategies import parse_strategies
+from devtools.cgroup import smaps_rollup
 from devtools.synthetic import CATALOG_SIZE, STORE_SIZE
 
 MIB = 2**20
@@ -201,6 +202,7 @@ def serve_run(ws: Workspace, index: Path, serve: list[str], cgroup, logs: Path, 
         names = [f"/apps?q={quote_plus(q)}&limit={rng.randint(5, 20)}" for q in NAME_QUERIES * 4]
         out["names"] = timed_gets(conn, [names[i % len(names)] for i in range(args.lookups)])
         out["pss"] = sum(memory_of(pid)["pss"] for pid in [srv.pid, *pids])
+        out["anon"] = sum(smaps_rollup(pid)["Pss_Anon"] for pid in [srv.pid, *pids]) / MIB
     return out
 
 
@@ -244,7 +246,8 @@ def report(res: Results, args, info: dict, sizes: list, tables: dict, whole: flo
         ["", limited["lookups"][1], free["lookups"][1], ""],
         ["GET /apps?q= p50 / p99 (ms)", limited["names"][0], free["names"][0], "no limit"],
         ["", limited["names"][1], free["names"][1], ""],
-        ["total PSS after uploads (MiB)", limited["pss"], free["pss"], "no limit"],
+        ["total PSS at the end (MiB)", limited["pss"], free["pss"], "no limit"],
+        ["of which anonymous (MiB)", limited["anon"], free["anon"], "no limit"],
     ]
     for row in rows:
         row.insert(3, row[1] / row[2] if row[2] else None)
