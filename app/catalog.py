@@ -52,7 +52,6 @@ class Catalog:
         self._starts = np.cumsum([1] + [len(f) + 1 for f in folded])
         self._chars = np.array([len(f.decode()) for f in folded], dtype=np.int32)  # the ranking's name lengths
         self.assets_url = assets_url
-        self.banners_dir = banners_dir
         self.local = np.array(sorted(scan_banners(banners_dir) if banners_dir else ()), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -80,13 +79,8 @@ class Catalog:
 
     def describe_row(self, row: int, host_url: str) -> dict:
         """A game for responses: appid, name, store page and banner."""
-        g = self.game(row)
-        return {
-            "appid": g.appid,
-            "name": g.name,
-            "store_url": store_url(g.appid),
-            "banner_url": self.banner_url(row, host_url),
-        }
+        g, banner = self.game(row), self.banner_url(row, host_url)
+        return {"appid": g.appid, "name": g.name, "store_url": store_url(g.appid), "banner_url": banner}
 
     def _at(self, pattern: bytes) -> np.ndarray:
         """Offsets in the text where ``pattern`` (a folded word or phrase: no "\n") starts."""

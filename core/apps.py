@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +81,7 @@ class AppColumns:
     """A checked app list as columns, in row order: ``appids`` (int64), ``names`` and ``banners`` (the store's
     banner path, "" where none) as numpy text arrays. A few dozen bytes per game where a list of dicts costs
     hundreds, and no per-game Python objects: workers forked after loading share the pages, since reading a
-    row writes nothing (no reference count). Rows read as the dicts they came from."""
+    row writes nothing (no reference count). Rows read (and iterate) as the dicts they came from."""
 
     def __init__(self, apps: list[dict[str, Any]]) -> None:
         self.appids = np.array([a["appid"] for a in apps], dtype=np.int64)
@@ -102,6 +101,3 @@ class AppColumns:
     def __getitem__(self, row: int) -> dict[str, Any]:
         entry = {"appid": int(self.appids[row]), "name": str(self.names[row])}
         return entry | ({"banner": str(self.banners[row])} if self.banners[row] else {})
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return (self[i] for i in range(len(self)))
