@@ -108,7 +108,7 @@ def _flask_app(settings: Settings) -> Flask:
     _register_cors(app, settings.cors_origins)
     _register_compression(app)
 
-    cdn_origin = "/".join(settings.cdn_url.split("/", 3)[:3])
+    cdn_origin = "/".join(settings.assets_url.split("/", 3)[:3])
     html_policy = (  # pages, /compare for browsers, error pages: no scripts, images from here or the CDN
         f"default-src 'self'; img-src 'self' data: {cdn_origin}; style-src 'self'; script-src 'none'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from core.env import parse_bool, parse_float, parse_whole
-from core.steam import DEFAULT_CDN_URL
+from core.steam import API_URL, ASSETS_URL
 
 
 class ConfigError(ValueError):
@@ -125,7 +125,9 @@ class Settings:
     preload_models: list[str] = _var("PRELOAD_MODELS", [])
     allow_weights_download: bool = _var("ALLOW_WEIGHTS_DOWNLOAD", True)
     weights_retry_seconds: float = _var("WEIGHTS_RETRY_SECONDS", 60.0, 0, 86400)
-    cdn_url: str = _var("STEAM_CDN_URL", DEFAULT_CDN_URL, parse=lambda n, raw, d: _http_url(n, raw.rstrip("/"), d))
+    # the store: banners' URLs under the assets' base; GetItems (the fallback's banner paths) under the Web API's
+    assets_url: str = _var("STEAM_ASSETS_URL", ASSETS_URL, parse=_http_url)
+    steam_api_url: str = _var("STEAM_API_URL", API_URL, parse=lambda n, raw, d: _http_url(n, raw.rstrip("/"), d))
     fallback_fetch: bool = _var("FALLBACK_FETCH", False)
     fallback_timeout: float = _var("FALLBACK_TIMEOUT", 5.0, 0.1, 60)
     fallback_max_mb: float = _var("FALLBACK_MAX_MB", 5.0, 0.01, 100)

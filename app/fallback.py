@@ -1,28 +1,31 @@
-"""Optional (FALLBACK_FETCH=1): lookups of games the index lacks, from their banner on the Steam CDN.
+"""Optional (FALLBACK_FETCH=1): lookups of games the index lacks, from their banner in the Steam store.
 
-It reaches only the configured CDN (the URL is an integer appid on the CDN base, no redirects, a capped body), and
-the whole download has one deadline (FALLBACK_TIMEOUT) in a small thread pool, so a trickling CDN cannot hold a
-request. Embeddings and "no banner" are remembered until evicted (LRU), failures for FALLBACK_NEGATIVE_TTL, and
-concurrent misses of one key share one fetch and one model pass (``SingleFlight``).
+It asks the store for the game's banner path (GetItems on STEAM_API_URL), then fetches that banner under the store
+assets' base (STEAM_ASSETS_URL; the plain path for a game the store gave none), and reaches nothing else: the path
+is checked as an asset path, redirects are not followed, bodies are capped, and both requests share one deadline
+(FALLBACK_TIMEOUT) in a small thread pool, so a trickling server cannot hold a request. Embeddings and "no banner"
+are remembered until evicted (LRU), failures for FALLBACK_NEGATIVE_TTL, and concurrent misses of one key share one
+fetch and one model pass (``SingleFlight``).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from urllib.parse import urlparse
 
 import numpy as np
 import requests
 from PIL import Image
 
-from core.http import BodyTooLarge, read_body
+from core.http import BodyTooLarge, TransientError, read_body
 from core.images import ImageRejected
-from core.steam import banner_url
+from core.steam import asset_url, plain_banner_path
+from core.store_items import ITEMS_PATH, items_entries, items_params
 from core.variants import apply_variant
 
 from .config import Settings
@@ -30,68 +33,72 @@ from .problems import UpstreamFailed, unknown_app
 from .uploads import decode_upload
 
 FETCH_THREADS = 4  # downloads in flight per worker; more wait in the pool's queue, within their deadline
-ABSENT = "absent"  # remembered: the CDN has no banner for this appid
+ABSENT = "absent"  # remembered: Steam has no banner for this appid
 
 
 class FetchFailed(RuntimeError):
-    """The CDN could not be used (unreachable, timeout, redirect, too large, error status)."""
+    """The store could not be used (unreachable, timeout, redirect, too large, error status, unreadable answer)."""
 
 
 class BannerFetcher:
-    """GETs of the CDN's banners, each within one deadline."""
+    """A game's banner as the store describes it: GetItems, then the banner, within one deadline."""
 
-    def __init__(self, cdn_url: str, timeout_s: float, max_bytes: int) -> None:
-        parsed = urlparse(cdn_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"not an http(s) CDN URL: {cdn_url!r}")
-        self.cdn_url, self.host = cdn_url, parsed.hostname
+    def __init__(self, api_url: str, assets_url: str, timeout_s: float, max_bytes: int) -> None:
+        self.api_url, self.assets_url = api_url, assets_url
         self.timeout_s, self.max_bytes = timeout_s, max_bytes
         self._session = requests.Session()
-        self._session.trust_env = False  # no proxy from the environment: only the CDN, directly
+        self._session.trust_env = False  # no proxy from the environment: only the store's hosts, directly
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="cdn-fetch")
 
-    def url(self, appid: int) -> str:
-        url = banner_url(int(appid), self.cdn_url)
-        if urlparse(url).hostname != self.host:  # cannot happen with an int appid; checked anyway
-            raise FetchFailed(f"refusing to fetch {url}: not the CDN host {self.host}")
-        return url
-
-    def fetch(self, appid: int) -> bytes | None:
-        """The banner's bytes, or None when the CDN says it has none (404/403); FetchFailed past the deadline."""
-        future = self._pool.submit(self._download, self.url(appid), time.monotonic() + self.timeout_s)
+    def fetch(self, appid: int) -> tuple[str, bytes | None] | None:
+        """(the banner's URL, its bytes or None when the CDN has none), or None when the store does not describe
+        the game; FetchFailed past the deadline or when the store cannot be used."""
+        future = self._pool.submit(self._fetch, int(appid), time.monotonic() + self.timeout_s)
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
-            raise FetchFailed(f"the CDN took longer than {self.timeout_s:g} s") from None
+            raise FetchFailed(f"the store took longer than {self.timeout_s:g} s") from None
 
-    def _download(self, url: str, deadline: float) -> bytes | None:
-        """One GET, its body read as it arrives so that the deadline is checked after every receive."""
+    def _fetch(self, appid: int, deadline: float) -> tuple[str, bytes | None] | None:
+        answer = self._get(f"{self.api_url}{ITEMS_PATH}", deadline, items_params([appid]))
+        try:
+            entry = items_entries(json.loads(answer or b"null"), [appid])[appid]
+        except (ValueError, TransientError):
+            raise FetchFailed("the store's GetItems answer is not readable") from None
+        if entry is None:
+            return None
+        url = asset_url(entry.get("banner") or plain_banner_path(appid), self.assets_url)
+        return url, self._get(url, deadline)
+
+    def _get(self, url: str, deadline: float, params: dict | None = None) -> bytes | None:
+        """One GET (None for 403/404), its body read as it arrives so that the deadline is checked after every
+        receive."""
         timeout = (self.timeout_s, self.timeout_s)
         try:
-            with self._session.get(url, timeout=timeout, stream=True, allow_redirects=False) as r:
+            with self._session.get(url, params=params, timeout=timeout, stream=True, allow_redirects=False) as r:
                 if r.status_code in (403, 404):
                     return None
                 if r.is_redirect or r.is_permanent_redirect:
-                    raise FetchFailed(f"the CDN redirected {url} elsewhere; redirects are not followed")
+                    raise FetchFailed(f"the store redirected {url} elsewhere; redirects are not followed")
                 if r.status_code != 200:
-                    raise FetchFailed(f"the CDN answered {r.status_code} for {url}")
+                    raise FetchFailed(f"the store answered {r.status_code} for {url}")
                 return read_body(r, max_bytes=self.max_bytes, deadline=deadline)
         except FetchFailed:
             raise
         except BodyTooLarge:
-            raise FetchFailed(f"the banner is larger than {self.max_bytes} bytes") from None
+            raise FetchFailed(f"the answer is larger than {self.max_bytes} bytes") from None
         except requests.Timeout:
-            raise FetchFailed(f"the CDN took longer than {self.timeout_s:g} s") from None
+            raise FetchFailed(f"the store took longer than {self.timeout_s:g} s") from None
         except Exception as e:  # requests' and urllib3's own errors from raw reads (protocol, timeouts)
             raise FetchFailed(f"could not fetch {url}: {type(e).__name__}") from None
 
 
 class CdnFallback:
-    """The embedding of an unindexed game's CDN banner, per (appid, strategy, variant), remembered."""
+    """The embedding of an unindexed game's store banner and its URL, per (appid, strategy, variant), remembered."""
 
     def __init__(self, settings: Settings, embed: Callable[[str, Image.Image], np.ndarray]) -> None:
-        self.fetcher = BannerFetcher(settings.cdn_url, settings.fallback_timeout, int(settings.fallback_max_mb * 2**20))
-        self.url = self.fetcher.url
+        max_bytes = int(settings.fallback_max_mb * 2**20)
+        self.fetcher = BannerFetcher(settings.steam_api_url, settings.assets_url, settings.fallback_timeout, max_bytes)
         self.settings = settings
         self._embed = embed  # (strategy, image) -> embedding: a model pass
         self._cache: OrderedDict[tuple, tuple[float, object]] = OrderedDict()  # key -> (expires, value)
@@ -102,8 +109,8 @@ class CdnFallback:
         """Whether the answer costs a fetch and a model pass (nothing remembered for it)."""
         return self._cached((appid, strategy, variant)) is None
 
-    def embedding(self, appid: int, strategy: str, variant: str, resize_to) -> np.ndarray:
-        """The banner's embedding; NotFound when Steam has none, UpstreamFailed when the CDN fails us."""
+    def embedding(self, appid: int, strategy: str, variant: str, resize_to) -> tuple[np.ndarray, str]:
+        """The banner's embedding and URL; NotFound when Steam has none, UpstreamFailed when the store fails us."""
         key = (appid, strategy, variant)
         found = self._cached(key)
         if found is None:
@@ -115,19 +122,19 @@ class CdnFallback:
         return found
 
     def _fetch_and_embed(self, key: tuple, resize_to) -> object:
-        """The embedding, ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
+        """(embedding, URL), ABSENT, or an UpstreamFailed; each remembered (failures for FALLBACK_NEGATIVE_TTL)."""
         appid, strategy, variant = key
         try:
-            data = self.fetcher.fetch(appid)
+            url, data = self.fetcher.fetch(appid) or ("", None)
             if data is None:
                 return self._remember(key, ABSENT)
             image = decode_upload(data, self.settings, resize_to).image
         except FetchFailed as e:
             why = f"appid {appid} is not in the index and {e}"
         except ImageRejected as e:
-            why = f"the CDN's banner for {appid} is not usable: {e.message}"
+            why = f"the store's banner for {appid} is not usable: {e.message}"
         else:
-            return self._remember(key, self._embed(strategy, apply_variant(image, variant)))
+            return self._remember(key, (self._embed(strategy, apply_variant(image, variant)), url))
         return self._remember(key, UpstreamFailed("fallback_failed", why), ttl_s=self.settings.fallback_negative_ttl)
 
     def _cached(self, key: tuple) -> object | None:

@@ -113,9 +113,9 @@ def pair(appid: str, other: str):
 def random_game():
     """A redirect to the gallery of a game picked at random (heroku-flask-api's /render/ without an appid)."""
     svc = get_service()
-    if not svc.catalog.games:
+    if not len(svc.catalog):
         raise NotFound("empty_index", "the index has no games")
-    game = random.choice(svc.catalog.games)
+    game = svc.catalog.game(random.randrange(len(svc.catalog)))
     args = {"strategy": strategy_param(svc)} if request.args.get("strategy") else {}
     resp = redirect(url_for("pages.render", appid=game.appid, **args))
     resp.headers["Cache-Control"] = "no-store"
@@ -157,7 +157,7 @@ def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more
 def banner(appid: str):
     g.html = False  # an image URL: errors in JSON, like the API
     svc = get_service()
-    if not is_ascii_digits(appid) or len(appid) > APPID_DIGITS or int(appid) not in svc.catalog.local_banners:
+    if not is_ascii_digits(appid) or len(appid) > APPID_DIGITS or not svc.catalog.has_local_banner(int(appid)):
         abort(404)
     path = find_banner_file(svc.settings.banners_dir, int(appid))
     if path is None:

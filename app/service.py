@@ -59,7 +59,7 @@ class Service:
     def __init__(self, settings: Settings, index: LoadedIndex) -> None:
         self.settings = settings
         self.index = index
-        self.catalog = Catalog(index.apps, settings.banners_dir, settings.cdn_url)
+        self.catalog = Catalog(index.apps, settings.banners_dir, settings.assets_url)
         self.strategy_names = list(index.strategies)
         self._by_lower = {n.lower(): n for n in self.strategy_names}
         if settings.default_strategy is not None:
@@ -258,7 +258,7 @@ class Service:
             entry = self.catalog.describe_row(row, host_url)
             rows, scores = self.matcher.table_matches(strategy, row, 1)
             if len(rows):
-                best = self.catalog.games[int(rows[0])]
+                best = self.catalog.game(int(rows[0]))
                 entry["best_match"] = {"appid": best.appid, "name": best.name, "score": round(float(scores[0]), 6)}
             out.append(entry)
         return out
@@ -268,7 +268,7 @@ class Service:
         for name in names:
             rows, scores = self.matcher.table_matches(name, game.row, min(k, self.max_k(name)))
             results[name] = self.matches(rows, scores, host_url)
-            sets[name] = {self.catalog.games[r].appid for r in rows.tolist()}
+            sets[name] = set(self.catalog.apps.appids[rows].tolist())
         overlap = {
             a: {b: round(len(sets[a] & sets[b]) / max(1, min(len(sets[a]), len(sets[b]))), 4) for b in names}
             for a in names
@@ -350,12 +350,12 @@ class Service:
     def fallback_match(
         self, appid: int, strategy: str, k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> dict:
-        """Matches for a game that is not in the index, from its banner on the CDN (when FALLBACK_FETCH is on)."""
+        """Matches for a game that is not in the index, from its store banner (when FALLBACK_FETCH is on)."""
         if self.fetcher is None:
             raise unknown_app(appid)
-        vec = self.fetcher.embedding(appid, strategy, variant, self._resize_to(strategy))
+        vec, banner_url = self.fetcher.embedding(appid, strategy, variant, self._resize_to(strategy))
         found = self.matcher.search(strategy, vec, offset + k)
-        query = {"appid": appid, "name": "", "store_url": store_url(appid), "banner_url": self.fetcher.url(appid)}
+        query = {"appid": appid, "name": "", "store_url": store_url(appid), "banner_url": banner_url}
         query["source"] = "steam_cdn"
         rows, scores = found.rows[offset:], found.scores[offset:]
         return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)

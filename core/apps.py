@@ -11,7 +11,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from core.steam import is_asset_path
+
+TEXT = np.dtypes.StringDType()  # variable-width text in one numpy buffer: no Python object per string
 
 
 class AppsInvalid(ValueError):
@@ -67,3 +71,29 @@ def load_apps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise AppsInvalid(f"apps file {path} is not valid JSON: {exc}") from None
     return validate_apps(data, str(path))
+
+
+class AppColumns:
+    """A checked app list as columns, in row order: ``appids`` (int64), ``names`` and ``banners`` (the store's
+    banner path, "" where none) as numpy text arrays. A few dozen bytes per game where a list of dicts costs
+    hundreds, and no per-game Python objects: workers forked after loading share the pages, since reading a
+    row writes nothing (no reference count). Rows read (and iterate) as the dicts they came from."""
+
+    def __init__(self, apps: list[dict[str, Any]]) -> None:
+        self.appids = np.array([a["appid"] for a in apps], dtype=np.int64)
+        self.names = np.array([a["name"] for a in apps], dtype=TEXT)
+        self.banners = np.array([a.get("banner") or "" for a in apps], dtype=TEXT)
+        self._order = np.argsort(self.appids, kind="stable")  # for row(): rows need not be sorted by appid
+
+    def __len__(self) -> int:
+        return len(self.appids)
+
+    def row(self, appid: int) -> int | None:
+        """The row of an appid, or None."""
+        i = int(np.searchsorted(self.appids, appid, sorter=self._order))
+        row = int(self._order[i]) if i < len(self._order) else -1
+        return row if row >= 0 and self.appids[row] == appid else None
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        entry = {"appid": int(self.appids[row]), "name": str(self.names[row])}
+        return entry | ({"banner": str(self.banners[row])} if self.banners[row] else {})

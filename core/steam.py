@@ -1,10 +1,11 @@
 """Steam URLs: where a game's store page and its vertical banner live, and the store's settings.
 
 Shared by the API (links in responses), the catalog, the banner downloader and the
-optional on-the-fly banner fetch, so that the layouts are written once. The store
-tells each game's banner path (``IStoreBrowseService/GetItems``: a path under the
-store assets' base, maybe under a content hash, with a ``?t=`` token that changes
-when the art is re-uploaded); the plain path is the fallback for a game it gave none.
+optional on-the-fly banner fetch, so that the layouts are written once. The store tells
+each game's banner path (``IStoreBrowseService/GetItems``: a path under the store assets'
+base, maybe under a content hash, with a ``?t=`` token that changes when the art is
+re-uploaded); the plain path is the fallback for a game it gave none, never a guess
+where it gave one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 
-DEFAULT_CDN_URL = "https://cdn.cloudflare.steamstatic.com/steam/apps"
 BANNER_FILE = "library_600x900.jpg"
 STORE_URL = "https://store.steampowered.com/app/{appid}/"
 # Settings (environment variables), so that mirrors and tests can point elsewhere.
@@ -26,11 +26,6 @@ _ASSET_PATH = re.compile(r"(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_./-]*(\?[A-Za-z0-9_
 def setting(name: str, default: str) -> str:
     """A Steam setting from the environment (STEAM_ASSETS_URL, STEAM_API_URL, STEAMSPY_URL, STEAM_API_KEY)."""
     return os.environ.get(name, "").strip() or default
-
-
-def banner_url(appid: int, cdn_url: str = DEFAULT_CDN_URL) -> str:
-    """The vertical library banner of a game on the Steam CDN (or a mirror with the same layout)."""
-    return f"{cdn_url.rstrip('/')}/{int(appid)}/{BANNER_FILE}"
 
 
 def plain_banner_path(appid: int) -> str:

@@ -36,6 +36,16 @@ def start_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> http
     return server
 
 
+def bare_items_answer(path: str) -> bytes | None:
+    """For a test's own fake CDN (``path`` with its query): a GetItems answer describing each asked game without a
+    banner path, so that the plain path is fetched; None for any other path."""
+    url = urlsplit(path)
+    if url.path != "/IStoreBrowseService/GetItems/v1/":
+        return None
+    ids = [i["appid"] for i in json.loads(parse_qs(url.query)["input_json"][0])["ids"]]
+    return json.dumps({"response": {"store_items": [{"appid": a, "success": 1, "name": ""} for a in ids]}}).encode()
+
+
 @dataclass
 class FakeGame:
     name: str

@@ -2,9 +2,10 @@
 
 Random unit vectors stand in for embeddings (no images, no model), the app
 list is the real Steam catalog when ``../shared/data/steam_catalog_2021.json``
-is there (29,982 games) or a synthetic one of the same size, and the
-folder is written with the same writer and manifest as a real build, so the
-service loads it through exactly the same checks.
+is there (29,982 games) or a synthetic one of the same size, extended with
+synthetic games past that size (the store today: ``STORE_SIZE``), each with a
+store banner path, and the folder is written with the same writer and manifest
+as a real build, so the service loads it through exactly the same checks.
 """
 
 from __future__ import annotations
@@ -24,21 +25,49 @@ from core.index import APPS, IndexWriter, make_manifest, write_strategy
 from core.knn import topk_table
 
 CATALOG_SIZE = 29_982
+STORE_SIZE = 150_000  # the Steam store today, with headroom
+_WORDS = str.split(
+    "Dark Souls Star Wars Pokémon Café Dragon Quest Legend Knight Space Tycoon Simulator Racing Zombie Survival "
+    "Hollow Ōkami Tower Defense Puzzle City Farm Battle Royale Cyber Neon Shadow of the Lost Kingdom II 3 VR "
+    "Remastered Edition™ Deluxe Ultimate Chronicles: - & 恋愛 ゲーム Straße Ñandú Über Half-Life Portal Saga"
+)
 SHARED_CATALOG = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "steam_catalog_2021.json"
 
 
 def load_catalog(path: Path | None = None, n: int | None = None) -> tuple[list[dict], str]:
-    """The real 2021 Steam catalog if present (else a synthetic one of its size); and where it came from."""
+    """The real 2021 Steam catalog if present (else synthetic games of its size), then synthetic games up to ``n``,
+    each with a store banner path (``store_banner``); and where they came from."""
     path = Path(os.environ.get("STEAM_CATALOG", path or SHARED_CATALOG))
     if path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))
         apps = {int(a["appid"]): str(a.get("name", "")) for a in data if isinstance(a, dict) and "appid" in a}
-        out = [{"appid": a, "name": apps[a]} for a in sorted(apps)]
-        source = str(path)
+        out, source = [{"appid": a, "name": apps[a]} for a in sorted(apps)], str(path)
     else:
-        out = [{"appid": 10 * (i + 1), "name": f"Synthetic game {i + 1}"} for i in range(CATALOG_SIZE)]
-        source = "synthetic"
-    return (out[:n] if n else out), source
+        out, source = synthetic_games(CATALOG_SIZE, 10), "synthetic"
+    if n and n > len(out):
+        extra = n - len(out)
+        out += synthetic_games(extra, (out[-1]["appid"] if out else 0) + 10, seed=len(out))
+        source += f" + {extra:,} synthetic games"
+    rng = random.Random(0)
+    return [a | {"banner": store_banner(a["appid"], rng)} for a in out[:n]], source
+
+
+def synthetic_games(n: int, first_appid: int, seed: int = 0) -> list[dict]:
+    """``n`` games with store-like names (one to five words, accents, ™, CJK and punctuation among them), appids
+    from ``first_appid`` in steps of 10."""
+    rng = random.Random(seed)
+    return [
+        {"appid": first_appid + 10 * i, "name": " ".join(rng.choices(_WORDS, k=rng.randint(1, 5)))} for i in range(n)
+    ]
+
+
+def store_banner(appid: int, rng: random.Random) -> str:
+    """A banner path as the store gives it, with its ``?t=`` token: 1 in 20 under a content hash (art re-uploaded
+    since early 2025, about 5% of the store today), the others the plain path."""
+    token = f"?t={rng.randrange(1_500_000_000, 1_800_000_000)}"
+    if rng.random() < 0.05:
+        return f"steam/apps/{appid}/{rng.getrandbits(160):040x}/library_600x900.jpg{token}"
+    return f"steam/apps/{appid}/library_600x900.jpg{token}"
 
 
 def synthetic_banner(seed: int, size: tuple[int, int] = (300, 450)) -> Image.Image:

@@ -346,7 +346,7 @@ class _Build:
         cfg, n = self.cfg, len(self.rows)
         t_start, t_tables = time.perf_counter(), 0.0
         row_shas = [self.shas[i] for i in self.rows]
-        apps = [{"appid": self.plan.sources[i].appid, "name": self.plan.sources[i].name} for i in self.rows]
+        apps = [self.plan.sources[i].entry() for i in self.rows]
         with IndexWriter(cfg.out) as writer, ThreadPoolExecutor(4, thread_name_prefix="index-writer") as pool:
             apps_sha = writer.write_json(APPS, apps)
             writes = {}

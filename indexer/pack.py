@@ -26,6 +26,7 @@ class Packed:
     sha256: str
     size: int
     strategies: list[str]
+    upload_cache: dict[str, str]  # per strategy: what its uploads keep in the page cache (its sketch, its weights)
 
 
 def pack_index(index_dir: Path, out: Path, strategies: list[str] | None = None) -> Packed:
@@ -52,7 +53,13 @@ def pack_index(index_dir: Path, out: Path, strategies: list[str] | None = None) 
             stream.close()
     sha = sha256_file(out)
     atomic_write_bytes(out.with_name(out.name + ".sha256"), f"{sha}  {out.name}\n".encode())
-    return Packed(out, sha, out.stat().st_size, names)
+    return Packed(out, sha, out.stat().st_size, names, {n: upload_cache(index_dir, index, n) for n in names})
+
+
+def upload_cache(index_dir: Path, index: LoadedIndex, name: str) -> str:
+    """What uploads on a strategy keep in the page cache to be fast: its int8 sketch and its backbone's weights."""
+    sketch = sum((index_dir / rel).stat().st_size for rel in strategy_files(name, index) if f"/{SKETCH_DIR}/" in rel)
+    return f"{sketch / 2**20:,.0f} MiB of sketch and the {index.strategies[name].strategy.backbone.label} weights"
 
 
 def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:

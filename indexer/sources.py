@@ -1,7 +1,8 @@
 """What goes into an index: the banner files of a folder, matched with an optional list of apps.
 
 Images are named ``<appid>.<jpg|jpeg|png|webp>``. With an apps list, the index holds the listed apps that have a
-banner (the list gives the names); without one, every banner, with an empty name. Rows are sorted by appid, so that
+banner (the list gives the names, and the store's banner paths of a catalog); without one, every banner, with an
+empty name. Rows are sorted by appid, so that
 the same inputs always give the same index.
 """
 
@@ -22,6 +23,11 @@ class Source:
     appid: int
     name: str
     path: Path
+    banner: str = ""  # the store's banner path (a catalog's "banner"): the service links to it
+
+    def entry(self) -> dict:
+        """The index's apps.json row: appid, name and, when the store gave one, the banner path."""
+        return {"appid": self.appid, "name": self.name} | ({"banner": self.banner} if self.banner else {})
 
 
 @dataclass
@@ -34,6 +40,7 @@ def plan_sources(images: Path, apps: list[dict] | None) -> SourcePlan:
     if not images.is_dir():
         raise SourceError(f"--images {images}: no such folder")
     found = scan_banners(images)
-    names = {a: "" for a in found} if apps is None else {a["appid"]: a["name"] for a in apps}
-    sources = [Source(a, names[a], found[a]) for a in sorted(names) if a in found]
-    return SourcePlan(sources, sorted(a for a in names if a not in found))
+    listed = {a: {} for a in found} if apps is None else {a["appid"]: a for a in apps}
+    kept = sorted(a for a in listed if a in found)
+    sources = [Source(a, listed[a].get("name", ""), found[a], listed[a].get("banner", "")) for a in kept]
+    return SourcePlan(sources, sorted(a for a in listed if a not in found))

@@ -183,13 +183,24 @@ def file_server():
 NAMES = ["Pokémon Quest", "STAR WARS™ Battlefront", "Portal 2", "Portal", "Half-Life 2", "Café Racer", "Stardew Valley"]
 
 
+def store_banner(appid: int) -> str | None:
+    """The store's banner path of a generated game, as a catalog gives it: one in three under a content hash (art
+    re-uploaded), one in three the plain path with its token, one in three none (the store gave no capsule)."""
+    token = f"?t={1_700_000_000 + appid}"
+    plain = f"steam/apps/{appid}/library_600x900.jpg"
+    return [None, f"steam/apps/{appid}/{appid:040x}/library_600x900.jpg{token}", f"{plain}{token}"][appid // 10 % 3]
+
+
 def make_catalog(folder: Path, n: int, first_appid: int = 10) -> list[dict]:
-    """n generated banners in folder and their apps list (a few real-looking names, accents included)."""
+    """n generated banners in folder and their apps list (a few real-looking names, accents included, and the
+    store's banner paths: ``store_banner``)."""
     apps = []
     for i in range(n):
         appid = first_appid + 10 * i
         make_banner(folder / f"{appid}.jpg", seed=appid)
         apps.append({"appid": appid, "name": NAMES[i] if i < len(NAMES) else f"Game {appid}"})
+        if banner := store_banner(appid):
+            apps[-1]["banner"] = banner
     return apps
 
 

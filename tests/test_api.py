@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
+from conftest import store_banner
 from PIL import Image
+
+from core.steam import ASSETS_URL
 
 
 def tables(built_index, strategy):
@@ -272,10 +277,46 @@ def test_pages(client, built_index):
     assert client.get("/banners/..%2Fapps.json").status_code == 404
 
 
-def test_banners_from_cdn_when_no_folder(make_client, built_index, tmp_path):
-    client = make_client(banners_dir=tmp_path / "none")
-    m = client.get("/match/10?k=1").get_json()["matches"][0]
-    assert m["banner_url"] == f"https://cdn.cloudflare.steamstatic.com/steam/apps/{m['appid']}/library_600x900.jpg"
+def test_banner_urls_are_ours_else_the_stores(make_client, built_index, tmp_path):
+    """Our copy when the banner folder has it; else the store's URL (under its content hash, with its ?t= token);
+    the plain path only for a game the store gave none."""
+    (tmp_path / "some").mkdir()
+    shutil.copy(built_index.banners / "40.jpg", tmp_path / "some")
+    client = make_client(banners_dir=tmp_path / "some")
+    hashed = f"{ASSETS_URL}steam/apps/10/{10:040x}/library_600x900.jpg?t=1700000010"
+    expected = {
+        10: hashed,
+        20: f"{ASSETS_URL}steam/apps/20/library_600x900.jpg?t=1700000020",
+        30: f"{ASSETS_URL}steam/apps/30/library_600x900.jpg",  # the store gave none
+        40: "/banners/40.jpg",  # the store's path is hashed, but we serve the file
+    }
+    assert {a: client.get(f"/apps/{a}").get_json()["banner_url"] for a in expected} == expected
+    assert client.get("/banners/40.jpg").status_code == 200 and client.get("/banners/10.jpg").status_code == 404
+    for m in client.get("/match/10?k=10").get_json()["matches"]:
+        local = m["appid"] == 40
+        assert m["banner_url"] == "/banners/40.jpg" if local else m["banner_url"].startswith(ASSETS_URL)
+        assert local or (store_banner(m["appid"]) or "library_600x900.jpg") in m["banner_url"]
+    page = client.get("/render/10?k=3", headers={"Accept": "text/html"})
+    assert f'src="{hashed}"' in page.get_data(as_text=True)
+    assert "https://shared.steamstatic.com" in page.headers["Content-Security-Policy"]
+    mirror = make_client(banners_dir=tmp_path / "none", assets_url="https://mirror.example/assets/")
+    assert mirror.get("/apps/10").get_json()["banner_url"] == hashed.replace(
+        ASSETS_URL, "https://mirror.example/assets/"
+    )
+
+
+def test_an_index_without_banner_paths_loads_with_plain_ones(make_client, built_index, tmp_path):
+    """apps.json of an index built from a list without the store's paths (or before them): the plain paths."""
+    index = shutil.copytree(built_index.index, tmp_path / "index")
+    apps = [{"appid": a["appid"], "name": a["name"]} for a in json.loads((index / "apps.json").read_text())]
+    (index / "apps.json").write_text(json.dumps(apps))
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["apps_sha256"] = hashlib.sha256((index / "apps.json").read_bytes()).hexdigest()
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    client = make_client(index_dir=index, banners_dir=tmp_path / "none")
+    m = client.get("/match/10?k=3").get_json()
+    for game in [m["query"], *m["matches"]]:
+        assert game["banner_url"] == f"{ASSETS_URL}steam/apps/{game['appid']}/library_600x900.jpg"
 
 
 def test_cors(make_client):

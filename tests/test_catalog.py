@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import ROOT
 
 from core.apps import load_apps
@@ -267,3 +268,18 @@ def test_from_nothing_to_an_index_then_only_the_changes(steam, run_main, tmp_pat
     assert "1 downloaded (1 changed in the store), 7 skipped" in r.stdout
     r = run_main(build_main, *build)
     assert r.returncode == 0 and "8 images (1 embedded, 7 reused" in r.stdout, r.stdout + r.stderr
+
+    # served, without the banners (a dyno's ephemeral disk): each game's banner where the store says it is
+    from app import create_app
+    from app.config import Settings
+
+    settings = Settings.from_env(os.environ | {"INDEX_DIR": str(index), "BANNERS_DIR": str(tmp_path / "none")})
+    client = create_app(settings).test_client()
+    urls = {a: client.get(f"/apps/{a}").get_json()["banner_url"] for a in (20, 30, 90)}
+    assets = f"{steam.url}/store_item_assets/"
+    assert urls == {
+        20: f"{assets}{steam.banner_path(20)}?t=1",  # under a content hash: the plain path is not it
+        30: f"{assets}steam/apps/30/library_600x900.jpg",  # the store gave none: the path it was downloaded from
+        90: f"{assets}{steam.banner_path(90)}?t=5",  # re-uploaded
+    }
+    assert all(requests.get(url, timeout=5).status_code == 200 for url in urls.values())

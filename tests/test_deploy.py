@@ -121,7 +121,9 @@ def test_pack_command_refuses_bad_input(small_index, tmp_path, capsys):
     assert "Nope" in capsys.readouterr().err and not (tmp_path / "a.tar").exists()
     assert pack_main(["--index", str(tmp_path / "none"), "--out", str(tmp_path / "a.tar")]) == 2
     assert pack_main(["--index", str(small_index), "--out", str(tmp_path / "all.tar")]) == 0
-    assert re.search(r"INDEX_SHA256=[0-9a-f]{64}", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"INDEX_SHA256=[0-9a-f]{64}", out)
+    assert re.search(r"uploads on ComplexB16 keep \d+ MiB of sketch and the DINO ViT-B/16 weights in the page", out)
     assert list(load_index_from_tar(tmp_path / "all.tar", tmp_path / "u").strategies) == [
         "SimpleS16",
         "ComplexS16",

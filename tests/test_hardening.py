@@ -22,6 +22,7 @@ from PIL import Image
 
 from app import StartupError, create_app
 from app.config import ConfigError, Settings
+from devtools.fake_steam import bare_items_answer
 
 pytestmark = pytest.mark.slow  # the real gunicorn service: seconds to start and stop
 
@@ -347,7 +348,8 @@ def test_refuses_unknown_default_strategy_and_bad_env(index_copy):
 
 
 class _CDN:
-    """A fake Steam CDN on 127.0.0.1 that counts requests and can misbehave per appid."""
+    """A fake Steam store on 127.0.0.1 (GetItems gives no banner paths: the plain ones) whose CDN counts requests and
+    can misbehave per appid."""
 
     def __init__(self, banners):
         import http.server
@@ -361,8 +363,12 @@ class _CDN:
 
             def do_GET(self):
                 cdn.hits[self.path] = cdn.hits.get(self.path, 0) + 1
-                appid = self.path.split("/")[1]
-                if appid == "777":
+                appid = self.path.split("/")[3]  # /steam/apps/<appid>/library_600x900.jpg
+                if (items := bare_items_answer(self.path)) is not None:
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(items)
+                elif appid == "777":
                     self.send_response(302)
                     self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
                     self.end_headers()
@@ -395,7 +401,8 @@ def test_fallback_fetch_only_from_the_cdn(built_index, monkeypatch):
         off = create_app(Settings(index_dir=built_index.index)).test_client()
         assert off.get("/match/999").status_code == 404  # off by default
         assert not cdn.hits
-        app = create_app(Settings(index_dir=built_index.index, fallback_fetch=True, cdn_url=cdn.url, fallback_max_mb=1))
+        store = {"steam_api_url": cdn.url, "assets_url": f"{cdn.url}/"}
+        app = create_app(Settings(index_dir=built_index.index, fallback_fetch=True, fallback_max_mb=1, **store))
         client = app.test_client()
         r = client.get("/match/999?strategy=SimpleS16&k=3")
         assert r.status_code == 200, r.data
@@ -403,14 +410,14 @@ def test_fallback_fetch_only_from_the_cdn(built_index, monkeypatch):
         assert body["query"]["appid"] == 999 and body["query"]["source"] == "steam_cdn"
         assert body["matches"][0]["appid"] == 30 and body["matches"][0]["score"] > 0.998  # the same picture
         assert client.get("/match/999?strategy=SimpleS16&k=3").get_json() == body
-        assert cdn.hits["/999/library_600x900.jpg"] == 1  # cached
+        assert cdn.hits["/steam/apps/999/library_600x900.jpg"] == 1  # cached
         missing = client.get("/match/555")
         assert missing.status_code == 404 and "Steam has no banner" in missing.get_json()["error"]["message"]
         client.get("/match/555")
-        assert cdn.hits["/555/library_600x900.jpg"] == 1  # the absence is cached too
+        assert cdn.hits["/steam/apps/555/library_600x900.jpg"] == 1  # the absence is cached too
         redirect = client.get("/match/777")
         assert redirect.status_code == 502 and "redirect" in redirect.get_json()["error"]["message"]
-        assert len([p for p in cdn.hits if p.startswith("/777")]) == 1  # not followed
+        assert len([p for p in cdn.hits if p.startswith("/steam/apps/777")]) == 1  # not followed
         big = client.get("/match/888")
         assert big.status_code == 502 and "larger than" in big.get_json()["error"]["message"]
     finally:
@@ -419,8 +426,7 @@ def test_fallback_fetch_only_from_the_cdn(built_index, monkeypatch):
 
 @pytest.mark.slow
 def test_fallback_unreachable_cdn_is_502(built_index):
-    app = create_app(
-        Settings(index_dir=built_index.index, fallback_fetch=True, cdn_url="http://127.0.0.1:9", fallback_timeout=1)
-    )
+    unreachable = {"steam_api_url": "http://127.0.0.1:9", "fallback_timeout": 1}
+    app = create_app(Settings(index_dir=built_index.index, fallback_fetch=True, **unreachable))
     r = app.test_client().get("/match/4242")
     assert r.status_code == 502 and r.get_json()["error"]["code"] == "fallback_failed"

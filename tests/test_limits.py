@@ -23,10 +23,11 @@ from PIL import Image
 from app import StartupError
 from app.config import ConfigError, Settings
 from app.params import EXTENSION_KEY
-from app.problems import UpstreamFailed
+from app.problems import NotFound, UpstreamFailed
 from core.dino.preprocess import PREPROCESSINGS, largest_resize
 from core.images import MAX_ASPECT_RATIO, ImageRejected, check_jpeg_scans, open_image
 from core.index import IndexInvalid, load_index
+from devtools.fake_steam import FakeGame, FakeSteam, bare_items_answer
 
 DINO = PREPROCESSINGS["dino"].pil_resized_size
 
@@ -128,7 +129,8 @@ def test_a_huge_jpeg_is_decoded_at_a_reduced_scale_and_banners_are_not():
 
 
 class FakeCDN:
-    """A Steam CDN on 127.0.0.1 that counts requests per appid and misbehaves on purpose."""
+    """A Steam store on 127.0.0.1 (GetItems gives no banner paths: the plain ones) whose CDN counts requests per
+    appid and misbehaves on purpose."""
 
     def __init__(self, banner: bytes) -> None:
         self.hits: dict[int, int] = {}
@@ -140,7 +142,9 @@ class FakeCDN:
                 pass
 
             def do_GET(self):
-                appid = int(self.path.split("/")[1])
+                if (items := bare_items_answer(self.path)) is not None:
+                    return self._send(200, items)
+                appid = int(self.path.split("/")[3])  # /steam/apps/<appid>/library_600x900.jpg
                 with cdn.lock:
                     cdn.hits[appid] = cdn.hits.get(appid, 0) + 1
                 if appid == 500:
@@ -167,6 +171,7 @@ class FakeCDN:
 
         self.server = start_http_server(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.settings = {"steam_api_url": self.url, "assets_url": f"{self.url}/"}
 
     def close(self) -> None:
         self.server.shutdown()
@@ -179,11 +184,29 @@ def fallback(built_index, make_app):
     cdn = FakeCDN((built_index.banners / "30.jpg").read_bytes())
 
     def make(**settings):
-        app = make_app(fallback_fetch=True, cdn_url=cdn.url, fallback_timeout=1, **settings)
+        app = make_app(fallback_fetch=True, fallback_timeout=1, **cdn.settings, **settings)
         return app.extensions[EXTENSION_KEY]
 
     yield cdn, make
     cdn.close()
+
+
+@pytest.mark.slow  # a model load
+def test_fallback_asks_the_store_for_the_banner_path(make_app):
+    """GetItems first, then the banner where the store says it is (under its content hash), never a guessed path."""
+    steam = FakeSteam({4321: FakeGame("Re-uploaded art", hashed=True, token=7), 4322: FakeGame("Gone", visible=False)})
+    try:
+        store = {"steam_api_url": steam.url, "assets_url": f"{steam.url}/store_item_assets/"}
+        svc = make_app(fallback_fetch=True, **store).extensions[EXTENSION_KEY]
+        body = svc.fallback_match(4321, "SimpleS16", 3, "/")
+        path = steam.banner_path(4321)
+        assert body["query"]["banner_url"] == f"{steam.url}/store_item_assets/{path}?t=7" and len(body["matches"]) == 3
+        assert steam.counts["GetItems"] == 1 and steam.counts[f"/store_item_assets/{path}"] == steam.counts["CDN"] == 1
+        with pytest.raises(NotFound, match="Steam has no banner"):
+            svc.fallback_match(4322, "SimpleS16", 3, "/")
+        assert steam.counts["GetItems"] == 2 and steam.counts["CDN"] == 1  # not on the store: no banner asked for
+    finally:
+        steam.close()
 
 
 def test_fallback_failures_are_cached_for_a_ttl(fallback):
@@ -231,7 +254,7 @@ def test_fallback_applies_the_image_limits(fallback):
 def test_fallback_model_pass_counts_against_the_upload_rate_limit(built_index, make_app):
     cdn = FakeCDN((built_index.banners / "30.jpg").read_bytes())
     try:
-        app = make_app(fallback_fetch=True, cdn_url=cdn.url, fallback_timeout=1, upload_rate_limit=(1, 3600.0))
+        app = make_app(fallback_fetch=True, fallback_timeout=1, upload_rate_limit=(1, 3600.0), **cdn.settings)
         client = app.test_client()
         assert client.get("/match/4321?strategy=SimpleS16&k=3").status_code == 200
         r = client.get("/match/4322?strategy=SimpleS16&k=3")  # a second model pass: over the upload budget

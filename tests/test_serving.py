@@ -134,7 +134,7 @@ HEAVY = [  # (the request's head, whether it runs a model pass) with the CDN fal
 @pytest.mark.parametrize(("head", "heavy"), HEAVY)
 def test_model_passes_are_classified_on_the_route_the_app_matches(make_app, head, heavy):
     """The worker parses the head as gunicorn does and asks the app, which decides on its own routing."""
-    with_fallback = make_app(fallback_fetch=True, cdn_url="http://127.0.0.1:9")
+    with_fallback = make_app(fallback_fetch=True, steam_api_url="http://127.0.0.1:9")
     without = make_app()
     worker = types.SimpleNamespace(cfg=Config(), log=logging.getLogger("test"))
     call = AppCall(worker, head + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n", ("127.0.0.1", 1), ("127.0.0.1", 2))

@@ -5,7 +5,8 @@ Layout (written by ``scripts/build_index.py``)::
     manifest.json              format and version, creation time, apps, and per strategy:
                                dim, k, backbone, checkpoint file and sha256, preprocessing,
                                style parameters, and the shape, dtype and sha256 of its files
-    apps.json                  [{"appid": 10, "name": "Counter-Strike"}, ...] in row order
+    apps.json                  [{"appid": 10, "name": "Counter-Strike"}, ...] in row order, with the
+                               store's banner path ("banner") where the catalog gave one
     <Strategy>/embeddings.npy  (N, D) float16/float32, L2-normalised, row i = apps[i]
     <Strategy>/neighbours.npy  (N, K) int32 row indices, best first, the row itself excluded
     <Strategy>/scores.npy      (N, K) float32 cosine similarity of each neighbour

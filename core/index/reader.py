@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.apps import AppsInvalid, validate_apps
+from core.apps import AppColumns, AppsInvalid, validate_apps
 from core.cpu import cpu_cores
 from core.dino.strategies import Strategy
 from core.files import sha256_file, sha256_started
@@ -76,7 +76,7 @@ class StrategyIndex:
 class LoadedIndex:
     path: Path
     manifest: dict
-    apps: list[dict]
+    apps: AppColumns
     appids: np.ndarray
     strategies: dict[str, StrategyIndex] = field(default_factory=dict)
 
@@ -159,7 +159,8 @@ def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] 
     digests = _Digests(root, wanted) if verify == "full" else None
     if digests is not None:
         digests.check(apps_path, manifest.get("apps_sha256"))
-    index = LoadedIndex(root, manifest, apps, np.array([a["appid"] for a in apps], dtype=np.int64))
+    columns = AppColumns(apps)
+    index = LoadedIndex(root, manifest, columns, columns.appids)
     for name in wanted:
         index.strategies[name] = _load_strategy(root, name, entries[name], n, digests)
     return index

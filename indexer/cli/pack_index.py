@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return error(f"cannot write {args.out}: {e}", FAILED)
     print(f"{packed.path}: {packed.size / 2**20:.1f} MiB, strategies {', '.join(packed.strategies)}")
+    for name, cache in packed.upload_cache.items():  # the README's "What fits a 1 GB dyno" adds these up
+        print(f"  uploads on {name} keep {cache} in the page cache")
     print(f"INDEX_SHA256={packed.sha256}")
     return 0
 

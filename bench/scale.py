@@ -1,0 +1,276 @@
+"""The store's size today: a synthetic catalog of 150,000 games, its index, its tables and its service on a 1 GiB dyno.
+
+    python -m bench.scale [--apps 150000] [--baseline-apps 29982] [--serve ComplexB16] [--uploads 16] [--rounds 3]
+                          [--lookups 600] [--limit-mib 1024] [--quick] [--workdir DIR] [--json PATH]
+
+1. The index: the catalog of ``devtools.synthetic`` (the real 2021 one when ../shared has it, then synthetic games,
+   each with a store banner path) with random embeddings of all eight strategies, written as the builder writes
+   (random tables: the exact ones are timed in 2.): its size per strategy, and what an upload on each keeps in
+   the page cache (its int8 sketch and its backbone's checkpoint).
+2. The build's exact top-100 tables on the CPU for ComplexB16 (1536 dims): whole over the baseline catalog; over
+   the full one, extrapolated from its first rows (every row costs one product against all rows).
+3. The service (gunicorn, 2 workers, default settings) over the strategies a 1 GB dyno is given (``--serve``,
+   as ``steam-dino-pack-index --strategies`` packs them), in a ``--limit-mib`` memory cgroup and without a limit,
+   each after the index and checkpoint are evicted from the page cache: launch to the first /health; rounds of
+   concurrent uploads (half on each worker; the first round loads the models and is not timed); then lookups
+   and name searches; the cgroup's peak and OOM kills. The ratios are the limited run's over the unlimited one's.
+   The first /health over every strategy (the whole index verified) is measured too, without a limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import numpy as np
+
+from bench.common import (
+    QUICK_APPS,
+    Results,
+    Workspace,
+    base_parser,
+    load_apps,
+    machine_line,
+    memory_of,
+    percentile,
+    pin_many,
+    print_table,
+    running_server,
+)
+from bench.memory import memory_limit, request
+from bench.upload import post
+from core.dino.strategies import parse_strategies
+from devtools.cgroup import smaps_rollup
+from devtools.synthetic import CATALOG_SIZE, STORE_SIZE
+
+MIB = 2**20
+TABLE_STRATEGY = "ComplexB16"
+NAME_QUERIES = ("portal", "dark souls", "star wars", "the", "a", "pokemon", "zombie survival", "sim", "620", "ōkami")
+
+
+def parse_args():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--apps", type=int, default=STORE_SIZE, help="games in the catalog")
+    p.add_argument("--baseline-apps", type=int, default=CATALOG_SIZE, help="games of the baseline table build")
+    p.add_argument("--serve", default="ComplexB16", help="the strategies served (packed for the dyno)")
+    p.add_argument("--uploads", type=int, default=16, help="concurrent uploads per round, half on each worker")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of uploads, after one that loads the models")
+    p.add_argument("--lookups", type=int, default=600, help="GET /match lookups, and as many name searches")
+    p.add_argument("--table-rows", type=int, default=2048, help="rows of the full table timed (then extrapolated)")
+    p.add_argument("--limit-mib", type=int, default=1024, help="memory limit of the cgroup (0: none)")
+    args = p.parse_args()
+    if args.quick:
+        args.apps, args.baseline_apps, args.uploads, args.rounds = QUICK_APPS, 500, 2, 1
+        args.lookups, args.table_rows, args.serve = 50, 512, "ComplexS16"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    res = Results("scale")
+    print(machine_line(), flush=True)
+    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as tmp:
+        serve = [s.name for s in parse_strategies(args.serve)]
+        ws.ensure_checkpoints(sorted({s.backbone.code for s in parse_strategies(args.serve)}))
+        info = ws.ensure_index(args.apps)
+        sizes = index_sizes(ws.index, info["strategies"])
+        tables = table_times(ws.index, args)
+        served = subset_index(ws.index, Path(tmp) / "served", serve)
+        whole = startup_only(ws, ws.index, Path(tmp))
+        runs = {}
+        for limit in dict.fromkeys((0, args.limit_mib)):
+            cgroup = memory_limit(limit)
+            try:
+                runs[limit] = serve_run(ws, served, serve, cgroup, Path(tmp), args)
+            finally:
+                peak = (cgroup.peak() / MIB, cgroup.oom_kills()) if cgroup else None
+                if cgroup:
+                    cgroup.remove()
+            if peak:
+                runs[limit] |= {"peak": peak[0], "oom": peak[1]}
+    report(res, args, info, sizes, tables, whole, runs)
+    res.write(args.json)
+
+
+def index_sizes(index: Path, strategies: list[str]) -> list[list]:
+    """Per strategy: MiB on disk, of which its int8 sketch, and its backbone's checkpoint (float32 weights)."""
+    rows = []
+    for name in strategies:
+        files = [p for p in (index / name).rglob("*") if p.is_file()]
+        sketch = sum(p.stat().st_size for p in files if "sketch" in p.parts)
+        weights = checkpoint_mib(name)
+        rows.append([name, sum(p.stat().st_size for p in files) / MIB, sketch / MIB, weights, sketch / MIB + weights])
+    return rows
+
+
+def checkpoint_mib(strategy: str) -> float:
+    """The size of a strategy's official checkpoint: its backbone's parameters as float32 (no memory used)."""
+    import torch
+
+    from core.dino.vit import VisionTransformer
+
+    with torch.device("meta"):
+        model = VisionTransformer(parse_strategies(strategy)[0].backbone.config)
+    return sum(p.numel() for p in model.parameters()) * 4 / MIB
+
+
+def table_times(index: Path, args) -> dict[str, float]:
+    """Seconds of ComplexB16's exact top-100 table: whole over the baseline's first rows, and over every row,
+    extrapolated from its first ``--table-rows``."""
+    from core.knn import topk_table
+
+    emb = np.load(index / TABLE_STRATEGY / "embeddings.npy")
+    t0 = time.perf_counter()
+    topk_table(emb[: args.baseline_apps], 100)
+    baseline = time.perf_counter() - t0
+    done = [0, 0.0]
+
+    class Enough(Exception):
+        pass
+
+    def progress(rows: int) -> None:
+        done[0] += rows
+        if done[0] >= args.table_rows:
+            done[1] = time.perf_counter() - t0
+            raise Enough
+
+    t0 = time.perf_counter()
+    with contextlib.suppress(Enough):
+        topk_table(emb, 100, progress=progress)
+    return {"baseline": baseline, "full": done[1] * len(emb) / done[0], "rows": done[0]}
+
+
+def subset_index(src: Path, dst: Path, names: list[str]) -> Path:
+    """The index of only these strategies (hard links), as ``pack_index --strategies`` ships it."""
+    import json
+
+    dst.mkdir(parents=True)
+    os.link(src / "apps.json", dst / "apps.json")
+    for name in names:
+        shutil.copytree(src / name, dst / name, copy_function=os.link)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["strategies"] = {n: manifest["strategies"][n] for n in names}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def evict(*folders: Path) -> None:
+    """Drop these files' pages from the page cache, so that a run reads (and its cgroup is charged for) them."""
+    for path in (p for f in folders for p in f.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def startup_only(ws: Workspace, index: Path, logs: Path) -> float:
+    """Launch to the first /health over the whole index (every file's sha256 checked), from a cold cache."""
+    evict(index)
+    with running_server(ws.server_env(INDEX_DIR=str(index)), logs, "whole") as srv:
+        return srv.startup_s
+
+
+def serve_run(ws: Workspace, index: Path, serve: list[str], cgroup, logs: Path, args) -> dict:
+    """The figures of one run of the service over ``index`` (in ``cgroup`` when one is given)."""
+    evict(index, ws.torch_home)
+    env = ws.server_env(INDEX_DIR=str(index), UPLOAD_QUEUE_TIMEOUT="300")  # queued uploads wait: timed, not refused
+    with running_server(env, logs, f"served-{bool(cgroup)}", cgroup=cgroup) as srv:
+        out = {"startup": srv.startup_s}
+        pids = srv.workers(expect=2)
+        bodies = [ws.upload_jpeg(7 + i) for i in range(args.uploads)]
+        rtts, searches = [], []
+        for strategy in serve:
+            for r in range(args.rounds + 1):
+                timed = upload_round(srv, pids, strategy, bodies)
+                if r:  # the first round loads the models
+                    rtts += [rtt for *_, rtt in timed]
+                    searches += [t["search"] for t, *_ in timed]
+        out |= {"upload": statistics.median(rtts), "search": statistics.median(searches)}
+        conn = pin_many(srv, pids[:1], 1)[pids[0]][0]
+        rng = random.Random(0)
+        appids = [a["appid"] for a in load_apps(index)]
+        out["lookups"] = timed_gets(conn, [f"/match/{rng.choice(appids)}?k=10" for _ in range(args.lookups)])
+        names = [f"/apps?q={quote_plus(q)}&limit={rng.randint(5, 20)}" for q in NAME_QUERIES * 4]
+        out["names"] = timed_gets(conn, [names[i % len(names)] for i in range(args.lookups)])
+        out["pss"] = sum(memory_of(pid)["pss"] for pid in [srv.pid, *pids])
+        out["anon"] = sum(smaps_rollup(pid)["Pss_Anon"] for pid in [srv.pid, *pids]) / MIB
+    return out
+
+
+def upload_round(srv, pids: list[int], strategy: str, bodies: list[bytes]) -> list[tuple]:
+    """Every body uploaded at once, half on each worker's keep-alive connections: ``bench.upload.post``'s answers."""
+    conns = [c for cs in pin_many(srv, pids, max(1, len(bodies) // 2)).values() for c in cs]
+    with ThreadPoolExecutor(len(conns)) as pool:
+        timed = list(pool.map(lambda i: post(conns[i], strategy, bodies[i]), range(len(conns))))
+    for c in conns:
+        c.close()
+    return timed
+
+
+def timed_gets(conn, paths: list[str]) -> tuple[float, float]:
+    """p50 and p99 in ms of these GETs, one after the other on a keep-alive connection."""
+    times = []
+    for path in paths:
+        t0 = time.perf_counter()
+        request(conn, "GET", path)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return percentile(times, 50), percentile(times, 99)
+
+
+def report(res: Results, args, info: dict, sizes: list, tables: dict, whole: float, runs: dict) -> None:
+    n, base = info["apps"], args.baseline_apps
+    print()
+    print_table(
+        ["strategy", "index MiB", "sketch MiB", "checkpoint MiB", "upload cache MiB"],
+        sizes,
+        title=f"Index of {n:,} games ({info['source']}), per strategy; an upload keeps its sketch and checkpoint "
+        "in the page cache",
+    )
+    free, limited = runs[0], runs.get(args.limit_mib, runs[0])
+    rows = [
+        [f"exact top-100 table, {TABLE_STRATEGY}, CPU (s)", tables["full"], tables["baseline"], f"{base:,} games"],
+        ["launch to first /health, every strategy (s)", whole, None, ""],
+        [f"launch to first /health, {args.serve} (s)", limited["startup"], free["startup"], "no limit"],
+        ["upload round trip, median (ms)", limited["upload"], free["upload"], "no limit"],
+        ["upload search stage, median (ms)", limited["search"], free["search"], "no limit"],
+        ["GET /match p50 / p99 (ms)", limited["lookups"][0], free["lookups"][0], "no limit"],
+        ["", limited["lookups"][1], free["lookups"][1], ""],
+        ["GET /apps?q= p50 / p99 (ms)", limited["names"][0], free["names"][0], "no limit"],
+        ["", limited["names"][1], free["names"][1], ""],
+        ["total PSS at the end (MiB)", limited["pss"], free["pss"], "no limit"],
+        ["of which anonymous (MiB)", limited["anon"], free["anon"], "no limit"],
+    ]
+    for row in rows:
+        row.insert(3, row[1] / row[2] if row[2] else None)
+    if args.limit_mib in runs and "peak" in limited:
+        rows.append([f"cgroup peak, {args.limit_mib} MiB limit (MiB)", limited["peak"], None, None, ""])
+        rows.append(["OOM kills", float(limited["oom"]), None, None, ""])
+    print()
+    print_table(
+        ["figure", f"{n:,} games", "baseline", "ratio", "baseline is"],
+        rows,
+        title=f"{args.serve} served by 2 workers: in the {args.limit_mib} MiB cgroup, and the baseline without a "
+        f"limit; tables extrapolated from the first {tables['rows']:,} rows",
+    )
+    ratio = limited["upload"] / free["upload"]
+    print(
+        f"verdict: upload median in the cgroup {ratio:.2f}x the one without a limit (target <= 1.5x): "
+        f"{'PASS' if ratio <= 1.5 else 'MISS'}"
+    )
+    for name, value, *_ in rows:
+        if name:
+            res.add(name, float(value))
+    res.add("upload median, limited / unlimited", ratio, "x", "<= 1.5", ratio <= 1.5)
+
+
+if __name__ == "__main__":
+    main()
