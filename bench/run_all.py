@@ -40,7 +40,7 @@ from bench.common import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# (name, arguments at full size, arguments with --quick or None to leave it out): ~10 minutes on 2 cores
+# (name, arguments at full size, arguments with --quick or None to leave it out): ~20 minutes on 2 cores
 BENCHES = {
     "extract": (["--seconds", "1"], ["--quick", "--end-to-end"]),
     "serve": (["--duration", "6"], ["--quick"]),
@@ -48,6 +48,7 @@ BENCHES = {
     "memory": (["--get-requests", "1000"], ["--quick"]),
     "knn": (["--queries", "100"], ["--n", "500", "--dim", "64", "--queries", "10"]),
     "ray_build": ([], None),  # not with --quick: a Ray instance's start; tests/test_ray_build.py runs it
+    "scale": ([], None),  # 150,000 games: ~10 minutes; not with --quick
 }
 
 
