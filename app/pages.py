@@ -149,7 +149,7 @@ def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more
         more=more,
         looks=looks,
         has_attention=svc.index.strategies[strategy].attention is not None,
-        local=svc.catalog.local_banners,
+        has_banner=svc.catalog.has_local_banner,
     )
 
 

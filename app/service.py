@@ -296,7 +296,7 @@ class Service:
 
     def banner_file(self, game: Game) -> Path:
         """The game's banner in the banner folder; NotFound without one."""
-        local = game.appid in self.catalog.local_banners
+        local = self.catalog.has_local_banner(game.appid)
         path = find_banner_file(self.settings.banners_dir, game.appid) if local else None
         if path is None:
             raise NotFound("no_banner", f"appid {game.appid} has no banner in this service's banner folder")

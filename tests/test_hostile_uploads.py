@@ -39,7 +39,9 @@ from devtools.workspace import Workspace, banner_jpeg, load_apps, make_banner
 pytestmark = pytest.mark.slow
 
 DYNO_BYTES = 2**30
-PER_UPLOAD_MIB = 220  # README, "Hostile input": "at most about 200 MiB" per upload at the default MAX_IMAGE_PIXELS
+PER_UPLOAD_MIB = (
+    220  # README, "Uploads and their limits": "at most about 200 MiB" per upload at the default MAX_IMAGE_PIXELS
+)
 
 
 @pytest.fixture(scope="module")
