@@ -317,70 +317,51 @@ def _service_paths() -> dict:
     }
 
 
+def _page(summary: str, params: list, answers: dict, method: str = "get", **extra) -> dict:
+    return {method: _op("pages", summary, params, answers, **extra)}
+
+
 def _page_paths() -> dict:
     """The HTML pages, banners and static files."""
-    to_gallery = {"302": {"description": "to /render/<appid>"}}
+    to_gallery = _answers({"302": {"description": "to /render/<appid>"}}, "400", html=True)
+    page = {"200": _html("page")}
     return {
-        "/": {
-            "get": _op(
-                "pages",
-                "Home page: search by name, upload form, the most unique banners",
-                [_param("q", "name to search for")],
-                {"200": _html("page")},
-            )
-        },
-        "/render/{appid}": {
-            "get": _op(
-                "pages",
-                "A game's matches as a gallery",
-                [_param("appid"), _param("strategy"), _param("k"), _param("attention", "1: what the model looks at")],
-                _answers({"200": _html("page")}, "400", "404", html=True),
-            )
-        },
-        "/random": {
-            "get": _op(
-                "pages",
-                "A redirect to a random game's gallery (heroku-flask-api's /render/ without an appid)",
-                [_param("strategy")],
-                _answers(to_gallery, "400", html=True),
-            )
-        },
-        "/pair/{appid}/{other}": {
-            "get": _op(
-                "pages",
-                "Why two games are alike: their banners coloured by how well each part matches",
-                [_param("appid"), _param("other"), _param("strategy")],
-                _answers({"200": _html("page")}, "400", "404", html=True),
-            )
-        },
-        "/render/": {
-            "get": _op("pages", "The same as /random", [_param("strategy")], _answers(to_gallery, "400", html=True))
-        },
-        "/upload": {
-            "post": _op(
-                "pages",
-                "The upload form's result page",
-                [_param("strategy"), _param("k")],
-                _answers({"200": _html("page")}, "400", "408", "413", "415", "429", "503", html=True),
-                requestBody={"required": True, "content": {"multipart/form-data": UPLOAD_FORM}},
-            )
-        },
-        "/banners/{appid}.jpg": {
-            "get": _op(
-                "pages",
-                "A banner from the service's banner folder",
-                [_param("appid")],
-                _answers({"200": {"description": "the banner", "content": {"image/jpeg": {"schema": STR}}}}, "404"),
-            )
-        },
-        "/static/{filename}": {
-            "get": _op(
-                "pages",
-                "The pages' stylesheet and other static files",
-                [_param("filename")],
-                _answers({"200": {"description": "the file"}}, "404"),
-            )
-        },
+        "/": _page(
+            "Home page: search by name, upload form, the most unique banners", [_param("q", "name to search for")], page
+        ),
+        "/render/{appid}": _page(
+            "A game's matches as a gallery",
+            [_param("appid"), _param("strategy"), _param("k"), _param("attention", "1: what the model looks at")],
+            _answers(page, "400", "404", html=True),
+        ),
+        "/random": _page(
+            "A redirect to a random game's gallery (heroku-flask-api's /render/ without an appid)",
+            [_param("strategy")],
+            to_gallery,
+        ),
+        "/pair/{appid}/{other}": _page(
+            "Why two games are alike: their banners coloured by how well each part matches",
+            [_param("appid"), _param("other"), _param("strategy")],
+            _answers(page, "400", "404", html=True),
+        ),
+        "/render/": _page("The same as /random", [_param("strategy")], to_gallery),
+        "/upload": _page(
+            "The upload form's result page",
+            [_param("strategy"), _param("k")],
+            _answers(page, "400", "408", "413", "415", "429", "503", html=True),
+            method="post",
+            requestBody={"required": True, "content": {"multipart/form-data": UPLOAD_FORM}},
+        ),
+        "/banners/{appid}.jpg": _page(
+            "A banner from the service's banner folder",
+            [_param("appid")],
+            _answers({"200": {"description": "the banner", "content": {"image/jpeg": {"schema": STR}}}}, "404"),
+        ),
+        "/static/{filename}": _page(
+            "The pages' stylesheet and other static files",
+            [_param("filename")],
+            _answers({"200": {"description": "the file"}}, "404"),
+        ),
     }
 
 
