@@ -33,8 +33,6 @@ from bench.common import (
 )
 from devtools.clients import parse_server_timing
 
-SEARCH_TARGET_MS = 5.0
-
 
 def torch_threads() -> int:
     """What gunicorn.conf.py's post_fork gives each of the 2 workers when TORCH_THREADS is not set."""
@@ -147,12 +145,8 @@ def report(rows: list, searches: list[float], apps: int, res: Results) -> None:
     )
     worst = max(searches) if searches else float("nan")
     typical = float(np.median(searches)) if searches else float("nan")
-    ok = typical < SEARCH_TARGET_MS
-    print(
-        f"verdict: search over {apps:,} rows: median {typical:.2f} ms of {len(searches)} uploads "
-        f"(target < {SEARCH_TARGET_MS:g} ms): {'PASS' if ok else 'MISS'}; worst {worst:.2f} ms"
-    )
-    res.add(f"POST /match search, median of all ({apps:,} rows)", typical, "ms", "< 5 ms", ok)
+    print(f"search over {apps:,} rows: median {typical:.2f} ms of {len(searches)} uploads; worst {worst:.2f} ms")
+    res.add(f"POST /match search, median of all ({apps:,} rows)", typical, "ms")
     res.add("POST /match search, worst of all", worst, "ms")
 
 

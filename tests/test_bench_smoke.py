@@ -31,7 +31,7 @@ def quick_run():
         ("extract", ["GFLOP/img", "% matmul", "naive img/s", "speed-up", "verdict: ViT-S/16 at"]),
         ("extract (files, --end-to-end)", ["tensors img/s", "files img/s", "decode img/s", "bound by"]),
         ("serve", ["alone", "beside slow clients", "beside uploaders", "new visitors answered", "python client"]),
-        ("upload", ["ComplexS16", "forward ms", "search ms", "round trip ms", "verdict: search over"]),
+        ("upload", ["ComplexS16", "forward ms", "search ms", "round trip ms", "search over"]),
         ("memory", ["tables PSS", "worker 2", "+ S16 upload", "verdict: launch to first /health"]),
         ("knn", ["topk_table, all rows (exact)", "ExactSearch.search"]),
     ],
