@@ -60,7 +60,8 @@ class RetryPolicy:
         """Seconds to wait after the ``failed``-th failed attempt (1-based)."""
         if retry_after is not None:
             return min(retry_after, self.max_retry_after_s)
-        return min(self.max_backoff_s, self.backoff_s * 2 ** (failed - 1)) * random.uniform(0.5, 1.0)
+        doubling = 2.0 ** min(failed - 1, 60)  # capped: a retry-forever policy never overflows
+        return min(self.max_backoff_s, self.backoff_s * doubling) * random.uniform(0.5, 1.0)
 
 
 def with_retries(

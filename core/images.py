@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
 
 Image.preinit()  # with the two plugins above, those of ALLOWED_FORMATS: registered here, not in each decoding child
 
@@ -79,10 +79,10 @@ def open_image(
     out = _reduce_to_rgb(img, resize_to)
     out.info["source_size"] = (width, height)
     with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
-        out.info["exif"] = img.getexif().tobytes()  # the conversion dropped it
-        shape = out.size
+        exif = img.getexif()
+        out.info["exif"] = exif.tobytes()  # the conversion dropped it
         ImageOps.exif_transpose(out, in_place=True)
-        if out.size != shape:
+        if exif.get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: shown as height x width
             out.info["source_size"] = (height, width)
     return out
 
@@ -128,15 +128,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def decode_budget(max_pixels: int) -> tuple[int, str]:
+    """The memory a decode may use (bytes), and that rule in words: ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap."""
+    rule = f"{DECODE_BYTES_PER_PIXEL} bytes per pixel of the {max_pixels:,}-pixel limit"
+    return max_pixels * DECODE_BYTES_PER_PIXEL, rule
+
+
 def check_memory(what: str, needed: int, max_pixels: int) -> None:
-    """Refuse a decode known to need more than the memory budget: ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap."""
-    budget = max_pixels * DECODE_BYTES_PER_PIXEL
+    """Refuse a decode known to need more than its memory budget."""
+    budget, rule = decode_budget(max_pixels)
     if needed > budget:
-        raise ImageRejected(
-            "too_many_pixels",
-            f"{what} takes {needed / 1e6:,.0f} MB to decode; the limit is {budget / 1e6:,.0f} MB "
-            f"({DECODE_BYTES_PER_PIXEL} bytes per pixel of the {max_pixels:,}-pixel limit)",
-        )
+        limit = f"the limit is {budget / 1e6:,.0f} MB ({rule})"
+        raise ImageRejected("too_many_pixels", f"{what} takes {needed / 1e6:,.0f} MB to decode; {limit}")
 
 
 def _coefficient_bytes(layers: list[tuple], width: int, height: int) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import DECODE_BYTES_PER_PIXEL, ImageRejected, open_image
+from .images import ImageRejected, decode_budget, open_image
 
 BAND_BYTES = 1 << 20  # pixels sent at a time: neither side holds a second copy of the image
 
@@ -37,9 +37,16 @@ def open_image_isolated(
     """``open_image(data, ...)`` in a child process: the same image or ``ImageRejected``, which also answers a
     decode that would take more memory or time than allowed."""
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    try:
+        pid = os.fork()
+    except OSError:
         os.close(read_fd)
+        os.close(write_fd)
+        raise
+    if pid == 0:
+        # only stdio and its pipe: another thread's pipe kept open here would hide that decoder's exit
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         _decode_in_child(data, write_fd, max_pixels, resize_to)  # never returns
     os.close(write_fd)
     try:
@@ -56,7 +63,7 @@ def _decode_in_child(data: bytes, fd: int, max_pixels: int, resize_to) -> None:
     try:
         warnings.simplefilter("ignore")  # stderr is the server's log: a refused file is the parent's one line
         Image.MAX_IMAGE_PIXELS = None  # this process applies the caller's cap, exactly (WebP's: from its header)
-        budget = max_pixels * DECODE_BYTES_PER_PIXEL
+        budget, rule = decode_budget(max_pixels)
         mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (mapped + budget, mapped + budget))
         image = None
@@ -68,8 +75,7 @@ def _decode_in_child(data: bytes, fd: int, max_pixels: int, resize_to) -> None:
         except MemoryError:
             head = {
                 "code": "too_many_pixels",
-                "message": f"decoding this image takes more than {budget / 1e6:,.0f} MB, the limit "
-                f"({DECODE_BYTES_PER_PIXEL} bytes per pixel of the {max_pixels:,}-pixel limit)",
+                "message": f"decoding this image takes more than {budget / 1e6:,.0f} MB, the limit ({rule})",
             }
         encoded = json.dumps(head).encode()
         _write(fd, len(encoded).to_bytes(4, "big") + encoded)

@@ -25,6 +25,7 @@ from conftest import start_http_server
 from PIL import Image, ImageDraw
 
 from core.apps import AppsInvalid, load_apps
+from core.http import RetryPolicy
 from indexer import download as dl
 from indexer.download import download_banners, image_problem
 
@@ -485,3 +486,9 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     out.write_text("x")
     assert script.main(["--apps", str(apps), "--out", str(out)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_retry_forever_policy_keeps_its_pause_bounded():
+    """The boot fetch retries without end: its pause after thousands of failures is the cap, not an overflow."""
+    policy = RetryPolicy(backoff_s=4.0, max_backoff_s=30.0)
+    assert all(15.0 <= policy.pause(n) <= 30.0 for n in (10, 1025, 100_000))

@@ -83,6 +83,14 @@ def test_exif_orientation_is_applied():
     assert out.size == (10, 20)
 
 
+def test_source_size_of_a_rotated_image_shrunk_to_a_square():
+    """The size as shown is the rotated one even when the reduced image is square (its shape does not tell)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = open_image(_encode(Image.new("RGB", (1000, 999)), "PNG", exif=exif), resize_to=lambda w, h: (60, 60))
+    assert out.size == (125, 125) and out.info["source_size"] == (999, 1000)
+
+
 def test_first_frame_of_an_animated_gif():
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
     buf = io.BytesIO()
