@@ -98,8 +98,7 @@ def _bound_jpeg(
     if side and side <= min(width, height):
         img.draft(None, (side, side))  # DCT scaling: 1/2..1/8 of the work and memory
     if img.info.get("progressive"):
-        needed = _coefficient_bytes(img.layer, width, height) + 4 * img.width * img.height  # then the output
-        check_memory(f"a {width}x{height} progressive JPEG", needed, max_pixels)
+        check_progressive_jpeg([(h, v) for _, h, v, _ in img.layer], width, height, img.size, max_pixels)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -142,11 +141,15 @@ def check_memory(what: str, needed: int, max_pixels: int) -> None:
         raise ImageRejected("too_many_pixels", f"{what} takes {needed / 1e6:,.0f} MB to decode; {limit}")
 
 
-def _coefficient_bytes(layers: list[tuple], width: int, height: int) -> int:
-    """libjpeg's buffer of a whole image's DCT coefficients: 64 x 16 bits per block of each component."""
-    h_max = max(h for _, h, _, _ in layers)
-    v_max = max(v for _, _, v, _ in layers)
-    return sum(-(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) * 128 for _, h, v, _ in layers)
+def check_progressive_jpeg(
+    sampling: list[tuple[int, int]], width: int, height: int, out: tuple[int, int], max_pixels: int
+) -> None:
+    """Refuse a progressive JPEG whose decode exceeds the budget: libjpeg's buffer of the whole image's DCT
+    coefficients (64 x 16 bits per block of each component, ``sampling``: each one's (h, v) factors), then the
+    ``out`` (width, height) output."""
+    h_max, v_max = max(h for h, _ in sampling), max(v for _, v in sampling)
+    blocks = sum(-(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) for h, v in sampling)
+    check_memory(f"a {width}x{height} progressive JPEG", blocks * 128 + 4 * out[0] * out[1], max_pixels)
 
 
 def webp_canvas(head: bytes) -> tuple[int, int] | None:

@@ -90,6 +90,11 @@ def test_only_plain_jpegs_go_to_the_device_decoder():
     empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
     assert plain_jpeg(plain[:-2] + empty_scan * 10 + b"\xff\xd9", DEFAULT_MAX_PIXELS)
     assert not plain_jpeg(plain[:-2] + empty_scan * 70 + b"\xff\xd9", DEFAULT_MAX_PIXELS)  # over 64 scans
+    tall = jpeg(Image.new("RGB", (447, 8940)), progressive=True)  # its coefficients are over a 4 Mpx cap's budget
+    assert not plain_jpeg(tall, 4_000_000, dino)
+    with pytest.raises(ImageRejected, match="progressive JPEG takes"):
+        open_image(tall, max_pixels=4_000_000, resize_to=dino)
+    assert plain_jpeg(jpeg(Image.new("RGB", (447, 8940))), 4_000_000, dino)  # the same, baseline
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from core.images import ImageRejected, check_geometry, check_jpeg_scans, open_image
+from core.images import ImageRejected, check_geometry, check_jpeg_scans, check_progressive_jpeg, open_image
 
 from .preprocess import Preprocessing, largest_resize
 from .timing import StageTimer
@@ -76,22 +76,29 @@ def plain_jpeg(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tup
                 return False
             precision, comps = segment[0], segment[5]
             height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
-            ids = tuple(segment[6 + 3 * c] for c in range(comps)) if len(segment) >= 6 + 3 * comps else ()
+            if len(segment) < 6 + 3 * comps:
+                return False
+            ids = tuple(segment[6 + 3 * c] for c in range(comps))
+            sampling = [(segment[7 + 3 * c] >> 4, segment[7 + 3 * c] & 15) for c in range(comps)]
             return (
                 precision == 8
                 and comps in (1, 3)
                 and not (comps == 3 and (adobe_rgb or ids == (82, 71, 66)))  # RGB, not YCbCr, samples
                 and 0 < height * width <= max_pixels
-                and _within_limits(data, width, height, resize_to)
+                and _within_limits(data, width, height, resize_to, sampling if marker == 0xC2 else None, max_pixels)
             )
         i += 2 + length
     return False
 
 
-def _within_limits(data: bytes, width: int, height: int, resize_to) -> bool:
+def _within_limits(data: bytes, width: int, height: int, resize_to, progressive, max_pixels: int) -> bool:
+    """``open_image``'s checks of a JPEG's header (``progressive``: its components' sampling factors, if it is one;
+    decoded at full size here, so a bound at least as strict as the CPU path's)."""
     try:
         check_geometry(width, height, resize_to)
         check_jpeg_scans(data, width * height)
+        if progressive:
+            check_progressive_jpeg(progressive, width, height, (width, height), max_pixels)
     except ImageRejected:
         return False
     return True
