@@ -77,11 +77,14 @@ class LoadedIndex:
     path: Path
     manifest: dict
     apps: AppColumns
-    appids: np.ndarray
     strategies: dict[str, StrategyIndex] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.apps)
+
+    @property
+    def appids(self) -> np.ndarray:
+        return self.apps.appids
 
 
 def _read_json(path: Path, what: str):
@@ -160,7 +163,7 @@ def load_index(path: str | Path, *, verify: str = "full", strategies: list[str] 
     if digests is not None:
         digests.check(apps_path, manifest.get("apps_sha256"))
     columns = AppColumns(apps)
-    index = LoadedIndex(root, manifest, columns, columns.appids)
+    index = LoadedIndex(root, manifest, columns)
     for name in wanted:
         index.strategies[name] = _load_strategy(root, name, entries[name], n, digests)
     return index
