@@ -188,11 +188,12 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
 def missing(
     strategies: list[Strategy], shas: list[str], keys: dict[str, str], cache: EmbeddingCache
 ) -> tuple[list[Strategy], list[int]]:
-    """The strategies the cache lacks some banner's features or attention map for, and those banners (indices
-    into ``shas``); banners that failed before are not tried again."""
+    """The strategies the cache lacks some banner's features (or attention map, where ``keys`` names one) for, and
+    those banners (indices into ``shas``); banners that failed before are not tried again."""
 
     def lacks(s: Strategy, h: str) -> bool:
-        return h not in cache.failed and not all(cache.has(keys[n], h) for n in (s.name, s.attention_name))
+        names = (n for n in (s.name, s.attention_name) if n in keys)
+        return h not in cache.failed and not all(cache.has(keys[n], h) for n in names)
 
     lacking = [s for s in strategies if any(lacks(s, h) for h in shas)]
     return lacking, [i for i, h in enumerate(shas) if any(lacks(s, h) for s in lacking)]
@@ -247,12 +248,13 @@ class _Build:
                 self._embed_missing(variant)
         self.embed_seconds, self.utilisation = time.perf_counter() - t0, utilisation.mean
         failed = self.cache.failed
-        self.rows = [i for i, h in enumerate(self.shas) if h not in failed]
         for i, h in enumerate(self.shas):
-            if h in failed:
-                source = self.plan.sources[i]
-                self.skipped.append({"appid": source.appid, "file": source.path.name, "reason": failed[h]})
-                print(f"warning: skipped {source.path.name}: {failed[h]}", file=sys.stderr)
+            if h not in failed:
+                self.rows.append(i)
+                continue
+            source = self.plan.sources[i]
+            self.skipped.append({"appid": source.appid, "file": source.path.name, "reason": failed[h]})
+            print(f"warning: skipped {source.path.name}: {failed[h]}", file=sys.stderr)
         if len(self.rows) < 2:
             raise SourceError(f"{self.cfg.images}: fewer than 2 readable banners; nothing to index")
         self._write_index()
@@ -288,8 +290,8 @@ class _Build:
 
     def _embed_missing(self, variant: str = "") -> int:
         """Embed (as ``variant`` shows them) the banners the cache lacks for some strategy; banners that failed
-        before are not tried again. Returns how many were embedded."""
-        keys = {name: variant_key(key, variant) for name, key in self.keys.items()}
+        before are not tried again. Returns how many were embedded. Attention maps: of the plain banners only."""
+        keys = {s.name: variant_key(self.keys[s.name], variant) for s in self.cfg.strategies} if variant else self.keys
         cache, shas = self.cache, self.shas
         lacking, todo = missing(self.cfg.strategies, shas, keys, cache)
         if not todo:
@@ -307,7 +309,7 @@ class _Build:
             checkpoints=self.checkpoints,
             expected_sha256=self.ckpt_sha,
             download=False,
-            attention=True,
+            attention=not variant,
         )
         self.timer.add("models", time.perf_counter() - t0)
         done, t0 = 0, time.perf_counter()

@@ -27,7 +27,7 @@ FAILED = "failed.json"
 
 
 def strategy_key(strategy_entry: dict, checkpoint_sha256: str, precision: str) -> str:
-    # bf16/fp16 cast the weights; features cached under autocast (no "numerics") are not reused
+    # bf16/fp16: the weights are cast to that type, which the key says, so that other numerics' features never match
     numerics = {} if precision == "fp32" else {"numerics": "weights cast"}
     blob = json.dumps(
         {"strategy": strategy_entry, "checkpoint": checkpoint_sha256, "precision": precision} | numerics,

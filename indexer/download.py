@@ -186,7 +186,7 @@ def _fetch_all(
     bar = tqdm(total=summary.requested, initial=summary.requested - len(todo), unit="banner", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="banner")
     try:
-        # A file without a record came from the plain path (the only one there was); one from another path is stale.
+        # A file without a record is taken to come from the plain path; one from another path than todo's is stale.
         known = {a: fetched.get(a, plain_banner_path(a)) for a in todo if (out / f"{a}.jpg").exists()}
         same = {a for a, p in known.items() if p == todo[a]}
         futures = {pool.submit(fetcher.fetch_one, a, p, out, a in same): a for a, p in todo.items()}

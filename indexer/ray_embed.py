@@ -112,9 +112,11 @@ def embed(
     gpus, cpus = (int(ray.cluster_resources().get(r, 0)) for r in ("GPU", "CPU"))
     threads = cfg.threads or 1
     on_gpu = device.startswith("cuda")
-    actors = cfg.num_workers or (gpus if on_gpu else max(1, cpus // threads))
-    if actors > (gpus if on_gpu else cpus // threads):
-        raise SourceError(f"--workers {actors}: the Ray cluster has {gpus} GPUs and {cpus} CPUs")
+    capacity = gpus if on_gpu else cpus // threads
+    actors = cfg.num_workers or capacity
+    if not 1 <= actors <= capacity:
+        asked = f"--workers {actors}" if cfg.num_workers else f"--device {device}, --threads {threads}"
+        raise SourceError(f"{asked}: the Ray cluster has {gpus} GPUs and {cpus} CPUs")
     actor_needs = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": threads}
     embedded: set[int] = set()
     for code in dict.fromkeys(s.backbone.code for s in strategies):
@@ -138,6 +140,7 @@ def embed(
             compute=ray.data.ActorPoolStrategy(size=actors),
             **actor_needs,
         )
+        names = [n for s in group for n in (s.name, s.attention_name)]
         t0 = time.perf_counter()
         with tqdm(total=len(todo), unit="img", desc=f"embedding {code}", disable=not cfg.progress) as bar:
             results = iter(ds.iter_rows())
@@ -145,7 +148,6 @@ def embed(
                 batch = todo[row["first"] : row["first"] + batch_size]
                 ok = [batch[j] for j in row["ok"]]
                 failed = {shas[batch[j]]: why for j, why in json.loads(row["failures"])}
-                names = [n for s in group for n in (s.name, s.attention_name)]
                 features = {keys[n]: np.asarray(row[f"f_{n}"]) for n in names}
                 cache.add_batch([shas[i] for i in ok], features, failed)
                 timer.add("decoding (all workers)", row["decoding"])

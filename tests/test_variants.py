@@ -68,6 +68,8 @@ def test_build_with_variants_and_look_them_up(variant_index, monkeypatch):
     assert set(manifest["strategies"]["SimpleS16"]["variants"]) == {"mirror", "flip", "mirror+flip"}
     index = load_index(variant_index / "index")
     s = index.strategies["SimpleS16"]
+    cached = [p.stem for p in (variant_index / ".index.work" / "store").glob("*.npz")]
+    assert len(cached) == 5 and sum(k.endswith("-attention") for k in cached) == 1  # attention: plain banners only
     monkeypatch.setenv("TORCH_HOME", str(variant_index / "torch_home"))
     ex = Extractor(parse_strategies("SimpleS16"), models=ModelCache())
     images = [open_image(variant_index / "banners" / f"{a['appid']}.jpg") for a in index.apps]

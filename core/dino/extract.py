@@ -43,7 +43,7 @@ CUDA_DEFAULT_PRECISION = "bf16"
 
 
 def default_precision(device: str) -> str:
-    """fp32 on the CPU; bf16 on CUDA (its tables keep 99% of fp32's top-10)."""
+    """fp32 on the CPU; bf16 on CUDA, within the fidelity floors of BENCHMARKS.md's GPU section."""
     return CUDA_DEFAULT_PRECISION if str(device).startswith("cuda") else "fp32"
 
 

@@ -75,9 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return error(f"cannot create {args.out}: {exc}", BAD_INPUT)
-    n_dupes = len(apps) - len({a["appid"] for a in apps})
-    if n_dupes:
-        print(f"note: {n_dupes} duplicated appid entries, each appid is fetched once", file=sys.stderr)
 
     try:
         options = {name: getattr(args, name) for name in OPTIONS}

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.steam import API_URL, STEAMSPY_URL, setting
+from core.steam import API_URL, STEAMSPY_URL, is_ascii_digits, setting
 from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted, number
 
 PARTIAL = (
@@ -28,7 +28,7 @@ PARTIAL = (
 
 def _since(text: str) -> int:
     """A time as unix seconds, from seconds or a YYYY-MM-DD date (UTC)."""
-    if text.isascii() and text.isdigit():
+    if is_ascii_digits(text):
         return int(text)
     try:
         return int(datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp())
@@ -54,21 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bad_input(args: argparse.Namespace, source: str) -> str | None:
-    """Why the settings or input files cannot be used, checked before any request; None when they can."""
-    from core.apps import AppsInvalid, load_apps
-
+def _bad_input(args: argparse.Namespace) -> str | None:
+    """Why the settings or the output folder cannot be used, checked before any request; None when they can."""
     for name, default in (("STEAM_API_URL", API_URL), ("STEAMSPY_URL", STEAMSPY_URL)):
-        url = setting(name, default)
-        if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
-            return f"{name}={url!r}: expected an http(s) URL"
+        url = urlparse(setting(name, default))
+        if url.scheme not in ("http", "https") or not url.netloc:
+            return f"{name}={setting(name, default)!r}: expected an http(s) URL"
     try:
-        args.apps_list = load_apps(args.apps) if args.apps else None
-        if source == "steam" and not args.full and args.out.exists():
-            load_apps(args.out)  # the previous catalog, merged into
         args.out.parent.mkdir(parents=True, exist_ok=True)
-    except AppsInvalid as e:
-        return f"{e} (--full replaces an --out that is not a catalog)"
     except OSError as e:
         return f"cannot create the folder of --out {args.out}: {e}"
     return None
@@ -79,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     import requests  # after parsing: --help answers at once
     from tqdm import tqdm
 
+    from core.apps import AppsInvalid, load_apps
     from core.http import BodyTooLarge, RetryPolicy
     from indexer.catalog import fetch_catalog
     from indexer.store import StoreClient
 
     key = setting("STEAM_API_KEY", "") or None
     source = "apps" if args.apps else "steam" if key else "steamspy"
-    if problem := _bad_input(args, source):
+    if problem := _bad_input(args):
         return error(problem, BAD_INPUT)
+    try:
+        apps = load_apps(args.apps) if args.apps else None
+    except AppsInvalid as e:
+        return error(e, BAD_INPUT)
 
     def shown(e: BaseException) -> str:  # request URLs carry the key: never printed
         text = f"{type(e).__name__}: {e}"
@@ -109,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(PARTIAL, file=sys.stderr)
     options = {"since": args.since, "full": args.full, "batch": args.batch_size, "progress": not args.no_progress}
     try:
-        summary = fetch_catalog(args.out, client, source, apps=args.apps_list, **options)
+        summary = fetch_catalog(args.out, client, source, apps=apps, **options)
+    except AppsInvalid as e:  # the previous catalog, read before anything is written
+        return error(f"{e} (--full replaces an --out that is not a catalog)", BAD_INPUT)
     except KeyboardInterrupt:
         return interrupted(f"what arrived is kept in {args.out}.journal; rerun the same command to resume")
     except (requests.RequestException, BodyTooLarge, OSError) as e:
