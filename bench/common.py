@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from devtools.cgroup import memory_of  # noqa: F401 - the benchmarks' helpers, from one place
-from devtools.server import GunicornServer as Server  # noqa: F401
 from devtools.server import connection_owner, connections_per_worker, pin_many, running_server  # noqa: F401
 from devtools.workspace import Workspace, load_apps, make_banner, write_banners  # noqa: F401
 

@@ -32,6 +32,7 @@ import numpy as np
 from bench.common import Results, Workspace, base_parser, print_table, skip_exit_collection
 
 CATALOG = 29_982
+TARGET_S, STRETCH_S = 30, 20  # the whole build, launch to exit
 
 
 def _write_one(job: tuple[int, str]) -> int:
@@ -187,7 +188,7 @@ def breakdown(output: str, build_s: float) -> str:
 def _verdict(rc: int, seconds: float) -> str:
     if rc != 0:
         return f"FAILED (rc {rc})"
-    return "met, stretch met" if seconds < 20 else "met" if seconds < 30 else "missed"
+    return "met, stretch met" if seconds < STRETCH_S else "met" if seconds < TARGET_S else "missed"
 
 
 def main() -> None:
@@ -221,18 +222,20 @@ def main() -> None:
         build_s, output, rc = run_build(args, ws, images, weights, None)
         print(output)
         print(f"build_index, {len(paths)} banners, {args.strategies}: {build_s:.1f} s from launch to exit (rc {rc})")
-        res.add("whole build, launch to exit", build_s, "s", "< 30 s (stretch 20 s)", rc == 0 and build_s < 30)
+        target = f"< {TARGET_S} s (stretch {STRETCH_S} s)"
+        res.add("whole build, launch to exit", build_s, "s", target, rc == 0 and build_s < TARGET_S)
+        split = breakdown(output, build_s)
         for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
-            seconds, output, code = run_build(args, ws, images, weights, batch)
-            print(output)
+            seconds, other, code = run_build(args, ws, images, weights, batch)
+            print(other)
             print(f"the same with --batch-size {batch}: {seconds:.1f} s from launch to exit (rc {code})")
             res.add(f"whole build, --batch-size {batch}", seconds, "s")
         sys.stdout.flush()
         if args.subset:
             fidelity(args, paths[: args.subset], weights, res)
         print(f"bench.gpu_build in {time.perf_counter() - t_all:.0f} s in all")
-        print(breakdown(output, build_s))
-        print(f"verdict: {build_s:.1f} s from launch to exit, target < 30 s (stretch 20 s): {_verdict(rc, build_s)}")
+        print(split)
+        print(f"verdict: {build_s:.1f} s from launch to exit, target {target}: {_verdict(rc, build_s)}")
     res.write(args.json)
     skip_exit_collection()
     if rc != 0:

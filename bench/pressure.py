@@ -16,7 +16,26 @@ import threading
 import time
 from collections import Counter
 
-from devtools.clients import ClientThreads
+
+class ClientThreads:
+    """Client threads, each running ``_run(i)`` until ``_stop`` is set: started and stopped with the block."""
+
+    def __init__(self, n: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
 
 
 class SlowClients:

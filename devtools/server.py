@@ -2,10 +2,10 @@
 
 Development only (not part of the installed packages): ``tests/`` and ``bench/`` import it from the
 repository root (``python -m bench.X`` runs there; pytest's ``pythonpath`` setting adds it).
-``GunicornServer(env, log_path)`` starts the Procfile's command, ``python -m serving.launch``, i.e.
-``gunicorn -c gunicorn.conf.py wsgi:app`` (or gunicorn with another app and config) with the
-environment given, ``wait_ready()`` waits for ``/health`` to answer 200 (every worker serving),
-``stop()`` stops it gracefully; ``running_server`` does all three around a block.
+``GunicornServer(env, log_path)`` starts the Procfile's command, ``python -m serving.launch``, i.e. ``gunicorn
+-c gunicorn.conf.py wsgi:app`` with the environment given (2 workers unless it says), ``wait_ready()`` waits
+for ``/health`` to answer 200 (every worker serving), ``stop()`` stops it gracefully; ``running_server`` does
+all three around a block.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from devtools.cgroup import MemoryCgroup
-from serving import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,30 +44,23 @@ def _no_control_socket() -> list[str]:
 
 
 class GunicornServer:
-    """gunicorn with the project's config (or another), on 127.0.0.1 and a free port (no control socket)."""
+    """The service under gunicorn, on 127.0.0.1 and a free port (no control socket)."""
 
     def __init__(
         self,
         env: dict[str, str],
         log_path: Path,
-        app: str = "wsgi:app",
-        config: str = "gunicorn.conf.py",
-        workers: int = 2,
         cgroup: MemoryCgroup | None = None,  # a memory group the child joins before it runs gunicorn
     ) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"
         self.url = f"http://{self.host}:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "HOST": self.host, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers)} | env
+        full_env = {**os.environ, "HOST": self.host, "PORT": str(self.port), "WEB_CONCURRENCY": "2"} | env
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.started = time.monotonic()
-        if (config, app) == (launch.CONFIG, launch.APP):  # the Procfile's command
-            argv = [sys.executable, "-m", "serving.launch", *_no_control_socket()]
-        else:
-            argv = [sys.executable, "-m", "gunicorn", "-c", config, *_no_control_socket(), app]
         self.proc = subprocess.Popen(
-            argv,
+            [sys.executable, "-m", "serving.launch", *_no_control_socket()],  # the Procfile's command
             cwd=ROOT,
             env=full_env,
             stdout=self.log,

@@ -1,4 +1,4 @@
-"""The benchmarks still run: ``bench/run_all.py --quick`` runs every one of them (each as its own
+"""The benchmarks still run: ``bench/run_all.py --quick`` runs every one of them but ray_build (each as its own
 command, at tiny sizes, two at a time, sharing one workspace) and prints their tables and the combined
 one; ``bench/gpu_build.py --quick`` runs its whole pipeline on the CPU, meanwhile. Both start in the
 background as soon as the tests are collected (tests/background.py), and these tests run last.
@@ -34,6 +34,7 @@ def quick_run():
         ("upload", ["ComplexS16", "forward ms", "search ms", "round trip ms", "search over"]),
         ("memory", ["tables PSS", "worker 2", "+ S16 upload", "verdict: launch to first /health"]),
         ("knn", ["topk_table, all rows (exact)", "ExactSearch.search"]),
+        ("scale", ["strategy", "exact top-100 table", "upload round trip", "verdict: "]),
     ],
 )
 def test_each_benchmark_prints_its_table(quick_run, bench, expected):
@@ -49,7 +50,8 @@ def test_combined_table(quick_run):
     out, md, ws = quick_run
     # each its own command, its output whole and in order even when two ran at once
     headers = [
-        out.index(f"=== {bench}: -m bench.{bench} ") for bench in ("extract", "serve", "upload", "memory", "knn")
+        out.index(f"=== {bench}: -m bench.{bench} ")
+        for bench in ("extract", "serve", "upload", "memory", "knn", "scale")
     ]
     assert headers == sorted(headers)
     combined = out.split("All benchmarks", 1)[1]
