@@ -18,11 +18,11 @@ CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
     "form-action 'none'; frame-ancestors 'none'; script-src 'none'"
 )
+CACHE = "public, max-age=300"
 
 
 def _document() -> dict:
-    """The OpenAPI document narrowed to this service's index, made once per app (the index does not change
-    under a running service); read only."""
+    """The OpenAPI document narrowed to this service's index, made once per app; read only."""
     doc = current_app.extensions.get("openapi_document")
     if doc is None:
         svc = get_service()
@@ -35,9 +35,8 @@ def _document() -> dict:
 
 @bp.get("/openapi.json")
 def openapi_json():
-    resp = current_app.response_class(json.dumps(_document(), indent=1), mimetype="application/json")
-    resp.headers["Cache-Control"] = "public, max-age=300"
-    return resp
+    body = json.dumps(_document(), indent=1)
+    return current_app.response_class(body, mimetype="application/json", headers={"Cache-Control": CACHE})
 
 
 @bp.get("/docs")
@@ -48,16 +47,11 @@ def docs_page():
         for path, item in doc["paths"].items()
         for method, op in item.items()
     ]
-    resp = current_app.response_class(
-        render_template(
-            "docs.html",
-            doc=doc,
-            operations=operations,
-            schemas=doc["components"]["schemas"],
-            dumps=lambda v: json.dumps(v, ensure_ascii=False),
-        ),
-        mimetype="text/html",
+    page = render_template(
+        "docs.html",
+        doc=doc,
+        operations=operations,
+        schemas=doc["components"]["schemas"],
+        dumps=lambda v: json.dumps(v, ensure_ascii=False),
     )
-    resp.headers["Content-Security-Policy"] = CSP
-    resp.headers["Cache-Control"] = "public, max-age=300"
-    return resp
+    return page, {"Content-Security-Policy": CSP, "Cache-Control": CACHE}

@@ -1,7 +1,7 @@
 """The one place where failures become HTTP: ``{"error": {"code": "...", "message": "..."}}`` and a status.
 
-Domain problems (``app/problems.py``) and ``ImageRejected`` get their status codes, as JSON, or a small HTML page
-for the pages. Every failure a client can cause is a 4xx with a stable code; a 500 is an unexpected fault, logged.
+Domain problems (``app/problems.py``) and ``ImageRejected`` answer as JSON, or as a small HTML page for the pages.
+Every failure a client can cause is a 4xx with a stable code; a 500 is an unexpected fault, logged.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    408: "upload_timeout",
     413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -53,10 +52,8 @@ def _wants_html() -> bool:
 
 def error_response(status: int, code: str, message: str, extra: dict | None = None) -> Response:
     if _wants_html():
-        resp = Response(render_template("error.html", status=status, code=code, message=message), status=status)
-        return resp
-    body = {"error": {"code": code, "message": message, **(extra or {})}}
-    resp = jsonify(body)
+        return Response(render_template("error.html", status=status, code=code, message=message), status=status)
+    resp = jsonify(error={"code": code, "message": message, **(extra or {})})
     resp.status_code = status
     return resp
 

@@ -1,11 +1,8 @@
 """The upload rate limit (UPLOAD_RATE_LIMIT), with Flask-Limiter: a moving window per client address.
 
-One limit for every way to send an image (POST /match, the upload page), for the "why alike?" maps of a pair
-(/why: two forward passes) and for lookups that fetch and embed a banner from the CDN (FALLBACK_FETCH).
-RATE_LIMIT_STORAGE_URI ``memory://`` (the default) counts in each worker, so W workers allow up to W times the
-limit; ``redis://host:port`` counts once for every worker and dyno. An
-unreachable store lets requests through (logged). ``needs_model_pass`` says which requests run a model pass: this
-limit charges them, and the serving worker runs them in its heavy pool.
+One limit for every request that runs a model pass (``needs_model_pass``): uploads, the "why alike?" maps of a
+pair and lookups that fetch and embed a banner from the CDN (FALLBACK_FETCH). ``memory://`` counts in each
+worker, ``redis://host:port`` once for every worker and dyno; an unreachable store lets requests through (logged).
 """
 
 from __future__ import annotations
@@ -15,15 +12,11 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
-from core.env import parse_bool
-from core.variants import TRANSFORMS, variant_name
-
 from .config import Settings
-from .params import EXTENSION_KEY, parse_appid, strategy_value
+from .params import EXTENSION_KEY, parse_appid, strategy_value, variant_param
 from .problems import Problem
 
-UPLOAD_ENDPOINTS = ("api.match_upload", "pages.upload")
-MODEL_ENDPOINTS = (*UPLOAD_ENDPOINTS, "api.why", "api.why_png")  # every request to these runs a model pass
+MODEL_ENDPOINTS = ("api.match_upload", "pages.upload", "api.why", "api.why_png")  # every request runs a model pass
 
 
 def install(app: Flask, settings: Settings) -> Limiter | None:
@@ -41,8 +34,7 @@ def install(app: Flask, settings: Settings) -> Limiter | None:
     )
     shared = limiter.shared_limit(rate, scope="uploads")
     for endpoint in MODEL_ENDPOINTS:
-        if endpoint in app.view_functions:
-            app.view_functions[endpoint] = shared(app.view_functions[endpoint])  # the check runs in the wrapper
+        app.view_functions[endpoint] = shared(app.view_functions[endpoint])  # the check runs in the wrapper
     if settings.fallback_fetch:
         charged = limiter.shared_limit(
             rate, scope="uploads", exempt_when=lambda: not needs_model_pass(current_app, request.environ)
@@ -78,7 +70,7 @@ def needs_model_pass(app: Flask, environ: dict) -> bool:
         if svc.catalog.get(appid) is not None:  # every lookup of an indexed game, whatever its parameters
             return False
         strategy = strategy_value(svc, args.get("strategy"))
-        variant = variant_name([t for t in TRANSFORMS if parse_bool(t, args.get(t), False)])
-    except (Problem, ValueError):
+        variant = variant_param(args)
+    except Problem:
         return False  # the view answers it with its 4xx
     return svc.fallback_needs_fetch(appid, strategy, variant)

@@ -1,8 +1,7 @@
 """The OpenAPI 3.1 description of this service, served at ``/openapi.json`` and rendered at ``/docs``.
 
-Written by hand, next to the code it describes, and held to it by the tests: every Flask route must appear here
-(tests/test_openapi.py walks ``app.url_map``), the README's API table must list the same operations, and a
-property-based run against the live service checks that answers fit the schemas below.
+Written by hand and held to the code by the tests: every Flask route appears here, the README's API table lists
+the same operations, and a property-based run against the live service checks answers against the schemas.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ def _list(items: dict) -> dict:
 INT = {"type": "integer"}
 STR = {"type": "string"}
 NUM = {"type": "number"}
+BINARY = {"type": "string", "format": "binary"}
 ERROR = {
     **_obj(code=STR, message=STR),
     "additionalProperties": True,
@@ -116,30 +116,17 @@ SCHEMAS: dict[str, dict] = {
         ["status", "apps", "strategies", "default_strategy", "models_loaded"],
         status=STR,
         apps=INT,
-        strategies={"type": "array", "items": STR},
+        strategies=_list(STR),
         default_strategy=STR,
         index_created={"type": ["string", "null"]},
         index_build=STR,
-        models_loaded={"type": "array", "items": STR, "description": "backbones loaded in any live worker"},
+        models_loaded={**_list(STR), "description": "backbones loaded in any live worker"},
         models_loaded_workers={"type": "object", "additionalProperties": INT, "description": "workers per backbone"},
         workers_ready=INT,
         workers=INT,
         uptime_s=NUM,
     ),
 }
-
-
-def _param(name: str, description: str | None = None, required: bool = False) -> dict:
-    """A parameter as app/params.py declares it (``description`` for this operation's own sense of it)."""
-    schema, about = PARAMS[name]
-    where = "path" if name in ("appid", "other", "filename") else "query"
-    return {
-        "name": name,
-        "in": where,
-        "required": required or where == "path",
-        "schema": schema,
-        "description": description or about,
-    }
 
 
 ERRORS = {
@@ -157,41 +144,60 @@ ERRORS = {
 CACHED = {"ETag": {"schema": STR}, "Cache-Control": {"schema": STR}}
 
 
-def _ok(schema: str, description: str, cached: bool = False) -> dict:
+def _json(schema: str, description: str, cached: bool = False) -> dict:
     out: dict = {"description": description, "content": {JSON: {"schema": _ref(schema)}}}
     return out | {"headers": CACHED} if cached else out
 
 
-def _html(description: str) -> dict:
-    return {"description": description, "content": {HTML: {"schema": STR}}}
+def _body(description: str, media: str = HTML, schema: dict = STR) -> dict:
+    return {"description": description, "content": {media: {"schema": schema}}}
 
 
-def _answers(first: dict, *codes: str, html: bool = False) -> dict:
-    """The answers of an operation: ``first`` ({status: answer}), then 304 and error statuses; the pages
-    answer errors as HTML (same codes and messages as the API)."""
-    out = dict(first)
-    for code in codes:
-        if code == "304":
-            out[code] = {"description": "If-None-Match named this answer's ETag"}
-        else:
-            out[code] = _html(ERRORS[code]) if html else _ok("Error", ERRORS[code])
-    return out
+def _param(name: str, about: dict[str, str]) -> dict:
+    """A parameter as app/params.py declares it; ``name!`` is a required query parameter."""
+    required, name = name.endswith("!"), name.rstrip("!")
+    schema, description = PARAMS[name]
+    where = "path" if name in ("appid", "other", "filename") else "query"
+    return {
+        "name": name,
+        "in": where,
+        "required": required or where == "path",
+        "schema": schema,
+        "description": about.get(name, description),
+    }
 
 
-def _op(tag: str, summary: str, params: list[dict], responses: dict, **extra: Any) -> dict:
-    return {"summary": summary, "tags": [tag], "parameters": params, "responses": responses, **extra}
+def _op(
+    summary: str,
+    params: str,
+    answer: dict,
+    errors: str = "",
+    html: bool = False,
+    about: dict[str, str] | None = None,
+    status: str = "200",
+    **extra: Any,
+) -> dict:
+    """An operation: ``params`` names PARAMS entries (``about``: this operation's own sense of some), ``answer``
+    its success (a cached one can also be a 304), ``errors`` its error statuses, HTML for the pages."""
+    responses = {status: answer}
+    if "headers" in answer:
+        responses["304"] = {"description": "If-None-Match named this answer's ETag"}
+    for code in errors.split():
+        responses[code] = _body(ERRORS[code]) if html else _json("Error", ERRORS[code])
+    parameters = [_param(name, about or {}) for name in params.split()]
+    return {"summary": summary, "parameters": parameters, "responses": responses, **extra}
 
 
 UPLOAD_FORM = {
-    "schema": _obj(["image"], image={"type": "string", "format": "binary"}),
+    "schema": _obj(["image"], image=BINARY),
     "encoding": {"image": {"contentType": "image/jpeg, image/png, image/webp, image/gif, image/bmp"}},
 }
 UPLOAD_BODY = {
     "required": True,
     "content": {
         "multipart/form-data": UPLOAD_FORM,
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": BINARY},
+        "image/png": {"schema": BINARY},
         JSON: {
             "schema": {
                 **_obj(["url"], url={"type": "string", "pattern": "^https?://\\S+$", "description": "an image's URL"}),
@@ -201,183 +207,155 @@ UPLOAD_BODY = {
         },
     },
 }
+LOOKUP = "strategy k offset mirror flip"
+MATCHES = _json("MatchAnswer", "matches", cached=True)
+COMPARE = _json("Compare", "JSON, or a page when Accept prefers text/html", cached=True)
+COMPARE["content"][HTML] = {"schema": STR}
+PNG = {**_body("PNG", "image/png"), "headers": CACHED}
+PAGE = _body("page")
+TO_GALLERY = {"description": "to /render/<appid>"}
 
-
-def _match_paths() -> dict:
-    """Lookups and uploads."""
-    lookup = [_param(n) for n in ("strategy", "k", "offset", "mirror", "flip")]
-    matches = _ok("MatchAnswer", "matches", cached=True)
-    return {
-        "/match/{appid}": {
-            "get": _op(
-                "lookups",
-                "The k most similar games, from the precomputed table",
-                [_param("appid"), *lookup],
-                _answers({"200": matches}, "304", "400", "404", "502"),
-            )
-        },
-        "/match": {
-            "get": _op(
-                "lookups",
-                "Batch lookup: several appids in one request (at most MAX_BATCH, default 50)",
-                [_param("appids", required=True), *lookup],
-                _answers({"200": _ok("BatchAnswer", "one answer (or error) per appid, in order", True)}, "304", "400"),
-            ),
-            "post": _op(
-                "uploads",
-                'An image embedded on demand (upload, or JSON {"url"}), searched exactly',
-                [*lookup, _param("embedding"), _param("attention")],
-                _answers(
-                    {"200": _ok("MatchAnswer", "matches; Server-Timing splits decode, preprocess, forward, search")},
-                    *("400", "403", "408", "413", "415", "429", "502", "503"),
-                ),
-                requestBody=UPLOAD_BODY,
-            ),
-        },
-    }
-
-
-def _why_paths() -> dict:
-    """What the model looks at, and which parts of two banners match (/why: two forward passes, like an upload)."""
-    one, two = [_param("appid"), _param("strategy")], [_param("appid"), _param("other"), _param("strategy")]
-    png = {"description": "PNG", "content": {"image/png": {"schema": STR}}, "headers": CACHED}
-    stored, model = ("304", "400", "404"), ("304", "400", "404", "429", "503")
-    ops = {  # path: (parameters, summary, answer, error statuses)
-        "/attention/{appid}": (one, "A game's attention map, from the index", _ok("Attention", "map", True), stored),
-        "/attention/{appid}.png": (one, "The banner at its size, the map drawn where the model looks", png, stored),
-        "/why/{appid}/{other}": (two, "Which parts of two banners match", _ok("Why", "score and maps", True), model),
-        "/why/{appid}/{other}.png": (two, "The two banners side by side, each with its map", png, model),
-    }
-    return {
-        path: {"get": _op("attention", summary, params, _answers({"200": answer}, *codes))}
-        for path, (params, summary, answer, codes) in ops.items()
-    }
-
-
-def _index_paths() -> dict:
-    """What the index holds, and rankings over it."""
-    compare = _ok("Compare", "JSON, or a page when Accept prefers text/html", cached=True)
-    compare["content"][HTML] = {"schema": STR}
-    return {
-        "/strategies": {
-            "get": _op(
-                "index", "The built strategies", [], _answers({"200": _ok("Strategies", "strategies", True)}, "304")
-            )
-        },
-        "/apps/{appid}": {
-            "get": _op(
-                "index",
-                "One game: name, store and banner URLs",
-                [_param("appid")],
-                _answers({"200": _ok("AppInfo", "the game", True)}, "304", "400", "404"),
-            )
-        },
-        "/apps": {
-            "get": _op(
-                "index",
-                "Search games by name (case- and accent-insensitive, ranked)",
-                [_param("q", required=True), _param("limit")],
-                _answers({"200": _ok("Search", "games", True)}, "304", "400"),
-            )
-        },
-        "/unique": {
-            "get": _op(
-                "lookups",
-                "Games whose best match is least similar, least similar first",
-                [_param("strategy"), _param("n"), _param("offset", "skip this many games")],
-                _answers({"200": _ok("Unique", "games", True)}, "304", "400"),
-            )
-        },
-        "/compare/{appid}": {
-            "get": _op(
-                "lookups",
-                "Each strategy's matches for a game, and their overlap (HTML for browsers: Vary: Accept)",
-                [_param("appid"), _param("strategies"), _param("k", "default 10 (8 in HTML)")],
-                _answers({"200": compare}, "304", "400", "404"),
-            )
-        },
-    }
-
-
-def _service_paths() -> dict:
-    """The service's own state and this document."""
-    text = {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": STR}}}}
-    return {
-        "/health": {"get": _op("service", "Service state, true for every worker", [], {"200": _ok("Health", "ok")})},
-        "/metrics": {"get": _op("service", "Prometheus metrics, merged across workers", [], text)},
-        "/openapi.json": {
-            "get": _op(
-                "service",
-                "This document",
-                [],
-                {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}},
-            )
-        },
-        "/docs": {"get": _op("service", "This document as a page", [], {"200": _html("the API reference")})},
-    }
-
-
-def _page(summary: str, params: list, answers: dict, method: str = "get", **extra) -> dict:
-    return {method: _op("pages", summary, params, answers, **extra)}
-
-
-def _page_paths() -> dict:
-    """The HTML pages, banners and static files."""
-    to_gallery = _answers({"302": {"description": "to /render/<appid>"}}, "400", html=True)
-    page = {"200": _html("page")}
-    return {
-        "/": _page(
-            "Home page: search by name, upload form, the most unique banners", [_param("q", "name to search for")], page
+OPERATIONS: dict[str, dict[str, dict]] = {  # tag: {"method path": operation}
+    "lookups": {
+        "get /match/{appid}": _op(
+            "The k most similar games, from the precomputed table", f"appid {LOOKUP}", MATCHES, "400 404 502"
         ),
-        "/render/{appid}": _page(
+        "get /match": _op(
+            "Batch lookup: several appids in one request (at most MAX_BATCH, default 50)",
+            f"appids! {LOOKUP}",
+            _json("BatchAnswer", "one answer (or error) per appid, in order", cached=True),
+            "400",
+        ),
+        "get /unique": _op(
+            "Games whose best match is least similar, least similar first",
+            "strategy n offset",
+            _json("Unique", "games", cached=True),
+            "400",
+            about={"offset": "skip this many games"},
+        ),
+        "get /compare/{appid}": _op(
+            "Each strategy's matches for a game, and their overlap (HTML for browsers: Vary: Accept)",
+            "appid strategies k",
+            COMPARE,
+            "400 404",
+            about={"k": "default 10 (8 in HTML)"},
+        ),
+    },
+    "uploads": {
+        "post /match": _op(
+            'An image embedded on demand (upload, or JSON {"url"}), searched exactly',
+            f"{LOOKUP} embedding attention",
+            _json("MatchAnswer", "matches; Server-Timing splits decode, preprocess, forward, search"),
+            "400 403 408 413 415 429 502 503",
+            requestBody=UPLOAD_BODY,
+        ),
+    },
+    "attention": {
+        "get /attention/{appid}": _op(
+            "A game's attention map, from the index", "appid strategy", _json("Attention", "map", True), "400 404"
+        ),
+        "get /attention/{appid}.png": _op(
+            "The banner at its size, the map drawn where the model looks", "appid strategy", PNG, "400 404"
+        ),
+        "get /why/{appid}/{other}": _op(
+            "Which parts of two banners match",
+            "appid other strategy",
+            _json("Why", "score and maps", cached=True),
+            "400 404 429 503",
+        ),
+        "get /why/{appid}/{other}.png": _op(
+            "The two banners side by side, each with its map", "appid other strategy", PNG, "400 404 429 503"
+        ),
+    },
+    "index": {
+        "get /strategies": _op("The built strategies", "", _json("Strategies", "strategies", cached=True)),
+        "get /apps/{appid}": _op(
+            "One game: name, store and banner URLs", "appid", _json("AppInfo", "the game", cached=True), "400 404"
+        ),
+        "get /apps": _op(
+            "Search games by name (case- and accent-insensitive, ranked)",
+            "q! limit",
+            _json("Search", "games", cached=True),
+            "400",
+        ),
+    },
+    "service": {
+        "get /health": _op("Service state, true for every worker", "", _json("Health", "ok")),
+        "get /metrics": _op(
+            "Prometheus metrics, merged across workers", "", _body("Prometheus text format", "text/plain")
+        ),
+        "get /openapi.json": _op("This document", "", _body("OpenAPI 3.1", JSON, {"type": "object"})),
+        "get /docs": _op("This document as a page", "", _body("the API reference")),
+    },
+    "pages": {
+        "get /": _op(
+            "Home page: search by name, upload form, the most unique banners",
+            "q",
+            PAGE,
+            about={"q": "name to search for"},
+        ),
+        "get /render/{appid}": _op(
             "A game's matches as a gallery",
-            [_param("appid"), _param("strategy"), _param("k"), _param("attention", "1: what the model looks at")],
-            _answers(page, "400", "404", html=True),
+            "appid strategy k attention",
+            PAGE,
+            "400 404",
+            html=True,
+            about={"attention": "1: what the model looks at"},
         ),
-        "/random": _page(
+        "get /random": _op(
             "A redirect to a random game's gallery (heroku-flask-api's /render/ without an appid)",
-            [_param("strategy")],
-            to_gallery,
+            "strategy",
+            TO_GALLERY,
+            "400",
+            html=True,
+            status="302",
         ),
-        "/pair/{appid}/{other}": _page(
+        "get /pair/{appid}/{other}": _op(
             "Why two games are alike: their banners coloured by how well each part matches",
-            [_param("appid"), _param("other"), _param("strategy")],
-            _answers(page, "400", "404", html=True),
+            "appid other strategy",
+            PAGE,
+            "400 404",
+            html=True,
         ),
-        "/render/": _page("The same as /random", [_param("strategy")], to_gallery),
-        "/upload": _page(
+        "get /render/": _op("The same as /random", "strategy", TO_GALLERY, "400", html=True, status="302"),
+        "post /upload": _op(
             "The upload form's result page",
-            [_param("strategy"), _param("k")],
-            _answers(page, "400", "408", "413", "415", "429", "503", html=True),
-            method="post",
+            "strategy k",
+            PAGE,
+            "400 408 413 415 429 503",
+            html=True,
             requestBody={"required": True, "content": {"multipart/form-data": UPLOAD_FORM}},
         ),
-        "/banners/{appid}.jpg": _page(
-            "A banner from the service's banner folder",
-            [_param("appid")],
-            _answers({"200": {"description": "the banner", "content": {"image/jpeg": {"schema": STR}}}}, "404"),
+        "get /banners/{appid}.jpg": _op(
+            "A banner from the service's banner folder", "appid", _body("the banner", "image/jpeg"), "404"
         ),
-        "/static/{filename}": _page(
-            "The pages' stylesheet and other static files",
-            [_param("filename")],
-            _answers({"200": {"description": "the file"}}, "404"),
+        "get /static/{filename}": _op(
+            "The pages' stylesheet and other static files", "filename", {"description": "the file"}, "404"
         ),
-    }
+    },
+}
 
 
 def document(version: str = "1") -> dict:
     """The OpenAPI document (a new dict each call)."""
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Steam banners, alike",
-            "version": version,
-            "description": "Similar Steam games by their store banners, with DINO vision transformers. "
-            'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
-        },
-        "paths": {**_match_paths(), **_why_paths(), **_index_paths(), **_service_paths(), **_page_paths()},
-        "components": {"schemas": SCHEMAS},
-    }
+    paths: dict[str, dict] = {}
+    for tag, ops in OPERATIONS.items():
+        for key, op in ops.items():
+            method, path = key.split(" ")
+            paths.setdefault(path, {})[method] = {"tags": [tag], **op}
+    return copy.deepcopy(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "Steam banners, alike",
+                "version": version,
+                "description": "Similar Steam games by their store banners, with DINO vision transformers. "
+                'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
+            },
+            "paths": paths,
+            "components": {"schemas": SCHEMAS},
+        }
+    )
 
 
 def operations(doc: dict) -> set[tuple[str, str]]:
@@ -386,12 +364,11 @@ def operations(doc: dict) -> set[tuple[str, str]]:
 
 
 def specialise(doc: dict, strategies: list[str], max_k: int, apps: int, max_batch: int, variants: bool) -> dict:
-    """The document narrowed to this service's index: its strategy names and the widths of its tables.
+    """``doc`` narrowed, in place, to this service's index: its strategy names and the widths of its tables.
 
     What the generic document allows and this index refuses (a k past the table width, an unknown
     strategy) then no longer counts as valid, so clients and generated tests see the real contract.
     """
-    doc = copy.deepcopy(doc)
     names = "|".join(strategies)
     narrowed = {
         "strategy": {"enum": strategies},

@@ -1,11 +1,13 @@
-"""What the views read from a request: the service, validated parameters and the base URL, in one place.
+"""What the views read from a request: the service, validated parameters and the base URL.
 
 ``PARAMS`` declares every parameter once: its JSON schema, whose limits the readers below enforce, and what it
-means; app/openapi.py publishes the same entries. Both blueprints (``api``, ``pages``) parse through these readers,
-so a parameter means the same and fails the same way (a 400 with a stable code) everywhere.
+means; app/openapi.py publishes the same entries. Both blueprints parse through these readers, so a parameter
+fails the same way (a 400 with a stable code) everywhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from flask import current_app, request
 
@@ -13,7 +15,7 @@ from core.env import parse_bool
 from core.steam import is_ascii_digits
 from core.variants import TRANSFORMS, variant_name
 
-from .problems import BadRequest, Unavailable, bad_parameter, unknown_strategy
+from .problems import BadRequest, Unavailable, bad_parameter
 from .service import Service
 
 EXTENSION_KEY = "steam_dino"  # the Service in app.extensions
@@ -63,27 +65,22 @@ def starting() -> Unavailable:
     return Unavailable("starting", f"the service is starting: {detail}; try again shortly", retry_after=5)
 
 
-def host_url(svc: Service | None = None) -> str:
+def host_url() -> str:
     """The base of the absolute URLs in responses: PUBLIC_URL when configured, else "/" (relative URLs).
 
     Never the request's Host header: responses are cacheable (``Cache-Control: public``), and a
     forged Host would otherwise be echoed into banner URLs served to everyone from a shared cache.
     """
-    return (svc or get_service()).settings.public_url or "/"
+    return get_service().settings.public_url or "/"
 
 
 def int_param(name: str, default: int | None = None, hi: int | None = None) -> int:
-    """An integer query parameter within PARAMS' limits (``hi`` narrows the maximum to this index)."""
-    schema = PARAMS[name][0]
-    default = schema["default"] if default is None else default
-    hi = schema["maximum"] if hi is None else hi
-    return int_value(request.args.get(name), name, default, schema["minimum"], hi)
-
-
-def int_value(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
-    """A parameter's integer value (``default`` when absent or empty), or a 400 naming the allowed range."""
+    """An integer query parameter within PARAMS' limits (``hi`` narrows the maximum to this index), ``default``
+    when absent or empty, or a 400 naming the allowed range."""
+    schema, raw = PARAMS[name][0], request.args.get(name)
     if raw is None or raw == "":
-        return default
+        return schema["default"] if default is None else default
+    lo, hi = schema["minimum"], schema["maximum"] if hi is None else hi
     raw = raw.strip()
     if not is_ascii_digits(raw.removeprefix("-")) or len(raw) > 12:
         raise bad_parameter(name, f"expected an integer from {lo} to {hi}, got {raw[:40]!r}")
@@ -115,33 +112,31 @@ def strategy_value(svc: Service, raw: str | None, name: str = "strategy") -> str
         return svc.default_strategy
     resolved = svc.resolve_strategy(raw.strip())
     if resolved is None:
-        raise unknown_strategy(raw.strip(), name, svc.strategy_names)
+        available = svc.strategy_names
+        message = f"unknown strategy {raw.strip()[:60]!r}; available: {', '.join(available)}"
+        raise BadRequest("unknown_strategy", message, parameter=name, available=available)
     return resolved
 
 
-def strategy_param(svc: Service, name: str = "strategy") -> str:
-    return strategy_value(svc, request.args.get(name), name)
+def strategy_param(svc: Service) -> str:
+    return strategy_value(svc, request.args.get("strategy"))
 
 
-def strategies_param(svc: Service, name: str = "strategies") -> list[str]:
+def strategies_param(svc: Service) -> list[str]:
     """A comma-separated list of strategies, each once; all of the index's when absent."""
-    raw = request.args.get(name)
+    raw = request.args.get("strategies")
     if raw is None or not raw.strip():
         return list(svc.strategy_names)
-    names = list(dict.fromkeys(strategy_value(svc, p, name) for p in raw.split(",") if p.strip()))
+    names = list(dict.fromkeys(strategy_value(svc, p, "strategies") for p in raw.split(",") if p.strip()))
     if not names:
-        raise bad_parameter(name, "give at least one name")
+        raise bad_parameter("strategies", "give at least one name")
     return names
 
 
 def k_param(svc: Service, strategy: str, default: int = 10) -> int:
-    return k_value(svc, strategy, request.args.get("k"), default)
-
-
-def k_value(svc: Service, strategy: str, raw: str | None, default: int = 10) -> int:
     """How many matches to answer: 1 to the table's width (0 for a table without neighbours)."""
     hi = svc.max_k(strategy)
-    return int_value(raw, "k", min(default, hi), 1, hi) if hi >= 1 else 0
+    return int_param("k", min(default, hi), hi) if hi >= 1 else 0
 
 
 def offset_param(svc: Service, strategy: str) -> int:
@@ -149,17 +144,17 @@ def offset_param(svc: Service, strategy: str) -> int:
     return int_param("offset", 0, max(0, svc.max_k(strategy) - 1))
 
 
-def flag_param(name: str) -> bool:
-    """A yes/no switch (core.env.parse_bool's words; absent: no), or a 400."""
+def flag_param(name: str, args: Mapping[str, str] | None = None) -> bool:
+    """A yes/no switch of the request's (or ``args``') query (core.env.parse_bool's words; absent: no), or a 400."""
     try:
-        return parse_bool(name, request.args.get(name), False)
+        return parse_bool(name, (request.args if args is None else args).get(name), False)
     except ValueError as e:
         raise BadRequest("bad_parameter", str(e), parameter=name) from None
 
 
-def variant_param() -> str:
+def variant_param(args: Mapping[str, str] | None = None) -> str:
     """The mirror/flip variant the query asks for ("" for the banner as it is)."""
-    return variant_name([t for t in TRANSFORMS if flag_param(t)])
+    return variant_name([t for t in TRANSFORMS if flag_param(t, args)])
 
 
 def appids_param(name: str, cap: int) -> list[int]:

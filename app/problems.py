@@ -1,8 +1,7 @@
-"""What can go wrong for a client, in the service's own words: no HTTP here.
+"""What can go wrong for a client, in the service's own words: no HTTP here (``app/errors.py`` maps it).
 
-The service and the request readers raise these; ``app/errors.py`` is the one place that turns them into status
-codes and JSON or HTML. Each carries a stable ``code`` (the API's error code), a message for people, and optional
-extra fields for the JSON body.
+Each problem carries a stable ``code`` (the API's error code), a message for people, and optional extra fields
+for the JSON body.
 """
 
 from __future__ import annotations
@@ -49,16 +48,6 @@ def bad_parameter(name: str, message: str) -> BadRequest:
 
 def unknown_app(appid: int, why: str = "is not in the index") -> NotFound:
     return NotFound("unknown_appid", f"appid {appid} {why}", appid=appid)
-
-
-def unknown_strategy(raw: str, parameter: str, available: list[str]) -> BadRequest:
-    """The 400 for a strategy this index does not have, listing the ones it has."""
-    return BadRequest(
-        "unknown_strategy",
-        f"unknown strategy {raw[:60]!r}; available: {', '.join(available)}",
-        parameter=parameter,
-        available=available,
-    )
 
 
 def variant_unavailable(variant: str, strategy: str, built: list[str]) -> BadRequest:

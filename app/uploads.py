@@ -1,11 +1,8 @@
 """Reading an uploaded image out of a request, and decoding it with every limit enforced up front.
 
-Accepted: ``multipart/form-data`` with a file field ``image`` (an HTML form),
-or a raw body with an ``image/*`` content type (``curl --data-binary``).
-The body is in memory already: the serving worker reads it, under its size cap
-and deadlines, before the app runs (serving/worker.py). Decoding (format whitelist,
-pixel cap, modes) is ``core.images.open_image``, run in a child process with a memory
-cap and a deadline (``core.isolated``), for uploads and for images the service fetches alike.
+Accepted: ``multipart/form-data`` with a file field ``image``, or a raw body with an ``image/*`` content type.
+The serving worker has read the body, under its size cap and deadlines, before the app runs. Decoding
+(``core.images.open_image``) runs in a child process with a memory cap and a deadline (``core.isolated``).
 """
 
 from __future__ import annotations
@@ -26,28 +23,17 @@ from .problems import BadRequest, UnsupportedUpload
 
 UNSUPPORTED = "unsupported_media_type"
 ACCEPTED_TYPES = "multipart/form-data with an 'image' file field, or a raw body with an image/* content type"
-DECODE_TIMEOUT = 10.0  # seconds (at most UPLOAD_TIMEOUT): about 10x the slowest honest decode on idle cores here
+DECODE_TIMEOUT = 10.0  # seconds (at most UPLOAD_TIMEOUT): ample for an honest decode, short for a decoding bomb
 
 
 @dataclass
 class Upload:
     image: Image.Image
-    size_bytes: int
-    sha256: str
-    format: str
-    width: int
-    height: int
     decode_ms: float
+    query: dict  # what the answer's ``query`` says of the upload
 
     def describe(self) -> dict:
-        return {
-            "upload": True,
-            "width": self.width,
-            "height": self.height,
-            "format": self.format,
-            "bytes": self.size_bytes,
-            "sha256": self.sha256,
-        }
+        return self.query
 
 
 def read_upload() -> bytes:
@@ -83,15 +69,15 @@ def decode_upload(data: bytes, settings: Settings, resize_to: Callable[[int, int
     timeout = min(settings.upload_timeout, DECODE_TIMEOUT)
     image = open_image_isolated(data, max_pixels=settings.max_image_pixels, timeout=timeout, resize_to=resize_to)
     width, height = image.info["source_size"]  # a huge image is decoded reduced
-    return Upload(
-        image=image,
-        size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        format=image_format(data) or "unknown",
-        width=width,
-        height=height,
-        decode_ms=(time.perf_counter() - start) * 1000,
-    )
+    query = {
+        "upload": True,
+        "width": width,
+        "height": height,
+        "format": image_format(data) or "unknown",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return Upload(image, (time.perf_counter() - start) * 1000, query)
 
 
 def read_url_query() -> str:
