@@ -43,11 +43,9 @@ def _wants_html() -> bool:
     """HTML for the pages, and for a browser on a URL that matched no route; JSON for everything else."""
     if "html" in g:
         return bool(g.html)
-    if request.blueprint == "pages":
-        return True
     if request.url_rule is None:  # an unknown URL (or method): answer in the format the client prefers
         return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
-    return False
+    return request.blueprint == "pages"
 
 
 def error_response(status: int, code: str, message: str, extra: dict | None = None) -> Response:
@@ -68,8 +66,7 @@ def _too_large(app: Flask) -> tuple[str, str]:
             f"the form has more than {parts} parts or a text field over {field_kb} KB; "
             "send one file field named 'image' (and optionally 'strategy')"
         )
-    limit_mb = app.config.get("MAX_UPLOAD_MB")
-    return "too_large", f"the upload is larger than the {limit_mb:g} MB limit" if limit_mb else "too large"
+    return "too_large", f"the upload is larger than the {app.config['MAX_UPLOAD_MB']:g} MB limit"
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -32,8 +32,7 @@ class HttpCache:
 
     def not_modified(self, etag: str) -> Response | None:
         """A 304 when the client already holds this answer (If-None-Match names the tag, or is ``*``)."""
-        sent = request.headers.get("If-None-Match")
-        if sent is None or (etag not in sent and sent.strip() != "*"):
+        if not request.if_none_match.contains_weak(etag.strip('"')):
             return None
         resp = current_app.response_class(status=304)
         self.mark(resp, etag)

@@ -19,10 +19,11 @@ from .problems import Problem
 MODEL_ENDPOINTS = ("api.match_upload", "pages.upload", "api.why", "api.why_png")  # every request runs a model pass
 
 
-def install(app: Flask, settings: Settings) -> Limiter | None:
+def install(app: Flask, settings: Settings) -> None:
+    """Charge the model endpoints (and, with FALLBACK_FETCH, lookups that fetch a banner) to one shared limit."""
     rate = settings.upload_rate_limit_text
     if rate is None:
-        return None
+        return
     limiter = Limiter(
         get_remote_address,
         app=app,
@@ -30,17 +31,12 @@ def install(app: Flask, settings: Settings) -> Limiter | None:
         strategy="moving-window",
         headers_enabled=True,
         swallow_errors=True,
-        default_limits=[],
     )
-    shared = limiter.shared_limit(rate, scope="uploads")
-    for endpoint in MODEL_ENDPOINTS:
-        app.view_functions[endpoint] = shared(app.view_functions[endpoint])  # the check runs in the wrapper
-    if settings.fallback_fetch:
-        charged = limiter.shared_limit(
-            rate, scope="uploads", exempt_when=lambda: not needs_model_pass(current_app, request.environ)
-        )
-        app.view_functions["api.match_appid"] = charged(app.view_functions["api.match_appid"])
-    return limiter
+    charged = limiter.shared_limit(
+        rate, scope="uploads", exempt_when=lambda: not needs_model_pass(current_app, request.environ)
+    )
+    for endpoint in (*MODEL_ENDPOINTS, "api.match_appid") if settings.fallback_fetch else MODEL_ENDPOINTS:
+        app.view_functions[endpoint] = charged(app.view_functions[endpoint])  # the check runs in the wrapper
 
 
 def needs_model_pass(app: Flask, environ: dict) -> bool:

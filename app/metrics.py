@@ -1,10 +1,8 @@
-"""Prometheus metrics at ``/metrics``, across gunicorn's worker processes.
+"""Prometheus metrics at ``/metrics``, merged across gunicorn's worker processes.
 
 prometheus-client's multiprocess mode: each process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR``
-(gunicorn.conf.py makes or wipes it at start, before prometheus_client is imported), ``/metrics`` merges them, and
-gunicorn's ``child_exit`` marks dead workers. Without it (the Flask test client) the metrics are this process's.
-Recorded: requests per route, method and status; an upload's stages per strategy; model loads and the backbones
-each live worker holds; the index's size and build.
+(gunicorn.conf.py makes or wipes it before prometheus_client is imported) and ``/metrics`` merges them. Without
+it (the Flask test client) the metrics are this process's.
 """
 
 from __future__ import annotations

@@ -215,6 +215,12 @@ PNG = {**_body("PNG", "image/png"), "headers": CACHED}
 PAGE = _body("page")
 TO_GALLERY = {"description": "to /render/<appid>"}
 
+INFO = {
+    "title": "Steam banners, alike",
+    "version": "1",
+    "description": "Similar Steam games by their store banners, with DINO vision transformers. "
+    'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
+}
 OPERATIONS: dict[str, dict[str, dict]] = {  # tag: {"method path": operation}
     "lookups": {
         "get /match/{appid}": _op(
@@ -336,26 +342,14 @@ OPERATIONS: dict[str, dict[str, dict]] = {  # tag: {"method path": operation}
 }
 
 
-def document(version: str = "1") -> dict:
+def document() -> dict:
     """The OpenAPI document (a new dict each call)."""
     paths: dict[str, dict] = {}
     for tag, ops in OPERATIONS.items():
         for key, op in ops.items():
             method, path = key.split(" ")
             paths.setdefault(path, {})[method] = {"tags": [tag], **op}
-    return copy.deepcopy(
-        {
-            "openapi": "3.1.0",
-            "info": {
-                "title": "Steam banners, alike",
-                "version": version,
-                "description": "Similar Steam games by their store banners, with DINO vision transformers. "
-                'Errors are JSON {"error": {"code", "message", ...}} with the status listed per operation.',
-            },
-            "paths": paths,
-            "components": {"schemas": SCHEMAS},
-        }
-    )
+    return copy.deepcopy({"openapi": "3.1.0", "info": INFO, "paths": paths, "components": {"schemas": SCHEMAS}})
 
 
 def operations(doc: dict) -> set[tuple[str, str]]:

@@ -35,9 +35,7 @@ def public_only(allow_networks: list[str] | tuple[str, ...] = ()) -> Callable[[I
     def allow(ip: IPAddress) -> bool:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if any(ip in net for net in allowed):
-            return True
-        return ip.is_global and not ip.is_multicast
+        return any(ip in net for net in allowed) or (ip.is_global and not ip.is_multicast)
 
     return allow
 
@@ -94,7 +92,7 @@ class UrlFetcher:
             raise UpstreamFailed("url_fetch_failed", f"cannot resolve {host[:80]!r}") from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
         refused = [a for a in addresses if not self.allow_address(a)]
-        if refused or not addresses:
+        if refused:
             raise Forbidden("url_not_allowed", f"{host[:80]} resolves to {refused[0]}, which is not a public address")
         return str(addresses[0])
 
