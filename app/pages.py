@@ -151,9 +151,7 @@ def banner(appid: str):
     path = svc.catalog.banner_file(int(appid)) if is_ascii_digits(appid) and len(appid) <= APPID_DIGITS else None
     if path is None:
         abort(404)
-    resp = send_file(path, max_age=86400, conditional=True)
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    return resp
+    return send_file(path, max_age=86400, conditional=True)
 
 
 def _thumbnail_data_url(image: Image.Image) -> str:

@@ -67,19 +67,13 @@ class Service:
         self.matcher = Matcher(index, settings)
         self.build_id = build_id(index)
         self.http_cache = HttpCache(self.build_id, settings.cache_max_age)
-        self.url_fetcher = (
-            UrlFetcher(
-                settings.url_fetch_timeout,
-                int(settings.url_fetch_max_mb * 2**20),
-                public_only(settings.url_fetch_allow_networks),
-            )
-            if settings.url_fetch
-            else None
-        )
         self.preload = self._named("PRELOAD_MODELS", settings.preload_models)
-        self.fetcher = (
-            CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0]) if settings.fallback_fetch else None
-        )
+        self.url_fetcher, self.fetcher = None, None  # POST /match {"url": ...}, and the CDN fallback: opt-in
+        if settings.url_fetch:
+            networks = public_only(settings.url_fetch_allow_networks)
+            self.url_fetcher = UrlFetcher(settings.url_fetch_timeout, int(settings.url_fetch_max_mb * 2**20), networks)
+        if settings.fallback_fetch:
+            self.fetcher = CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0])
         self.patch_maps = functools.lru_cache(maxsize=PAIRS_REMEMBERED)(self._patch_maps)
 
     def _named(self, setting: str, wanted: list[str]) -> list[str]:
@@ -97,8 +91,6 @@ class Service:
 
     def resolve_strategy(self, raw: str) -> str | None:
         """The index's strategy for a name, case-insensitively ("complexb16" is ComplexB16)."""
-        if raw in self.index.strategies:
-            return raw
         return self._by_lower.get(raw.lower())
 
     def game(self, appid: int) -> Game:
