@@ -64,20 +64,16 @@ class Boot:
         except (FetchFailed, IndexInvalid) as e:
             self.detail = str(e)
             log.error("%s", e)
-            previous = self._previous()
-            if previous is None:
-                raise
-            log.warning("serving the index already in %s (not the one at INDEX_URL)", s.index_dir)
-            return previous
-
-    def _previous(self) -> LoadedIndex | None:
-        if not (self.settings.index_dir / "manifest.json").is_file():
-            return None
+            failed = e
+        if not (s.index_dir / "manifest.json").is_file():
+            raise failed
         try:
-            return load_index(self.settings.index_dir, verify=self.settings.index_verify)
+            previous = load_index(s.index_dir, verify=s.index_verify)
         except IndexInvalid as e:
-            log.error("the index already in %s cannot be served either: %s", self.settings.index_dir, e)
-            return None
+            log.error("the index already in %s cannot be served either: %s", s.index_dir, e)
+            raise failed from None
+        log.warning("serving the index already in %s (not the one at INDEX_URL)", s.index_dir)
+        return previous
 
     def _fetch_weights(self, service) -> None:
         """Each backbone of the index, once, verified against the sha256 the index recorded."""

@@ -93,7 +93,8 @@ class CdnFallback:
             found = self._fetch(appid)
             if found is None:
                 return self._remember(key, ABSENT)
-            url, image = found[0], decode_upload(found[1], self.settings, resize_to).image
+            url, data = found
+            image = decode_upload(data, self.settings, resize_to).image
         except FetchFailed as e:
             why = f"appid {appid} is not in the index and {e}"
         except ImageRejected as e:
