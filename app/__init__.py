@@ -1,11 +1,8 @@
 """Similar Steam games by banner: the Flask application factory.
 
-``create_app()`` reads the settings from the environment (app/config.py),
-loads and checks the index folder (core/index), and registers the JSON API
-(app/api.py) and the HTML pages (app/pages.py). A bad setting or an index
-that cannot be served stops it with a ``StartupError`` naming the problem.
-With ``INDEX_URL`` the index is fetched in the background instead
-(app/boot.py) and the app answers 503 ``starting`` until it is ready.
+``create_app()`` reads the settings (app/config.py), loads and checks the index folder (core/index) and registers
+the JSON API and the pages; a bad setting or an index that cannot be served stops it with a ``StartupError``.
+With ``INDEX_URL`` the index is fetched in the background instead (app/boot.py), answering 503 ``starting`` until then.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from flask import Flask, request
 from flask_compress import Compress
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from core.index import IndexInvalid, load_index
+from core.index import IndexInvalid, LoadedIndex, load_index
 
 from .config import ConfigError, Settings
 
@@ -41,47 +38,36 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings = settings or Settings.from_env()
     except ConfigError as e:
         raise StartupError(str(e)) from e
+    app = _flask_app(settings)
     if settings.index_url:
-        app = _flask_app(settings)
         from .boot import start_fetching
 
-        def install(index):
-            service = _service(settings, index)
-            _install(app, service)
-            return service
-
-        start_fetching(app, settings, install)
+        start_fetching(app, settings, lambda index: _install(app, settings, index))
         logging.getLogger(__name__).info("fetching the index from %s into %s", settings.index_url, settings.index_dir)
         return app
     try:
-        service = _service(settings, load_index(settings.index_dir, verify=settings.index_verify))
+        _install(app, settings, load_index(settings.index_dir, verify=settings.index_verify))
     except (IndexInvalid, ValueError) as e:
         raise StartupError(str(e)) from e
-    return _install(_flask_app(settings), service)
+    return app
 
 
-def _service(settings: Settings, index):
-    from .service import Service
-
-    return Service(settings, index)
-
-
-def _install(app: Flask, service):
-    """Put the service in the app (from then on every endpoint serves) and say what is served."""
+def _install(app: Flask, settings: Settings, index: LoadedIndex):
+    """The service over the index, put in the app (from then on every endpoint serves); says what is served."""
     from . import metrics
     from .params import EXTENSION_KEY
+    from .service import Service
 
-    app.extensions[EXTENSION_KEY] = service
-    index = service.index
+    service = app.extensions[EXTENSION_KEY] = Service(settings, index)
     metrics.index_loaded(len(index), service.build_id, index.manifest.get("created"))
     logging.getLogger(__name__).info(
         "serving %d apps, strategies %s (default %s) from %s",
-        len(service.index),
-        ", ".join(service.index.strategies),
+        len(index),
+        ", ".join(index.strategies),
         service.default_strategy,
-        service.settings.index_dir,
+        settings.index_dir,
     )
-    return app
+    return service
 
 
 def _flask_app(settings: Settings) -> Flask:
@@ -127,10 +113,8 @@ def _flask_app(settings: Settings) -> Flask:
 
 
 def _register_compression(app: Flask) -> None:
-    """gzip for JSON, HTML and CSS over 1 KB (flask-compress), when the client accepts it.
-
-    Level 1: for a k=10 answer (2.3 KB) it is within 7% of level 6's size at about half the CPU time.
-    """
+    """gzip for JSON, HTML and CSS over 1 KB (flask-compress), when the client accepts it; level 1: nearly level
+    6's size at a fraction of its CPU time."""
     app.config.update(
         COMPRESS_MIMETYPES=["application/json", "text/html", "text/css"],
         COMPRESS_MIN_SIZE=1024,

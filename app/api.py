@@ -1,9 +1,7 @@
 """The JSON API: similar games by appid (tables) or by uploaded image (embedded on demand).
 
-Parameters are parsed by ``app/params.py`` and failures raised as domain problems, which ``app/errors.py`` turns
-into 4xx JSON bodies with stable codes; responses are built from the memory-mapped tables without copying them.
-Answers read from the tables carry an ``ETag`` and ``Cache-Control`` (``app/http_cache.py``); a matching
-``If-None-Match`` gets a 304.
+Parameters are parsed by ``app/params.py``; failures are domain problems that ``app/errors.py`` turns into JSON
+errors. Answers read from the index carry an ``ETag`` and ``Cache-Control``; a matching ``If-None-Match`` gets a 304.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from flask import Blueprint, Response, current_app, g, jsonify, render_template, request
+from flask import Blueprint, Response, current_app, g, jsonify, make_response, render_template, request
 
 from . import metrics
 from .params import (
@@ -35,40 +33,40 @@ from .uploads import read_upload, read_url_query
 bp = Blueprint("api", __name__)
 
 
-def _json(body: str | dict, etag: str) -> Response:
-    """A precomputed answer: JSON with its ETag and Cache-Control."""
-    resp = current_app.response_class(body, mimetype="application/json") if isinstance(body, str) else jsonify(body)
-    return get_service().http_cache.mark(resp, etag)
+def _cached(etag: str, build: Callable[[], Response]) -> Response:
+    """304 when the client holds this ETag; else the response ``build()`` makes, with its ETag and Cache-Control."""
+    cache = get_service().http_cache
+    cached = cache.not_modified(etag)
+    return cached if cached is not None else cache.mark(build(), etag)
 
 
-def _cached_json(etag: str, build: Callable[[], str | dict]) -> Response:
-    """304 when the client holds this ETag; else the JSON ``build()`` makes, with its ETag."""
-    cached = get_service().http_cache.not_modified(etag)
-    return cached if cached is not None else _json(build(), etag)
+def _cached_json(etag: str, build: Callable[[], dict]) -> Response:
+    return _cached(etag, lambda: jsonify(build()))
 
 
 def _cached_png(etag: str, build: Callable[[], bytes]) -> Response:
-    """304 when the client holds this ETag; else the PNG ``build()`` makes, with its ETag."""
-    cache = get_service().http_cache
-    cached = cache.not_modified(etag)
-    return cached if cached is not None else cache.mark(current_app.response_class(build(), mimetype="image/png"), etag)
+    return _cached(etag, lambda: current_app.response_class(build(), mimetype="image/png"))
+
+
+def _lookup_params(svc) -> tuple[str, int, int, str]:
+    """A table lookup's strategy, k, offset and mirror/flip variant (a 400 for a variant the index lacks)."""
+    strategy = strategy_param(svc)
+    k, offset, variant = k_param(svc, strategy), offset_param(svc, strategy), variant_param()
+    svc.check_variant(strategy, variant)
+    return strategy, k, offset, variant
 
 
 @bp.get("/match/<appid>")
 def match_appid(appid: str):
     svc = get_service()
     app_id = parse_appid(appid)
-    strategy = strategy_param(svc)
-    k = k_param(svc, strategy)
-    offset = offset_param(svc, strategy)
-    variant = variant_param()
-    svc.check_variant(strategy, variant)
+    strategy, k, offset, variant = _lookup_params(svc)
+    host = host_url()
     game = svc.catalog.get(app_id)
     if game is None:
-        return jsonify(svc.fallback_match(app_id, strategy, k, host_url(), offset, variant))
-    host = host_url()
+        return jsonify(svc.fallback_match(app_id, strategy, k, host, offset, variant))
     etag = svc.http_cache.etag("m", app_id, strategy, k, offset, variant, host)
-    return _cached_json(etag, lambda: svc.table_payload_json(strategy, game, k, host, offset, variant))
+    return _cached_json(etag, lambda: svc.table_payload(strategy, game, k, host, offset, variant))
 
 
 @bp.get("/match")
@@ -76,14 +74,10 @@ def match_batch():
     """Many lookups in one request: ``/match?appids=620,400`` (at most MAX_BATCH appids)."""
     svc = get_service()
     appids = appids_param("appids", svc.settings.max_batch)
-    strategy = strategy_param(svc)
-    k = k_param(svc, strategy)
-    offset = offset_param(svc, strategy)
-    variant = variant_param()
-    svc.check_variant(strategy, variant)
+    strategy, k, offset, variant = _lookup_params(svc)
     host = host_url()
     etag = svc.http_cache.etag("b", ",".join(map(str, appids)), strategy, k, offset, variant, host)
-    return _cached_json(etag, lambda: svc.batch_payload_json(strategy, appids, k, host, offset, variant))
+    return _cached_json(etag, lambda: svc.batch_payload(strategy, appids, k, host, offset, variant))
 
 
 @bp.post("/match")
@@ -91,9 +85,7 @@ def match_upload():
     """An image to embed: uploaded (multipart or raw ``image/*``), or fetched from a URL (JSON ``{"url": ...}``)."""
     svc = get_service()
     strategy = strategy_param(svc)
-    k = k_param(svc, strategy)
-    offset = offset_param(svc, strategy)
-    variant = variant_param()
+    k, offset, variant = k_param(svc, strategy), offset_param(svc, strategy), variant_param()
     embedding, attention = flag_param("embedding"), flag_param("attention")
     data = svc.fetch_url(read_url_query()) if request.mimetype == "application/json" else read_upload()
     payload, timings, _ = svc.upload_payload(
@@ -160,16 +152,9 @@ def app_info(appid: str):
 @bp.get("/apps")
 def app_search():
     svc = get_service()
-    q = text_param("q")
-    limit = int_param("limit")
-    host = host_url()
+    q, limit, host = text_param("q"), int_param("limit"), host_url()
     etag = svc.http_cache.etag("search", q, limit, host)
-
-    def build():
-        games = svc.catalog.search(q, limit)
-        return {"query": q, "results": [svc.catalog.describe_row(g.row, host) for g in games]}
-
-    return _cached_json(etag, build)
+    return _cached_json(etag, lambda: {"query": q, "results": svc.search_payload(q, limit, host)})
 
 
 @bp.get("/unique")
@@ -177,16 +162,9 @@ def unique():
     svc = get_service()
     strategy = strategy_param(svc)
     total = max(1, len(svc.catalog))
-    n = int_param("n", hi=total)
-    offset = int_param("offset", 0, total - 1)
-    host = host_url()
+    n, offset, host = int_param("n", hi=total), int_param("offset", 0, total - 1), host_url()
     etag = svc.http_cache.etag("unique", strategy, n, offset, host)
-
-    def build():
-        games = svc.unique_payload(strategy, n, host, offset)
-        return {"strategy": strategy, "n": len(games), "offset": offset, "games": games}
-
-    return _cached_json(etag, build)
+    return _cached_json(etag, lambda: svc.unique_payload(strategy, n, host, offset))
 
 
 @bp.get("/compare/<appid>")
@@ -200,30 +178,27 @@ def compare(appid: str):
     k = int_param("k", 8 if html else 10, max(1, min(svc.max_k(n) for n in names)))
     host = host_url()
     etag = svc.http_cache.etag("compare", app_id, ",".join(names), k, html, host)
-    cached = svc.http_cache.not_modified(etag)
-    if cached is None:
+
+    def build() -> Response:
         payload = svc.compare_payload(names, svc.game(app_id), k, host)
-        if html:
-            descriptions = {n: svc.describe_strategy(n) for n in names}
-            page = render_template("compare.html", payload=payload, descriptions=descriptions)
-            cached = svc.http_cache.mark(current_app.response_class(page, mimetype="text/html"), etag)
-        else:
-            cached = _json(payload, etag)
-    cached.vary.add("Accept")
-    return cached
+        return make_response(render_template("compare.html", payload=payload)) if html else jsonify(payload)
+
+    resp = _cached(etag, build)
+    resp.vary.add("Accept")
+    return resp
 
 
 @bp.get("/health")
 def health():
     """Facts true for the whole service: the index, and the models loaded by live workers (from the metrics)."""
-    started = current_app.config["STARTED_AT"]
+    uptime = round(time.time() - current_app.config["STARTED_AT"], 1)
     svc = current_app.extensions.get(EXTENSION_KEY)
     if svc is None:  # a fetched index not ready yet (app/boot.py)
-        detail = starting().message
-        body = {"status": "starting", "detail": detail, "uptime_s": round(time.time() - started, 1)}
+        body = {"status": "starting", "detail": starting().message, "uptime_s": uptime}
         return jsonify(body), 503, {"Retry-After": "5"}
     by_workers = metrics.models_loaded_by_workers(svc.matcher.loaded_backbones())
-    ready, workers = _workers_ready()
+    probe = request.environ.get("serving.ready")  # gunicorn's worker (serving.worker): (serving, configured) workers
+    ready, workers = probe() if probe is not None else (1, 1)
     body = jsonify(
         {
             "status": "ok" if ready >= workers else "starting",
@@ -236,14 +211,7 @@ def health():
             "index_build": svc.build_id,
             "models_loaded": sorted(by_workers),
             "models_loaded_workers": by_workers,
-            "uptime_s": round(time.time() - started, 1),
+            "uptime_s": uptime,
         }
     )
-    body.status_code = 200 if ready >= workers else 503  # ready means every worker serves
-    return body
-
-
-def _workers_ready() -> tuple[int, int]:
-    """(serving workers, configured workers) from gunicorn's worker (serving.worker); (1, 1) elsewhere."""
-    probe = request.environ.get("serving.ready")
-    return probe() if probe is not None else (1, 1)
+    return body, 200 if ready >= workers else 503  # ready means every worker serves

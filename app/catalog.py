@@ -1,13 +1,9 @@
 """The games of the index: lookup by appid, links, and name search.
 
-Name search is case- and accent-insensitive ("pokemon" finds "Pokémon", "STAR WARS" finds "Star Wars™") and ranked:
-exact name, then names starting with the query, then names with a word starting with it, then names containing it,
-then names containing every word of it; shorter names first within a rank. An all-digit query also finds the game
-with that appid.
-
-Everything is columns in numpy arrays (``core.apps.AppColumns``, and the folded names as one UTF-8 text with each
-name's offset), made once before gunicorn forks: the workers share them, and a search is a few vectorised passes
-over a few MB of text.
+Name search ignores case and accents ("pokemon" finds "Pokémon") and ranks exact names, then prefixes, word
+prefixes, substrings, and names holding every word; shorter names first within a rank. An all-digit query also
+finds that appid. The folded names are one UTF-8 text in a numpy array, made before gunicorn forks so that the
+workers share it; a search is a few vectorised passes over it.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from core.apps import AppColumns
-from core.banners import scan_banners
+from core.banners import find_banner_file, scan_banners
 from core.steam import asset_url, is_ascii_digits, plain_banner_path, store_url
 
 _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
@@ -45,13 +41,12 @@ class Catalog:
     """The index's apps, in row order, with what the API needs to describe each one."""
 
     def __init__(self, apps: AppColumns, banners_dir: Path | None, assets_url: str) -> None:
-        self.apps = apps
-        folded = [fold(n).encode() for n in apps.names.tolist()]
-        # "\n" + every folded name + "\n" (no name holds one); row i spans _starts[i] to _starts[i + 1] - 1
-        self._text = np.frombuffer(b"\n" + b"\n".join(folded) + b"\n", dtype=np.uint8)
-        self._starts = np.cumsum([1] + [len(f) + 1 for f in folded])
-        self._chars = np.array([len(f.decode()) for f in folded], dtype=np.int32)  # the ranking's name lengths
-        self.assets_url = assets_url
+        self.apps, self.banners_dir, self.assets_url = apps, banners_dir, assets_url
+        folded = [fold(n) for n in apps.names.tolist()]
+        # "\n" then each folded name and "\n" (no name holds one); row i spans _starts[i] to _starts[i + 1] - 1
+        self._text = np.frombuffer(("\n" + "".join(f"{f}\n" for f in folded)).encode(), dtype=np.uint8)
+        self._starts = np.flatnonzero(self._text == ord("\n")) + 1
+        self._chars = np.array([len(f) for f in folded], dtype=np.int32)  # the ranking's name lengths
         self.local = np.array(sorted(scan_banners(banners_dir) if banners_dir else ()), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -67,6 +62,10 @@ class Catalog:
     def has_local_banner(self, appid: int) -> bool:
         i = int(np.searchsorted(self.local, appid))
         return i < len(self.local) and int(self.local[i]) == appid
+
+    def banner_file(self, appid: int) -> Path | None:
+        """The game's banner in the banner folder, if it has one."""
+        return find_banner_file(self.banners_dir, appid) if self.has_local_banner(appid) else None
 
     def banner_url(self, row: int, host_url: str) -> str:
         """Our own copy when the banner folder has it (same origin), else the store's URL of the banner (under a

@@ -1,14 +1,13 @@
 """Service settings, read once from environment variables (see the README's Configuration table).
 
-Each field names its variable beside its default (and its range, for numbers). Every value is parsed
-and checked at start-up with core/env.py's parsers: a typo in the environment stops the service with a
-message naming the variable, rather than surfacing later as a wrong answer.
+Each field names its variable, default and range; a bad value stops start-up with a message naming the variable.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -191,7 +190,7 @@ def _check_together(values: dict, env: Mapping[str, str]) -> None:
     url, sha = values["index_url"], (values["index_sha256"] or "").lower() or None
     if url is None and sha is not None:
         raise ConfigError("INDEX_SHA256 is set without INDEX_URL")
-    if url is not None and (sha is None or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+    if url is not None and not re.fullmatch("[0-9a-f]{64}", sha or ""):
         raise ConfigError(
             "INDEX_SHA256: expected the 64 hex digits of the archive's sha256 "
             "(printed by steam-dino-pack-index) whenever INDEX_URL is set"

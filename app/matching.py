@@ -11,52 +11,38 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from core.dino.weights import MODELS, ModelCache, WeightsUnavailable
+from core.dino.weights import ModelCache, WeightsUnavailable
 from core.index import LoadedIndex
 from core.table_rows import RowReader
+
+from . import metrics
+from .config import Settings
 
 if TYPE_CHECKING:
     from core.dino.extract import Extractor
     from core.knn import ExactSearch
 
-
-@dataclass
-class ImageMatches:
-    rows: np.ndarray
-    scores: np.ndarray
-    timings_ms: dict[str, float]
+T = TypeVar("T")
 
 
 class Matcher:
-    def __init__(
-        self,
-        index: LoadedIndex,
-        *,
-        allow_download: bool = True,
-        retry_seconds: float = 60.0,
-        torch_threads: int | None = None,
-        models: ModelCache = MODELS,
-        concurrent_forwards: int = 1,
-        on_model_load: Callable[[str, float], None] | None = None,
-    ) -> None:
-        self.index, self.models, self.on_model_load = index, models, on_model_load  # (backbone, seconds): metrics
-        self.allow_download, self.retry_seconds, self.torch_threads = allow_download, retry_seconds, torch_threads
+    def __init__(self, index: LoadedIndex, settings: Settings) -> None:
+        self.index, self.settings = index, settings
+        self.models = ModelCache()  # one model per backbone for this app, shared by its strategies
         self._lock = threading.Lock()
         self._extractors: dict[str, Extractor] = {}
         self._searchers: dict[str, ExactSearch] = {}
         self._failures: dict[str, tuple[float, str]] = {}
         self._unique: dict[str, np.ndarray] = {}
         self._tables: dict[tuple[str, str], tuple[RowReader, RowReader]] = {}
-        self._threads_set = False
         # Forward passes at once in this process: each already uses all of the worker's torch threads, so more
         # would only share the same cores while multiplying activation memory (a 1 GB dyno has no room for it).
-        self._forwards = threading.BoundedSemaphore(max(1, concurrent_forwards))
+        self._forwards = threading.BoundedSemaphore(settings.concurrent_forwards)
 
     def table_matches(
         self, name: str, row: int, k: int, offset: int = 0, variant: str = ""
@@ -84,57 +70,52 @@ class Matcher:
             self._unique[name] = order
         return order[:n].tolist()
 
+    def _once(self, made: dict, name: str, make: Callable[[str], T]) -> T:
+        """``made[name]``, made by ``make(name)`` under the lock on first use."""
+        found = made.get(name)
+        if found is None:
+            with self._lock:
+                found = made.get(name)
+                if found is None:
+                    found = made[name] = make(name)
+        return found
+
     def extractor(self, name: str) -> Extractor:
         """The strategy's extractor, loading its backbone on first use; WeightsUnavailable if it cannot."""
-        ex = self._extractors.get(name)
-        if ex is not None:
-            return ex
+        return self._once(self._extractors, name, self._load)
+
+    def _load(self, name: str) -> Extractor:
         from core.dino.extract import Extractor, configure_threads
 
-        with self._lock:
-            ex = self._extractors.get(name)
-            if ex is not None:
-                return ex
-            failed = self._failures.get(name)
-            if failed and time.monotonic() - failed[0] < self.retry_seconds:
-                raise WeightsUnavailable(failed[1])
-            if self.torch_threads and not self._threads_set:  # else: gunicorn's post_fork or torch's default
-                configure_threads(self.torch_threads)
-                self._threads_set = True
-            s = self.index.strategies[name]
-            before = set(self.loaded_backbones())
-            t0 = time.perf_counter()
-            try:
-                ex = Extractor(
-                    [s.strategy],
-                    device="cpu",
-                    expected_sha256={s.strategy.backbone.code: s.checkpoint["sha256"]},
-                    download=self.allow_download,
-                    models=self.models,
-                    attention=True,
-                )
-            except WeightsUnavailable as e:
-                self._failures[name] = (time.monotonic(), str(e))
-                raise
-            self._failures.pop(name, None)
-            self._extractors[name] = ex
-            if self.on_model_load is not None:
-                for code in set(self.loaded_backbones()) - before:
-                    self.on_model_load(code, time.perf_counter() - t0)
-            return ex
+        failed = self._failures.get(name)
+        if failed and time.monotonic() - failed[0] < self.settings.weights_retry_seconds:
+            raise WeightsUnavailable(failed[1])
+        if self.settings.torch_threads:  # else: gunicorn's post_fork or torch's default
+            configure_threads(self.settings.torch_threads)
+        s = self.index.strategies[name]
+        before, t0 = set(self.loaded_backbones()), time.perf_counter()
+        try:
+            ex = Extractor(
+                [s.strategy],
+                device="cpu",
+                expected_sha256={s.strategy.backbone.code: s.checkpoint["sha256"]},
+                download=self.settings.allow_weights_download,
+                models=self.models,
+                attention=True,
+            )
+        except WeightsUnavailable as e:
+            self._failures[name] = (time.monotonic(), str(e))
+            raise
+        self._failures.pop(name, None)
+        for code in set(self.loaded_backbones()) - before:
+            metrics.model_loaded(code, time.perf_counter() - t0)
+        return ex
 
     def searcher(self, name: str) -> ExactSearch:
-        se = self._searchers.get(name)
-        if se is None:
-            from core.knn import ExactSearch
+        from core.knn import ExactSearch
 
-            with self._lock:
-                se = self._searchers.get(name)
-                if se is None:
-                    s = self.index.strategies[name]
-                    se = ExactSearch(s.embeddings, sketch=s.sketch)
-                    self._searchers[name] = se
-        return se
+        s = self.index.strategies[name]
+        return self._once(self._searchers, name, lambda _: ExactSearch(s.embeddings, sketch=s.sketch))
 
     def embed(self, name: str, image: Image.Image) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """The image's embedding for a strategy, exactly as the index embedded its banners, and its attention map."""
@@ -155,10 +136,11 @@ class Matcher:
         with self._forwards:
             return ex.patch_matches(a, b)
 
-    def search(self, name: str, vector: np.ndarray, k: int) -> ImageMatches:
+    def search(self, name: str, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """The k rows nearest to a vector, their cosines and the search's time (ms)."""
         t0 = time.perf_counter()
         rows, scores = self.searcher(name).search(vector.astype(np.float32), k)
-        return ImageMatches(rows, scores, {"search": (time.perf_counter() - t0) * 1000})
+        return rows, scores, {"search": (time.perf_counter() - t0) * 1000}
 
     def loaded_backbones(self) -> list[str]:
         return sorted({lb.backbone.code for lb in self.models.loaded()})

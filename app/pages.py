@@ -13,11 +13,11 @@ import random
 from flask import Blueprint, abort, g, redirect, render_template, request, send_file, url_for
 from PIL import Image
 
-from core.banners import find_banner_file
 from core.steam import is_ascii_digits
 
 from .params import (
     APPID_DIGITS,
+    PARAMS,
     flag_param,
     get_service,
     host_url,
@@ -42,17 +42,10 @@ def similarity(score: float) -> str:
 
 @bp.app_template_global("strategy_info")
 def strategy_info(name: str) -> dict:
-    """What the pages say about a strategy, plain words first: a template global, so that every page
+    """``Service.describe_strategy`` and the strategy in plain words: a template global, so that every page
     (/compare's too, rendered by the API's view) says the same."""
     svc = get_service()
-    s = svc.index.strategies[name]
-    return {
-        "name": name,
-        "plain": s.strategy.describe_plain(),
-        "technical": s.strategy.describe(),
-        "dim": s.strategy.dim,
-        "default": name == svc.default_strategy,
-    }
+    return svc.describe_strategy(name) | {"plain": svc.index.strategies[name].strategy.describe_plain()}
 
 
 def more_links(k: int, max_k: int) -> list[tuple[str, int]]:
@@ -69,15 +62,12 @@ def more_links(k: int, max_k: int) -> list[tuple[str, int]]:
 @bp.get("/")
 def home():
     svc = get_service()
-    q = (request.args.get("q") or "").strip()[:200]
-    results = svc.catalog.search(q, 40) if q else []
-    games = [svc.catalog.describe_row(r.row, host_url()) for r in results]
-    unique = svc.unique_payload(svc.default_strategy, 12, host_url())
+    q = (request.args.get("q") or "").strip()[: PARAMS["q"][0]["maxLength"]]
     return render_template(
         "index.html",
         q=q,
-        results=games,
-        unique=unique,
+        results=svc.search_payload(q, 40, host_url()) if q else [],
+        unique=svc.unique_payload(svc.default_strategy, 12, host_url())["games"],
         strategies=[strategy_info(n) for n in svc.strategy_names],
         default_strategy=svc.default_strategy,
         apps=len(svc.catalog),
@@ -92,8 +82,8 @@ def render(appid: str):
     strategy = strategy_param(svc)
     k = k_param(svc, strategy, default=20)
     payload = svc.table_payload(strategy, svc.game(app_id), k, host_url())
-    looks = flag_param("attention") and svc.index.strategies[strategy].attention is not None
-    return _gallery(svc, payload, strategy, k, upload=None, more=more_links(k, svc.max_k(strategy)), looks=looks)
+    more = more_links(k, svc.max_k(strategy))
+    return _gallery(svc, payload, strategy, k, upload=None, more=more, looks=flag_param("attention"))
 
 
 @bp.get("/pair/<appid>/<other>")
@@ -138,7 +128,8 @@ def upload():
 
 def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more: list, looks: bool = False) -> str:
     """The gallery page of a game's matches (``upload`` None) or of an uploaded image's (its thumbnail);
-    ``looks``: each banner shows what the model looks at."""
+    ``looks``: each banner shows what the model looks at, when the index has the maps."""
+    has_attention = svc.index.strategies[strategy].attention is not None
     return render_template(
         "gallery.html",
         payload=payload,
@@ -147,8 +138,8 @@ def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more
         strategy=strategy,
         k=k,
         more=more,
-        looks=looks,
-        has_attention=svc.index.strategies[strategy].attention is not None,
+        looks=looks and has_attention,
+        has_attention=has_attention,
         has_banner=svc.catalog.has_local_banner,
     )
 
@@ -157,14 +148,10 @@ def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more
 def banner(appid: str):
     g.html = False  # an image URL: errors in JSON, like the API
     svc = get_service()
-    if not is_ascii_digits(appid) or len(appid) > APPID_DIGITS or not svc.catalog.has_local_banner(int(appid)):
-        abort(404)
-    path = find_banner_file(svc.settings.banners_dir, int(appid))
+    path = svc.catalog.banner_file(int(appid)) if is_ascii_digits(appid) and len(appid) <= APPID_DIGITS else None
     if path is None:
         abort(404)
-    resp = send_file(path, max_age=86400, conditional=True)
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    return resp
+    return send_file(path, max_age=86400, conditional=True)
 
 
 def _thumbnail_data_url(image: Image.Image) -> str:

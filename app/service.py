@@ -8,7 +8,6 @@ blueprints read requests and ``app/errors.py`` maps problems to status codes.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -18,9 +17,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from core.banners import find_banner_file
 from core.dino.strategies import DEFAULT_STRATEGY
-from core.dino.weights import ModelCache, WeightsUnavailable
+from core.dino.weights import WeightsUnavailable
 from core.images import ImageRejected, open_image
 from core.index import LoadedIndex
 from core.overlay import overlay, png_bytes, side_by_side
@@ -66,31 +64,16 @@ class Service:
             self.default_strategy = self._named("DEFAULT_STRATEGY", [settings.default_strategy])[0]
         else:
             self.default_strategy = DEFAULT_STRATEGY if DEFAULT_STRATEGY in index.strategies else self.strategy_names[0]
-        self.matcher = Matcher(
-            index,
-            allow_download=settings.allow_weights_download,
-            retry_seconds=settings.weights_retry_seconds,
-            torch_threads=settings.torch_threads,
-            concurrent_forwards=settings.concurrent_forwards,
-            models=ModelCache(),  # one model per backbone for this app, shared by its strategies
-            on_model_load=metrics.model_loaded,
-        )
+        self.matcher = Matcher(index, settings)
         self.build_id = build_id(index)
         self.http_cache = HttpCache(self.build_id, settings.cache_max_age)
-        self.url_fetcher = (
-            UrlFetcher(
-                settings.url_fetch_timeout,
-                int(settings.url_fetch_max_mb * 2**20),
-                public_only(settings.url_fetch_allow_networks),
-            )
-            if settings.url_fetch
-            else None
-        )
         self.preload = self._named("PRELOAD_MODELS", settings.preload_models)
-        # the CDN fallback (FALLBACK_FETCH), or None
-        self.fetcher = (
-            CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0]) if settings.fallback_fetch else None
-        )
+        self.url_fetcher, self.fetcher = None, None  # POST /match {"url": ...}, and the CDN fallback: opt-in
+        if settings.url_fetch:
+            networks = public_only(settings.url_fetch_allow_networks)
+            self.url_fetcher = UrlFetcher(settings.url_fetch_timeout, int(settings.url_fetch_max_mb * 2**20), networks)
+        if settings.fallback_fetch:
+            self.fetcher = CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0])
         self.patch_maps = functools.lru_cache(maxsize=PAIRS_REMEMBERED)(self._patch_maps)
 
     def _named(self, setting: str, wanted: list[str]) -> list[str]:
@@ -108,8 +91,6 @@ class Service:
 
     def resolve_strategy(self, raw: str) -> str | None:
         """The index's strategy for a name, case-insensitively ("complexb16" is ComplexB16)."""
-        if raw in self.index.strategies:
-            return raw
         return self._by_lower.get(raw.lower())
 
     def game(self, appid: int) -> Game:
@@ -139,9 +120,9 @@ class Service:
             "default": name == self.default_strategy,
         }
 
-    def preload_models(self, wanted: list[str] | None = None) -> None:
-        """Load the backbones (and searchers) of these strategies now rather than on the first upload."""
-        for name in self._named("PRELOAD_MODELS", wanted) if wanted is not None else self.preload:
+    def preload_models(self) -> None:
+        """Load the backbones (and searchers) of PRELOAD_MODELS now rather than on the first upload."""
+        for name in self.preload:
             try:
                 self.matcher.extractor(name)
                 self.matcher.searcher(name)
@@ -181,13 +162,9 @@ class Service:
         query = self.catalog.describe_row(game.row, host_url)
         return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)
 
-    def table_payload_json(self, *args, **kwargs) -> str:
-        """``table_payload`` as compact JSON: a lookup's answer."""
-        return compact_json(self.table_payload(*args, **kwargs))
-
-    def batch_payload_json(
+    def batch_payload(
         self, strategy: str, appids: list[int], k: int, host_url: str, offset: int = 0, variant: str = ""
-    ) -> str:
+    ) -> dict:
         """Lookups of many appids in one answer: each one's match payload, or its error, in the order asked."""
         results = []
         for appid in appids:
@@ -197,8 +174,7 @@ class Service:
                 results.append({"appid": appid, "error": {"code": problem.code, "message": problem.message}})
             else:
                 results.append(self.table_payload(strategy, game, k, host_url, offset, variant))
-        batch = {"strategy": strategy, "k": k, "offset": offset, "variant": variant, "results": results}
-        return compact_json(batch)
+        return {"strategy": strategy, "k": k, "offset": offset, "variant": variant, "results": results}
 
     def embed_or_503(self, strategy: str, image) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """The embedding and attention map (``Matcher.embed``), or the problems of ``model_pass``."""
@@ -235,10 +211,11 @@ class Service:
         """Matches for an uploaded image's bytes, decoded with the configured limits (mirrored/flipped first)."""
         upload = decode_upload(data, self.settings, self._resize_to(strategy))
         vec, heat, timings = self.embed_or_503(strategy, apply_variant(upload.image, variant))
-        found = self.matcher.search(strategy, vec, offset + k)
-        timings = {"decode": upload.decode_ms, **timings, **found.timings_ms}
-        rows, scores = found.rows[offset:], found.scores[offset:]
-        payload = self.match_payload(strategy, upload.describe(), rows, scores, host_url, offset, variant)
+        rows, scores, search_ms = self.matcher.search(strategy, vec, offset + k)
+        timings = {"decode": upload.decode_ms, **timings, **search_ms}
+        payload = self.match_payload(
+            strategy, upload.describe(), rows[offset:], scores[offset:], host_url, offset, variant
+        )
         if embedding:
             payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()
         if attention:
@@ -252,16 +229,21 @@ class Service:
             raise Forbidden("url_fetch_disabled", "queries by URL are switched off here (URL_FETCH=1 enables them)")
         return self.url_fetcher.fetch(url)
 
-    def unique_payload(self, strategy: str, n: int, host_url: str, offset: int = 0) -> list[dict]:
-        out = []
+    def search_payload(self, query: str, limit: int, host_url: str) -> list[dict]:
+        """The games whose name matches a query, best first (``Catalog.search``)."""
+        return [self.catalog.describe_row(g.row, host_url) for g in self.catalog.search(query, limit)]
+
+    def unique_payload(self, strategy: str, n: int, host_url: str, offset: int = 0) -> dict:
+        """The games whose best match is least similar, each with that match."""
+        games = []
         for row in self.matcher.unique(strategy, offset + n)[offset:]:
             entry = self.catalog.describe_row(row, host_url)
             rows, scores = self.matcher.table_matches(strategy, row, 1)
             if len(rows):
                 best = self.catalog.game(int(rows[0]))
                 entry["best_match"] = {"appid": best.appid, "name": best.name, "score": round(float(scores[0]), 6)}
-            out.append(entry)
-        return out
+            games.append(entry)
+        return {"strategy": strategy, "n": len(games), "offset": offset, "games": games}
 
     def compare_payload(self, names: list[str], game: Game, k: int, host_url: str) -> dict:
         results, sets = {}, {}
@@ -296,8 +278,7 @@ class Service:
 
     def banner_file(self, game: Game) -> Path:
         """The game's banner in the banner folder; NotFound without one."""
-        local = self.catalog.has_local_banner(game.appid)
-        path = find_banner_file(self.settings.banners_dir, game.appid) if local else None
+        path = self.catalog.banner_file(game.appid)
         if path is None:
             raise NotFound("no_banner", f"appid {game.appid} has no banner in this service's banner folder")
         return path
@@ -354,13 +335,12 @@ class Service:
         if self.fetcher is None:
             raise unknown_app(appid)
         vec, banner_url = self.fetcher.embedding(appid, strategy, variant, self._resize_to(strategy))
-        found = self.matcher.search(strategy, vec, offset + k)
-        query = {"appid": appid, "name": "", "store_url": store_url(appid), "banner_url": banner_url}
-        query["source"] = "steam_cdn"
-        rows, scores = found.rows[offset:], found.scores[offset:]
-        return self.match_payload(strategy, query, rows, scores, host_url, offset, variant)
-
-
-def compact_json(obj: object) -> str:
-    """JSON as the app's provider writes it (compact, keys in order, ASCII), without its trailing newline."""
-    return json.dumps(obj, separators=(",", ":"))
+        rows, scores, _ = self.matcher.search(strategy, vec, offset + k)
+        query = {
+            "appid": appid,
+            "name": "",
+            "store_url": store_url(appid),
+            "banner_url": banner_url,
+            "source": "steam_cdn",
+        }
+        return self.match_payload(strategy, query, rows[offset:], scores[offset:], host_url, offset, variant)
