@@ -1,8 +1,5 @@
-"""App lists (``[{"appid": 620, "name": "Portal 2"}, ...]``): one reader and one set of rules for all.
-
-A user's APPS.json (downloader, builder) and an index's ``apps.json`` (service) are checked by the same code,
-with the same messages. Entries may carry more (the catalog's ``banner``, ``type``...): it is kept.
-"""
+"""App lists (``[{"appid": 620, "name": "Portal 2"}, ...]``): a user's APPS.json and an index's ``apps.json`` are
+checked by the same rules, with the same messages; other keys (the catalog's ``banner``, ``type``...) are kept."""
 
 from __future__ import annotations
 
@@ -60,10 +57,9 @@ def load_apps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AppsInvalid(f"cannot read apps file {path}: no such file") from None
     except OSError as exc:
-        raise AppsInvalid(f"cannot read apps file {path}: {exc.strerror or exc}") from None
+        why = "no such file" if isinstance(exc, FileNotFoundError) else exc.strerror or exc
+        raise AppsInvalid(f"cannot read apps file {path}: {why}") from None
     except UnicodeDecodeError as exc:
         raise AppsInvalid(f"apps file {path} is not UTF-8 text: {exc}") from None
     try:
@@ -75,9 +71,8 @@ def load_apps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 class AppColumns:
     """A checked app list as columns, in row order: ``appids`` (int64), ``names`` and ``banners`` (the store's
-    banner path, "" where none) as numpy text arrays. A few dozen bytes per game where a list of dicts costs
-    hundreds, and no per-game Python objects: workers forked after loading share the pages, since reading a
-    row writes nothing (no reference count). Rows read (and iterate) as the dicts they came from."""
+    banner path, "" where none) as numpy text arrays. No per-game Python objects: workers forked after loading
+    share the pages, since reading a row writes no reference count. Rows read (and iterate) as dicts."""
 
     def __init__(self, apps: list[dict[str, Any]]) -> None:
         self.appids = np.array([a["appid"] for a in apps], dtype=np.int64)

@@ -12,8 +12,6 @@ def cpu_cores() -> int:
 
 def pid_alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie (a killed child its parent has not reaped yet)."""
-    if pid <= 0:
-        return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")

@@ -1,8 +1,5 @@
-"""Parsing one setting's value (switch, whole number, number), with one-line errors naming the setting.
-
-The service's settings (app/config.py), gunicorn's (serving/env.py) and the API's switches (app/params.py) use
-it, so that ``1/0, true/false, yes/no, on/off`` mean the same everywhere.
-"""
+"""Parsing one setting's value (switch, whole number, number) with one-line errors naming the setting: one copy, so
+that ``1/0, true/false, yes/no, on/off`` mean the same in the service's, gunicorn's and the API's switches."""
 
 from __future__ import annotations
 

@@ -43,8 +43,8 @@ def os_error_words(e: OSError) -> str:
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write through the yielded file, a hidden sibling of ``path`` (no reader of the folder mistakes it for the
-    real file); on success it is fsynced and renamed to ``path``, else removed."""
+    """Write through the yielded file, a hidden sibling of ``path``, fsynced and renamed to ``path`` on success,
+    else removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "wb") as f:
@@ -62,8 +62,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def json_bytes(obj: object, indent: int | None = None) -> bytes:
+    """A JSON document as the project writes it: UTF-8, non-ASCII kept, a final newline."""
+    return (json.dumps(obj, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: Path, obj: object, *, indent: int | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, ensure_ascii=False, indent=indent) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, json_bytes(obj, indent))
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -88,8 +93,7 @@ _HASH_CHUNK = 8 << 20  # hashing threads beside a busy main thread wait for the 
 
 
 def sha256_started(paths: list[Path], workers: int = 8) -> dict[Path, Future[str]]:
-    """sha256 of many files, hashed in threads from now on (hashlib and file reads release the GIL): a
-    future per path, so that a caller can go on meanwhile and wait for each file when it needs it."""
+    """sha256 of many files, hashed in threads from now on (hashing releases the GIL): a future per path."""
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="sha256")
     futures = {path: pool.submit(sha256_file, path) for path in paths}
     pool.shutdown(wait=False)  # its threads end with the last file

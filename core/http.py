@@ -1,15 +1,11 @@
-"""HTTP bodies read under a size cap and a deadline, and one retry loop: what every download uses.
+"""HTTP bodies read under a size cap and a deadline, and the one retry loop every download uses.
 
-requests' timeouts bound each socket read, not the whole body: a server trickling a byte at a time would hold
-a download forever, and a larger body than expected would fill memory or the disk. Banners, checkpoints,
-indexes and the CDN fallback read their bodies through ``iter_body``; the service's fetches of uploaded URLs
-through ``iter_raw_body``. ``with_retries`` under a ``RetryPolicy`` retries the downloader, the store's calls,
-the index fetch and the weights fetch.
+requests' timeouts bound each socket read, not the whole body: a server trickling a byte at a time would hold a
+download forever, and a larger body than expected would fill memory or the disk.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -72,9 +68,8 @@ def with_retries(
     stop: threading.Event | None = None,
     on_retry: Callable[[Exception, int, float], object] | None = None,
 ) -> T:
-    """``call()``'s result, called again after each failure that ``retry_if`` accepts, ``policy.attempts`` times in
-    all; the last failure propagates, as does one whose pause ``stop`` cuts short. ``on_retry(error, failures,
-    pause)`` tells the user."""
+    """``call()``'s result, tried ``policy.attempts`` times while ``retry_if`` accepts the failure; the last one
+    propagates, as does one whose pause ``stop`` cuts short. ``on_retry(error, failures, pause)`` tells the user."""
     failed = 0
     while True:
         try:
@@ -86,24 +81,20 @@ def with_retries(
             pause = policy.pause(failed, getattr(e, "retry_after", None))
             if on_retry is not None:
                 on_retry(e, failed, pause)
-            if stop is None:
-                time.sleep(pause)
-            elif stop.wait(pause):
+            if (stop or threading.Event()).wait(pause):  # set: cut short
                 raise
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) in seconds from now, or None when absent or unusable."""
-    try:
-        return float(Retry().parse_retry_after(value.strip())) if value and value.strip() else None
-    except InvalidHeader:
-        return None
-
-
 def check_status(resp: requests.Response) -> None:
-    """TransientError for 429 and 5xx (with the server's Retry-After), ``requests.HTTPError`` for other errors."""
+    """TransientError for 429 and 5xx (with the server's Retry-After, seconds or a date), ``requests.HTTPError`` for
+    other errors."""
     if resp.status_code == 429 or resp.status_code >= 500:
-        raise TransientError(f"HTTP {resp.status_code}", retry_after_seconds(resp.headers.get("Retry-After")))
+        header = (resp.headers.get("Retry-After") or "").strip()
+        try:
+            retry_after = float(Retry().parse_retry_after(header)) if header else None
+        except InvalidHeader:
+            retry_after = None
+        raise TransientError(f"HTTP {resp.status_code}", retry_after)
     resp.raise_for_status()
 
 
@@ -126,7 +117,6 @@ def iter_raw_body(
     *,
     max_bytes: int | None = None,
     deadline: float | None = None,
-    chunk_size: int = 1 << 16,
     decode_content: bool = True,
 ) -> Iterator[bytes]:
     """The body of a urllib3 response as each socket read brings it, so a trickle cannot hold a read past the
@@ -136,7 +126,7 @@ def iter_raw_body(
     if max_bytes is not None and declared is not None and declared > max_bytes:
         raise BodyTooLarge(f"body too large ({declared} > {max_bytes} bytes)")
     got = 0
-    while chunk := raw.read1(chunk_size, decode_content=decode_content):
+    while chunk := raw.read1(1 << 16, decode_content=decode_content):
         got += len(chunk)
         if max_bytes is not None and got > max_bytes:
             raise BodyTooLarge(f"body too large (> {max_bytes} bytes)")
@@ -151,13 +141,11 @@ def iter_body(
     max_bytes: int | None = None,
     deadline: float | None = None,
     stop: threading.Event | None = None,
-    chunk_size: int = 1 << 16,
 ) -> Iterator[bytes]:
     """A streamed requests response's body under ``iter_raw_body``'s limits, with requests' errors (as
-    ``iter_content`` maps them) but ``BodyTooLarge``: ``requests.Timeout`` after ``deadline``,
-    ``requests.ConnectionError`` once ``stop`` is set."""
+    ``iter_content`` maps them; ``requests.ConnectionError`` once ``stop`` is set) but ``BodyTooLarge``."""
     try:
-        for chunk in iter_raw_body(resp.raw, max_bytes=max_bytes, deadline=deadline, chunk_size=chunk_size):
+        for chunk in iter_raw_body(resp.raw, max_bytes=max_bytes, deadline=deadline):
             if stop is not None and stop.is_set():
                 raise requests.ConnectionError("interrupted")
             yield chunk
@@ -173,10 +161,7 @@ def iter_body(
 
 def read_body(resp: requests.Response, **limits) -> bytes:
     """The whole body in memory, under ``iter_body``'s limits."""
-    buf = bytearray()
-    for chunk in iter_body(resp, **limits):
-        buf += chunk
-    return bytes(buf)
+    return b"".join(iter_body(resp, **limits))
 
 
 def download_file(
@@ -187,12 +172,9 @@ def download_file(
     max_bytes: int | None = None,
     max_seconds: float | None = None,
     progress: bool = False,
-) -> int:
-    """Stream url into dst; dst appears (atomically, fsynced) only when the whole body arrived.
-
-    Returns the size in bytes. Raises ``requests.RequestException`` (including HTTP error statuses:
-    ``TransientError`` for 429 and 5xx), ``BodyTooLarge`` or ``OSError`` (a short body).
-    """
+) -> None:
+    """Stream url into dst, which appears (atomically, fsynced) only once the whole body arrived; raises
+    ``requests.RequestException`` (``check_status``'s included), ``BodyTooLarge`` or ``OSError`` (a short body)."""
     from tqdm import tqdm
 
     deadline = time.monotonic() + max_seconds if max_seconds else None
@@ -202,10 +184,9 @@ def download_file(
         total = declared_length(r.headers) if not r.headers.get("Content-Encoding") else None
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=dst.name, disable=not progress, leave=False)
         with bar, atomic_file(dst) as f:
-            for chunk in iter_body(r, max_bytes=max_bytes, deadline=deadline, chunk_size=1 << 20):
+            for chunk in iter_body(r, max_bytes=max_bytes, deadline=deadline):
                 f.write(chunk)
                 bar.update(len(chunk))
             size = f.tell()
             if total is not None and size != total:
                 raise OSError(f"incomplete download of {url}: {size} of {total} bytes")
-    return os.stat(dst).st_size

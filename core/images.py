@@ -1,15 +1,13 @@
 """Decoding untrusted images safely into RGB, for uploads and for the banner folder alike.
 
-Whatever goes wrong is an ``ImageRejected`` with a stable code: not an image, a format not accepted, too many
-pixels, too much decoding work, corrupt or truncated data. Any mode becomes RGB as a viewer shows it
+Whatever goes wrong is an ``ImageRejected`` with a stable code. Any mode becomes RGB as a viewer shows it
 (transparency on white, 16-bit greyscale scaled, EXIF orientation applied; an animation's first frame).
 
 The cost is bounded from the header before any pixel is decoded: the pixel cap, an aspect-ratio cap and, given
-the caller's resize (``resize_to``), a cap on the resized size (a 1 x 40000 image becomes 256 x 10,240,000
-under ``dino``'s shorter-edge resize). A JPEG's (or MPO's) scans are counted from its markers (a progressive
-file can repeat empty scans by the thousand), and one much larger than needed is decoded at a reduced DCT
-scale; a WebP's canvas is checked from its header, since libwebp allocates it as the file is opened. Memory
-stays within about ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap, which ``core.isolated`` enforces.
+the caller's resize (``resize_to``), a cap on the resized size (a 1 x 40000 image becomes 256 x 10,240,000 under
+``dino``'s resize). A JPEG's scans are counted from its markers (a progressive file can repeat empty scans by the
+thousand), and one much larger than needed is decoded at a reduced DCT scale; a WebP's canvas is checked from its
+header, since libwebp allocates it as the file is opened. ``core.isolated`` enforces the memory budget.
 """
 
 from __future__ import annotations
@@ -63,12 +61,9 @@ def open_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """Decode source (bytes or a path) into a fully loaded RGB image.
-
-    ``resize_to(width, height)`` is the size the caller will resize to (``core.dino.preprocess``): it bounds
-    the resized size, and lets a huge image be decoded or shrunk to no less than twice that size.
-    ``info["source_size"]`` is the (width, height) shown, before any reduction.
-    """
+    """Decode source (bytes or a path) into a fully loaded RGB image; ``info["source_size"]``: the (width, height)
+    shown, before any reduction. ``resize_to(width, height)``, the size the caller will resize to, bounds the
+    resized size and lets a huge image be decoded or shrunk to no less than twice that size."""
     data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
     img = _open(data, max_pixels)
     width, height = img.size
@@ -90,8 +85,8 @@ def open_image(
 def _bound_jpeg(
     img: JpegImagePlugin.JpegImageFile, data: bytes, target: tuple[int, int] | None, max_pixels: int
 ) -> None:
-    """A JPEG's (or MPO's) decoding work, bounded from its markers: the scans are counted, a huge one is decoded
-    at a reduced DCT scale, and a progressive one's buffer of every coefficient is counted against the budget."""
+    """Bound a JPEG's (or MPO's) decoding work: scans counted, a huge one decoded at a reduced DCT scale, and a
+    progressive one's buffer of every coefficient counted against the budget."""
     width, height = img.size
     check_jpeg_scans(data, width * height)
     side = 2 * max(target) if target is not None else 0  # square: the same whatever the EXIF rotation
@@ -112,7 +107,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageRejected("too_many_pixels", f"image has too many pixels; the limit is {max_pixels:,}") from None
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", _unidentified_message(data)) from None
+        found = image_format(data)
+        what = "not a recognised image" if found in (None, *ALLOWED_FORMATS) else f"{found} images are not accepted"
+        raise ImageRejected("not_an_image", f"{what}; send one of: {', '.join(ALLOWED_FORMATS)}") from None
     except MemoryError:
         raise
     except Exception as e:  # a header Pillow recognised but could not parse
@@ -214,12 +211,8 @@ def _reduce_to_rgb(img: Image.Image, resize_to: Callable[[int, int], tuple[int, 
 
 
 def check_jpeg_scans(data: bytes, pixels: int) -> int:
-    """Bound a JPEG's scans by its SOS markers (no decoding); refuse more than the decode-work budget allows.
-
-    Every ``FF DA`` pair in the bytes counts, wherever it sits: libjpeg skips junk before a marker, and
-    entropy-coded data never holds the pair (its 0xFF is followed by 0x00 or a restart marker). So the count
-    bounds the scans libjpeg decodes, in a JPEG and in any container of JPEG streams (MPO, EXIF thumbnails).
-    """
+    """Refuse a JPEG with more scans than the decode-work budget allows, counting every ``FF DA`` pair wherever
+    it sits: entropy-coded data never holds it, so this bounds the scans of any JPEG stream inside (MPO, EXIF)."""
     limit = min(MAX_JPEG_SCANS, max(1, MAX_JPEG_SCAN_WORK // max(1, pixels)))
     scans = data.count(b"\xff\xda")
     if scans > limit:
@@ -235,8 +228,7 @@ def _load(img: Image.Image, data: bytes) -> Image.Image:
     """Decode the pixels (the first frame); any failure of the data is a ``corrupt_image``."""
     try:
         if img.format == "PNG":
-            # Pillow checks the CRC of image data chunks only in verify(), which leaves the
-            # image unusable: verify the chunks (no decompression), then open it again.
+            # Pillow checks the data chunks' CRC only in verify(), which leaves the image unusable: reopen it.
             img.verify()
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         img.seek(0)  # first frame of an animation
@@ -246,14 +238,6 @@ def _load(img: Image.Image, data: bytes) -> Image.Image:
     except Exception as e:  # truncated data, bad checksums, broken streams
         raise ImageRejected("corrupt_image", f"image data is corrupt or truncated: {e}") from None
     return img
-
-
-def _unidentified_message(data: bytes) -> str:
-    accepted = ", ".join(ALLOWED_FORMATS)
-    found = image_format(data)
-    if found and found not in ALLOWED_FORMATS:
-        return f"{found} images are not accepted; send one of: {accepted}"
-    return f"not a recognised image; send one of: {accepted}"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,9 +1,8 @@
 """Decoding an untrusted image in a child process, under a memory cap and a deadline it cannot exceed.
 
-``core.images`` bounds what the header tells; the rest (a decoder's own buffers, Pillow's Python decoders) is
-bounded here: the image is decoded in a child forked for it, whose address space may grow by
-``DECODE_BYTES_PER_PIXEL`` per pixel of the cap (RLIMIT_AS) and which is killed at the deadline. The RGB image
-comes back through a pipe, a band at a time.
+``core.images`` bounds what the header tells; the rest (a decoder's own buffers) is bounded here: a child forked for
+the image may grow its address space by ``DECODE_BYTES_PER_PIXEL`` per pixel of the cap (RLIMIT_AS), is killed at
+the deadline, and sends the RGB image back through a pipe, a band at a time.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Exact cosine k-nearest neighbours over stored (L2-normalised) embeddings.
 
-"Exact": the neighbours and scores of a float64 brute force over the stored values, best first, ties to the
-lower row, scores rounded to float32, so that the tables and the upload search agree. For float16 storage the
-float64 sums are exact in any order (the products are multiples of 2**-48, no partial sum exceeds ~1).
-
-Both entry points prefilter in lower precision under a rigorous error bound ``E`` and rescore in float64 only
-the rows within ``2 E`` of the k-th best (a row left out scores below ``t_k - E``, under each of the k kept):
-``topk_table`` (offline) with float32 products of a chunk of rows against all rows; ``ExactSearch`` (one
-upload) with the exact integer scores of an int8 sketch (``core.sketch``), each with its own bound, whose k
-best, rescored, set the threshold a row's upper bound must reach. Where the integer kernel fails its probe at
-start-up, every search scans in float64.
+"Exact": the neighbours and scores of a float64 brute force over the stored values, best first, ties to the lower
+row, scores rounded to float32, so that the tables and the upload search agree (for float16 storage the float64
+sums are exact in any order). Both entry points prefilter in lower precision under a rigorous error bound ``E`` and
+rescore in float64 only the rows within ``2 E`` of the k-th best: ``topk_table`` (offline) with float32 products,
+``ExactSearch`` (one upload) with an int8 sketch (``core.sketch``); where the sketch's integer kernel fails its
+probe, searches scan in float64.
 """
 
 from __future__ import annotations
@@ -21,8 +17,6 @@ import numpy as np
 from core.cpu import cpu_cores
 from core.sketch import Int8Sketch, sketch_fits
 from core.table_rows import RowReader
-
-__all__ = ["ExactSearch", "check_count", "check_table", "topk_table"]
 
 _U32 = 2.0**-24  # unit roundoff of float32 (the prefilter's accumulator)
 _SAFETY = 1.0 + 2.0**-20  # widens every bound past the float64 rounding of the bound itself
@@ -71,10 +65,8 @@ def _row_norms(table: np.ndarray, other: np.ndarray | None = None) -> np.ndarray
 
 
 def _best(rows: np.ndarray, cols: np.ndarray, source: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row's candidate columns (R, C) by (-float64 score, column): columns and scores.
-
-    Each score is one dot product of two stored rows (einsum: the same sum for identical pairs).
-    """
+    """The k best of each row's candidate columns (R, C) by (-float64 score, column): columns and scores, each
+    score one dot product of two stored rows (einsum: the same sum for identical pairs)."""
     left = np.asarray(source[rows], dtype=np.float64)
     right = np.asarray(source[cols], dtype=np.float64)
     scores = np.einsum("rcd,rd->rc", right, left)
@@ -85,16 +77,15 @@ def _best(rows: np.ndarray, cols: np.ndarray, source: np.ndarray, k: int) -> tup
 def _chunk_top(block: np.ndarray, start: int, k: int, bound: float, source: np.ndarray) -> tuple[np.ndarray, ...]:
     """Exact top k of each row of a chunk, from its float32 scores ``block`` (the row itself at -inf).
 
-    A row keeps its best c = k + margin float32 scores as candidates when the c-th is already more than
-    2 E below the k-th (so no other column can reach its top k); otherwise it takes every column
-    within 2 E of the k-th (many near-ties), from the full row.
+    A row's candidates are its best c = k + margin float32 scores when the c-th is more than 2 E below the k-th
+    (no other column can reach its top k); otherwise every column within 2 E of the k-th (many near-ties).
     """
     r, n = block.shape
     c = min(n - 1, k + max(16, k // 4))
     top = np.argpartition(-block, c - 1, axis=1)[:, :c]
     values = np.sort(np.take_along_axis(block, top, axis=1).astype(np.float64), axis=1)
     threshold = values[:, c - k] - 2.0 * bound
-    threshold -= 2.0**-40 * (np.abs(threshold) + 1.0)
+    threshold -= _tie_slack(threshold)
     sure = (values[:, 0] < threshold) | (c == n - 1)
     cols, scores = np.empty((r, k), dtype=np.int64), np.empty((r, k))
     rows = np.flatnonzero(sure)
@@ -116,11 +107,8 @@ def topk_table(
     chunk_rows: int = 512,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's k most similar other rows, exactly: ``(neighbours (N, k) int32, scores (N, k) float32)``.
-
-    The row itself excluded, ``k`` capped to N - 1; ``progress(rows)`` after each chunk. Memory: a float32 copy
-    of the table and chunk_rows x N float32 scores with their top-list indices.
-    """
+    """Every row's k most similar other rows (itself excluded, ``k`` capped to N - 1), exactly: ``(neighbours
+    (N, k) int32, scores (N, k) float32)``; ``progress(rows)`` after each chunk."""
     table = check_table(embeddings)
     k = check_count(k, "k")
     chunk_rows = check_count(chunk_rows, "chunk_rows")
@@ -147,19 +135,14 @@ def topk_table(
 
 
 class ExactSearch:
-    """Exact top k of one query against a fixed table; built once, then safe to call from many threads.
+    """Exact top k of one query against a fixed table; built once, then safe to call from many threads. The int8
+    ``sketch`` (the index's, else one made now) prefilters, so a memory-mapped table is left mostly unread."""
 
-    The int8 sketch (``core.sketch``: half the float16 table's bytes) prefilters, and only its candidates' stored
-    rows are read, so searches leave a memory-mapped table mostly unread. ``sketch``: the index's stored one,
-    else one is made now. ``threads``: the prefilter's (default: the cores this process may use).
-    """
-
-    def __init__(self, embeddings: np.ndarray, threads: int | None = None, sketch: Int8Sketch | None = None) -> None:
+    def __init__(self, embeddings: np.ndarray, sketch: Int8Sketch | None = None) -> None:
         table = check_table(embeddings)
         # the rescored rows, read without mapping the file (check_table's array is a plain view of it)
         self._rows = RowReader(embeddings if isinstance(embeddings, np.memmap) else table)
         self.n, self.dim = table.shape
-        self._threads = threads if threads is not None else cpu_cores()
         if sketch is not None and sketch.codes.shape != table.shape:
             raise ValueError(f"the sketch's shape {sketch.codes.shape} is not the table's {table.shape}")
         if sketch is None:
@@ -196,16 +179,12 @@ class ExactSearch:
         return q
 
     def _rescored(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of every row that can reach the top k, and of few more.
-
-        The k best approximations, rescored, give a floor under the answer's k-th score; only rows whose upper
-        bound reaches it can still be in the top k (or tie), and those still reaching it once the sketch's
-        second level tightens their bounds are rescored.
-        """
+        """Exact scores of every row that can reach the top k, and of few more: the k best approximations,
+        rescored, set a floor; only rows whose bound still reaches it at the sketch's second level are rescored."""
         norm = float(np.linalg.norm(q)) or 1.0
         unit = q / norm
         query = self._sketch.coded(unit)
-        approx, bound = self._sketch.scores(query, self._threads)
+        approx, bound = self._sketch.scores(query, cpu_cores())
         first = np.argpartition(approx, approx.size - k)[approx.size - k :]
         scores = self._exact_scores(q, first)
         floor = scores.min() / norm  # of the unit query
@@ -226,6 +205,6 @@ class ExactSearch:
         return scores
 
 
-def _tie_slack(score: float) -> float:
-    """Room for the float64 rounding between a unit query's scores and the raw query's rescaled ones."""
-    return 2.0**-40 * (abs(score) + 1.0)
+def _tie_slack(score: float | np.ndarray) -> float | np.ndarray:
+    """Room for the float64 rounding of scores near ``score``, so that ties at a threshold are kept."""
+    return 2.0**-40 * (np.abs(score) + 1.0)

@@ -1,8 +1,5 @@
-"""Exact neighbour tables on an accelerator: a float64 brute force, which a GPU makes cheap.
-
-Every score is the float64 dot product of the stored values, so no prefilter or error bound is needed, and the
-result is ``core.knn.topk_table``'s table. It runs on any torch device (the tests run it on the CPU).
-"""
+"""Exact neighbour tables on any torch device: a float64 brute force of the stored values (cheap on a GPU), so no
+prefilter or error bound is needed, and the result is ``core.knn.topk_table``'s table."""
 
 from __future__ import annotations
 
@@ -25,10 +22,8 @@ def topk_table_device(
     chunk_rows: int | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(neighbours (N, k) int32, scores (N, k) float32)`` as ``topk_table``, computed on ``device``.
-
-    ``queries`` (Q, D): the tables of those rows instead of the table's own (row i still excludes row i).
-    """
+    """``topk_table``'s result, computed on ``device``; with ``queries`` (Q, D), those rows' tables against the
+    embeddings instead (row i still excludes row i)."""
     table = check_table(embeddings)
     k = min(check_count(k, "k"), table.shape[0] - 1)
     n = table.shape[0]
@@ -60,11 +55,8 @@ def topk_table_device(
 
 
 def best_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's k best columns by (-score, column): top k + margin, then an exact order of those.
-
-    A row whose last kept candidate ties with its k-th best may have tied columns left out, so it is
-    sorted in full (rare: exact float64 ties at the boundary).
-    """
+    """Each row's k best columns by (-score, column): top k + margin, then an exact order of those; a row whose
+    last kept candidate ties with its k-th best may have left tied columns out, so it is sorted in full."""
     n = block.shape[1]
     c = min(n - 1, k + max(16, k // 4))
     vals, cols = torch.topk(block, c, dim=1)

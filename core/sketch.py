@@ -1,8 +1,7 @@
 """An int8 sketch of an embedding table: approximate scores of one query, each with a rigorous error bound.
 
-An upload's search scans it instead of the float16 embeddings: half the bytes, and what a 1 GiB dyno's page cache
-can still hold for a whole catalog. SimSIMD's kernels sum the int8 products exactly in int32 (numpy and torch have
-no int8 matrix-vector product that does not overflow).
+An upload's search scans it instead of the float16 embeddings (half the bytes: what a 1 GiB dyno's page cache can
+hold for a whole catalog). SimSIMD sums the int8 products exactly in int32, which numpy and torch cannot.
 
 Row i is stored as ``x_i ~ s_i * (t * c_i)``: ``t`` a per-column scale (so that a few large feature dimensions do
 not coarsen all the others), ``s_i`` a per-row scale, ``c_i`` int8 codes in [-127, 127]. A query ``u`` is coded
@@ -19,8 +18,6 @@ from typing import NamedTuple
 import numpy as np
 
 from core.cpu import cpu_cores
-
-__all__ = ["CodedQuery", "Int8Sketch", "sketch_fits"]
 
 _LEVELS = 127  # codes in [-127, 127] (a stored -128 is harmless: sums fit int32 for D < 131,072 either way)
 _ROWS = 1024  # rows quantised per step: bounded float64 temporaries
@@ -49,21 +46,14 @@ class CodedQuery(NamedTuple):
 
 
 class Int8Sketch:
-    """int8 codes of a table's rows, with what bounds their scores' error; immutable once made.
-
-    ``Int8Sketch.of(table)`` makes one; the index stores its ``arrays()`` (``<Strategy>/sketch/``), which the
-    service maps, shared by its workers.
-    """
+    """int8 codes of a table's rows, with what bounds their scores' error; immutable once made. The index stores
+    its ``arrays()`` (``<Strategy>/sketch/``), mapped and shared by the service's workers."""
 
     FILES = ("codes.npy", "columns.npy", "rows.npy")
 
     def __init__(self, codes: np.ndarray, column_scale: np.ndarray, rows: np.ndarray) -> None:
-        n, dim = codes.shape
-        if codes.dtype != np.int8 or column_scale.shape != (dim,) or rows.shape != (3, n):
-            shapes = f"{codes.shape} {codes.dtype}, {column_scale.shape}, {rows.shape}"
-            raise ValueError(f"inconsistent sketch arrays: {shapes}")
-        if not sketch_fits(dim):
-            raise ValueError(f"dimension {dim} is too large for int32 sums of int8 products")
+        if not sketch_fits(codes.shape[1]):
+            raise ValueError(f"dimension {codes.shape[1]} is too large for int32 sums of int8 products")
         self.codes = codes
         self.column_scale = column_scale
         self.rows = rows
@@ -101,8 +91,8 @@ class Int8Sketch:
         return approx, self._bound(query.norm, query.residual, slice(None))
 
     def refined(self, query: CodedQuery, rows: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Closer scores of some rows (a search's last candidates), given their ``scores`` (``approx``), and their
-        bounds: a second int8 level codes what the first left of the query, so only the rows' rounding remains."""
+        """Closer scores (and bounds) of some rows given their ``scores`` (``approx``): a second int8 level codes
+        what the first left of the query, so only the rows' rounding remains."""
         codes, scale, left = _coded(query.residual)
         rows = np.asarray(rows, dtype=np.intp)
         if rows.size == 0:

@@ -1,11 +1,7 @@
-"""Steam URLs: where a game's store page and its vertical banner live, and the store's settings.
+"""Steam URLs: a game's store page and its banner, and the store's settings (environment variables).
 
-Shared by the API (links in responses), the catalog, the banner downloader and the
-optional on-the-fly banner fetch, so that the layouts are written once. The store tells
-each game's banner path (``IStoreBrowseService/GetItems``: a path under the store assets'
-base, maybe under a content hash, with a ``?t=`` token that changes when the art is
-re-uploaded); the plain path is the fallback for a game it gave none, never a guess
-where it gave one.
+The store gives each game's banner path (``IStoreBrowseService/GetItems``: under the assets' base, maybe under a
+content hash, with a ``?t=`` token); the plain path is the fallback for a game it gave none, never a guess.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ import re
 
 BANNER_FILE = "library_600x900.jpg"
 STORE_URL = "https://store.steampowered.com/app/{appid}/"
-# Settings (environment variables), so that mirrors and tests can point elsewhere.
 ASSETS_URL = "https://shared.steamstatic.com/store_item_assets/"  # STEAM_ASSETS_URL
 API_URL = "https://api.steampowered.com"  # STEAM_API_URL
 STEAMSPY_URL = "https://steamspy.com/api.php"  # STEAMSPY_URL

@@ -1,10 +1,6 @@
-"""The store's own description of its games: ``IStoreBrowseService/GetItems/v1``'s request and answers.
-
-Keyless, a GET with a URL-encoded ``input_json``; per game its name, type, release date and assets, of which the
-banner's path (``asset_url_format`` with ``${FILENAME}`` -> ``library_capsule``, under the store assets' base, with
-its ``?t=`` token). Shared by the catalog (``indexer/store.py``) and the service's fallback for unindexed games
-(``app/fallback.py``). Answers are checked: what cannot be read is left out, never passed on; names lose control
-characters; banner paths must be safe paths under the assets' base.
+"""The store's description of its games: ``IStoreBrowseService/GetItems/v1`` (keyless, a GET with a URL-encoded
+``input_json``), for the catalog and the service's fallback for unindexed games. What cannot be read is left out,
+names lose control characters, and banner paths must be safe paths under the store assets' base.
 """
 
 from __future__ import annotations

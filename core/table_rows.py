@@ -1,8 +1,7 @@
-"""Rows of a memory-mapped table, read with ``pread`` instead of through the mapping.
+"""Rows of a memory-mapped table, read with ``pread`` instead of through the mapping (other arrays: by indexing).
 
 Touching a row of a mapping maps a page-cache folio around it, so random lookups would leave every table mapped
 and counted in each worker's RSS (what the host meters); ``pread`` reads the same page cache and maps nothing.
-Other arrays are read by indexing.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ class RowReader:
 
     def __init__(self, table: np.ndarray) -> None:
         self.table = table
-        self.shape = table.shape
-        self.dtype = table.dtype
         self._fd: int | None = None
         whole_file = isinstance(table, np.memmap) and isinstance(table.base, mmap.mmap) and table.filename
         if whole_file and table.ndim == 2 and table.flags.c_contiguous:
-            self._fd = os.open(table.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd = os.open(table.filename, os.O_RDONLY | os.O_CLOEXEC)
             weakref.finalize(self, os.close, self._fd)
             self._offset = int(table.offset)
             self._row_bytes = table.shape[1] * table.dtype.itemsize
@@ -38,42 +35,32 @@ class RowReader:
 
     def part(self, row: int, start: int, stop: int) -> np.ndarray:
         """``table[row, start:stop]`` (clipped to the row), as a new array."""
-        start, stop, _ = slice(start, stop).indices(self.shape[1])
-        if self._fd is None:
-            return np.array(self.table[row, start:stop])
-        if not 0 <= row < self.shape[0]:
-            raise IndexError(f"row {row} is out of range for {self.shape[0]} rows")
-        out = np.empty(max(0, stop - start), dtype=self.dtype)
-        self._read_into(memoryview(out).cast("B"), self._offset + row * self._row_bytes + start * self.dtype.itemsize)
-        return out
+        return self.rows(np.array([row]))[0, start:stop]
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """``table[rows]`` for an int array of row indices, as a new (len(rows), D) array."""
         rows = np.asarray(rows, dtype=np.int64)
         if self._fd is None:
             return np.asarray(self.table[rows])
-        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
-            raise IndexError(f"row indices out of range for {self.shape[0]} rows")
-        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
-        into, size, offset = memoryview(out).cast("B"), self._row_bytes, self._offset
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self.table)):
+            raise IndexError(f"row indices out of range for {len(self.table)} rows")
+        out = np.empty((rows.size, self.table.shape[1]), dtype=self.table.dtype)
         for i, row in enumerate(rows.tolist()):
-            self._read_into(into[i * size : (i + 1) * size], offset + row * size)
+            out[i] = self._read(row, 1)[0]
         return out
 
     def column(self, j: int) -> np.ndarray:
         """``table[:, j]``, reading the file a few MB at a time (for one-off summaries of a whole table)."""
         if self._fd is None:
             return np.array(self.table[:, j])
+        n = len(self.table)
         step = max(1, _CHUNK_BYTES // self._row_bytes)
-        out = np.empty(self.shape[0], dtype=self.dtype)
-        for first in range(0, self.shape[0], step):
-            count = min(step, self.shape[0] - first)
-            block = np.empty((count, self.shape[1]), dtype=self.dtype)
-            self._read_into(memoryview(block).cast("B"), self._offset + first * self._row_bytes)
-            out[first : first + count] = block[:, j]
-        return out
+        return np.concatenate([self._read(first, min(step, n - first))[:, j] for first in range(0, n, step)])
 
-    def _read_into(self, view: memoryview, at: int) -> None:
-        """Fill ``view`` (bytes of a result array) with the file's bytes from ``at``: one read, no bytes object."""
-        if os.preadv(self._fd, [view], at) != view.nbytes:
+    def _read(self, first: int, count: int) -> np.ndarray:
+        """``count`` rows from row ``first`` of the file: one read, into a new array."""
+        out = np.empty((count, self.table.shape[1]), dtype=self.table.dtype)
+        at = self._offset + first * self._row_bytes
+        if os.preadv(self._fd, [memoryview(out).cast("B")], at) != out.nbytes:
             raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
+        return out

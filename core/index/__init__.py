@@ -3,22 +3,3 @@
 from .layout import APPS, ARRAYS, ATTENTION, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
 from .reader import IndexInvalid, LoadedIndex, load_index
 from .writer import IndexWriter, make_manifest, recover, write_strategy, write_variant
-
-__all__ = [
-    "APPS",
-    "ARRAYS",
-    "ATTENTION",
-    "FORMAT",
-    "FORMAT_VERSION",
-    "MANIFEST",
-    "SKETCH_DIR",
-    "VARIANTS_DIR",
-    "IndexInvalid",
-    "IndexWriter",
-    "LoadedIndex",
-    "load_index",
-    "make_manifest",
-    "recover",
-    "write_strategy",
-    "write_variant",
-]

@@ -1,14 +1,9 @@
-"""Fetching a packed index (one tar archive and its sha256, from ``steam-dino-pack-index``) onto local disk.
+"""Fetching a packed index (a tar archive and its sha256, from ``steam-dino-pack-index``) at boot: a web dyno's disk
+starts empty and the release phase runs elsewhere (``INDEX_URL``, ``INDEX_SHA256``).
 
-A web dyno's disk starts empty and the release phase runs elsewhere, so the
-service fetches its index at boot (``INDEX_URL`` and ``INDEX_SHA256``). The
-archive is downloaded to a hidden file beside the index folder, checked
-against the sha256, unpacked into a staging folder, loaded with every check
-(``verify="full"``) and only then swapped into place (``swap_in``): a
-corrupted, truncated or slow download never replaces a good index. Several
-processes (gunicorn workers) may call ``fetch_index`` at once: a lock file
-lets one download while the others wait, then find the index in place.
-The index folder records where it came from in ``fetched.json``.
+The archive is checked against the sha256, unpacked into a staging folder, loaded with every check and only then
+swapped in: a corrupted, truncated or slow download never replaces a good index. A lock file lets one of several
+processes (gunicorn workers) download while the others wait, then find the index in place (``fetched.json``).
 """
 
 from __future__ import annotations
@@ -60,9 +55,7 @@ def fetched_sha256(index_dir: Path) -> str | None:
 
 def fetch_index(url: str, sha256: str, index_dir: Path, policy: FetchPolicy | None = None) -> bool:
     """Make ``index_dir`` the index packed at ``url``; True if it was downloaded, False if already there.
-
-    Raises ``FetchFailed`` after ``policy.attempts`` failed attempts; ``index_dir`` is then unchanged.
-    """
+    ``FetchFailed`` after ``policy.attempts`` failed attempts leaves ``index_dir`` unchanged."""
     policy = policy or FetchPolicy()
     sha256 = sha256.strip().lower()
     with file_lock(index_dir.parent / f".{index_dir.name}.lock"):
@@ -89,11 +82,7 @@ def _fetch_once(url: str, sha256: str, index_dir: Path, policy: FetchPolicy) -> 
     staging = staging_dir(index_dir)
     try:
         download_file(
-            url,
-            archive,
-            timeout=policy.timeout_s,
-            max_bytes=policy.max_bytes,
-            max_seconds=policy.max_seconds,
+            url, archive, timeout=policy.timeout_s, max_bytes=policy.max_bytes, max_seconds=policy.max_seconds
         )
         got = sha256_file(archive)
         if got != sha256:

@@ -1,11 +1,9 @@
-"""Loading an index folder (``layout.py``) with every check the service relies on.
+"""Loading an index folder (``layout.py``) with every check the service relies on: anything missing, partial, of
+another format version or inconsistent is an ``IndexInvalid`` naming the file, so the service never serves wrong data.
 
-Arrays are memory-mapped read-only: gunicorn workers share one copy of the pages through the page cache, and
-start-up does not read them into memory. Verifying (``verify="full"``: sha256; both modes: the neighbour and score
-tables' ranges) reads the files through separate, short-lived mappings, a bounded chunk of rows at a time, so that
-neither the tables nor temporaries stay resident in the process that verified them (the gunicorn master). Anything
-missing, partial, of another format version or inconsistent stops loading with an ``IndexInvalid`` that says what
-and where: the service never serves wrong data.
+Arrays are memory-mapped read-only, shared by the gunicorn workers through the page cache. Verification (sha256
+with ``verify="full"``; the tables' ranges always) reads through short-lived mappings, a chunk of rows at a time, so
+nothing stays resident in the process that verified them (the gunicorn master).
 """
 
 from __future__ import annotations
@@ -97,11 +95,10 @@ def _read_json(path: Path, what: str):
 
 
 class _Digests:
-    """The sha256 of the index's files, hashed in threads from the start (hashing releases the GIL: every core
-    verifies while loading goes on), each compared with the manifest when its file is opened."""
+    """The index files' sha256, hashed in threads while loading goes on, each checked when its file is opened."""
 
     def __init__(self, root: Path, strategies: list[str]) -> None:
-        folders = [root / name for name in strategies if isinstance(name, str) and name not in ("", ".", "..")]
+        folders = [root / name for name in strategies if name not in ("", ".", "..")]  # no folder above
         tables = sorted(p for f in folders if f.parent == root for p in f.rglob("*.npy") if p.is_file())
         self._futures = sha256_started([root / APPS, *tables], workers=cpu_cores())
 
@@ -187,7 +184,7 @@ def _load_strategy(root: Path, name: str, entry: dict, n: int, digests: _Digests
     variants = _load_variants(folder, where, entry.get("variants", {}), (n, strategy.dim, k), digests)
     sketch = _load_sketch(folder / SKETCH_DIR, where, entry.get("sketch"), (n, strategy.dim), digests)
     spec, attention = entry.get("attention"), None
-    if spec is not None:  # optional: indexes built before attention maps serve without them
+    if spec is not None:  # optional: an index without attention maps serves without them
         if not isinstance(spec, dict):
             raise IndexInvalid(f"{where}: 'attention' must describe {ATTENTION}")
         attention = _open_array(folder / ATTENTION, spec, (n, *strategy.grid), ("float16",), digests)
@@ -214,14 +211,12 @@ def _load_tables(
     return emb, nbr, sco
 
 
-CHECK_ROWS = 4096  # rows per verification step: temporaries of a few MB, whatever the index size
+CHECK_ROWS = 4096  # rows per verification step: bounded temporaries, whatever the index size
 
 
 def _check_tables(nbr_path: Path, sco_path: Path, n: int) -> None:
-    """Neighbour indices in range and never the row itself; scores finite and sorted best first.
-
-    Through mappings of its own that are dropped on return: the serving mappings stay untouched.
-    """
+    """Neighbour indices in range and never the row itself; scores finite and sorted best first (through
+    mappings of its own, dropped on return, so the serving mappings stay untouched)."""
     nbr = np.load(nbr_path, mmap_mode="r")
     sco = np.load(sco_path, mmap_mode="r")
     for start in range(0, n, CHECK_ROWS):
@@ -237,7 +232,7 @@ def _check_tables(nbr_path: Path, sco_path: Path, n: int) -> None:
 def _load_variants(
     folder: Path, where: str, entries: object, shape: tuple[int, int, int], digests: _Digests | None
 ) -> dict:
-    """The optional mirror/flip tables (an index without them is complete: they are an option of the build)."""
+    """The optional mirror/flip tables."""
     if not isinstance(entries, dict):
         raise IndexInvalid(f"{where}: 'variants' must be an object")
     out = {}
@@ -256,17 +251,15 @@ def _load_variants(
 def _load_sketch(
     folder: Path, where: str, entry: object, shape: tuple[int, int], digests: _Digests | None
 ) -> Int8Sketch | None:
-    """The optional int8 sketch of the embeddings: shapes, dtypes and sha256 checked, and its scales and
-    norms (3 N + D numbers) finite and non-negative, since every search's bounds are made of them."""
+    """The optional int8 sketch of the embeddings; its scales and norms must be finite and non-negative, since
+    every search's bounds are made of them."""
     if entry is None:
         return None
     files, (n, dim) = _files(entry, Int8Sketch.FILES, f"{where} sketch"), shape
-    shapes = {
-        "codes.npy": ((n, dim), ("int8",)),
-        "columns.npy": ((dim,), ("float64",)),
-        "rows.npy": ((3, n), ("float64",)),
-    }
-    codes, columns, rows = [_open_array(folder / f, files[f], *shapes[f], digests) for f in Int8Sketch.FILES]
+    specs = (((n, dim), ("int8",)), ((dim,), ("float64",)), ((3, n), ("float64",)))  # in the order of FILES
+    codes, columns, rows = [
+        _open_array(folder / f, files[f], *spec, digests) for f, spec in zip(Int8Sketch.FILES, specs, strict=True)
+    ]
     if not (np.isfinite(columns).all() and (columns > 0).all() and np.isfinite(rows).all() and (rows >= 0).all()):
         raise IndexInvalid(f"{folder}: sketch scales or norms not finite and positive")
     return Int8Sketch(codes, columns, rows)

@@ -1,23 +1,25 @@
 """Writing an index folder so that it appears all at once, or not at all.
 
-Everything is written into a hidden staging folder beside the target (``.<index>.staging-<pid>``), fsynced, with
-``manifest.json`` last; then the previous index (if any) is renamed aside, the staging folder renamed into place,
-and the previous one deleted. A crash or a full disk while writing leaves the previous index untouched; a crash
-between the two renames is repaired by ``recover`` at the start of the next build, and a failed second rename puts
-the previous index back at once.
+Files go into a hidden staging folder beside the target (``.<index>.staging-<pid>``), each fsynced, ``manifest.json``
+last; ``swap_in`` fsyncs its folders, renames the previous index aside and the staging folder into place, and deletes
+the previous one. A crash or a full disk while writing leaves the previous index untouched; ``recover`` repairs a crash
+between the two renames, and a failed second rename puts the previous index back at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from core.dino.strategies import Strategy
-from core.files import atomic_file, atomic_write_json, fsync_dir, sha256_file
+from core.files import atomic_write_json, fsync_dir, json_bytes, sha256_file
 from core.sketch import Int8Sketch, sketch_fits
 
 from .layout import ARRAYS, ATTENTION, FORMAT, FORMAT_VERSION, MANIFEST, SKETCH_DIR, VARIANTS_DIR
@@ -61,19 +63,27 @@ class IndexWriter:
         if self.staging.exists():  # not committed: leave no trace, keep the previous index
             shutil.rmtree(self.staging, ignore_errors=True)
 
-    def write_array(self, rel: str, array: np.ndarray) -> dict:
-        """Save an array durably; returns its manifest entry (shape, dtype, sha256)."""
+    @contextlib.contextmanager
+    def _file(self, rel: str) -> Iterator[BinaryIO]:
+        """A new file of the staging folder, fsynced once written (``swap_in`` persists the folders' entries)."""
         path = self.staging / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-        return {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": sha256_file(path)}
+        with open(path, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
 
-    def write_json(self, rel: str, obj: object, indent: int | None = None) -> str:
-        path = self.staging / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, obj, indent=indent)
-        return sha256_file(path)
+    def write_array(self, rel: str, array: np.ndarray) -> dict:
+        """Save an array; returns its manifest entry (shape, dtype, sha256)."""
+        with self._file(rel) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        return {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": sha256_file(self.staging / rel)}
+
+    def write_json(self, rel: str, obj: object) -> str:
+        """Save a JSON document; returns its sha256."""
+        with self._file(rel) as f:
+            f.write(json_bytes(obj))
+        return sha256_file(self.staging / rel)
 
     def commit(self, manifest: dict) -> None:
         atomic_write_json(self.staging / MANIFEST, manifest, indent=1)
@@ -86,9 +96,8 @@ def staging_dir(out: Path) -> Path:
 
 
 def swap_in(staging: Path, out: Path) -> None:
-    """Make the complete folder ``staging`` the index ``out``: fsync, rename the previous one aside, rename
-    staging into place (putting the previous one back if that fails), delete the previous one. A crash in
-    between is repaired by ``recover``."""
+    """Make the complete folder ``staging`` the index ``out``: fsync its folders, rename the previous one aside,
+    rename staging into place (putting the previous one back if that fails), delete the previous one."""
     for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
         fsync_dir(folder)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
