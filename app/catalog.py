@@ -17,7 +17,7 @@ import numpy as np
 
 from core.apps import AppColumns
 from core.banners import find_banner_file, scan_banners
-from core.steam import asset_url, is_ascii_digits, plain_banner_path, store_url
+from core.steam import banner_asset_url, is_ascii_digits, store_url
 
 _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
@@ -74,7 +74,7 @@ class Catalog:
         appid = int(self.apps.appids[row])
         if self.has_local_banner(appid):
             return f"{host_url}banners/{appid}.jpg"
-        return asset_url(str(self.apps.banners[row]) or plain_banner_path(appid), self.assets_url)
+        return banner_asset_url(appid, str(self.apps.banners[row]), self.assets_url)
 
     def describe_row(self, row: int, host_url: str) -> dict:
         """A game for responses: appid, name, store page and banner."""

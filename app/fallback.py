@@ -24,7 +24,7 @@ from PIL import Image
 
 from core.http import BodyTooLarge, TransientError, read_body
 from core.images import ImageRejected
-from core.steam import asset_url, plain_banner_path
+from core.steam import banner_asset_url
 from core.store_items import ITEMS_PATH, items_entries, items_params
 from core.variants import apply_variant
 
@@ -121,7 +121,7 @@ class CdnFallback:
             raise FetchFailed("the store's GetItems answer is not readable") from None
         if entry is None:
             return None
-        url = asset_url(entry.get("banner") or plain_banner_path(appid), self.settings.assets_url)
+        url = banner_asset_url(appid, entry.get("banner"), self.settings.assets_url)
         banner = self._get(url, deadline, absent=(403, 404))
         return None if banner is None else (url, banner)
 

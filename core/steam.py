@@ -33,9 +33,9 @@ def is_asset_path(path: object) -> bool:
     return isinstance(path, str) and len(path) <= 500 and _ASSET_PATH.fullmatch(path) is not None
 
 
-def asset_url(path: str, base: str) -> str:
-    """The URL of an asset path under the assets' base URL."""
-    return f"{base.rstrip('/')}/{path}"
+def banner_asset_url(appid: int, path: str | None, base: str) -> str:
+    """The URL of a game's banner under the assets' base: the store's path, or the plain one where it gave none."""
+    return f"{base.rstrip('/')}/{path or plain_banner_path(appid)}"
 
 
 def store_url(appid: int) -> str:

@@ -33,7 +33,7 @@ from core.apps import validate_apps
 from core.cpu import pid_alive
 from core.files import atomic_write_bytes, atomic_write_json
 from core.http import TRANSIENT, BodyTooLarge, RetryPolicy, TransientError, check_status, read_body, with_retries
-from core.steam import ASSETS_URL, asset_url, plain_banner_path
+from core.steam import ASSETS_URL, banner_asset_url, plain_banner_path
 
 RECORD_FILE = "banners.json"  # {"fetched": {appid: path}, "missing": {appid: path}}
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -247,7 +247,8 @@ class _Fetcher:
         if unchanged and file_is_valid(final, self.max_bytes):
             return "skipped", ""
         try:
-            body = with_retries(lambda: self._get(asset_url(path, self.assets_url)), self.policy, stop=self.stop)
+            url = banner_asset_url(appid, path, self.assets_url)
+            body = with_retries(lambda: self._get(url), self.policy, stop=self.stop)
         except TRANSIENT as exc:
             if self.stop.is_set():
                 return "interrupted", ""
