@@ -1,6 +1,6 @@
 """Parsing one setting's value (switch, whole number, number), with one-line errors naming the setting.
 
-The service's settings (app/config.py), gunicorn's (serving/env.py) and the API's switches (app/params.py) use
+The service's settings (app/config.py), gunicorn's (serving/launch.py) and the API's switches (app/params.py) use
 it, so that ``1/0, true/false, yes/no, on/off`` mean the same everywhere.
 """
 
