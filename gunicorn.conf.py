@@ -3,16 +3,15 @@
 preload_app: the master loads and checks the index once before forking, so a bad index stops start-up with one
 message and the workers share the memory-mapped tables; it also imports torch (when_ready) for them to share.
 With INDEX_URL the app is not preloaded: the master binds $PORT at once and each worker fetches the index
-(app/boot.py). Environment, checked by serving/env.py: PORT, WEB_CONCURRENCY, GUNICORN_TIMEOUT, TORCH_THREADS,
+(app/boot.py). Environment, checked by serving/launch.py: PORT, WEB_CONCURRENCY, GUNICORN_TIMEOUT, TORCH_THREADS,
 MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, LOG_LEVEL; also HOST and ACCESS_LOG.
 """
 
 import contextlib
 import gc
 import os
-import sys
 
-from serving.env import read_or_exit
+from serving.launch import read_or_exit
 
 ENV = read_or_exit()
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{ENV['PORT']}"
@@ -38,14 +37,14 @@ def when_ready(server):
 
 def post_fork(server, worker):
     """Split the cores between the workers' torch thread pools (TORCH_THREADS overrides); torch's pool
-    starts on its first use, in the worker, never in the master."""
+    starts on its first use, in the worker, never in the master (which imported torch in when_ready)."""
+    import torch
+
     from core.cpu import cpu_cores
 
     threads = ENV["TORCH_THREADS"] or max(1, cpu_cores() // max(1, workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     _limit_malloc_arenas()
 
 

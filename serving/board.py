@@ -1,9 +1,7 @@
-"""A table in shared memory where each worker says whether it serves and how many connections it holds.
+"""The workers' shared table: each worker's pid, state and open connections (docs/serving.md).
 
-Made in the gunicorn master before the first fork (an anonymous shared mapping), so every worker sees every
-row: ``/health`` answers 200 only when all the configured workers serve, and the workers balance their
-connections by it. A row is three 32-bit integers (pid, state, open connections), claimed by the master and
-written only by its worker, so no lock is needed; a killed worker's row is known by its pid being gone.
+An anonymous shared mapping made in the gunicorn master before the first fork; each row is written only by its
+worker, so no lock is needed, and a killed worker's row is known by its pid being gone.
 """
 
 from __future__ import annotations
@@ -36,13 +34,10 @@ class Board:
                 return row
         raise RuntimeError(f"more than {self.rows} gunicorn workers: no row left in the board")
 
-    def set(self, row: int, state: int, conns: int | None = None) -> None:
+    def set(self, row: int, state: int, conns: int) -> None:
         """In a worker, its own row."""
         base = row * _FIELDS
-        self._v[base] = os.getpid()
-        self._v[base + 1] = state
-        if conns is not None:
-            self._v[base + 2] = conns
+        self._v[base], self._v[base + 1], self._v[base + 2] = os.getpid(), state, conns
 
     def set_conns(self, row: int, conns: int) -> None:
         self._v[row * _FIELDS + 2] = conns

@@ -1,9 +1,8 @@
 """Running a complete request on the app: light ones inline in the event loop, heavy ones in a small pool.
 
-gunicorn's parser makes the WSGI environ, and the app's ``is_heavy(environ)`` says where it runs, on the path
-as the app will route it. Light requests (lookups, pages) run inline, as in a sync worker: no hand-off, no
-contention for the GIL. Heavy ones (model passes) run in a few lower-priority threads, so that lookups keep
-the cores; beyond those they wait in a short queue under a deadline, and beyond it get 503 with Retry-After.
+gunicorn's parser makes the WSGI environ, and the app's ``is_heavy(environ)`` says where it runs. Light requests
+(lookups, pages) run inline, as in a sync worker; heavy ones (model passes) run in a few lower-priority threads,
+wait beyond those in a short queue under a deadline, and beyond it get 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ import io
 import os
 import threading
 import time
-from collections import deque
+import types
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 
 from gunicorn.http import RequestParser, wsgi
@@ -24,45 +23,25 @@ from gunicorn.http import errors as http_errors
 from .http1 import RequestError, error_response
 
 Answer = tuple[list[bytes], bool]  # the response's bytes, and whether the connection stays open
+HEAVY_NICE = 10  # CPU priority of the heavy threads, relative to the loop
 
 
 @dataclass
 class Limits:
-    """What the app tells the worker through ``app.config["SERVING"]`` (a dict with these keys)."""
+    """What the app tells the worker in ``app.config["SERVING"]`` (app/__init__.py), in seconds and bytes."""
 
-    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
-    body_timeout: float = 30.0  # from the end of the headers to the end of the body
-    write_timeout: float = 30.0  # for a response to be taken by the client
-    max_body_bytes: int = 8 * 2**20
-    max_buffered_bytes: int = 64 * 2**20  # bodies held at once (received, waiting, running), per worker
-    heavy_slots: int = 1  # heavy requests run at once, per worker
-    heavy_queue: int = 8  # heavy requests waiting for a slot, per worker
-    queue_timeout: float = 10.0  # how long one may wait
-    heavy_nice: int = 10  # CPU priority of the heavy threads, relative to the loop
-    is_heavy: Callable[[dict], bool] = lambda environ: environ["REQUEST_METHOD"] not in ("GET", "HEAD", "OPTIONS")
-
-    @classmethod
-    def of(cls, app) -> Limits:
-        given = dict(getattr(app, "config", {}).get("SERVING") or {})
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in given.items() if k in known})
+    header_timeout: float  # from a request's first byte to the end of its headers
+    body_timeout: float  # from the end of the headers to the end of the body
+    max_body_bytes: int
+    max_buffered_bytes: int  # bodies held at once (received, waiting, running), per worker
+    heavy_slots: int  # heavy requests run at once, per worker
+    heavy_queue: int  # heavy requests waiting for a slot, per worker
+    queue_timeout: float  # how long one may wait
+    is_heavy: Callable[[dict], bool]  # whether a request (its environ) runs a model pass
 
 
 def busy_answer() -> bytes:
     return error_response(503, "busy", "too many image searches at once; try again in a moment", retry_after=1)
-
-
-class _Out:
-    """The socket gunicorn's Response writes to: it collects the response, which the loop sends later."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def sendall(self, data) -> None:
-        self.parts.append(bytes(data))
-
-    def send(self, data) -> int:  # the interim 100 Continue: the loop sent it when the headers came
-        return len(data)
 
 
 # gunicorn's parse errors, as the API answers them (the rest: 400 bad_request)
@@ -87,17 +66,16 @@ def refusal(e: Exception) -> bytes:
 
 
 class AppCall:
-    """One complete request, its head parsed by gunicorn into the app's environ; ``run()`` answers it.
-
-    ``worker``: the gunicorn worker (its cfg, log, wsgi app, request count and ``workers_ready``).
-    """
+    """One complete request, parsed by gunicorn into the app's environ; ``run()`` answers it on ``worker``."""
 
     def __init__(self, worker, raw: bytes, addr, server) -> None:
         self.worker = worker
         self.parser = RequestParser(worker.cfg, [raw], addr)
         self.req = next(self.parser)
-        self.out = _Out()
-        self.resp, self.environ = wsgi.create(self.req, self.out, addr, server, worker.cfg)
+        self.parts: list[bytes] = []
+        # what gunicorn's Response writes to: the loop sends the parts later (and sent any 100 Continue itself)
+        out = types.SimpleNamespace(sendall=self.parts.append, send=len)
+        self.resp, self.environ = wsgi.create(self.req, out, addr, server, worker.cfg)
 
     @classmethod
     def open(cls, worker, raw: bytes, addr, server) -> AppCall | bytes:
@@ -121,11 +99,9 @@ class AppCall:
         environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "wsgi.multithread": True})
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["serving.ready"] = worker.workers_ready
-        worker.count_request()
-        if not worker.alive:
+        if not worker.alive:  # a stopping worker: the client reconnects elsewhere for its next request
             resp.force_close()
         try:
-            worker.cfg.pre_request(worker, req)
             result = worker.wsgi(environ, resp.start_response)
             try:
                 for item in result:
@@ -138,71 +114,52 @@ class AppCall:
             worker.log.exception("Error handling request %s %s", req.method, req.uri)
             return [error_response(500, "internal_error", "an unexpected error occurred; it has been logged")], False
         worker.log.access(resp, req, environ, datetime.now() - started)
-        worker.cfg.post_request(worker, req, environ, resp)
-        return self.out.parts, not resp.should_close()
+        return self.parts, not resp.should_close()
 
 
 class HeavyPool:
-    """The heavy requests' threads, their queue and its deadline; jobs are keyed by their connection, and a
-    thread calls ``wake()`` when its job is done, so that the loop collects the answer."""
+    """The heavy requests' threads and queue, jobs keyed by their connection; a thread calls ``wake()`` when its
+    job is done, so that the loop collects the answer."""
 
     def __init__(self, limits: Limits, wake: Callable[[], None], log) -> None:
         self.limits, self.wake, self.log = limits, wake, log
-        self.running = 0
-        self.waiting: deque[tuple[Hashable, Callable[[], Answer], float]] = deque()
-        self.finished: deque[tuple[Hashable, Future]] = deque()
-        self.pool = ThreadPoolExecutor(
-            max_workers=max(1, limits.heavy_slots), thread_name_prefix="heavy", initializer=self._lower_priority
-        )
+        self.jobs: dict[Hashable, tuple[float, Future]] = {}  # running, queued or done: (queue deadline, future)
+        self.pool = ThreadPoolExecutor(limits.heavy_slots, thread_name_prefix="heavy", initializer=self._nice)
 
-    def _lower_priority(self) -> None:
+    def _nice(self) -> None:
         """Heavy threads yield the CPU to the loop (Linux: a thread's nice value is its own)."""
         try:
             tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.limits.heavy_nice))
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HEAVY_NICE))
         except (AttributeError, OSError) as e:
             self.log.info("heavy threads keep the normal priority: %s", e)
 
     def submit(self, key: Hashable, job: Callable[[], Answer]) -> bool:
         """Run ``job`` now or queue it; False when there is neither a slot nor room in the queue."""
-        if self.running < self.limits.heavy_slots:
-            self._start(key, job)
-        elif len(self.waiting) < self.limits.heavy_queue:
-            self.waiting.append((key, job, time.monotonic() + self.limits.queue_timeout))
-        else:
+        if len(self.jobs) >= self.limits.heavy_slots + self.limits.heavy_queue:
             return False
+        future = self.pool.submit(job)
+        future.add_done_callback(lambda _: self.wake())  # in the heavy thread: the loop collects the answer
+        self.jobs[key] = (time.monotonic() + self.limits.queue_timeout, future)
         return True
 
-    def _start(self, key: Hashable, job: Callable[[], Answer]) -> None:
-        self.running += 1
-
-        def done(future: Future) -> None:  # in the heavy thread: hand back to the loop
-            self.finished.append((key, future))
-            self.wake()
-
-        self.pool.submit(job).add_done_callback(done)
-
     def answers(self) -> list[tuple[Hashable, Answer]]:
-        """The answers of the jobs done since the last call; queued jobs take the freed slots."""
+        """The answers of the jobs done since the last call."""
         out = []
-        while self.finished:
-            key, future = self.finished.popleft()
-            self.running -= 1
+        for key in [key for key, (_, future) in self.jobs.items() if future.done()]:
+            future = self.jobs.pop(key)[1]
             try:
                 out.append((key, future.result()))
             except Exception:  # AppCall.run answers the app's errors itself: this is the worker's own fault
                 self.log.exception("heavy request failed")
                 out.append((key, ([error_response(500, "internal_error", "an unexpected error occurred")], False)))
-        while self.waiting and self.running < self.limits.heavy_slots:
-            key, job, _ = self.waiting.popleft()
-            self._start(key, job)
         return out
 
     def expired(self, now: float) -> list[Hashable]:
-        """The keys of the queued jobs that waited past their deadline (dropped from the queue)."""
-        out = []
-        while self.waiting and self.waiting[0][2] < now:
-            out.append(self.waiting.popleft()[0])
+        """The keys of the queued jobs that waited past their deadline (cancelled, so never run)."""
+        out = [key for key, (deadline, future) in self.jobs.items() if deadline < now and future.cancel()]
+        for key in out:
+            del self.jobs[key]
         return out
 
     def shutdown(self) -> None:

@@ -1,8 +1,5 @@
-"""Where an HTTP/1.1 request ends in a byte buffer, and bad framing refused at once.
-
-The worker reads requests into memory before gunicorn's parser and the app see them: it needs only the end
-of the headers, then Content-Length bytes or the last chunk. The rest (request line, header syntax,
-smuggling checks) stays with gunicorn's parser, which reads the same bytes afterwards.
+"""Where an HTTP/1.1 request ends in a byte buffer, and bad framing refused at once; the rest of the request
+(request line, header syntax, smuggling checks) is left to gunicorn's parser, which reads the same bytes later.
 """
 
 from __future__ import annotations
@@ -19,15 +16,14 @@ MAX_TRAILERS = 8192
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
+@dataclass(eq=False)
 class RequestError(Exception):
     """A request the worker answers itself (bad framing, too large, too slow, overloaded)."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
 
 
 def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> bytes:
@@ -87,61 +83,48 @@ class ChunkScanner:
     """Walks a chunked body as its bytes arrive, checking the framing (400 at once) and the size (413).
 
     ``scan(buf)``, called whenever more bytes are in ``buf`` (the request from its first byte), returns the
-    index just past the body once the last chunk and the trailers are in, else None.
+    index just past the body once the last chunk and the trailers are in, else None. A chunk is passed over
+    once all of it is in; until then its size line is read again on each call.
     """
 
     def __init__(self, start: int, max_bytes: int) -> None:
-        self.pos = start
+        self.pos = start  # the next size line (or trailer line) starts here
         self.max_bytes = max_bytes
-        self.size = 0  # decoded bytes so far
-        self._remaining: int | None = None  # bytes of the current chunk still to come (None: a size line)
-        self._trailers = False
+        self.size = 0  # decoded bytes of the chunks passed over
+        self.trailers: int | None = None  # where the trailer section starts, once the last chunk is in
 
     def scan(self, buf: bytearray) -> int | None:
         while True:
-            if self._trailers:
-                return self._scan_trailers(buf)
-            if self._remaining is None:
-                if not self._scan_size(buf):
-                    return None
-            else:
-                end = self.pos + self._remaining
-                if len(buf) < end + 2:
-                    return None
-                if buf[end : end + 2] != b"\r\n":
-                    raise RequestError(400, "bad_chunked_body", "a chunk's data is not followed by CRLF")
-                self.pos = end + 2
-                self._remaining = None
+            eol = buf.find(b"\r\n", self.pos)
+            if eol < 0:
+                if self.trailers is not None and len(buf) - self.trailers > MAX_TRAILERS:
+                    raise RequestError(400, "bad_chunked_body", "the trailer section is too long")
+                if self.trailers is None and len(buf) - self.pos > MAX_CHUNK_LINE:
+                    raise RequestError(400, "bad_chunk_size", "a chunk-size line is too long")
+                return None
+            if self.trailers is not None:  # header lines up to an empty one
+                if eol == self.pos:
+                    return eol + 2
+                self.pos = eol + 2
+                continue
+            size = self._size(bytes(buf[self.pos : eol]))
+            if size == 0:
+                self.pos = self.trailers = eol + 2
+                continue
+            end = eol + 2 + size
+            if len(buf) < end + 2:
+                return None
+            if buf[end : end + 2] != b"\r\n":
+                raise RequestError(400, "bad_chunked_body", "a chunk's data is not followed by CRLF")
+            self.pos = end + 2
+            self.size += size
 
-    def _scan_size(self, buf: bytearray) -> bool:
-        eol = buf.find(b"\r\n", self.pos)
-        if eol < 0:
-            if len(buf) - self.pos > MAX_CHUNK_LINE:
-                raise RequestError(400, "bad_chunk_size", "a chunk-size line is too long")
-            return False
-        token = bytes(buf[self.pos : eol]).split(b";", 1)[0].rstrip(b" \t")
+    def _size(self, line: bytes) -> int:
+        token = line.split(b";", 1)[0].rstrip(b" \t")
         if not _HEX.fullmatch(token):
             shown = token[:20].decode("latin-1")
             raise RequestError(400, "bad_chunk_size", f"invalid chunk size {shown!r} (expected hexadecimal digits)")
         size = int(token, 16)
-        self.pos = eol + 2
-        if size == 0:
-            self._trailers = True
-            return True
-        self.size += size
-        if self.size > self.max_bytes:
+        if self.size + size > self.max_bytes:
             raise RequestError(413, "too_large", f"the body is larger than the {self.max_bytes} bytes allowed")
-        self._remaining = size
-        return True
-
-    def _scan_trailers(self, buf: bytearray) -> int | None:
-        start = self.pos
-        while True:
-            eol = buf.find(b"\r\n", self.pos)
-            if eol < 0:
-                if len(buf) - start > MAX_TRAILERS:
-                    raise RequestError(400, "bad_chunked_body", "the trailer section is too long")
-                return None
-            if eol == self.pos:
-                return eol + 2
-            self.pos = eol + 2
+        return size

@@ -1,7 +1,7 @@
 """The web command of the Procfile and the Dockerfile: ``python -m serving.launch [gunicorn options]``.
 
-It checks gunicorn's settings (serving/env.py), then execs ``gunicorn -c gunicorn.conf.py wsgi:app`` in the
-same process, so the platform's signals reach gunicorn. Run it from the project's folder.
+It checks gunicorn's settings from the environment (gunicorn.conf.py reads them again), then execs ``gunicorn
+-c gunicorn.conf.py wsgi:app`` in the same process, so the platform's signals reach gunicorn.
 """
 
 from __future__ import annotations
@@ -9,16 +9,35 @@ from __future__ import annotations
 import os
 import sys
 
-from .env import read_or_exit
+from core.env import parse_whole
 
-CONFIG = "gunicorn.conf.py"
-APP = "wsgi:app"
+WHOLE = {  # name -> (default, least value)
+    "PORT": (8000, 1),
+    "WEB_CONCURRENCY": (2, 1),
+    "GUNICORN_TIMEOUT": (120, 1),
+    "TORCH_THREADS": (0, 0),  # 0: cores / workers
+    "MALLOC_ARENA_MAX": (2, 1),
+    "MALLOC_MMAP_THRESHOLD_": (131072, 0),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def main(argv: list[str] | None = None) -> None:
+def read_or_exit() -> dict[str, int | str]:
+    """Every setting by name, with its default; a bad one stops start-up with one line naming it."""
+    try:
+        out: dict[str, int | str] = {name: parse_whole(name, os.environ.get(name), *lim) for name, lim in WHOLE.items()}
+        level = (os.environ.get("LOG_LEVEL") or "info").strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL={level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    except ValueError as e:
+        sys.exit(f"error: cannot start: {e}")
+    out["LOG_LEVEL"] = level
+    return out
+
+
+def main() -> None:
     read_or_exit()
-    options = sys.argv[1:] if argv is None else argv
-    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", CONFIG, *options, APP])
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *sys.argv[1:], "wsgi:app"])
 
 
 if __name__ == "__main__":

@@ -1,21 +1,12 @@
-"""A gunicorn worker that reads whole requests before the app sees them, and balances its connections.
-
-One event loop per process accepts connections and reads each request without blocking: the headers, then
-the body (Content-Length bytes or chunks, framing checked as they arrive), each under a total deadline, and
-the size cap applied before a byte of an oversized body is read. A slow client costs a few bytes of buffer,
-never a thread; answers are written as the socket takes them. ``serving.dispatch`` runs each complete
-request. Pipelined requests are answered one per turn of the loop, so one client's burst starves no other.
-
-A worker accepts new connections only while it holds no more than any other serving worker (``serving.board``),
-and one holding more than its share closes surplus keep-alive connections after their answer, so their
-clients reconnect to the others.
+"""The gunicorn worker: one event loop per process that reads whole requests under deadlines before the app
+sees them, writes the answers as the sockets take them, and balances its connections with the other workers
+(docs/serving.md). ``serving.dispatch`` runs each complete request.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -40,15 +31,12 @@ ACCEPT_GRACE = 0.02  # and takes it anyway once it has waited this long (the oth
 LAME_DUCK_SECONDS = 1.0  # a stopping worker's idle keep-alive connections may still send one request
 LINGER_SECONDS = 5.0  # after a final answer, how long to read and drop what the client still sends
 LINGER_BYTES = 256 * 2**20
+WRITE_TIMEOUT = 30.0  # for an answer to be taken by the client
 IDLE, HEAD, BODY, BUSY, WRITE, LINGER, CLOSED = range(7)
-PHASE_NAMES = ("idle", "headers", "body", "busy", "write", "linger", "closed")
 
 
 class Conn:
     """One client connection: what it sent that is not answered yet, and what is still to be written."""
-
-    __slots__ = ("addr", "buf", "deadline", "events", "framing", "head_end", "keep", "out", "phase", "scanner")
-    __slots__ += ("server", "shed", "sock", "drained", "held")
 
     def __init__(self, sock: socket.socket, addr, server, deadline: float) -> None:
         self.sock, self.addr, self.server = sock, addr, server
@@ -60,6 +48,10 @@ class Conn:
         self.keep = self.shed = False
         self.drained = 0
         self.held = 0  # body bytes this connection counts against the worker's budget
+
+    def enter(self, phase: int, seconds: float) -> None:
+        """Move to ``phase``, which may last ``seconds``."""
+        self.phase, self.deadline = phase, time.monotonic() + seconds
 
 
 class BufferedWorker(base.Worker):
@@ -81,27 +73,27 @@ class BufferedWorker(base.Worker):
         self.accepting = False
         self.resume_accept_at = 0.0  # when a worker that left a connection to the others looks again
         self.pending_since: float | None = None  # since when it has seen a connection nobody took
+        self.next_tick = 0.0
         super().init_process()  # loads the app, runs post_worker_init, then run()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.limits = Limits.of(self.wsgi)
+        self.limits = Limits(**self.wsgi.config["SERVING"])
         # A heavy thread waiting for the GIL gets it after this long instead of 5 ms (and a lookup waits at
         # most this long behind a heavy thread's Python): model passes progress beside a busy loop.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.heavy = HeavyPool(self.limits, lambda: _send_quietly(self.PIPE[1], b"."), self.log)
+        self.heavy = HeavyPool(self.limits, lambda: _write_quietly(self.PIPE[1], b"."), self.log)
 
     def run(self) -> None:
         self.sel.register(self.PIPE[0], selectors.EVENT_READ, self._on_wakeup)
         for listener in self.sockets:
             listener.setblocking(False)
         self.board.set(self.row, READY, 0)
-        next_tick = 0.0
         while self.alive:
-            next_tick = self._loop_once(next_tick)
+            self._loop_once()
         self._drain_and_stop()
 
-    def _loop_once(self, next_tick: float) -> float:
+    def _loop_once(self) -> None:
         timeout = self._balance()
         try:
             events = self.sel.select(0.0 if self.pipelined else timeout)
@@ -115,13 +107,13 @@ class BufferedWorker(base.Worker):
             conn = self.pipelined.popleft()
             if conn.phase == HEAD:
                 self._advance(conn)
-        now = time.monotonic()
-        if now >= next_tick:
-            self._tick(now)
-            next_tick = now + TICK
-        return next_tick
+        self._tick(time.monotonic())
 
     def _tick(self, now: float) -> None:
+        """Every TICK: the heartbeat, the parent's check and the deadlines."""
+        if now < self.next_tick:
+            return
+        self.next_tick = now + TICK
         self.notify()
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)
@@ -132,23 +124,19 @@ class BufferedWorker(base.Worker):
             self._respond(conn, [busy_answer()], False)
 
     def _drain_and_stop(self) -> None:
-        """Graceful stop: no new connections; requests under way finish (graceful_timeout at most).
-
-        Idle keep-alive and lingering connections are closed after LAME_DUCK_SECONDS, not at once: a request
-        or an answer already on its way would meet a reset. So a restart under load loses no request.
-        """
+        """Graceful stop: no new connections; requests under way finish (graceful_timeout at most); idle
+        keep-alive and lingering connections close after LAME_DUCK_SECONDS, so that none on its way meets a reset."""
         self._set_accepting(False)
-        self.board.set(self.row, STOPPING)
+        self.board.set(self.row, STOPPING, len(self.conns))
         now = time.monotonic()
         deadline, lame_until = now + self.cfg.graceful_timeout, now + LAME_DUCK_SECONDS
-        next_tick = 0.0
         while time.monotonic() < deadline:
             if time.monotonic() >= lame_until:  # lingering ones too: their client has had the answer's FIN
                 for conn in [c for c in self.conns.values() if c.phase in (IDLE, LINGER)]:
                     self._close(conn)
             if not self.conns:
                 break
-            next_tick = self._loop_once(next_tick)
+            self._loop_once()
         for conn in list(self.conns.values()):
             self._close(conn)
         self.heavy.shutdown()
@@ -156,18 +144,8 @@ class BufferedWorker(base.Worker):
         atexit.register(_exit_now)  # runs first at exit: gunicorn's own exit steps are done by then
 
     def _on_wakeup(self, fileobj, _mask) -> None:
-        try:
-            while os.read(self.PIPE[0], 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def count_request(self) -> None:
-        """gunicorn's max_requests: the worker stops after that many (and is replaced)."""
-        self.nr += 1
-        if self.nr >= self.max_requests and self.alive:
-            self.log.info("Autorestarting worker after current request.")
-            self.alive = False
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            os.read(self.PIPE[0], 4096)  # what is left wakes the next select
 
     def workers_ready(self) -> tuple[int, int]:
         """(workers serving now, workers configured): the readiness that /health reports."""
@@ -284,7 +262,7 @@ class BufferedWorker(base.Worker):
                 self.log.info(
                     "client %s closed the connection in the middle of a request (%s, %d bytes received)",
                     client_ip(conn.addr),
-                    PHASE_NAMES[conn.phase],
+                    "headers" if conn.phase == HEAD else "body",
                     len(conn.buf),
                 )
             self._close(conn)
@@ -296,8 +274,7 @@ class BufferedWorker(base.Worker):
             return
         conn.buf += data
         if conn.phase == IDLE:
-            conn.phase = HEAD
-            conn.deadline = time.monotonic() + self.limits.header_timeout
+            conn.enter(HEAD, self.limits.header_timeout)
         self._advance(conn)
 
     def _advance(self, conn: Conn) -> None:
@@ -336,10 +313,9 @@ class BufferedWorker(base.Worker):
             else:
                 self._hold(conn, framing.length)  # all of it, before a byte is read
             if framing.chunked or framing.length:
-                conn.phase = BODY
-                conn.deadline = time.monotonic() + self.limits.body_timeout
+                conn.enter(BODY, self.limits.body_timeout)
                 if framing.expect_continue and len(conn.buf) == conn.head_end:
-                    _send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+                    _write_quietly(conn.sock.fileno(), b"HTTP/1.1 100 Continue\r\n\r\n")
         if conn.scanner is not None:
             self._hold(conn, len(conn.buf) - conn.head_end)  # a chunked body: what has come so far
             return conn.scanner.scan(conn.buf)
@@ -380,8 +356,7 @@ class BufferedWorker(base.Worker):
         self._hold(conn, 0)  # the request's body is no longer needed
         conn.out = memoryview(b"".join(parts))
         conn.keep = keep  # what the answer told the client; a stopping worker's drain closes idle ones later
-        conn.phase = WRITE
-        conn.deadline = time.monotonic() + self.limits.write_timeout
+        conn.enter(WRITE, WRITE_TIMEOUT)
         self._flush(conn)
 
     def _flush(self, conn: Conn) -> None:
@@ -399,13 +374,11 @@ class BufferedWorker(base.Worker):
         elif not conn.keep:
             self._linger(conn)
         elif conn.buf:  # the client sent its next request already: served on the next turn of the loop
-            conn.phase = HEAD
-            conn.deadline = time.monotonic() + self.limits.header_timeout
+            conn.enter(HEAD, self.limits.header_timeout)
             self._watch(conn, 0)
             self.pipelined.append(conn)
         else:
-            conn.phase = IDLE
-            conn.deadline = time.monotonic() + self.cfg.keepalive
+            conn.enter(IDLE, self.cfg.keepalive)
             self._watch(conn, selectors.EVENT_READ)
 
     def _linger(self, conn: Conn) -> None:
@@ -417,29 +390,20 @@ class BufferedWorker(base.Worker):
             self._close(conn)
             return
         conn.buf = bytearray()
-        conn.phase = LINGER
-        conn.deadline = time.monotonic() + LINGER_SECONDS
+        conn.enter(LINGER, LINGER_SECONDS)
         self._watch(conn, selectors.EVENT_READ)
 
 
-def _send_quietly(target, data: bytes) -> None:
+def _write_quietly(fd: int, data: bytes) -> None:
     """A best-effort write (an interim 100 Continue, a wake-up byte): a full buffer or a gone peer is fine."""
-    try:
-        if isinstance(target, int):
-            os.write(target, data)
-        else:
-            target.send(data)
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN):
-            raise
+    with contextlib.suppress(OSError):
+        os.write(fd, data)
 
 
 def _exit_now() -> None:
     """End a worker that stopped cleanly without the interpreter's teardown (torch's takes seconds on busy
     cores); logs and output are flushed first."""
-    for handler in logging.getLogger().handlers + logging.getLogger("gunicorn.error").handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -138,8 +138,10 @@ def test_model_passes_are_classified_on_the_route_the_app_matches(make_app, head
     without = make_app()
     worker = types.SimpleNamespace(cfg=Config(), log=logging.getLogger("test"))
     call = AppCall(worker, head + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n", ("127.0.0.1", 1), ("127.0.0.1", 2))
-    assert Limits.of(with_fallback).is_heavy(call.environ) is heavy
-    assert Limits.of(without).is_heavy(call.environ) is head.startswith((b"POST /match", b"POST /upload", b"GET /w"))
+    assert Limits(**with_fallback.config["SERVING"]).is_heavy(call.environ) is heavy
+    assert Limits(**without.config["SERVING"]).is_heavy(call.environ) is head.startswith(
+        (b"POST /match", b"POST /upload", b"GET /w")
+    )
 
 
 # -- the real service (gunicorn.conf.py, serving.worker.BufferedWorker) ----------------------------
