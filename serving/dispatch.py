@@ -99,9 +99,14 @@ class AppCall:
         environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "wsgi.multithread": True})
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["serving.ready"] = worker.workers_ready
+        worker.nr += 1
+        if worker.nr >= worker.max_requests and worker.alive:  # gunicorn's max_requests: the worker is replaced
+            worker.log.info("Autorestarting worker after current request.")
+            worker.alive = False
         if not worker.alive:  # a stopping worker: the client reconnects elsewhere for its next request
             resp.force_close()
         try:
+            worker.cfg.pre_request(worker, req)
             result = worker.wsgi(environ, resp.start_response)
             try:
                 for item in result:
@@ -114,6 +119,7 @@ class AppCall:
             worker.log.exception("Error handling request %s %s", req.method, req.uri)
             return [error_response(500, "internal_error", "an unexpected error occurred; it has been logged")], False
         worker.log.access(resp, req, environ, datetime.now() - started)
+        worker.cfg.post_request(worker, req, environ, resp)
         return self.parts, not resp.should_close()
 
 

@@ -436,3 +436,19 @@ def test_model_passes_beyond_the_slots_get_503_with_retry_after(served, built_in
     assert b"Retry-After: 1" in busy and json_body(busy)["error"]["code"] == "busy"
     ok = json_body(next(r for r in replies if r.startswith(b"HTTP/1.1 200")))
     assert (ok["matches"][0]["appid"] if kind == "upload" else ok["a"]["appid"]) == 30
+
+
+@pytest.mark.slow
+def test_max_requests_replaces_the_worker_and_every_request_is_answered(built_index, tmp_path):
+    """gunicorn's --max-requests: the worker answers its last request, is replaced, and no request fails."""
+    env = server_env(built_index, WEB_CONCURRENCY="1", GUNICORN_CMD_ARGS="--max-requests 3")
+    srv = GunicornServer(env, tmp_path / "gunicorn.log")
+    try:
+        srv.wait_ready()
+        first = srv.workers(expect=1)
+        statuses = [requests.get(f"{srv.url}/strategies", timeout=30).status_code for _ in range(8)]
+        assert statuses == [200] * 8
+        assert srv.workers(expect=1) != first
+        assert "Autorestarting worker after current request." in srv.output()
+    finally:
+        srv.stop()
