@@ -1,16 +1,11 @@
 """Building an index folder: banners in, embeddings and exact neighbour tables out.
 
-The steps, each safe to interrupt:
-
-1. check the inputs (folder, apps list, strategies, options): bad input stops here, before anything
-   is written;
-2. resolve each backbone's checkpoint (cache, download or ``--weights``) and hash it; hash every banner;
-3. embed what the cache lacks (plain, then each mirror/flip variant), each batch persisted at once
-   (``cache.py``) by a writer thread while the next one runs; unreadable images are skipped and
-   recorded; on CUDA, banners are decoded on the GPU (``core.dino.device_input``);
-4. for every strategy, store the embeddings (float16 by default) and compute the exact top-k tables
-   over the stored values (``core.knn``; on CUDA a float64 brute force there, ``core.knn_device``);
-5. write it all to a staging folder and swap it into place (``core.index.writer``).
+The steps, each safe to interrupt: check the inputs (bad input stops before anything is written); resolve and
+hash each backbone's checkpoint, hash every banner; embed what the cache lacks (plain, then each mirror/flip
+variant), each batch persisted at once (``cache.py``) while the next one runs, unreadable images skipped and
+recorded; per strategy, the stored embeddings and their exact top-k tables (``core.knn``, or a float64 brute
+force on CUDA, ``core.knn_device``), and each variant's top-k among the plain embeddings (for ``GET
+/match/<appid>?mirror=1``); all written to a staging folder and swapped into place (``core.index``).
 """
 
 from __future__ import annotations
@@ -35,14 +30,13 @@ from core.dino.strategies import Strategy
 from core.dino.timing import StageTimer, UtilisationSampler
 from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
 from core.files import os_error_words, sha256_file, sha256_files
-from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
+from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy, write_variant
 from core.knn import topk_table
 from core.knn_device import topk_table_device
 from core.variants import apply_variant
 
-from .cache import EmbeddingCache, strategy_key
+from .cache import EmbeddingCache, strategy_key, variant_key
 from .sources import SourceError, SourcePlan, plan_sources
-from .variants import variant_key, write_variants
 
 DTYPES = ("float16", "float32")
 
@@ -63,7 +57,7 @@ class BuildConfig:
     precision: str | None = None  # default_precision(device)
     decode: str | None = None  # "cpu" or "device"; default: the extractor's (device on CUDA)
     progress: bool = True
-    variants: list[str] = field(default_factory=list)  # mirror/flip query tables (indexer/variants.py)
+    variants: list[str] = field(default_factory=list)  # mirror/flip query tables
     ray: str | None = None  # embed on this Ray cluster ("": a local instance; indexer/ray_embed.py)
 
 
@@ -134,8 +128,7 @@ class BuildFailed(RuntimeError):
 
 def build_index(cfg: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
-    real = cfg.out.resolve()  # through symlinks: builds given the link and its target share one lock
-    cfg = cfg if real == cfg.out.absolute() else replace(cfg, out=real)
+    cfg = replace(cfg, out=cfg.out.resolve())  # through symlinks: builds given the link and its target share one lock
     _check_config(cfg)
     apps = load_apps(cfg.apps_file) if cfg.apps_file else None
     plan = plan_sources(cfg.images, apps)
@@ -193,7 +186,7 @@ def missing(
 
     def lacks(s: Strategy, h: str) -> bool:
         names = (n for n in (s.name, s.attention_name) if n in keys)
-        return h not in cache.failed and not all(cache.has(keys[n], h) for n in names)
+        return h not in cache.failed and not all(cache.get(keys[n], h) is not None for n in names)
 
     lacking = [s for s in strategies if any(lacks(s, h) for h in shas)]
     return lacking, [i for i, h in enumerate(shas) if any(lacks(s, h) for s in lacking)]
@@ -282,10 +275,9 @@ class _Build:
     def _load_models(self) -> None:
         """Put every backbone's model in the process-wide cache, where the Extractor finds it."""
         t0 = time.perf_counter()
-        for s in {s.backbone.code: s for s in self.cfg.strategies}.values():
-            code = s.backbone.code
-            sha = self.ckpt_sha[code]
-            MODELS.get(s.backbone, self.checkpoints[code], device=self.device, expected_sha256=sha, download=False)
+        for code, s in {s.backbone.code: s for s in self.cfg.strategies}.items():
+            path, sha = self.checkpoints[code], self.ckpt_sha[code]
+            MODELS.get(s.backbone, path, device=self.device, expected_sha256=sha, download=False)
         self.timer.add("models", time.perf_counter() - t0)
 
     def _embed_missing(self, variant: str = "") -> int:
@@ -370,7 +362,7 @@ class _Build:
                 }
                 extra = {"precision": self.precision, "cache_key": key}
                 if cfg.variants:
-                    extra["variants"] = write_variants(writer, cfg, s, emb, key, row_shas, self.cache)
+                    extra["variants"] = self._write_variants(writer, s, emb, row_shas)
                 args = (writer, s, emb, neighbours, scores, ckpt, attention)
                 writes[s.name] = pool.submit(write_strategy, *args, **extra)
             entries = {name: future.result() for name, future in writes.items()}
@@ -389,3 +381,13 @@ class _Build:
             )
         self.timer.add("tables", t_tables)
         self.timer.add("writing", time.perf_counter() - t_start - t_tables)
+
+    def _write_variants(self, writer: IndexWriter, s: Strategy, emb: np.ndarray, row_shas: list[str]) -> dict:
+        """Each variant's exact top-k among the plain embeddings (a float64 brute force); the manifest's entry."""
+        entries = {}
+        for variant in self.cfg.variants:
+            vkey = variant_key(self.keys[s.name], variant)
+            queries = np.stack([self.cache.get(vkey, h) for h in row_shas]).astype(self.cfg.dtype)
+            nbr, sco = topk_table_device(emb, self.cfg.k, "cpu", queries=queries, chunk_rows=256)
+            entries[variant] = write_variant(writer, s.name, variant, queries, nbr, sco)
+        return entries

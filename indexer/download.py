@@ -1,13 +1,10 @@
 """Download vertical Steam banners into a folder of `<appid>.jpg` files, from the paths the store gives.
 
-Each game's banner is the ``banner`` path of its APPS.json entry (the store's ``library_capsule`` with its
-``?t=`` token, as ``scripts/fetch_catalog.py`` writes it) under the store assets' base URL; a game without one
-falls back to the plain ``steam/apps/<appid>/library_600x900.jpg``.
-
-The builder trusts whatever lies under `<appid>.<jpg|jpeg|png|webp>`, so only complete, decodable images land
-there (buffered under a size cap, checked with Pillow, written atomically). ``banners.json`` beside them records
-each banner's path and the paths that answered 404: a rerun skips both without a request, and fetches again a
-banner whose path or token changed (art re-uploaded to the store).
+A game's banner is its APPS.json ``banner`` path (``?t=`` token included, as ``scripts/fetch_catalog.py`` writes
+it) under the store assets' base URL, else the plain ``steam/apps/<appid>/library_600x900.jpg``. The builder
+trusts whatever lies under `<appid>.jpg`, so only complete, decodable images land there (size-capped, checked with
+Pillow, written atomically). ``banners.json`` records each banner's path and the paths that answered 404: a rerun
+skips both without a request, and fetches again a banner whose path or token changed (art re-uploaded).
 """
 
 from __future__ import annotations
@@ -95,10 +92,10 @@ def image_problem(data: bytes) -> str | None:
     return None
 
 
-def file_is_valid(path: Path, max_bytes: int = MAX_BODY_BYTES) -> bool:
+def file_is_valid(path: Path) -> bool:
     """Whether an existing banner is complete and decodable (a file cut short by a crash is not)."""
     try:
-        return path.stat().st_size <= max_bytes and image_problem(path.read_bytes()) is None
+        return path.stat().st_size <= MAX_BODY_BYTES and image_problem(path.read_bytes()) is None
     except OSError:
         return False
 
@@ -132,7 +129,6 @@ def download_banners(
     retries: int = 4,
     backoff: float = 1.0,
     max_retry_after: float = 60.0,
-    max_bytes: int = MAX_BODY_BYTES,
     retry_missing: bool = False,
     progress: bool = True,
 ) -> DownloadSummary:
@@ -150,8 +146,7 @@ def download_banners(
     start = time.monotonic()
     summary = DownloadSummary(requested=len(paths))
     record = read_record(out)
-    policy = RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after)
-    fetcher = _Fetcher(assets_url, timeout, policy, max_bytes)
+    fetcher = _Fetcher(assets_url, timeout, RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after))
     todo = {}
     for appid, path in paths.items():
         if record["missing"].get(appid) == path and not retry_missing and not (out / f"{appid}.jpg").exists():
@@ -161,7 +156,8 @@ def download_banners(
     try:
         _fetch_all(fetcher, todo, record, out, workers, summary, progress)
     finally:
-        fetcher.close()
+        for session in fetcher.sessions:
+            session.close()
         with contextlib.suppress(OSError):  # only a cache: at worst the next run asks again
             atomic_write_json(out / RECORD_FILE, {kind: dict(sorted(p.items())) for kind, p in record.items()})
 
@@ -216,35 +212,30 @@ def _fetch_all(
         bar.close()
 
 
+@dataclass
 class _Fetcher:
     """Per-run state shared by worker threads: settings, one requests.Session per thread, a stop flag."""
 
-    def __init__(self, assets_url: str, timeout: float, policy: RetryPolicy, max_bytes: int) -> None:
-        self.assets_url = assets_url
-        self.timeout = timeout
-        self.policy = policy
-        self.max_bytes = max_bytes
-        self.stop = threading.Event()
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+    assets_url: str
+    timeout: float
+    policy: RetryPolicy
+    stop: threading.Event = field(default_factory=threading.Event)
+    sessions: list[requests.Session] = field(default_factory=list)
+    local: threading.local = field(default_factory=threading.local)
 
     def session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-            self._local.session.headers["User-Agent"] = USER_AGENT
-            self._sessions.append(self._local.session)
-        return self._local.session
-
-    def close(self) -> None:
-        for s in self._sessions:
-            s.close()
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            self.local.session.headers["User-Agent"] = USER_AGENT
+            self.sessions.append(self.local.session)
+        return self.local.session
 
     def fetch_one(self, appid: int, path: str, out: Path, unchanged: bool) -> tuple[str, str]:
         """One banner end to end: ("downloaded" | "skipped" | "missing" | "failed" | "interrupted", reason)."""
         if self.stop.is_set():
             return "interrupted", ""
         final = out / f"{appid}.jpg"
-        if unchanged and file_is_valid(final, self.max_bytes):
+        if unchanged and file_is_valid(final):
             return "skipped", ""
         try:
             body = with_retries(lambda: self._get(asset_url(path, self.assets_url)), self.policy, stop=self.stop)
@@ -257,7 +248,7 @@ class _Fetcher:
             status = exc.response.status_code
             return ("missing", "") if status == 404 else ("failed", f"HTTP {status}")
         except BodyTooLarge:
-            return "failed", f"body too large (> {self.max_bytes} bytes)"
+            return "failed", f"body too large (> {MAX_BODY_BYTES} bytes)"
         except requests.RequestException as exc:
             return "failed", f"request error ({type(exc).__name__}: {str(exc)[:160]})"
         if problem := image_problem(body):
@@ -273,4 +264,4 @@ class _Fetcher:
         with self.session().get(url, stream=True, timeout=(self.timeout, self.timeout)) as resp:
             check_status(resp)
             deadline = time.monotonic() + max(4 * self.timeout, 30.0)  # a slow trickle is cut off too
-            return read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop)
+            return read_body(resp, max_bytes=MAX_BODY_BYTES, deadline=deadline, stop=self.stop)
