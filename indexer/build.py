@@ -36,9 +36,7 @@ from core.knn_device import topk_table_device
 from core.variants import apply_variant
 
 from .cache import EmbeddingCache, strategy_key, variant_key
-from .sources import SourceError, SourcePlan, plan_sources
-
-DTYPES = ("float16", "float32")
+from .sources import DTYPES, SourceError, SourcePlan, plan_sources
 
 
 @dataclass
@@ -72,17 +70,16 @@ class BuildSummary:
     missing_images: int
     seconds: float
     embed_seconds: float
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    gpu_utilisation: float | None = None
+    notes: list[str]
+    timer: StageTimer
+    gpu_utilisation: float | None
 
     def breakdown(self) -> str:
         """Where the time went: one line, stages in order (decoding overlaps the forwards on the device path)."""
-        t = self.timings
+        t = self.timer.totals()
         parts = [f"{name} {t[name]:.2f} s" for name in ("hashing", "models") if name in t]
         embed = [f"{name} {v:.2f} s" for name, v in t.items() if name.startswith(("decoding", "forwards"))]
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
+        counts = ", ".join(f"{v} {k}" for k, v in self.timer.counts.items() if v)
         if "embedding" in t:
             inner = "; ".join(embed + ([counts] if counts else []))
             parts.append(f"embedding {t['embedding']:.2f} s" + (f" ({inner})" if inner else ""))
@@ -172,8 +169,7 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         seconds=time.perf_counter() - start,
         embed_seconds=run.embed_seconds,
         notes=run.notes,
-        timings=run.timer.totals(),
-        counts=dict(run.timer.counts),
+        timer=run.timer,
         gpu_utilisation=run.utilisation,
     )
 
@@ -253,8 +249,7 @@ class _Build:
         self._write_index()
 
     def _prepare(self) -> None:
-        """Each backbone's checkpoint and its sha256, the strategies' cache keys, every banner's sha256 (models
-        loaded onto a GPU meanwhile)."""
+        """Checkpoints and their sha256, the cache keys, every banner's sha256 (models loaded onto a GPU meanwhile)."""
         for s in self.cfg.strategies:
             code = s.backbone.code
             if code not in self.checkpoints:
@@ -335,8 +330,7 @@ class _Build:
         return done
 
     def _write_index(self) -> None:
-        """The tables one strategy after the other (on the GPU, or on every core), files written and hashed in
-        threads meanwhile, then the manifest and the swap."""
+        """The tables strategy by strategy, files written and hashed in threads meanwhile; the manifest; the swap."""
         cfg, n = self.cfg, len(self.rows)
         t_start, t_tables = time.perf_counter(), 0.0
         row_shas = [self.shas[i] for i in self.rows]

@@ -11,6 +11,7 @@ order; games the store does not describe (unknown, delisted) are left out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,11 +54,9 @@ class Journal:
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
         lines = []
-        try:
+        with contextlib.suppress(FileNotFoundError, ValueError):  # stops at a torn line
             for line in path.read_bytes().split(b"\n"):
                 lines.append(json.loads(line))
-        except (FileNotFoundError, ValueError):
-            pass
         self.records = lines[1:] if lines[:1] == [{"run": header}] else []
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [{"run": header}, *self.records])
         atomic_write_bytes(path, text.encode("utf-8"))

@@ -132,11 +132,9 @@ def download_banners(
     retry_missing: bool = False,
     progress: bool = True,
 ) -> DownloadSummary:
-    """Fetch every app's banner (``banner_paths``) under `assets_url` into `<out_dir>/<appid>.jpg`.
-
-    A valid file from the same path is skipped; 404s are recorded and not asked again unless `retry_missing`
-    or the path changed. 429, 5xx, connection errors and timeouts are retried `retries` times (backoff from
-    `backoff` seconds, or the server's Retry-After up to `max_retry_after`).
+    """Fetch every app's banner (``banner_paths``) under `assets_url` into `<out_dir>/<appid>.jpg`: a valid file
+    from the same path is skipped, a recorded 404 not asked again unless `retry_missing` or the path changed;
+    429, 5xx and network errors retried `retries` times (or after the server's Retry-After, up to `max_retry_after`).
     """
     paths = banner_paths(apps)
     out = Path(out_dir)
@@ -146,7 +144,8 @@ def download_banners(
     start = time.monotonic()
     summary = DownloadSummary(requested=len(paths))
     record = read_record(out)
-    fetcher = _Fetcher(assets_url, timeout, RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after))
+    policy = RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after)
+    fetcher = _Fetcher(out, assets_url, timeout, policy, workers, progress)
     todo = {}
     for appid, path in paths.items():
         if record["missing"].get(appid) == path and not retry_missing and not (out / f"{appid}.jpg").exists():
@@ -154,7 +153,7 @@ def download_banners(
         else:
             todo[appid] = path
     try:
-        _fetch_all(fetcher, todo, record, out, workers, summary, progress)
+        fetcher.fetch_all(todo, record, summary)
     finally:
         for session in fetcher.sessions:
             session.close()
@@ -168,57 +167,16 @@ def download_banners(
     return summary
 
 
-def _fetch_all(
-    fetcher: _Fetcher,
-    todo: dict[int, str],
-    record: dict[str, dict[int, str]],
-    out: Path,
-    workers: int,
-    summary: DownloadSummary,
-    progress: bool,
-) -> None:
-    """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
-    fetched, missing = record["fetched"], record["missing"]
-    bar = tqdm(total=summary.requested, initial=summary.requested - len(todo), unit="banner", disable=not progress)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="banner")
-    try:
-        # A file without a record is taken to come from the plain path; one from another path than todo's is stale.
-        known = {a: fetched.get(a, plain_banner_path(a)) for a in todo if (out / f"{a}.jpg").exists()}
-        same = {a for a, p in known.items() if p == todo[a]}
-        futures = {pool.submit(fetcher.fetch_one, a, p, out, a in same): a for a, p in todo.items()}
-        for fut in as_completed(futures):
-            appid = futures[fut]
-            try:
-                status, reason = fut.result()
-            except Exception as exc:  # a bug must not lose the other results
-                status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
-            if status in ("downloaded", "skipped"):
-                getattr(summary, status).append(appid)
-                if status == "downloaded" and appid in known and appid not in same:
-                    summary.changed.append(appid)
-                fetched[appid] = todo[appid]
-                missing.pop(appid, None)
-            elif status == "missing":
-                summary.missing.append(appid)
-                missing[appid] = todo[appid]
-            elif status != "interrupted":
-                summary.failed[appid] = reason
-            bar.update(1)
-    except BaseException:
-        fetcher.stop.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-
-
 @dataclass
 class _Fetcher:
-    """Per-run state shared by worker threads: settings, one requests.Session per thread, a stop flag."""
+    """A run's state, shared by its worker threads: settings, one requests.Session per thread, a stop flag."""
 
+    out: Path
     assets_url: str
     timeout: float
     policy: RetryPolicy
+    workers: int
+    progress: bool
     stop: threading.Event = field(default_factory=threading.Event)
     sessions: list[requests.Session] = field(default_factory=list)
     local: threading.local = field(default_factory=threading.local)
@@ -230,11 +188,46 @@ class _Fetcher:
             self.sessions.append(self.local.session)
         return self.local.session
 
-    def fetch_one(self, appid: int, path: str, out: Path, unchanged: bool) -> tuple[str, str]:
+    def fetch_all(self, todo: dict[int, str], record: dict[str, dict[int, str]], summary: DownloadSummary) -> None:
+        """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
+        fetched, missing, n = record["fetched"], record["missing"], summary.requested
+        bar = tqdm(total=n, initial=n - len(todo), unit="banner", disable=not self.progress)
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="banner")
+        try:
+            # A file without a record is taken to come from the plain path; one from another path is stale.
+            known = {a: fetched.get(a, plain_banner_path(a)) for a in todo if (self.out / f"{a}.jpg").exists()}
+            same = {a for a, p in known.items() if p == todo[a]}
+            futures = {pool.submit(self.fetch_one, a, p, a in same): a for a, p in todo.items()}
+            for fut in as_completed(futures):
+                appid = futures[fut]
+                try:
+                    status, reason = fut.result()
+                except Exception as exc:  # a bug must not lose the other results
+                    status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
+                if status in ("downloaded", "skipped"):
+                    getattr(summary, status).append(appid)
+                    if status == "downloaded" and appid in known and appid not in same:
+                        summary.changed.append(appid)
+                    fetched[appid] = todo[appid]
+                    missing.pop(appid, None)
+                elif status == "missing":
+                    summary.missing.append(appid)
+                    missing[appid] = todo[appid]
+                elif status != "interrupted":
+                    summary.failed[appid] = reason
+                bar.update(1)
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+
+    def fetch_one(self, appid: int, path: str, unchanged: bool) -> tuple[str, str]:
         """One banner end to end: ("downloaded" | "skipped" | "missing" | "failed" | "interrupted", reason)."""
         if self.stop.is_set():
             return "interrupted", ""
-        final = out / f"{appid}.jpg"
+        final = self.out / f"{appid}.jpg"
         if unchanged and file_is_valid(final):
             return "skipped", ""
         try:

@@ -141,10 +141,7 @@ def copy_detection(
     extractors: Sequence[Extractor] | None = None,
 ) -> CopyDetection:
     """Alter a seeded sample of the index's banners, search each copy exactly among the index, rank the original.
-
-    Each banner is decoded once and its copies embedded for every strategy at once, in batches. Banners whose
-    file is missing or unreadable are skipped and listed (the index may be older than the folder).
-    """
+    Banners whose file is missing or unreadable are skipped and listed (the index may be older than the folder)."""
     names = check_strategies(index, strategies)
     _check_k(k)
     if len(index) == 0:
