@@ -1,11 +1,10 @@
 """Building an index folder: banners in, embeddings and exact neighbour tables out.
 
-The steps, each safe to interrupt: check the inputs (bad input stops before anything is written); resolve and
-hash each backbone's checkpoint, hash every banner; embed what the cache lacks (plain, then each mirror/flip
-variant), each batch persisted at once (``cache.py``) while the next one runs, unreadable images skipped and
-recorded; per strategy, the stored embeddings and their exact top-k tables (``core.knn``, or a float64 brute
-force on CUDA, ``core.knn_device``), and each variant's top-k among the plain embeddings (for ``GET
-/match/<appid>?mirror=1``); all written to a staging folder and swapped into place (``core.index``).
+Each step is safe to interrupt: the inputs checked (bad input stops before anything is written); checkpoints and
+banners hashed; what the cache lacks embedded (plain, then each mirror/flip variant; decoded on the GPU on CUDA),
+each batch persisted at once (``cache.py``) while the next one runs; per strategy, the exact top-k tables over the
+stored embeddings (``core.knn``, or a float64 brute force on CUDA) and each variant's top-k among the plain ones;
+all written to a staging folder and swapped into place (``core.index``).
 """
 
 from __future__ import annotations
@@ -125,7 +124,8 @@ class BuildFailed(RuntimeError):
 
 def build_index(cfg: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
-    cfg = replace(cfg, out=cfg.out.resolve())  # through symlinks: builds given the link and its target share one lock
+    real = cfg.out.resolve()  # through symlinks: builds given the link and its target share one lock
+    cfg = cfg if real == cfg.out.absolute() else replace(cfg, out=real)
     _check_config(cfg)
     apps = load_apps(cfg.apps_file) if cfg.apps_file else None
     plan = plan_sources(cfg.images, apps)
