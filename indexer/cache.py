@@ -105,11 +105,8 @@ class EmbeddingCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 shas = [str(s) for s in z["sha256"]]
-                for name in z.files:
-                    if name.startswith("f_"):
-                        feats = z[name]
-                        table = self.vectors.setdefault(name[2:], {})
-                        table.update(zip(shas, feats, strict=True))
+                for name in (n for n in z.files if n.startswith("f_")):
+                    self.vectors.setdefault(name[2:], {}).update(zip(shas, z[name], strict=True))
                 if "failed_sha256" in z.files:
                     self.failed.update(zip(map(str, z["failed_sha256"]), map(str, z["failed_reason"]), strict=True))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # only outside damage gets here
