@@ -1,16 +1,10 @@
 """Building an index folder: banners in, embeddings and exact neighbour tables out.
 
-The steps, each safe to interrupt:
-
-1. check the inputs (folder, apps list, strategies, options): bad input stops here, before anything
-   is written;
-2. resolve each backbone's checkpoint (cache, download or ``--weights``) and hash it; hash every banner;
-3. embed what the cache lacks (plain, then each mirror/flip variant), each batch persisted at once
-   (``cache.py``) by a writer thread while the next one runs; unreadable images are skipped and
-   recorded; on CUDA, banners are decoded on the GPU (``core.dino.device_input``);
-4. for every strategy, store the embeddings (float16 by default) and compute the exact top-k tables
-   over the stored values (``core.knn``; on CUDA a float64 brute force there, ``core.knn_device``);
-5. write it all to a staging folder and swap it into place (``core.index.writer``).
+Each step is safe to interrupt: the inputs checked (bad input stops before anything is written); checkpoints and
+banners hashed; what the cache lacks embedded (plain, then each mirror/flip variant; decoded on the GPU on CUDA),
+each batch persisted at once (``cache.py``) while the next one runs; per strategy, the exact top-k tables over the
+stored embeddings (``core.knn``, or a float64 brute force on CUDA) and each variant's top-k among the plain ones;
+all written to a staging folder and swapped into place (``core.index``).
 """
 
 from __future__ import annotations
@@ -35,16 +29,13 @@ from core.dino.strategies import Strategy
 from core.dino.timing import StageTimer, UtilisationSampler
 from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
 from core.files import os_error_words, sha256_file, sha256_files
-from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy
+from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy, write_variant
 from core.knn import topk_table
 from core.knn_device import topk_table_device
 from core.variants import apply_variant
 
-from .cache import EmbeddingCache, strategy_key
-from .sources import SourceError, SourcePlan, plan_sources
-from .variants import variant_key, write_variants
-
-DTYPES = ("float16", "float32")
+from .cache import EmbeddingCache, strategy_key, variant_key
+from .sources import DTYPES, SourceError, SourcePlan, plan_sources
 
 
 @dataclass
@@ -63,7 +54,7 @@ class BuildConfig:
     precision: str | None = None  # default_precision(device)
     decode: str | None = None  # "cpu" or "device"; default: the extractor's (device on CUDA)
     progress: bool = True
-    variants: list[str] = field(default_factory=list)  # mirror/flip query tables (indexer/variants.py)
+    variants: list[str] = field(default_factory=list)  # mirror/flip query tables
     ray: str | None = None  # embed on this Ray cluster ("": a local instance; indexer/ray_embed.py)
 
 
@@ -78,17 +69,16 @@ class BuildSummary:
     missing_images: int
     seconds: float
     embed_seconds: float
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    gpu_utilisation: float | None = None
+    notes: list[str]
+    timer: StageTimer
+    gpu_utilisation: float | None
 
     def breakdown(self) -> str:
         """Where the time went: one line, stages in order (decoding overlaps the forwards on the device path)."""
-        t = self.timings
+        t = self.timer.totals()
         parts = [f"{name} {t[name]:.2f} s" for name in ("hashing", "models") if name in t]
         embed = [f"{name} {v:.2f} s" for name, v in t.items() if name.startswith(("decoding", "forwards"))]
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
+        counts = ", ".join(f"{v} {k}" for k, v in self.timer.counts.items() if v)
         if "embedding" in t:
             inner = "; ".join(embed + ([counts] if counts else []))
             parts.append(f"embedding {t['embedding']:.2f} s" + (f" ({inner})" if inner else ""))
@@ -179,8 +169,7 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         seconds=time.perf_counter() - start,
         embed_seconds=run.embed_seconds,
         notes=run.notes,
-        timings=run.timer.totals(),
-        counts=dict(run.timer.counts),
+        timer=run.timer,
         gpu_utilisation=run.utilisation,
     )
 
@@ -193,7 +182,7 @@ def missing(
 
     def lacks(s: Strategy, h: str) -> bool:
         names = (n for n in (s.name, s.attention_name) if n in keys)
-        return h not in cache.failed and not all(cache.has(keys[n], h) for n in names)
+        return h not in cache.failed and not all(cache.get(keys[n], h) is not None for n in names)
 
     lacking = [s for s in strategies if any(lacks(s, h) for h in shas)]
     return lacking, [i for i, h in enumerate(shas) if any(lacks(s, h) for s in lacking)]
@@ -260,8 +249,7 @@ class _Build:
         self._write_index()
 
     def _prepare(self) -> None:
-        """Each backbone's checkpoint and its sha256, the strategies' cache keys, every banner's sha256 (models
-        loaded onto a GPU meanwhile)."""
+        """Checkpoints and their sha256, the cache keys, every banner's sha256 (models loaded onto a GPU meanwhile)."""
         for s in self.cfg.strategies:
             code = s.backbone.code
             if code not in self.checkpoints:
@@ -282,10 +270,9 @@ class _Build:
     def _load_models(self) -> None:
         """Put every backbone's model in the process-wide cache, where the Extractor finds it."""
         t0 = time.perf_counter()
-        for s in {s.backbone.code: s for s in self.cfg.strategies}.values():
-            code = s.backbone.code
-            sha = self.ckpt_sha[code]
-            MODELS.get(s.backbone, self.checkpoints[code], device=self.device, expected_sha256=sha, download=False)
+        for code, s in {s.backbone.code: s for s in self.cfg.strategies}.items():
+            path, sha = self.checkpoints[code], self.ckpt_sha[code]
+            MODELS.get(s.backbone, path, device=self.device, expected_sha256=sha, download=False)
         self.timer.add("models", time.perf_counter() - t0)
 
     def _embed_missing(self, variant: str = "") -> int:
@@ -343,8 +330,7 @@ class _Build:
         return done
 
     def _write_index(self) -> None:
-        """The tables one strategy after the other (on the GPU, or on every core), files written and hashed in
-        threads meanwhile, then the manifest and the swap."""
+        """The tables strategy by strategy, files written and hashed in threads meanwhile; the manifest; the swap."""
         cfg, n = self.cfg, len(self.rows)
         t_start, t_tables = time.perf_counter(), 0.0
         row_shas = [self.shas[i] for i in self.rows]
@@ -370,7 +356,7 @@ class _Build:
                 }
                 extra = {"precision": self.precision, "cache_key": key}
                 if cfg.variants:
-                    extra["variants"] = write_variants(writer, cfg, s, emb, key, row_shas, self.cache)
+                    extra["variants"] = self._write_variants(writer, s, emb, row_shas)
                 args = (writer, s, emb, neighbours, scores, ckpt, attention)
                 writes[s.name] = pool.submit(write_strategy, *args, **extra)
             entries = {name: future.result() for name, future in writes.items()}
@@ -389,3 +375,13 @@ class _Build:
             )
         self.timer.add("tables", t_tables)
         self.timer.add("writing", time.perf_counter() - t_start - t_tables)
+
+    def _write_variants(self, writer: IndexWriter, s: Strategy, emb: np.ndarray, row_shas: list[str]) -> dict:
+        """Each variant's exact top-k among the plain embeddings (a float64 brute force); the manifest's entry."""
+        entries = {}
+        for variant in self.cfg.variants:
+            vkey = variant_key(self.keys[s.name], variant)
+            queries = np.stack([self.cache.get(vkey, h) for h in row_shas]).astype(self.cfg.dtype)
+            nbr, sco = topk_table_device(emb, self.cfg.k, "cpu", queries=queries, chunk_rows=256)
+            entries[variant] = write_variant(writer, s.name, variant, queries, nbr, sco)
+        return entries

@@ -1,10 +1,9 @@
-"""The build's embedding cache: what makes a build resumable and incremental.
+"""The build's embedding cache (``.<index>.work/`` beside the index, locked by one build): resumable, incremental.
 
-Every finished batch is written at once, atomically, as a chunk: each banner's sha256 and, per strategy key, its
-float32 features (and the banners that could not be decoded, with why), so a killed run loses at most the batch
-in flight. After a successful build the chunks are merged into one store file per key, which later builds reuse:
-only new or changed banners are embedded. A key hashes what determines the features (the strategy's settings, the
-checkpoint's sha256, the precision). The cache lives beside the index (``.<index>.work/``), locked by one build.
+Every finished batch is written at once, atomically, as a chunk (each banner's sha256, its float32 features per
+strategy key, the banners that could not be decoded and why): a killed run loses at most the batch in flight.
+A successful build merges the chunks into one store file per key, which later builds reuse. A key hashes what
+determines the features: the strategy's settings, the checkpoint's sha256, the precision.
 """
 
 from __future__ import annotations
@@ -36,6 +35,11 @@ def strategy_key(strategy_entry: dict, checkpoint_sha256: str, precision: str) -
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def variant_key(key: str, variant: str) -> str:
+    """The cache key of a strategy's embeddings of a mirror/flip variant."""
+    return hashlib.sha256(f"{key}|{variant}".encode()).hexdigest()[:20]
+
+
 class BuildLocked(RuntimeError):
     pass
 
@@ -53,13 +57,11 @@ class EmbeddingCache:
         self._lock_fd: int | None = None
         self._lock_key = ""
 
-    # -- locking ---------------------------------------------------------------------------------
     def __enter__(self) -> EmbeddingCache:
         """Take the build lock: a POSIX record lock, the process's own, freed when it exits (an ``flock`` is the
         open file's, kept by forked decoding workers that outlive a killed build). Record locks do not exclude
         within one process, hence ``_HELD``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.chunks.mkdir(exist_ok=True)
+        self.chunks.mkdir(parents=True, exist_ok=True)
         self.store.mkdir(exist_ok=True)
         key = str(self.folder.resolve())
         fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -85,7 +87,6 @@ class EmbeddingCache:
             _HELD.discard(self._lock_key)
             self._lock_fd = None
 
-    # -- reading ---------------------------------------------------------------------------------
     def _load(self) -> None:
         for path in sorted(self.store.glob("*.npz")):
             self._load_npz(path)
@@ -104,11 +105,8 @@ class EmbeddingCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 shas = [str(s) for s in z["sha256"]]
-                for name in z.files:
-                    if name.startswith("f_"):
-                        feats = z[name]
-                        table = self.vectors.setdefault(name[2:], {})
-                        table.update(zip(shas, feats, strict=True))
+                for name in (n for n in z.files if n.startswith("f_")):
+                    self.vectors.setdefault(name[2:], {}).update(zip(shas, z[name], strict=True))
                 if "failed_sha256" in z.files:
                     self.failed.update(zip(map(str, z["failed_sha256"]), map(str, z["failed_reason"]), strict=True))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # only outside damage gets here
@@ -117,10 +115,6 @@ class EmbeddingCache:
     def get(self, key: str, sha: str) -> np.ndarray | None:
         return self.vectors.get(key, {}).get(sha)
 
-    def has(self, key: str, sha: str) -> bool:
-        return sha in self.vectors.get(key, {})
-
-    # -- writing ---------------------------------------------------------------------------------
     def add_batch(self, shas: list[str], features: dict[str, np.ndarray], failed: dict[str, str]) -> None:
         """Persist one batch (atomically, durably), then make it visible to ``get``."""
         arrays = {"sha256": np.array(shas, dtype="U64")}

@@ -1,17 +1,17 @@
 """The catalog: the store's list of games, then each game's store metadata, into one APPS.json.
 
-APPS.json is a list of ``{"appid", "name", ...}``, one game a line in appid order, with what the store said:
-``type``, ``release_date``, ``banner`` (its path under the store assets' base, with its ``?t=`` token) and
-GetAppList's ``last_modified``. Games the store does not describe (unknown, delisted) are left out.
+APPS.json lists ``{"appid", "name", "type", "release_date", "banner", "last_modified"}``, one game a line in appid
+order; games the store does not describe (unknown, delisted) are left out.
 
 - Resumable: each answered page and batch goes to a journal beside the output (``APPS.json.journal``, one
   fsynced JSON line each) before the next request; a killed run replays it and asks only for the rest.
-- Incremental (GetAppList only): with a previous file, only the games changed since its newest
-  ``last_modified`` (or ``since``) are asked for, and merged into it.
+- Incremental (GetAppList only): only the games changed since the previous file's newest ``last_modified`` (or
+  ``since``) are asked for, and merged into it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,11 +54,9 @@ class Journal:
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
         lines = []
-        try:
+        with contextlib.suppress(FileNotFoundError, ValueError):  # stops at a torn line
             for line in path.read_bytes().split(b"\n"):
                 lines.append(json.loads(line))
-        except (FileNotFoundError, ValueError):
-            pass
         self.records = lines[1:] if lines[:1] == [{"run": header}] else []
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [{"run": header}, *self.records])
         atomic_write_bytes(path, text.encode("utf-8"))

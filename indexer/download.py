@@ -1,13 +1,10 @@
 """Download vertical Steam banners into a folder of `<appid>.jpg` files, from the paths the store gives.
 
-Each game's banner is the ``banner`` path of its APPS.json entry (the store's ``library_capsule`` with its
-``?t=`` token, as ``scripts/fetch_catalog.py`` writes it) under the store assets' base URL; a game without one
-falls back to the plain ``steam/apps/<appid>/library_600x900.jpg``.
-
-The builder trusts whatever lies under `<appid>.<jpg|jpeg|png|webp>`, so only complete, decodable images land
-there (buffered under a size cap, checked with Pillow, written atomically). ``banners.json`` beside them records
-each banner's path and the paths that answered 404: a rerun skips both without a request, and fetches again a
-banner whose path or token changed (art re-uploaded to the store).
+A game's banner is its APPS.json ``banner`` path (``?t=`` token included, as ``scripts/fetch_catalog.py`` writes
+it) under the store assets' base URL, else the plain ``steam/apps/<appid>/library_600x900.jpg``. The builder
+trusts whatever lies under `<appid>.jpg`, so only complete, decodable images land there (size-capped, checked with
+Pillow, written atomically). ``banners.json`` records each banner's path and the paths that answered 404: a rerun
+skips both without a request, and fetches again a banner whose path or token changed (art re-uploaded).
 """
 
 from __future__ import annotations
@@ -95,10 +92,10 @@ def image_problem(data: bytes) -> str | None:
     return None
 
 
-def file_is_valid(path: Path, max_bytes: int = MAX_BODY_BYTES) -> bool:
+def file_is_valid(path: Path) -> bool:
     """Whether an existing banner is complete and decodable (a file cut short by a crash is not)."""
     try:
-        return path.stat().st_size <= max_bytes and image_problem(path.read_bytes()) is None
+        return path.stat().st_size <= MAX_BODY_BYTES and image_problem(path.read_bytes()) is None
     except OSError:
         return False
 
@@ -132,15 +129,12 @@ def download_banners(
     retries: int = 4,
     backoff: float = 1.0,
     max_retry_after: float = 60.0,
-    max_bytes: int = MAX_BODY_BYTES,
     retry_missing: bool = False,
     progress: bool = True,
 ) -> DownloadSummary:
-    """Fetch every app's banner (``banner_paths``) under `assets_url` into `<out_dir>/<appid>.jpg`.
-
-    A valid file from the same path is skipped; 404s are recorded and not asked again unless `retry_missing`
-    or the path changed. 429, 5xx, connection errors and timeouts are retried `retries` times (backoff from
-    `backoff` seconds, or the server's Retry-After up to `max_retry_after`).
+    """Fetch every app's banner (``banner_paths``) under `assets_url` into `<out_dir>/<appid>.jpg`: a valid file
+    from the same path is skipped, a recorded 404 not asked again unless `retry_missing` or the path changed;
+    429, 5xx and network errors retried `retries` times (or after the server's Retry-After, up to `max_retry_after`).
     """
     paths = banner_paths(apps)
     out = Path(out_dir)
@@ -151,7 +145,7 @@ def download_banners(
     summary = DownloadSummary(requested=len(paths))
     record = read_record(out)
     policy = RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after)
-    fetcher = _Fetcher(assets_url, timeout, policy, max_bytes)
+    fetcher = _Fetcher(out, assets_url, timeout, policy, workers, progress)
     todo = {}
     for appid, path in paths.items():
         if record["missing"].get(appid) == path and not retry_missing and not (out / f"{appid}.jpg").exists():
@@ -159,9 +153,10 @@ def download_banners(
         else:
             todo[appid] = path
     try:
-        _fetch_all(fetcher, todo, record, out, workers, summary, progress)
+        fetcher.fetch_all(todo, record, summary)
     finally:
-        fetcher.close()
+        for session in fetcher.sessions:
+            session.close()
         with contextlib.suppress(OSError):  # only a cache: at worst the next run asks again
             atomic_write_json(out / RECORD_FILE, {kind: dict(sorted(p.items())) for kind, p in record.items()})
 
@@ -172,79 +167,68 @@ def download_banners(
     return summary
 
 
-def _fetch_all(
-    fetcher: _Fetcher,
-    todo: dict[int, str],
-    record: dict[str, dict[int, str]],
-    out: Path,
-    workers: int,
-    summary: DownloadSummary,
-    progress: bool,
-) -> None:
-    """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
-    fetched, missing = record["fetched"], record["missing"]
-    bar = tqdm(total=summary.requested, initial=summary.requested - len(todo), unit="banner", disable=not progress)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="banner")
-    try:
-        # A file without a record is taken to come from the plain path; one from another path than todo's is stale.
-        known = {a: fetched.get(a, plain_banner_path(a)) for a in todo if (out / f"{a}.jpg").exists()}
-        same = {a for a, p in known.items() if p == todo[a]}
-        futures = {pool.submit(fetcher.fetch_one, a, p, out, a in same): a for a, p in todo.items()}
-        for fut in as_completed(futures):
-            appid = futures[fut]
-            try:
-                status, reason = fut.result()
-            except Exception as exc:  # a bug must not lose the other results
-                status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
-            if status in ("downloaded", "skipped"):
-                getattr(summary, status).append(appid)
-                if status == "downloaded" and appid in known and appid not in same:
-                    summary.changed.append(appid)
-                fetched[appid] = todo[appid]
-                missing.pop(appid, None)
-            elif status == "missing":
-                summary.missing.append(appid)
-                missing[appid] = todo[appid]
-            elif status != "interrupted":
-                summary.failed[appid] = reason
-            bar.update(1)
-    except BaseException:
-        fetcher.stop.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-
-
+@dataclass
 class _Fetcher:
-    """Per-run state shared by worker threads: settings, one requests.Session per thread, a stop flag."""
+    """A run's state, shared by its worker threads: settings, one requests.Session per thread, a stop flag."""
 
-    def __init__(self, assets_url: str, timeout: float, policy: RetryPolicy, max_bytes: int) -> None:
-        self.assets_url = assets_url
-        self.timeout = timeout
-        self.policy = policy
-        self.max_bytes = max_bytes
-        self.stop = threading.Event()
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+    out: Path
+    assets_url: str
+    timeout: float
+    policy: RetryPolicy
+    workers: int
+    progress: bool
+    stop: threading.Event = field(default_factory=threading.Event)
+    sessions: list[requests.Session] = field(default_factory=list)
+    local: threading.local = field(default_factory=threading.local)
 
     def session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-            self._local.session.headers["User-Agent"] = USER_AGENT
-            self._sessions.append(self._local.session)
-        return self._local.session
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            self.local.session.headers["User-Agent"] = USER_AGENT
+            self.sessions.append(self.local.session)
+        return self.local.session
 
-    def close(self) -> None:
-        for s in self._sessions:
-            s.close()
+    def fetch_all(self, todo: dict[int, str], record: dict[str, dict[int, str]], summary: DownloadSummary) -> None:
+        """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
+        fetched, missing, n = record["fetched"], record["missing"], summary.requested
+        bar = tqdm(total=n, initial=n - len(todo), unit="banner", disable=not self.progress)
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="banner")
+        try:
+            # A file without a record is taken to come from the plain path; one from another path is stale.
+            known = {a: fetched.get(a, plain_banner_path(a)) for a in todo if (self.out / f"{a}.jpg").exists()}
+            same = {a for a, p in known.items() if p == todo[a]}
+            futures = {pool.submit(self.fetch_one, a, p, a in same): a for a, p in todo.items()}
+            for fut in as_completed(futures):
+                appid = futures[fut]
+                try:
+                    status, reason = fut.result()
+                except Exception as exc:  # a bug must not lose the other results
+                    status, reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
+                if status in ("downloaded", "skipped"):
+                    getattr(summary, status).append(appid)
+                    if status == "downloaded" and appid in known and appid not in same:
+                        summary.changed.append(appid)
+                    fetched[appid] = todo[appid]
+                    missing.pop(appid, None)
+                elif status == "missing":
+                    summary.missing.append(appid)
+                    missing[appid] = todo[appid]
+                elif status != "interrupted":
+                    summary.failed[appid] = reason
+                bar.update(1)
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
 
-    def fetch_one(self, appid: int, path: str, out: Path, unchanged: bool) -> tuple[str, str]:
+    def fetch_one(self, appid: int, path: str, unchanged: bool) -> tuple[str, str]:
         """One banner end to end: ("downloaded" | "skipped" | "missing" | "failed" | "interrupted", reason)."""
         if self.stop.is_set():
             return "interrupted", ""
-        final = out / f"{appid}.jpg"
-        if unchanged and file_is_valid(final, self.max_bytes):
+        final = self.out / f"{appid}.jpg"
+        if unchanged and file_is_valid(final):
             return "skipped", ""
         try:
             url = banner_asset_url(appid, path, self.assets_url)
@@ -258,7 +242,7 @@ class _Fetcher:
             status = exc.response.status_code
             return ("missing", "") if status == 404 else ("failed", f"HTTP {status}")
         except BodyTooLarge:
-            return "failed", f"body too large (> {self.max_bytes} bytes)"
+            return "failed", f"body too large (> {MAX_BODY_BYTES} bytes)"
         except requests.RequestException as exc:
             return "failed", f"request error ({type(exc).__name__}: {str(exc)[:160]})"
         if problem := image_problem(body):
@@ -274,4 +258,4 @@ class _Fetcher:
         with self.session().get(url, stream=True, timeout=(self.timeout, self.timeout)) as resp:
             check_status(resp)
             deadline = time.monotonic() + max(4 * self.timeout, 30.0)  # a slow trickle is cut off too
-            return read_body(resp, max_bytes=self.max_bytes, deadline=deadline, stop=self.stop)
+            return read_body(resp, max_bytes=MAX_BODY_BYTES, deadline=deadline, stop=self.stop)

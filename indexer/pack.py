@@ -1,10 +1,8 @@
 """Packing an index folder, or some of its strategies, into one archive to ship to the web dynos.
 
-The archive is a tar (gzip-compressed when its name ends in ``.gz``) of the index folder's files at its top level:
-``manifest.json`` listing only the chosen strategies, ``apps.json`` and the chosen ``<Strategy>/*.npy``. Its sha256
-is written beside it (``<archive>.sha256``, sha256sum's format) and is what ``INDEX_SHA256`` must say; the service
-unpacks it with ``core.index.fetch``. The same index packs to the same bytes (sorted entries, fixed times and
-owners), so its sha256 only changes with its data.
+The archive is a tar (gzipped for a ``.gz`` name) of ``apps.json``, the chosen strategies' files and a manifest
+listing only those; ``<archive>.sha256`` (sha256sum's format) is what ``INDEX_SHA256`` must say. Entries are
+sorted, with fixed times and owners, so the same index packs to the same bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ def pack_index(index_dir: Path, out: Path, strategies: list[str] | None = None) 
         stream = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if out.name.endswith(".gz") else raw
         with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for folder in sorted({str(parent) for rel, _ in files for parent in PurePosixPath(rel).parents} - {"."}):
-                tar.addfile(_info(folder, 0, tarfile.DIRTYPE))
+                tar.addfile(_info(folder, kind=tarfile.DIRTYPE))
             for rel, path in sorted(files):
                 with open(path, "rb") as f:
                     tar.addfile(_info(rel, path.stat().st_size), f)
@@ -62,14 +60,12 @@ def upload_cache(index_dir: Path, index: LoadedIndex, name: str) -> str:
     return f"{sketch / 2**20:,.0f} MiB of sketch and the {index.strategies[name].strategy.backbone.label} weights"
 
 
-def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    """An entry with fixed owner and time (TarInfo's defaults: root, 0o644, mtime 0)."""
     info = tarfile.TarInfo(name)
-    info.type = kind
-    info.size = size if kind == tarfile.REGTYPE else 0
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
+    info.type, info.size = kind, size
+    if kind == tarfile.DIRTYPE:
+        info.mode = 0o755
     return info
 
 

@@ -1,11 +1,10 @@
 """The builder's embedding pass on a Ray cluster (``build_index.py --ray [ADDRESS]``), with Ray Data.
 
-One pipeline per backbone: a row is one forward batch of the local build, decoded by ``decode_files`` (the local
-CPU path's code), then embedded by a pool of model actors, one per GPU or, on CPU clusters, one per ``--threads``
-cores; with the same ``--batch-size`` and ``--threads`` the features are bit-identical to the local build's. On
-CPU clusters Ray Data fuses the decoding into the actors (a few percent of a forward there). Each actor resolves
-the checkpoint on its own node and checks the driver's sha256. The driver writes every finished batch into the
-build's cache, so a killed driver resumes; Ray restarts killed actors. Ray is optional: imported for --ray only.
+One pipeline per backbone: a row is one forward batch of the local build, decoded by the local CPU path's
+``decode_files``, then embedded by a pool of model actors (one per GPU, or per ``--threads`` cores), so that the
+features are bit-identical to a local build's with the same ``--batch-size`` and ``--threads``. Each actor checks
+its node's checkpoint against the driver's sha256; the driver writes every finished batch into the build's cache,
+so a killed driver resumes. Ray is optional: imported for --ray only.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""What goes into an index: the banner files of a folder, matched with an optional list of apps.
+"""What goes into an index: the ``<appid>.<jpg|jpeg|png|webp>`` files of a folder, with an optional apps list.
 
-Images are named ``<appid>.<jpg|jpeg|png|webp>``. With an apps list, the index holds the listed apps that have a
-banner (the list gives the names, and the store's banner paths of a catalog); without one, every banner, with an
-empty name. Rows are sorted by appid, so that
-the same inputs always give the same index.
+With a list, the listed apps that have a banner (with the list's names and store banner paths); without one,
+every banner, unnamed. Rows are sorted by appid, so the same inputs always give the same index.
 """
 
 from __future__ import annotations
@@ -12,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.banners import scan_banners
+
+DTYPES = ("float16", "float32")  # of the stored embeddings
 
 
 class SourceError(ValueError):

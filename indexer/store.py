@@ -1,13 +1,11 @@
 """The Steam store's own answers: its list of games and each game's store metadata.
 
-- ``IStoreService/GetAppList/v1`` (a Steam Web API key): every game, in pages of up to 50,000
-  (``last_appid`` / ``have_more_results``), or those changed since a time (``if_modified_since``).
+- ``IStoreService/GetAppList/v1`` (a Steam Web API key): every game, in pages of up to 50,000, or those changed
+  since a time (``if_modified_since``).
 - SteamSpy's ``api.php?request=all&page=N`` (keyless): 1,000 games a page, one page a minute, a partial list.
-  (``steamspypi`` answers ``{}`` for an error as for the end of the list, without timeout or retries.)
 - ``IStoreBrowseService/GetItems/v1``: each game's store metadata, banner path included (``core/store_items.py``).
 
-Every call waits for its service's rate (``Throttle``) and is retried under a RetryPolicy. Answers are checked:
-what cannot be read is left out, never passed on.
+Every call waits for its service's rate and is retried under a RetryPolicy; what cannot be read is left out.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from core.http import RetryPolicy, TransientError, check_status, read_body, with
 from core.store_items import ITEMS_PATH, clean_name, items_entries, items_params, valid_appid, web_api_response
 
 USER_AGENT = "steam-dino-banners/0.1 (catalog)"
-MAX_ANSWER_BYTES = 64 << 20  # a GetAppList page of 50,000 games is about 4 MB
+MAX_ANSWER_BYTES = 64 << 20  # far above a GetAppList page of 50,000 games
 
 
 @dataclass
@@ -37,18 +35,18 @@ class ListPage:
     next: int | None
 
 
+@dataclass
 class Throttle:
     """At most one call per ``interval`` seconds: a service's rate limit, kept rather than learnt from 429s."""
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = 0.0
+    interval: float
+    next: float = 0.0
 
     def wait(self) -> None:
         now = time.monotonic()
-        if now < self._next:
-            time.sleep(self._next - now)
-        self._next = max(now, self._next) + self.interval
+        if now < self.next:
+            time.sleep(self.next - now)
+        self.next = max(now, self.next) + self.interval
 
 
 class StoreClient:
@@ -58,18 +56,18 @@ class StoreClient:
         self,
         api_url: str,
         steamspy_url: str,
-        key: str | None = None,
+        key: str | None,
         *,
-        policy: RetryPolicy | None = None,
-        timeout: float = 30.0,
-        store_interval: float = 1.0,
-        steamspy_interval: float = 60.0,
-        on_retry: Callable[[Exception, int, float], object] | None = None,
+        policy: RetryPolicy,
+        timeout: float,
+        store_interval: float,
+        steamspy_interval: float,
+        on_retry: Callable[[Exception, int, float], object] | None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.steamspy_url = steamspy_url
         self.key = key
-        self.policy = policy or RetryPolicy(attempts=6, backoff_s=2.0, max_retry_after_s=300.0)
+        self.policy = policy
         self.timeout = timeout
         self.store = Throttle(store_interval)
         self.steamspy = Throttle(steamspy_interval)
@@ -77,9 +75,6 @@ class StoreClient:
         self.calls = 0
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-
-    def close(self) -> None:
-        self.session.close()
 
     def _call(self, url: str, params: dict[str, Any], throttle: Throttle, parse: Callable[[Any], Any]) -> Any:
         """GET ``url`` and ``parse`` its JSON; a malformed body or answer (``parse`` raising TransientError) is

@@ -11,13 +11,7 @@ import sys
 from pathlib import Path
 
 from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
-from indexer.sources import SourceError
-
-# Known here without importing torch, so that --help and argument errors answer at once;
-# build_index() checks them against core.dino again.
-PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float16", "float32")
-DECODES = ("auto", "cpu", "device")
+from indexer.sources import DTYPES, SourceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,12 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="storage type of embeddings (default: float16)")
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=("fp32", "bf16", "fp16"),
         help="bf16/fp16: weights and activations in that type, CUDA only (default: bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
         "--decode",
-        choices=DECODES,
+        choices=("auto", "cpu", "device"),
         default="auto",
         help="where banners are decoded and preprocessed: cpu (Pillow in worker processes, the reference), "
         "device (batched on --device: nvJPEG on CUDA), auto (device on CUDA, else cpu; the default)",

@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 from core.steam import ASSETS_URL, setting
 from indexer.cli._common import BAD_INPUT, error, interrupted, number
 
-# The shipped list of well-known games, so that a newcomer can run the pipeline end to end.
 DEFAULT_APPS_FILE = Path(__file__).resolve().parents[2] / "catalogs" / "default_games.json"
 
 MAX_FAILURE_LINES = 20
@@ -25,17 +24,13 @@ OPTIONS = ("assets_url", "workers", "timeout", "retries", "backoff", "retry_miss
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, kept separate so tests and --help stay in sync with the options."""
     p = argparse.ArgumentParser(
         prog="download_banners.py",
         description="Fetch each game's banner (the catalog's path, else steam/apps/<appid>/library_600x900.jpg) "
         "under the store assets' URL into <out>/<appid>.jpg.",
     )
     p.add_argument(
-        "--apps",
-        type=Path,
-        default=None,
-        help='JSON list of {"appid": int, "name": str} (default: the shipped catalogs/default_games.json)',
+        "--apps", type=Path, help='JSON list of {"appid": int, "name": str} (default: catalogs/default_games.json)'
     )
     p.add_argument("--out", type=Path, default=Path("data/banners"), help="banner folder (default: data/banners)")
     p.add_argument(
@@ -57,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, validate everything before touching the disk, download, print the summary; return the exit code."""
+    """Check everything before touching the disk, download, print the summary; return the exit code."""
     args = build_parser().parse_args(argv)
     from core.apps import AppsInvalid, load_apps  # after parsing: --help answers at once
     from indexer.download import download_banners

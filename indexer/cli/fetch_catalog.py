@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (requests.RequestException, BodyTooLarge, OSError) as e:
         return error(f"{shown(e)}; what arrived is kept, rerun the same command to resume", FAILED)
     finally:
-        client.close()
+        client.session.close()
     print(summary.line())
     if source == "steamspy":
         print(PARTIAL)

@@ -1,16 +1,14 @@
 """What the evaluation measures, without labels: copy detection, and how much the strategies agree.
 
-1. **Copy detection** (DINO's Copydays, on banners): altered copies of a seeded sample of the index's banners
-   are embedded as the index embeds (its strategies, its checkpoints by sha256) and searched among its stored
-   embeddings; the original is the one relevant answer, so mAP@k is the mean reciprocal rank at k. A strategy
-   that cannot find a JPEG of a banner will not find its look-alikes either.
+1. **Copy detection** (DINO's Copydays, on banners): altered copies of a seeded sample of banners are embedded
+   as the index embeds them and searched among its stored embeddings; the original is the one relevant answer,
+   so mAP@k is the mean reciprocal rank at k.
 2. **Agreement**: overlap@k of two strategies' neighbour tables, the mean over rows of ``|A_k ∩ B_k| / k``:
    two that agree closely cost the service twice for the same answers.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -51,8 +49,6 @@ class Metrics:
 def metrics(ranks: np.ndarray, k: int) -> Metrics:
     """From the ranks of the originals (1 = first, 0 = not in the top k)."""
     ranks = np.asarray(ranks, dtype=np.int64)
-    if ranks.size == 0:
-        return Metrics(math.nan, math.nan, math.nan, 0)
     found = (ranks >= 1) & (ranks <= k)
     ap = np.where(found, 1.0 / np.maximum(ranks, 1), 0.0)
     return Metrics(float((ranks == 1).mean()), float(found.mean()), float(ap.mean()), int(ranks.size))
@@ -116,21 +112,14 @@ def make_extractors(
     models: ModelCache | None = None,
 ) -> list[Extractor]:
     """Extractors that embed as the index did: its recorded strategies and checkpoints (``WeightsUnavailable``
-    for another sha256). Strategies of one backbone share an Extractor, hence one forward pass per image; one
-    whose recorded checkpoint differs from its group's gets its own (and fails the check, with its message)."""
-    packs: list[tuple[dict[str, str], list[Strategy]]] = []
+    for another sha256), one per backbone and checkpoint, hence one forward pass per image and backbone."""
+    groups: dict[tuple[str, str], list[Strategy]] = {}
     for name in strategies:
         entry = index.strategies[name].entry
         strategy = Strategy.from_manifest(name, entry)
-        code, sha = strategy.backbone.code, entry["checkpoint"]["sha256"]
-        pack = next((p for p in packs if p[0].get(code, sha) == sha), None)
-        if pack is None:
-            packs.append(({code: sha}, [strategy]))
-        else:
-            pack[0][code] = sha
-            pack[1].append(strategy)
+        groups.setdefault((strategy.backbone.code, entry["checkpoint"]["sha256"]), []).append(strategy)
     models = models if models is not None else ModelCache()  # a batch job: its own models by default
-    return [Extractor(ms, device=device, expected_sha256=shas, models=models) for shas, ms in packs]
+    return [Extractor(ms, device=device, expected_sha256={c: sha}, models=models) for (c, sha), ms in groups.items()]
 
 
 def embed(extractors: Sequence[Extractor], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
@@ -152,10 +141,7 @@ def copy_detection(
     extractors: Sequence[Extractor] | None = None,
 ) -> CopyDetection:
     """Alter a seeded sample of the index's banners, search each copy exactly among the index, rank the original.
-
-    Each banner is decoded once and its copies embedded for every strategy at once, in batches. Banners whose
-    file is missing or unreadable are skipped and listed (the index may be older than the folder).
-    """
+    Banners whose file is missing or unreadable are skipped and listed (the index may be older than the folder)."""
     names = check_strategies(index, strategies)
     _check_k(k)
     if len(index) == 0:
@@ -248,10 +234,6 @@ class Overlap:
 def overlap_at_k(a: np.ndarray, b: np.ndarray, k: int) -> float:
     """Mean over rows of |a[:, :k] ∩ b[:, :k]| / k, for tables with distinct entries per row: in each row of
     the sorted concatenation, a shared neighbour appears twice, side by side."""
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"tables of {a.shape[0]} and {b.shape[0]} rows")
-    if a.shape[0] == 0 or k == 0:
-        return math.nan
     both = np.sort(np.concatenate([np.asarray(a[:, :k]), np.asarray(b[:, :k])], axis=1), axis=1)
     return float((both[:, 1:] == both[:, :-1]).sum(axis=1).mean() / k)
 
@@ -262,7 +244,7 @@ def overlap_matrix(index: LoadedIndex, strategies: Sequence[str] | None = None, 
     _check_k(k)
     k_eff = min([k] + [index.strategies[n].k for n in names])
     tables = [index.strategies[n].neighbours for n in names]
-    m = np.eye(len(names)) if k_eff else np.full((len(names), len(names)), math.nan)
+    m = np.eye(len(names))
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             m[i, j] = m[j, i] = overlap_at_k(tables[i], tables[j], k_eff)

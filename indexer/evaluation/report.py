@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,24 +9,18 @@ import numpy as np
 from .alterations import ALTERATIONS
 from .metrics import ALL, CopyDetection, Overlap
 
+Table = tuple[str, list[str], list[list[str]], int]  # heading, header, rows, how many text columns lead
+
 
 def _fmt(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.3f}"
+    return f"{x:.3f}"
 
 
 def _esc(cell: str) -> str:
     return cell.replace("|", "\\|")
 
 
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return cell == "-"
-    return True
-
-
-def _detection_table(d: CopyDetection) -> tuple[str, list[str], list[list[str]]]:
+def _detection_table(d: CopyDetection) -> Table:
     k = d.k
     heading = (
         f"Copy detection: {len(d.rows)} banners x {len(ALTERATIONS)} alterations, each copy searched among the "
@@ -40,21 +33,20 @@ def _detection_table(d: CopyDetection) -> tuple[str, list[str], list[list[str]]]
             m = d.metrics(s, alt)
             sims = d.similarity[s]
             cos = np.concatenate([sims[a] for a in ALTERATIONS]) if alt == ALL else sims[alt]
-            mean_cos = float(cos.mean()) if cos.size else math.nan
-            cells = [_fmt(m.recall_1), _fmt(m.recall_k), _fmt(m.map_k), _fmt(mean_cos), str(m.n)]
+            cells = [_fmt(m.recall_1), _fmt(m.recall_k), _fmt(m.map_k), _fmt(float(cos.mean())), str(m.n)]
             rows.append([s if i == 0 else "", alt, *cells])
-    return heading, ["strategy", "alteration", "R@1", f"R@{k}", f"mAP@{k}", "cos", "n"], rows
+    return heading, ["strategy", "alteration", "R@1", f"R@{k}", f"mAP@{k}", "cos", "n"], rows, 2
 
 
-def _sections(detection: CopyDetection | None, overlap: Overlap | None) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(heading, header, rows) of each table, for both renderings."""
+def _sections(detection: CopyDetection | None, overlap: Overlap | None) -> list[Table]:
+    """Each table, for both renderings."""
     out = [_detection_table(detection)] if detection is not None else []
     if overlap is not None:
         k = overlap.k
         capped = f" (capped: the tables hold {k})" if overlap.requested_k > k else ""
         heading = f"Agreement: overlap@{k} of the neighbour tables, mean over rows of |A ∩ B| / {k}{capped}."
         rows = [[a] + [_fmt(v) for v in overlap.matrix[i]] for i, a in enumerate(overlap.strategies)]
-        out.append((heading, ["", *overlap.strategies], rows))
+        out.append((heading, ["", *overlap.strategies], rows, 1))
     return out
 
 
@@ -70,11 +62,10 @@ def _notes(detection: CopyDetection | None) -> list[str]:
 def format_table(detection: CopyDetection | None, overlap: Overlap | None) -> str:
     """The report as aligned plain text: text columns left-aligned, numbers right-aligned."""
     blocks = []
-    for heading, header, rows in _sections(detection, overlap):
+    for heading, header, rows, text in _sections(detection, overlap):
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-        numeric = [c > 0 and all(_is_number(r[c]) for r in rows) for c in range(len(header))]
         lines = [
-            "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric, strict=True)).rstrip()
+            "  ".join(v.rjust(widths[c]) if c >= text else v.ljust(widths[c]) for c, v in enumerate(r)).rstrip()
             for r in [header, *rows]
         ]
         blocks.append("\n".join([heading, "", lines[0], "  ".join("-" * w for w in widths), *lines[1:]]))
@@ -82,16 +73,15 @@ def format_table(detection: CopyDetection | None, overlap: Overlap | None) -> st
     return "\n\n".join(blocks + (["\n".join(notes)] if notes else [])) + "\n"
 
 
-def to_markdown(detection: CopyDetection | None, overlap: Overlap | None, title: str = "Retrieval evaluation") -> str:
+def to_markdown(detection: CopyDetection | None, overlap: Overlap | None) -> str:
     """The same tables as ``format_table``, as GitHub Markdown (numbers right-aligned)."""
 
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(map(_esc, cells)) + " |"
 
-    blocks = [f"# {title}"]
-    for heading, header, rows in _sections(detection, overlap):
-        numeric = [c > 0 and all(_is_number(r[c]) for r in rows) for c in range(len(header))]
-        rule = "| " + " | ".join("---:" if num else "---" for num in numeric) + " |"
+    blocks = ["# Retrieval evaluation"]
+    for heading, header, rows, text in _sections(detection, overlap):
+        rule = "| " + " | ".join("---:" if c >= text else "---" for c in range(len(header))) + " |"
         blocks.append(heading + "\n\n" + "\n".join([row(header), rule, *map(row, rows)]))
     notes = _notes(detection)
     if notes:
@@ -99,9 +89,9 @@ def to_markdown(detection: CopyDetection | None, overlap: Overlap | None, title:
     return "\n\n".join(blocks) + "\n"
 
 
-def summary_line(strategies: Sequence[str], detection: CopyDetection | None, seconds: float) -> str:
+def summary_line(strategies: Sequence[str], detection: CopyDetection, seconds: float) -> str:
     """The last line of a run: what was measured and how long it took."""
-    queries = len(detection.rows) if detection is not None else 0
+    queries = len(detection.rows)
     strategies_s = f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'} ({', '.join(strategies)})"
     queries_s = f"{queries} quer{'y' if queries == 1 else 'ies'} x {len(ALTERATIONS)} alterations"
     return f"evaluated {strategies_s} on {queries_s} in {seconds:.1f} s"
