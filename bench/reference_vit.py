@@ -20,8 +20,8 @@ from core.dino.vit import Attention, VisionTransformer, ViTConfig
 
 
 class ReferenceAttention(Attention):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__(dim, num_heads, qkv_bias)
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads)
         self.scale = (dim // num_heads) ** -0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class ReferenceViT(VisionTransformer):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__(cfg)
         for blk in self.blocks:
-            blk.attn = ReferenceAttention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
+            blk.attn = ReferenceAttention(cfg.embed_dim, cfg.num_heads)
 
 
 def reference_model(cfg: ViTConfig, state_dict: dict) -> ReferenceViT:

@@ -74,14 +74,6 @@ def test_download_from_local_server_with_sha256(torch_home, checkpoint_store, fi
     assert loaded.sha256 == sha256_of(src)
 
 
-def test_url_override_argument_beats_environment(torch_home, checkpoint_store, file_server, tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror"
-    (mirror / "dino_deitsmall16_pretrain").mkdir(parents=True)
-    shutil.copy(checkpoint_store("S16"), mirror / S16.checkpoint)
-    monkeypatch.setenv("DINO_BASE_URL", "http://127.0.0.1:9/nothing-here")
-    assert resolve_checkpoint(S16, url_override=file_server(mirror), progress=False).is_file()
-
-
 def test_missing_everywhere_gives_a_clear_error(torch_home, monkeypatch, file_server, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -23,7 +23,6 @@ class ViTConfig:
     num_heads: int
     patch_size: int
     mlp_ratio: float = 4.0
-    qkv_bias: bool = True
     pos_grid: int = 14  # the position embeddings cover pos_grid x pos_grid patches
     layerscale: bool = False  # DINOv2: ls1.gamma / ls2.gamma after attention and MLP
     mask_token: bool = False  # DINOv2 checkpoints carry an (unused here) mask token

@@ -1,29 +1,30 @@
 """Decoding and preprocessing banners on the model's device, in batches, ahead of the forwards.
 
-Pillow on the CPU cannot keep up with a GPU's models, so files are read in threads, whole batches decoded with
+Pillow on the CPU cannot keep up with a GPU's models: files are read in threads, whole batches decoded with
 ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG) and preprocessed on the device
-(``Preprocessing.tensor_transform``). Two threads prepare the next batches, each on its own high-priority CUDA
-stream (its small kernels are not queued behind the models'), while the caller runs the current one.
+(``Preprocessing.tensor_transform``), by two threads each on its own high-priority CUDA stream (so that their
+small kernels do not queue behind the models'), while the caller runs the current batch.
 
-What this decoder should not take goes through the CPU path (``open_image`` and the uploads' transforms),
-counted: anything but a plain 8-bit JPEG of one or three components, an EXIF-rotated or Adobe RGB JPEG, a file
-without its end marker, too many pixels, anything the decoder raises on. So a file is refused for the same
-reasons, with the same messages, as on the CPU path.
+What this decoder should not take goes through the CPU path, counted: anything but a plain 8-bit JPEG of one or
+three components, an EXIF-rotated or Adobe RGB JPEG, a file without its end marker, too many pixels, anything
+the decoder raises on. So a file is refused for the same reasons, with the same messages, as on the CPU path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from PIL import ExifTags, Image
 
 from core.images import ImageRejected, check_geometry, check_jpeg_scans, check_progressive_jpeg, open_image
 
@@ -65,7 +66,7 @@ def plain_jpeg(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tup
             continue
         length = int.from_bytes(data[i + 2 : i + 4], "big")
         segment = data[i + 4 : i + 2 + length]
-        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and _exif_orientation(segment[6:]) not in (None, 1):
+        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and _exif_orientation(segment) not in (None, 1):
             return False
         if marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
             adobe_rgb = segment[11] == 0
@@ -104,26 +105,17 @@ def _within_limits(data: bytes, width: int, height: int, resize_to, progressive,
     return True
 
 
-def _exif_orientation(tiff: bytes) -> int | None:
-    """The Orientation tag of IFD0 of an EXIF block, or None (absent or unreadable: left to Pillow)."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return None
-    ifd = int.from_bytes(tiff[4:8], order)
-    if ifd + 2 > len(tiff):
-        return None
-    for e in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
-        entry = tiff[ifd + 2 + 12 * e : ifd + 14 + 12 * e]
-        if len(entry) < 12:
-            return None
-        if int.from_bytes(entry[:2], order) == 0x0112:
-            return int.from_bytes(entry[8:10], order)
-    return None
+def _exif_orientation(exif: bytes) -> int | None:
+    """The Orientation tag of an EXIF block as Pillow reads it for ``open_image``; None if absent or unreadable."""
+    tags = Image.Exif()
+    with contextlib.suppress(Exception):
+        tags.load(exif)
+    return tags.get(ExifTags.Base.Orientation)
 
 
-@dataclass
-class Prepared:
-    """A batch ready for the forwards: rows for ``indices``, one tensor per preprocessing, on the device."""
+class Prepared(NamedTuple):
+    """A batch ready for the forwards: rows for ``indices``, one tensor per preprocessing, and the inputs that
+    failed, with why."""
 
     indices: list[int]
     tensors: list[torch.Tensor]
@@ -176,13 +168,6 @@ class DeviceBatches:
                 for f in ahead:
                     f.cancel()
 
-    def _stream(self) -> torch.cuda.Stream | None:
-        if self.device.type != "cuda":
-            return None
-        if not hasattr(self._local, "stream"):
-            self._local.stream = torch.cuda.Stream(self.device, priority=-1)
-        return self._local.stream
-
     def _ready(self, prepared: Prepared) -> Prepared:
         if self.device.type == "cuda":  # used on the caller's stream now: keep the allocator from reusing early
             current = torch.cuda.current_stream(self.device)
@@ -192,7 +177,9 @@ class DeviceBatches:
 
     def _prepare(self, start: int, pool: ThreadPoolExecutor) -> Prepared:
         t0 = time.perf_counter()
-        stream = self._stream()
+        if self.device.type == "cuda" and not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device, priority=-1)
+        stream = getattr(self._local, "stream", None)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             prepared = self._prepare_on_stream(start, pool)
             if stream is not None:
@@ -218,7 +205,10 @@ class DeviceBatches:
         self.timer.count("decoded on the device", len(decoded))
         self.timer.count("decoded on the CPU", len(others))
         on_cpu: dict[int, list[torch.Tensor]] = {}
-        for j, result in zip(others, pool.map(self._cpu_path, (datas[j] for j in others)), strict=True):
+        cpu_path = functools.partial(
+            decode_on_cpu, transforms=self.cpu_transforms, max_pixels=self.max_pixels, resize_to=self.resize_to
+        )
+        for j, result in zip(others, pool.map(cpu_path, (datas[j] for j in others)), strict=True):
             if isinstance(result, str):
                 failures.append((positions[j], result))
             else:
@@ -245,13 +235,6 @@ class DeviceBatches:
                     refused.append(j)
             return decoded, refused
 
-    def _cpu_path(self, data: bytes) -> list[torch.Tensor] | str:
-        try:
-            img = open_image(data, max_pixels=self.max_pixels, resize_to=self.resize_to)
-            return [t(img) for t in self.cpu_transforms]
-        except ImageRejected as e:
-            return f"{e.code}: {e.message}"
-
     def _assemble(self, prep: Preprocessing, k: int, ok: list[int], row: dict, decoded: dict, on_cpu: dict):
         """One (B, 3, h, w) tensor for the batch: device-decoded images grouped by size, CPU ones copied in."""
         h, w = prep.output_size
@@ -266,6 +249,21 @@ class DeviceBatches:
             rows = torch.tensor([row[j] for j in on_cpu], device=self.device)
             out[rows] = torch.stack([on_cpu[j][k] for j in on_cpu]).to(self.device, non_blocking=True)
         return out
+
+
+def decode_on_cpu(
+    source: bytes | Path, transforms: Sequence, max_pixels: int, resize_to: Callable, image_op: Callable | None = None
+) -> list[torch.Tensor] | str:
+    """The CPU path: ``open_image``, ``image_op`` and each transform; or why the file is refused or unreadable."""
+    try:
+        img = open_image(source, max_pixels=max_pixels, resize_to=resize_to)
+        if image_op is not None:
+            img = image_op(img)
+        return [t(img) for t in transforms]
+    except ImageRejected as e:
+        return f"{e.code}: {e.message}"
+    except OSError as e:
+        return f"unreadable: {e}"
 
 
 def _read(path: Path) -> bytes | str:

@@ -1,11 +1,10 @@
 """Embedding images for a set of strategies, one image or many, with one code path.
 
-Strategies of one (backbone, preprocessing) share one forward pass per input scale (the eight original
-strategies cost four), and each image is decoded once for all of them. Folders take one of two paths:
-``cpu`` (the reference; the CPU's default), decoding and Pillow preprocessing in DataLoader workers;
-``device`` (CUDA's default), batched decoding and preprocessing on the device one batch ahead of the
-forwards (``device_input.py``), whose results are copied back only once the next batch is queued. An
-unreadable file never stops the run: it is reported with its reason and skipped.
+Strategies of one (backbone, preprocessing) share one forward pass per input scale, and each image is decoded
+once for all of them. Folders take one of two paths: ``cpu`` (the reference), decoding and Pillow preprocessing
+in DataLoader workers; ``device`` (CUDA's default), batched decoding and preprocessing on the device one batch
+ahead of the forwards (``device_input.py``). An unreadable file never stops the run: it is reported with its
+reason and skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from core.cpu import cpu_cores
-from core.images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
+from core.images import DEFAULT_MAX_PIXELS
 
-from .device_input import Decoder, DeviceBatches
+from .device_input import Decoder, DeviceBatches, decode_on_cpu
 from .preprocess import Preprocessing, largest_resize
 from .strategies import Needs, Strategy
 from .timing import StageTimer
@@ -39,12 +38,11 @@ from .weights import MODELS, LoadedBackbone, ModelCache
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ("cpu", "device")
-CUDA_DEFAULT_PRECISION = "bf16"
 
 
 def default_precision(device: str) -> str:
     """fp32 on the CPU; bf16 on CUDA, within the fidelity floors of BENCHMARKS.md's GPU section."""
-    return CUDA_DEFAULT_PRECISION if str(device).startswith("cuda") else "fp32"
+    return "bf16" if str(device).startswith("cuda") else "fp32"
 
 
 def default_device() -> str:
@@ -68,7 +66,7 @@ class Batch:
 
     indices: list[int]
     features: dict[str, np.ndarray]
-    failures: list[tuple[int, str]] = field(default_factory=list)
+    failures: list[tuple[int, str]]
 
 
 class _ImageFiles(Dataset):
@@ -80,15 +78,8 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            img = open_image(self.paths[i], max_pixels=self.max_pixels, resize_to=self.resize_to)
-            if self.image_op is not None:
-                img = self.image_op(img)
-            return i, [t(img) for t in self.transforms], None
-        except ImageRejected as e:
-            return i, None, f"{e.code}: {e.message}"
-        except OSError as e:
-            return i, None, f"unreadable: {e}"
+        out = decode_on_cpu(self.paths[i], self.transforms, self.max_pixels, self.resize_to, self.image_op)
+        return (i, None, out) if isinstance(out, str) else (i, out, None)
 
 
 def _collate(items):
@@ -106,12 +97,11 @@ def decode_files(paths: Sequence[Path], preps: Sequence[Preprocessing], max_pixe
 
 
 class Extractor:
-    """Embeds images for a fixed set of strategies on one device.
+    """Embeds images for a fixed set of strategies on one device; cheap, as models come from a shared cache.
 
-    Models come from a process-wide cache: Extractors are cheap, and share one model per backbone.
-    ``checkpoints``: backbone code -> explicit checkpoint path; ``expected_sha256``: backbone code -> the
-    sha256 the caller requires (the index's), refusing any other weights. ``attention``: the features also hold
-    each strategy's (B, h, w) attention maps, under its ``attention_name``.
+    ``checkpoints``: backbone code -> explicit checkpoint path; ``expected_sha256``: backbone code -> the sha256
+    the caller requires (the index's). ``attention``: the features also hold each strategy's (B, h, w) attention
+    maps, under its ``attention_name``.
     """
 
     def __init__(
@@ -146,23 +136,19 @@ class Extractor:
         self.transforms = [p.transform() for p in self.preprocessings]
         checkpoints, expected_sha256 = checkpoints or {}, expected_sha256 or {}
         self.backbones: dict[str, LoadedBackbone] = {}
-        for s in self.strategies:
-            code = s.backbone.code
-            if code not in self.backbones:
-                sha = expected_sha256.get(code)
-                path = checkpoints.get(code)
-                self.backbones[code] = models.get(
-                    s.backbone, path, device=self.device, expected_sha256=sha, download=download, progress=False
-                )
-        # bf16/fp16: the weights cast once and activations in that type; autocast's float32 residual stream and
-        # per-op casts make the forwards slower
+        for b in dict.fromkeys(s.backbone for s in self.strategies):
+            sha = expected_sha256.get(b.code)
+            self.backbones[b.code] = models.get(
+                b, checkpoints.get(b.code), device=self.device, expected_sha256=sha, download=download
+            )
+        # bf16/fp16: the weights cast once and activations in that type (autocast's float32 residual stream and
+        # per-op casts make the forwards slower)
         low = PRECISIONS[precision]
         self._models = {
             code: loaded.model if low is None else copy.deepcopy(loaded.model).to(low)
             for code, loaded in self.backbones.items()
         }
 
-    @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
         """Features for preprocessed inputs (one (B, 3, H, W) tensor per entry of ``self.preprocessings``)."""
         return {name: feats.cpu().numpy() for name, feats in self._forward(tensors).items()}
@@ -174,8 +160,7 @@ class Extractor:
         out: dict[str, torch.Tensor] = {}
         dtype = PRECISIONS[self.precision] or torch.float32
         for (code, prep), strategies in self.groups.items():
-            span = timer.span(f"forwards {code}") if timer is not None else contextlib.nullcontext()
-            with span:
+            with timer.span(f"forwards {code}") if timer is not None else contextlib.nullcontext():
                 model = self._models[code]
                 x = by_prep[prep].to(self.device, non_blocking=True)
                 needs = functools.reduce(Needs.merge, (s.needs for s in strategies))
@@ -217,12 +202,9 @@ class Extractor:
         timer: StageTimer | None = None,
         image_op: Callable[[Image.Image], Image.Image] | None = None,
     ) -> Iterator[Batch]:
-        """Embed image files in order, batch by batch; unreadable files come back as failures.
-
-        ``decode``: ``cpu`` or ``device`` (with ``decoder``, default nvJPEG's); default ``default_decode()``.
-        ``timer`` collects seconds per stage and counts. ``image_op`` (picklable) transforms each decoded
-        image first (mirror/flip variants), on the ``cpu`` path.
-        """
+        """Embed image files in order, batch by batch; unreadable files come back as failures. ``decode``: ``cpu``
+        or ``device`` (with ``decoder``, default nvJPEG's), default ``default_decode()``; ``timer`` collects
+        seconds per stage and counts; ``image_op`` (picklable) transforms each image first, on the ``cpu`` path."""
         batch_size = batch_size or default_batch_size(self.device.type)
         decode = "cpu" if image_op is not None else decode or self.default_decode()
         if decode not in DECODERS:
@@ -251,8 +233,7 @@ class Extractor:
             if item is None:
                 return
             indices, tensors, failures = item
-            feats = {name: f.cpu().numpy() for name, f in self._forward(tensors, timer).items()} if indices else None
-            yield self._batch(indices, failures, feats)
+            yield self._batch(indices, failures, self._forward(tensors, timer) if indices else {})
 
     def _iter_on_device(self, paths, batch_size, num_workers, max_pixels, decoder, timer) -> Iterator[Batch]:
         """Forwards of batch i are queued before batch i-1's features are copied back and handed out."""
@@ -278,18 +259,17 @@ class Extractor:
             if done is not None:
                 done.record()
             if pending is not None:
-                yield self._finish(*pending)
+                yield self._batch(*pending)
             pending = (prepared.indices, prepared.failures, copies, done)
         if pending is not None:
-            yield self._finish(*pending)
+            yield self._batch(*pending)
 
-    def _finish(self, indices, failures, copies, done) -> Batch:
+    def _batch(self, indices: list[int], failures: list, features: dict, done=None) -> Batch:
+        """The batch's features copied to numpy (once ``done``, an event after their copy, has passed)."""
         if done is not None:
             done.synchronize()
-        return self._batch(indices, failures, {name: t.numpy() for name, t in copies.items()})
-
-    def _batch(self, indices: list[int], failures: list, features: dict | None) -> Batch:
-        return Batch(indices, features if indices else self.no_features(), failures)  # empty: every file failed
+        features = {name: f.cpu().numpy() for name, f in features.items()} if indices else self.no_features()
+        return Batch(indices, features, failures)  # no features: every file failed
 
     def no_features(self) -> dict[str, np.ndarray]:
         """The features of no image: empty arrays of the right shapes."""

@@ -8,8 +8,8 @@
   patch sizes 8, 14 and 16), no crop, no squeeze for 2:3 images; the position
   embeddings are interpolated to the 14x21 patch grid.
 
-All three end with ToTensor and Normalize(ImageNet mean, std). The service rebuilds the transform from the
-manifest's parameters (``from_manifest``), so queries are embedded exactly as the index was.
+All three end with ToTensor and Normalize(ImageNet mean, std). The service rebuilds the mode from the manifest
+(``from_manifest``), so queries are embedded exactly as the index was.
 """
 
 from __future__ import annotations
@@ -27,8 +27,17 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, not to read a man
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision's InterpolationMode values
-INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# torchvision's InterpolationMode values -> Pillow filter, for PIL images
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+INTERPOLATIONS = tuple(_PIL_RESAMPLE)
 
 
 @dataclass(frozen=True)
@@ -52,18 +61,25 @@ class Preprocessing:
         return self.resize
 
     def pil_resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """``resized_size`` in Pillow's order, (width, height): for ``core.images.open_image(resize_to=)``.
-
-        Lets an image be refused before decoding when its resized form would be absurd: ``dino``
-        scales the shorter edge to 256, so a 1 x N image would become 256 x 256N.
-        """
+        """``resized_size`` in Pillow's order, (width, height): for ``core.images.open_image(resize_to=)``, which
+        refuses an image whose resized form would be absurd (a 1 x N image, 256 x 256N in ``dino``) undecoded."""
         h, w = self.resized_size(max(1, height), max(1, width))
         return w, h
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL RGB image to a normalised (3, H, W) float32 tensor: torchvision's Resize, CenterCrop,
-        ToTensor and Normalize on PIL images, step for step (``PilTransform``)."""
-        return PilTransform(self)
+        """PIL RGB image to a normalised (3, H, W) float32 tensor, as DINO's torchvision transforms compute it (the
+        same Pillow calls and torch ops: bit for bit), without importing torchvision, whose import pulls in torch's
+        compiler stack before a process's first upload. A bound method, so that DataLoader workers can pickle it."""
+        return self._transform_pil
+
+    def _transform_pil(self, img: Image.Image) -> torch.Tensor:
+        import torch
+
+        height, width = self.resized_size(img.height, img.width)
+        if (img.height, img.width) != (height, width):  # Resize: Pillow's resize, as for PIL images
+            img = img.resize((width, height), _PIL_RESAMPLE[self.interpolation])
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        return self._crop_to_tensor(x.view(img.height, img.width, len(img.getbands())).permute((2, 0, 1)).contiguous())
 
     @property
     def supports_tensor_input(self) -> bool:
@@ -86,10 +102,8 @@ class Preprocessing:
         return left * width / w, top * height / h, (left + crop_w) * width / w, (top + crop_h) * height / h
 
     def tensor_transform(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 images, on any device, to normalised (B, 3, h, w) float32 tensors.
-
-        The same steps as ``transform`` on PIL images, on tensors (see ``resize_like_pillow``).
-        """
+        """(B, 3, H, W) uint8 images, on any device, to normalised (B, 3, h, w) float32 tensors: ``transform``'s
+        steps on tensors (see ``resize_like_pillow``)."""
         import torch
 
         if not self.supports_tensor_input:
@@ -97,19 +111,21 @@ class Preprocessing:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected a (B, 3, H, W) uint8 batch, got {images.dtype} {tuple(images.shape)}")
         x = images.float()
-        height, width = self.resized_size(x.shape[-2], x.shape[-1])
-        x = resize_like_pillow(x, (height, width), self.interpolation)
+        x = resize_like_pillow(x, self.resized_size(x.shape[-2], x.shape[-1]), self.interpolation)
+        return self._crop_to_tensor(x)
+
+    def _crop_to_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """CenterCrop, then ToTensor's scaling to [0, 1] and Normalize, on resized (..., 3, H, W) 8-bit values:
+        a crop copies values, so cropping after the conversion gives what cropping the image gives."""
+        import torch
+
         if self.crop is not None:
             x = _center_crop_tensor(x, self.crop)
-        x = x.div_(255.0)  # as ToTensor: uint8 / 255
-        return _normalize(x, self.mean, self.std)
+        return _normalize(x.to(dtype=torch.get_default_dtype()).div_(255), self.mean, self.std)
 
     def to_manifest(self) -> dict:
-        d = asdict(self)
-        d["resize"] = self.resize if isinstance(self.resize, int) else list(self.resize)
-        d["crop"] = None if self.crop is None else list(self.crop)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+        """The mode's fields (tuples become JSON lists)."""
+        return asdict(self)
 
     @classmethod
     def from_manifest(cls, d: dict) -> Preprocessing:
@@ -137,14 +153,10 @@ class Preprocessing:
 
 
 def resize_like_pillow(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize (B, C, H, W) float tensors holding 8-bit values as Pillow resizes an 8-bit image.
-
-    Pillow resamples in two separable passes with the antialiased kernel that torch's
-    ``interpolate(antialias=True)`` implements, rounding to 8 bits after each pass; which pass comes
-    first depends on the sizes, and on the Pillow version (python-pillow/Pillow#9549), so it is asked of
-    the installed Pillow once per size (``_vertical_first``). Done so, about one value in 10,000 is
-    off by one level (Pillow's fixed-point coefficients); in one float pass, one in seven.
-    """
+    """Resize (B, C, H, W) float tensors holding 8-bit values as Pillow resizes an 8-bit image: two separable
+    passes with the antialiased kernel of ``interpolate(antialias=True)``, rounded to 8 bits after each. Which
+    pass comes first depends on the sizes and the Pillow version, so it is asked of the installed Pillow once per
+    size (``_vertical_first``); Pillow's fixed-point coefficients still leave rare one-level differences."""
     height, width = x.shape[-2:]
     passes = [(height, size[1]), size]
     if _vertical_first(height, width, size[0], size[1], mode):
@@ -179,41 +191,6 @@ def _pil_pass(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor
     return x.add_(0.5).floor_().clamp_(0.0, 255.0)
 
 
-class PilTransform:
-    """One preprocessing mode on a PIL image, as DINO's torchvision transforms compute it (the same Pillow
-    calls, the same torch ops in the same order: bit for bit), without importing torchvision: its import
-    pulls in torch's compiler stack, two seconds that every process paid before its first upload. A class,
-    not a closure, so that DataLoader workers can pickle it."""
-
-    def __init__(self, prep: Preprocessing) -> None:
-        self.prep = prep
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        import torch
-
-        p = self.prep
-        height, width = p.resized_size(img.height, img.width)
-        if (img.height, img.width) != (height, width):  # Resize: Pillow's resize, as for PIL images
-            img = img.resize((width, height), _PIL_RESAMPLE[p.interpolation])
-        if p.crop is not None:
-            img = _center_crop_pil(img, p.crop)
-        x = torch.from_numpy(np.array(img, np.uint8, copy=True))  # ToTensor
-        x = x.view(img.height, img.width, len(img.getbands())).permute((2, 0, 1)).contiguous()
-        return _normalize(x.to(dtype=torch.get_default_dtype()).div(255), p.mean, p.std)
-
-
-# torchvision's InterpolationMode -> Pillow filter, for PIL images
-_PIL_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "nearest-exact": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
 def _crop_box(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
     """(top, left) of a centre crop, rounded as torchvision rounds it."""
     return round((height - crop[0]) / 2.0), round((width - crop[1]) / 2.0)
@@ -228,18 +205,6 @@ def _padding(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, 
         (cw - width + 1) // 2 if cw > width else 0,
         (ch - height + 1) // 2 if ch > height else 0,
     )
-
-
-def _center_crop_pil(img: Image.Image, crop: tuple[int, int]) -> Image.Image:
-    from PIL import ImageOps
-
-    pad = _padding(img.height, img.width, crop)
-    if any(pad):
-        img = ImageOps.expand(img, border=pad, fill=0)
-    if (img.height, img.width) == tuple(crop):
-        return img
-    top, left = _crop_box(img.height, img.width, crop)
-    return img.crop((left, top, left + crop[1], top + crop[0]))
 
 
 def _center_crop_tensor(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
@@ -271,9 +236,7 @@ DEFAULT_PREPROCESSING = "dino"
 
 def largest_resize(preps: Sequence[Preprocessing]) -> Callable[[int, int], tuple[int, int]]:
     """The resized (width, height) with the most pixels over several modes: what decoding must allow for.
-
-    A partial of a module function, not a closure, so DataLoader workers can pickle it.
-    """
+    A partial of a module function, not a closure, so DataLoader workers can pickle it."""
     return functools.partial(_largest_resize, tuple(preps))
 
 

@@ -1,20 +1,17 @@
 """Strategies: how a backbone's outputs become one L2-normalised embedding per image.
 
-A strategy name is ``<Style><Backbone>[@<preprocessing>]``, e.g. ``ComplexB16``, ``SimpleS8@full``,
-``GemB16``, ``SimpleS14`` (DINOv2). Styles:
+A strategy name is ``<Style><Backbone>[@<preprocessing>]``, e.g. ``ComplexB16``, ``SimpleS8@full``, ``GemB16``,
+``SimpleS14`` (DINOv2). Styles, after DINO's evaluation scripts:
 
-- ``Simple`` (DINO eval_knn.py): the final normed [CLS] token.
-- ``Complex`` (DINO eval_linear.py): the normed [CLS] tokens of the last ``n_last_blocks`` blocks,
-  concatenated, plus with ``avgpool`` the mean of the last block's normed patch tokens, laid out as the
-  official code does (for n=1 it interleaves [CLS] and mean channel by channel). Small backbones: n=4,
-  no avgpool; Base/Large: n=1, avgpool.
-- ``Gem`` (DINO eval_copy_detection.py): the final normed [CLS] token and the GeM-pooled (p=4) normed
-  patch tokens of the last block.
-- ``MultiScale`` (DINO eval_knn.py, multi-scale): the mean of the Simple features at scales 1,
-  1/sqrt(2) and 1/2 (bilinear resize of the preprocessed tensor, as DINO's ``utils.multi_scale``).
+- ``Simple`` (eval_knn.py): the final normed [CLS] token.
+- ``Complex`` (eval_linear.py): the normed [CLS] tokens of the last ``n_last_blocks`` blocks, concatenated,
+  plus with ``avgpool`` the mean of the last block's normed patch tokens, in the official layout (for n=1,
+  [CLS] and mean interleaved channel by channel). Small backbones: n=4, no avgpool; Base/Large: n=1, avgpool.
+- ``Gem`` (eval_copy_detection.py): the final normed [CLS] token and the GeM-pooled (p=4) patch tokens.
+- ``MultiScale`` (eval_knn.py, multi-scale): the mean of the Simple features at scales 1, 1/sqrt(2) and 1/2.
 
-A style declares what it reads from a forward pass (``Needs``), so that one pass per backbone and scale
-serves every requested strategy. Adding a style is a subclass of ``Style`` registered in ``STYLES``.
+A style declares what it reads from a forward pass (``Needs``), so that one pass per backbone and scale serves
+every requested strategy.
 """
 
 from __future__ import annotations
@@ -33,16 +30,8 @@ if TYPE_CHECKING:  # torch is imported where features are pooled, not to parse n
     from .vit import BackboneOutput
 
 DEFAULT_STRATEGY = "ComplexB16"
-ORIGINAL_STRATEGIES = (
-    "SimpleS16",
-    "ComplexS16",
-    "SimpleS8",
-    "ComplexS8",
-    "SimpleB16",
-    "ComplexB16",
-    "SimpleB8",
-    "ComplexB8",
-)
+# the eight of the original work: both styles on each DINO backbone
+ORIGINAL_STRATEGIES = tuple(f"{style}{b}" for b in ("S16", "S8", "B16", "B8") for style in ("Simple", "Complex"))
 
 
 class UnknownStrategy(ValueError):
@@ -275,16 +264,12 @@ class Strategy:
             raise ValueError(f"strategy {name!r}: manifest entry lacks or has an unknown {e}") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"strategy {name!r}: {e}") from None
-        _check_input_size(strategy)
+        (h, w), p = strategy.preprocessing.output_size, backbone.patch_size
+        if h % p or w % p:
+            raise ValueError(f"strategy {name!r}: input {w}x{h} is not a multiple of the patch size {p}")
         if int(entry.get("dim", -1)) != strategy.dim:
             raise ValueError(f"strategy {name!r}: manifest dim {entry.get('dim')} != {strategy.dim}")
         return strategy
-
-
-def _check_input_size(s: Strategy) -> None:
-    (h, w), p = s.preprocessing.output_size, s.backbone.patch_size
-    if h % p or w % p:
-        raise ValueError(f"strategy {s.name!r}: input {w}x{h} is not a multiple of the patch size {p}")
 
 
 def _hint() -> str:
@@ -305,9 +290,7 @@ def parse_strategy(name: str) -> Strategy:
         raise UnknownStrategy(f"unknown preprocessing {prep!r} in {name!r}: {_hint()}")
     style, backbone = STYLES[m["style"]], BACKBONES[m["backbone"]]
     canonical = f"{style.name}{backbone.code}" + ("" if prep == DEFAULT_PREPROCESSING else f"@{prep}")
-    strategy = Strategy(canonical, style, backbone, get_preprocessing(prep), style.default_params(backbone))
-    _check_input_size(strategy)
-    return strategy
+    return Strategy(canonical, style, backbone, get_preprocessing(prep), style.default_params(backbone))
 
 
 def parse_strategies(spec: str) -> list[Strategy]:

@@ -50,44 +50,34 @@ class StageTimer:
             events = {name: list(pairs) for name, pairs in self._events.items()}
             out = dict(self._seconds)
         for name, pairs in events.items():
-            if pairs:
-                pairs[-1][1].synchronize()
-                out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1000.0
+            pairs[-1][1].synchronize()
+            out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1000.0
         return out
 
 
 class UtilisationSampler:
-    """Mean GPU utilisation (%) over a block, sampled every ``interval`` s; None where it cannot be read."""
+    """Mean GPU utilisation (%) over a block, sampled every 0.2 s; None where it cannot be read (no NVML)."""
 
-    def __init__(self, device: str | torch.device, interval: float = 0.2) -> None:
+    def __init__(self, device: str | torch.device) -> None:
         self.device = torch.device(device)
-        self.interval = interval
         self.samples: list[int] = []
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gpu-utilisation")
 
     def __enter__(self) -> UtilisationSampler:
-        if self.device.type == "cuda" and self._read() is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="gpu-utilisation")
+        if self.device.type == "cuda":
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join()
 
-    def _read(self) -> int | None:
-        try:
-            return int(torch.cuda.utilization(self.device))
-        except Exception:  # no NVML (pynvml) here, or the driver refuses: utilisation stays unknown
-            return None
-
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            value = self._read()
-            if value is not None:
-                self.samples.append(value)
+        while not self._stop.wait(0.2):
+            with contextlib.suppress(Exception):  # no NVML (pynvml) here, or the driver refuses
+                self.samples.append(int(torch.cuda.utilization(self.device)))
 
     @property
     def mean(self) -> float | None:

@@ -1,20 +1,11 @@
 """The vision transformer of DINO and DINOv2, in the official checkpoint layout.
 
-One small module, written to be read: parameter names match the official state dicts (so checkpoints load with
-``strict=True``), and the numerics match the official code (LayerNorm eps 1e-6, exact GELU, bicubic
-position-embedding interpolation with the historical +0.1 offset). Attention goes through
-``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest kernel available on the device.
-
-Two extras over the official code, both exact reformulations:
-
-- ``forward_features`` returns only what the pooling strategies need (the
-  normed [CLS] tokens of the last ``n`` blocks, and optionally the normed patch
-  tokens of the last block), so one forward serves Simple, Complex and GeM.
-- When the patch tokens of the last block are not needed, that block is run
-  for the [CLS] query alone: its keys and values still see every token, but
-  queries, attention output, projection and MLP are computed for one token.
-- The same pass yields the last block's [CLS] attention map (DINO's attention
-  maps), from the queries and keys that block computes anyway.
+Parameter names match the official state dicts (checkpoints load with ``strict=True``) and the numerics match
+the official code (LayerNorm eps 1e-6, exact GELU, bicubic position-embedding interpolation with the +0.1
+offset). Attention uses ``scaled_dot_product_attention``, the fastest kernel on the device. ``forward_features``
+returns only what the pooling strategies read, in one pass; when the last block's patch tokens are not needed,
+that block runs for the [CLS] query alone (its keys and values still see every token). The same pass yields the
+last block's [CLS] attention map.
 """
 
 from __future__ import annotations
@@ -51,20 +42,19 @@ class BackboneOutput:
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: a strided convolution, as the official code."""
 
-    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
+    def __init__(self, patch_size: int, embed_dim: int) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, ...]:
@@ -74,8 +64,8 @@ class Attention(nn.Module):
         if not cls_only:
             return self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], w[:C], None if b is None else b[:C]).reshape(B, 1, H, C // H).transpose(1, 2)
-        kv = F.linear(x, w[C:], None if b is None else b[C:]).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+        q = F.linear(x[:, :1], w[:C], b[:C]).reshape(B, 1, H, C // H).transpose(1, 2)
+        kv = F.linear(x, w[C:], b[C:]).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
         return q, kv[0], kv[1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,7 +103,7 @@ class Block(nn.Module):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
-        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.attn = Attention(dim, cfg.num_heads)
         self.ls1 = LayerScale(dim) if cfg.layerscale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.mlp = Mlp(dim, cfg.mlp_dim)
@@ -124,10 +114,8 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
     def forward_last(self, x: torch.Tensor, cls_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's output (for [CLS] alone with ``cls_only``: keys and values still from every token), and
-        [CLS]'s softmax attention to the patch tokens averaged over the heads, (B, N - 1): row 0 of the official
-        ``get_last_selfattention``, as ``visualize_attention.py`` shows it. One row of q k^T: the block's own
-        output still goes through the fused attention."""
+        """The block's output (for [CLS] alone with ``cls_only``), and [CLS]'s softmax attention to the patch
+        tokens averaged over the heads, (B, N - 1): row 0 of the official ``get_last_selfattention``."""
         q, k, v = self.attn.heads(self.norm1(x), cls_only)
         scores = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
         cls_attention = scores.float().softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
@@ -152,25 +140,17 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    @property
-    def patch_size(self) -> int:
-        return self.cfg.patch_size
-
     def interpolate_pos_encoding(self, npatch: int, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for an input of height x width pixels, as the official code.
-
-        The grid is resized bicubically with a scale factor of (n + 0.1) / M rather
-        than an output size: the official code does so (facebookresearch/dino#8),
-        and the scale factor, not the size, sets the sampling positions.
-        """
+        """Position embeddings for an input of height x width pixels, as the official code: the grid is resized
+        bicubically by a scale factor of (n + 0.1) / M, not to an output size (the factor sets the positions)."""
         pos = self.pos_embed
         M = pos.shape[1] - 1
         if npatch == M and height == width:
             return pos
         side = int(math.sqrt(M))
         dim = pos.shape[-1]
-        h0 = height // self.patch_size
-        w0 = width // self.patch_size
+        h0 = height // self.cfg.patch_size
+        w0 = width // self.cfg.patch_size
         grid = pos[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
         grid = F.interpolate(
             grid,
@@ -208,7 +188,7 @@ class VisionTransformer(nn.Module):
         depth = len(self.blocks)
         if not 1 <= n_last_blocks <= depth:
             raise ValueError(f"n_last_blocks must be in 1..{depth}, got {n_last_blocks}")
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
         x = self.prepare_tokens(x)
         cls = []
         for i, blk in enumerate(self.blocks[:-1]):
@@ -223,11 +203,8 @@ class VisionTransformer(nn.Module):
 
 
 def count_flops(cfg: ViTConfig, height: int, width: int, cls_only_last_block: bool = False) -> int:
-    """Multiply-adds x 2 of one image's forward pass (matmuls, attention, patch embedding).
-
-    Elementwise work (norms, GELU, softmax, residuals) is not counted: it is a
-    few percent of the total and is not what the matmul rate measures.
-    """
+    """Multiply-adds x 2 of one image's forward pass (matmuls, attention, patch embedding); elementwise work
+    (norms, GELU, softmax, residuals) is not counted."""
     p, d, m = cfg.patch_size, cfg.embed_dim, cfg.mlp_dim
     n = 1 + (height // p) * (width // p)
     patch = 2 * (n - 1) * (3 * p * p) * d

@@ -1,13 +1,13 @@
 """Finding, downloading, verifying and loading the official checkpoints.
 
 A backbone's checkpoint is an explicit path (``--weights PATH``), else ``$TORCH_HOME/hub/checkpoints/<file>``
-(torch.hub's cache, used without network), else downloaded there from its family's base URL (or an override),
-renamed into place only when complete; with neither, the error says which file to put where. The sha256 of
-every checkpoint used is recorded in the index manifest and checked again when the service embeds queries.
+(torch.hub's cache, used without network), else downloaded there from its family's base URL, renamed into place
+only when complete; with neither, the error says which file to put where. The sha256 of every checkpoint used is
+recorded in the index manifest and checked again when the service embeds queries.
 
-Models are memory-mapped (``torch.load(mmap=True)``, ``assign=True``): their weights are the page cache's pages
-of the file, shared by every worker that loads it. A checkpoint in torch's pre-1.6 format, which cannot be
-mapped, is converted once into ``mmap/<sha256 prefix>-<file name>`` beside the cache.
+Models are memory-mapped (``torch.load(mmap=True)``, ``assign=True``), so their weights are the page cache's
+pages of the file, shared by every worker. A checkpoint in torch's pre-1.6 format, which cannot be mapped, is
+converted once into ``mmap/<sha256 prefix>-<file name>`` beside the cache.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def checkpoint_url(backbone: Backbone, override: str | None = None) -> str:
-    """Where the checkpoint is published: under the override, its family's environment variable, or the official URL."""
-    base = override or os.environ.get(BASE_URL_ENV[backbone.family]) or DEFAULT_BASE_URL[backbone.family]
+def checkpoint_url(backbone: Backbone) -> str:
+    """Where the checkpoint is published: under its family's environment variable (a mirror), or the official URL."""
+    base = os.environ.get(BASE_URL_ENV[backbone.family]) or DEFAULT_BASE_URL[backbone.family]
     return f"{base.rstrip('/')}/{backbone.checkpoint}"
 
 
@@ -62,7 +62,6 @@ def resolve_checkpoint(
     backbone: Backbone,
     weights: str | os.PathLike | None = None,
     *,
-    url_override: str | None = None,
     download: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -75,7 +74,7 @@ def resolve_checkpoint(
     cached = checkpoint_dir() / backbone.filename
     if cached.is_file():
         return cached
-    url = checkpoint_url(backbone, url_override)
+    url = checkpoint_url(backbone)
     missing = f"The {backbone.label} checkpoint {backbone.filename} is not in {cached.parent}"
     hint = (
         f"Download {url} elsewhere and put it at {cached} (set TORCH_HOME to change the folder), "
@@ -94,10 +93,8 @@ def fetch_checkpoint(
     backbone: Backbone, expected_sha256: str, *, attempts: int = 4, backoff_s: float = 2.0, download: bool = True
 ) -> Path:
     """Have the backbone's checkpoint in the cache, verified and mappable, before any upload needs it (boot).
-
-    A lock file lets one of several processes download while the others wait. A failed download is retried;
-    ``WeightsUnavailable`` after the last attempt, at once for a sha256 mismatch or without downloads allowed.
-    """
+    One process downloads (a lock file) while the others wait; a failed download is retried. ``WeightsUnavailable``
+    after the last attempt, at once for a sha256 mismatch or without downloads allowed."""
     cached = checkpoint_dir() / backbone.filename
 
     def fetch() -> Path:
@@ -156,9 +153,7 @@ def load_model(
     backbone: Backbone, path: Path, device: str | torch.device = "cpu", *, sha256: str | None = None
 ) -> VisionTransformer:
     """Build the backbone and load the checkpoint with ``strict=True``, in eval mode, its weights mapped.
-
-    ``sha256`` (of ``path``, when the caller has it) names the converted copy of an unmappable file.
-    """
+    ``sha256`` (of ``path``, when the caller has it) names the converted copy of an unmappable file."""
     import torch
 
     from .vit import VisionTransformer
@@ -200,14 +195,14 @@ class ModelCache:
         device: str | torch.device = "cpu",
         expected_sha256: str | None = None,
         download: bool = True,
-        progress: bool = True,
     ) -> LoadedBackbone:
+        """The backbone's model, loaded on first use (a download shows no progress bar)."""
         key = (backbone.code, str(weights or ""), str(device))
         with self._lock:
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:  # one thread loads; the others wait for its model
             if key not in self._models:
-                path = resolve_checkpoint(backbone, weights, download=download, progress=progress)
+                path = resolve_checkpoint(backbone, weights, download=download, progress=False)
                 sha = sha256_file(path, cache=True)
                 _check_sha(path, backbone, sha, expected_sha256)  # before loading: a wrong file costs nothing
                 loaded = LoadedBackbone(backbone, load_model(backbone, path, device, sha256=sha), path, sha)
