@@ -69,4 +69,4 @@ def needs_model_pass(app: Flask, environ: dict) -> bool:
         variant = variant_param(args)
     except Problem:
         return False  # the view answers it with its 4xx
-    return svc.fallback_needs_fetch(appid, strategy, variant)
+    return svc.fetcher.needs_fetch(appid, strategy, variant)

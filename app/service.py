@@ -320,14 +320,6 @@ class Service:
         return self.overlay_png(strategy, [(a, map_a), (b, map_b)])
 
     # -- unknown appids: the optional CDN fallback (app/fallback.py) ---------------------------------
-    def fallback_needs_fetch(self, appid: int, strategy: str, variant: str = "") -> bool:
-        """Whether a lookup of this appid would fetch and embed a banner: it then counts as an upload."""
-        return (
-            self.fetcher is not None
-            and self.catalog.get(appid) is None
-            and self.fetcher.needs_fetch(appid, strategy, variant)
-        )
-
     def fallback_match(
         self, appid: int, strategy: str, k: int, host_url: str, offset: int = 0, variant: str = ""
     ) -> dict:
