@@ -94,6 +94,17 @@ def _decode(row: dict, preps: list[Preprocessing]) -> dict:
     return out | {"decoding": time.perf_counter() - t0}
 
 
+def _actors(cfg, on_gpu: bool, threads: int) -> int:
+    """How many embedding actors to start: --workers, else as many as the cluster has room for."""
+    gpus, cpus = (int(ray.cluster_resources().get(r, 0)) for r in ("GPU", "CPU"))
+    capacity = gpus if on_gpu else cpus // threads
+    actors = cfg.num_workers or capacity
+    if not 1 <= actors <= capacity:
+        asked = f"--workers {actors}" if cfg.num_workers else f"--device {cfg.device}, --threads {threads}"
+        raise SourceError(f"{asked}: the Ray cluster has {gpus} GPUs and {cpus} CPUs")
+    return actors
+
+
 def embed(
     cfg,
     precision: str,
@@ -108,14 +119,9 @@ def embed(
     """Embed what the cache lacks, backbone by backbone; returns how many banners were embedded (not failed)."""
     device = cfg.device
     batch_size = cfg.batch_size or default_batch_size(device)
-    gpus, cpus = (int(ray.cluster_resources().get(r, 0)) for r in ("GPU", "CPU"))
     threads = cfg.threads or 1
     on_gpu = device.startswith("cuda")
-    capacity = gpus if on_gpu else cpus // threads
-    actors = cfg.num_workers or capacity
-    if not 1 <= actors <= capacity:
-        asked = f"--workers {actors}" if cfg.num_workers else f"--device {device}, --threads {threads}"
-        raise SourceError(f"{asked}: the Ray cluster has {gpus} GPUs and {cpus} CPUs")
+    actors = _actors(cfg, on_gpu, threads)
     actor_needs = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": threads}
     embedded: set[int] = set()
     for code in dict.fromkeys(s.backbone.code for s in strategies):
