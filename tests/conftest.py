@@ -14,6 +14,9 @@ import http.client
 import http.server
 import json
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,16 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_unconfigure(config):
     background.stop_all()
+
+
+def kill_after_chunks(proc: subprocess.Popen, chunks: Path, timeout: float, count: int = 3) -> None:
+    """SIGKILL a running build once its work folder holds ``count`` embedded chunks (it must not finish first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(list(chunks.glob("*.npz"))) < count and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def arrays_of(index: Path) -> dict[str, bytes]:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, arrays_of, make_banner, make_catalog, sha256_of
+from conftest import ROOT, arrays_of, kill_after_chunks, make_banner, make_catalog, sha256_of
 
 from core.dino.extract import Extractor
 from core.dino.strategies import parse_strategies
@@ -265,12 +262,7 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, install_checkpoints
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(chunks.glob("*.npz"))) < 3 and proc.poll() is None:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the build finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_chunks(proc, chunks, timeout=120)
     done = len(list(chunks.glob("*.npz")))
     assert 3 <= done < 10
     assert not out.exists(), "an interrupted first build must not leave an index folder"

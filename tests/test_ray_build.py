@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, arrays_of, make_banner, make_catalog
+from conftest import ROOT, arrays_of, kill_after_chunks, make_banner, make_catalog
 
 from indexer.cli import build_index as build_index_cli
 
@@ -135,12 +135,7 @@ def test_a_killed_driver_resumes_from_the_work_folder(tmp_path, install_checkpoi
         start_new_session=True,  # its Ray processes too, to end them after the test
     )
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(list(chunks.glob("*.npz"))) < 3 and driver.poll() is None:
-            time.sleep(0.01)
-        assert driver.poll() is None, "the build finished before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_after_chunks(driver, chunks, timeout=240)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
