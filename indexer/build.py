@@ -30,12 +30,13 @@ from core.dino.timing import StageTimer, UtilisationSampler
 from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
 from core.files import os_error_words, sha256_file, sha256_files
 from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy, write_variant
+from core.index.layout import EMBEDDING_DTYPES
 from core.knn import topk_table
 from core.knn_device import topk_table_device
 from core.variants import apply_variant
 
 from .cache import EmbeddingCache, strategy_key, variant_key
-from .sources import DTYPES, SourceError, SourcePlan, plan_sources
+from .sources import SourceError, SourcePlan, plan_sources
 
 
 @dataclass
@@ -102,8 +103,8 @@ def _check_config(cfg: BuildConfig) -> None:
         raise SourceError("no strategy to build")
     if cfg.k < 1:
         raise SourceError(f"--k must be at least 1, got {cfg.k}")
-    if cfg.dtype not in DTYPES:
-        raise SourceError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if cfg.dtype not in EMBEDDING_DTYPES:
+        raise SourceError(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise SourceError("--batch-size must be at least 1")
     codes = {s.backbone.code for s in cfg.strategies}
@@ -377,11 +378,13 @@ class _Build:
         self.timer.add("writing", time.perf_counter() - t_start - t_tables)
 
     def _write_variants(self, writer: IndexWriter, s: Strategy, emb: np.ndarray, row_shas: list[str]) -> dict:
-        """Each variant's exact top-k among the plain embeddings (a float64 brute force); the manifest's entry."""
+        """Each variant's exact top-k among the plain embeddings (a float64 brute force, on the GPU on CUDA); the
+        manifest's entry."""
         entries = {}
         for variant in self.cfg.variants:
             vkey = variant_key(self.keys[s.name], variant)
             queries = np.stack([self.cache.get(vkey, h) for h in row_shas]).astype(self.cfg.dtype)
-            nbr, sco = topk_table_device(emb, self.cfg.k, "cpu", queries=queries, chunk_rows=256)
+            device = self.device if self.device.startswith("cuda") else "cpu"
+            nbr, sco = topk_table_device(emb, self.cfg.k, device, queries=queries, chunk_rows=256)
             entries[variant] = write_variant(writer, s.name, variant, queries, nbr, sco)
         return entries

@@ -11,8 +11,6 @@ from pathlib import Path
 
 from core.banners import scan_banners
 
-DTYPES = ("float16", "float32")  # of the stored embeddings
-
 
 class SourceError(ValueError):
     """Bad input (folder, apps list): the build stops before writing anything."""

@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.index.layout import EMBEDDING_DTYPES
 from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
-from indexer.sources import DTYPES, SourceError
+from indexer.sources import SourceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an explicit checkpoint instead of $TORCH_HOME/hub/checkpoints; BACKBONE= (S16, S8, B16, B8, S14, "
         "B14, L14) is needed when the strategies use several backbones; repeatable",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float16", help="storage type of embeddings (default: float16)")
+    p.add_argument(
+        "--dtype", choices=EMBEDDING_DTYPES, default="float16", help="storage type of embeddings (default: float16)"
+    )
     p.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
