@@ -137,7 +137,8 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         )
     device = cfg.device or default_device()
     if cfg.ray is not None:  # --device and --threads are the Ray actors'; the tables run here
-        cfg = replace(cfg, device=_ray_embed().start(cfg.ray, cfg.device))
+        ray_device, actors = _ray_embed().start(cfg.ray, cfg.device, cfg.num_workers, cfg.threads or 1)
+        cfg = replace(cfg, device=ray_device, num_workers=actors)
         device = default_device()
     configure_threads(None if cfg.ray is not None else cfg.threads)
     precision = cfg.precision or default_precision(cfg.device or device)

@@ -30,9 +30,11 @@ from .cache import EmbeddingCache
 from .sources import SourceError
 
 
-def start(address: str, device: str | None) -> str:
+def start(address: str, device: str | None, workers: int | None, threads: int) -> tuple[str, int]:
     """Join the cluster at ``address`` ("auto", "ray://host:10001"; "" starts a local instance), or this
-    process's Ray session if it has one. Returns the model actors' device: cuda when the cluster has GPUs."""
+    process's Ray session if it has one. Returns the model actors' device (cuda when the cluster has GPUs) and
+    how many actors to start (``workers``, else as many as the cluster has room for), checked before the build
+    writes anything."""
     if not ray.is_initialized():
         try:
             local = {} if address else {"include_dashboard": False}  # a client accepts no such arguments
@@ -47,7 +49,7 @@ def start(address: str, device: str | None) -> str:
     device = device or ("cuda" if gpus else "cpu")
     if device.startswith("cuda") and not gpus:
         raise SourceError("--device cuda: the Ray cluster has no GPU")
-    return device
+    return device, _actors(device, workers, threads)
 
 
 class _Embedder:
@@ -94,13 +96,12 @@ def _decode(row: dict, preps: list[Preprocessing]) -> dict:
     return out | {"decoding": time.perf_counter() - t0}
 
 
-def _actors(cfg, on_gpu: bool, threads: int) -> int:
-    """How many embedding actors to start: --workers, else as many as the cluster has room for."""
+def _actors(device: str, workers: int | None, threads: int) -> int:
     gpus, cpus = (int(ray.cluster_resources().get(r, 0)) for r in ("GPU", "CPU"))
-    capacity = gpus if on_gpu else cpus // threads
-    actors = cfg.num_workers or capacity
+    capacity = gpus if device.startswith("cuda") else cpus // threads
+    actors = workers or capacity
     if not 1 <= actors <= capacity:
-        asked = f"--workers {actors}" if cfg.num_workers else f"--device {cfg.device}, --threads {threads}"
+        asked = f"--workers {actors}" if workers else f"--device {device}, --threads {threads}"
         raise SourceError(f"{asked}: the Ray cluster has {gpus} GPUs and {cpus} CPUs")
     return actors
 
@@ -116,12 +117,12 @@ def embed(
     cache: EmbeddingCache,
     timer: StageTimer,
 ) -> int:
-    """Embed what the cache lacks, backbone by backbone; returns how many banners were embedded (not failed)."""
+    """Embed what the cache lacks, backbone by backbone, on ``cfg.num_workers`` actors (``start``'s count); returns
+    how many banners were embedded (not failed)."""
     device = cfg.device
     batch_size = cfg.batch_size or default_batch_size(device)
     threads = cfg.threads or 1
     on_gpu = device.startswith("cuda")
-    actors = _actors(cfg, on_gpu, threads)
     actor_needs = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": threads}
     embedded: set[int] = set()
     for code in dict.fromkeys(s.backbone.code for s in strategies):
@@ -142,7 +143,7 @@ def embed(
             _Embedder,
             fn_constructor_args=args,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
             **actor_needs,
         )
         names = [n for s in group for n in (s.name, s.attention_name)]

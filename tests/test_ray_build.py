@@ -159,3 +159,11 @@ def test_a_killed_driver_resumes_from_the_work_folder(tmp_path, install_checkpoi
 def test_the_service_and_the_local_build_never_import_ray():
     code = "import sys, app, serving.launch, indexer.build, indexer.cli.build_index; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_before_anything_is_written(catalog, tmp_path, run_main):
+    common, _ = catalog
+    r = run_main(build_index_cli.main, *common, "--out", str(tmp_path / "index"), "--ray", "--workers", "5")
+    assert r.returncode == 2
+    assert "--workers 5: the Ray cluster has 0 GPUs and 2 CPUs" in r.stderr
+    assert list(tmp_path.iterdir()) == []
