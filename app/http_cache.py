@@ -31,12 +31,14 @@ class HttpCache:
         return f'"{self.build}-{zlib.crc32(key):08x}"'
 
     def not_modified(self, etag: str) -> Response | None:
-        """A 304 when the client already holds this answer (If-None-Match names the tag, or is ``*``)."""
-        if not request.if_none_match.contains_weak(etag.strip('"')):
+        """A 304 when the client already holds this answer: If-None-Match names the tag, or is ``*``, or names the
+        tag flask-compress gave the compressed answer (``"<tag>:gzip"``), which is what browsers send back."""
+        tag = etag.strip('"')
+        compressed = [f"{tag}:{algorithm}" for algorithm in current_app.config["COMPRESS_ALGORITHM"]]
+        held = next((t for t in (tag, *compressed) if request.if_none_match.contains_weak(t)), None)
+        if held is None:
             return None
-        resp = current_app.response_class(status=304)
-        self.mark(resp, etag)
-        return resp
+        return self.mark(current_app.response_class(status=304), f'"{held}"')
 
     def mark(self, resp: Response, etag: str) -> Response:
         resp.headers["ETag"] = etag

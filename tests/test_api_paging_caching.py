@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from app.config import ConfigError, Settings
+from app.params import EXTENSION_KEY
 
 
 def tables(built_index, strategy):
@@ -113,6 +114,16 @@ def test_etag_and_cache_control_on_precomputed_answers(client, url):
     assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == etag
     assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
     assert client.get(url, headers={"If-None-Match": f'"x", {etag}'}).status_code == 304
+
+
+def test_a_compressed_answers_etag_gets_a_304_without_building_the_answer(client, monkeypatch):
+    """flask-compress tags a gzipped answer "<tag>:gzip": sent back, it is answered from the tag alone."""
+    zipped = client.get("/match/10?k=10", headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers["Content-Encoding"] == "gzip" and zipped.headers["ETag"].endswith(':gzip"')
+    service = client.application.extensions[EXTENSION_KEY]
+    monkeypatch.setattr(service, "table_payload", lambda *a, **kw: pytest.fail("the answer was built again"))
+    again = client.get("/match/10?k=10", headers={"Accept-Encoding": "gzip", "If-None-Match": zipped.headers["ETag"]})
+    assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == zipped.headers["ETag"]
 
 
 def test_etag_follows_the_parameters_and_the_index(make_client, client, built_index, tmp_path):
