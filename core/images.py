@@ -71,13 +71,16 @@ def open_image(
     if img.format in JPEG_FORMATS:
         _bound_jpeg(img, data, target, max_pixels)
     img = _load(img, data)
-    out = _reduce_to_rgb(img, resize_to)
-    out.info["source_size"] = (width, height)
+    exif, turned = None, False
     with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
         exif = img.getexif()
+        turned = exif.get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # a quarter turn: shown as height x width
+    out = _reduce_to_rgb(img, resize_to, turned)
+    out.info["source_size"] = (width, height)
+    with contextlib.suppress(Exception):
         out.info["exif"] = exif.tobytes()  # the conversion dropped it
-        ImageOps.exif_transpose(out, in_place=True)
-        if exif.get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: shown as height x width
+        ImageOps.exif_transpose(out, in_place=True)  # which removes the orientation from ``exif``
+        if turned:
             out.info["source_size"] = (height, width)
     return out
 
@@ -193,12 +196,15 @@ def check_geometry(
     return rw, rh
 
 
-def _reduce_to_rgb(img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None) -> Image.Image:
+def _reduce_to_rgb(
+    img: Image.Image, resize_to: Callable[[int, int], tuple[int, int]] | None, turned: bool = False
+) -> Image.Image:
     """RGB; an image many times larger than needed is also shrunk by an integer factor (box filter) to at least
-    twice the resized size, in bands each converted first, so that a conversion's copies cost a band."""
+    twice the resized size (of the image as shown: ``turned`` a quarter by its EXIF orientation), in bands each
+    converted first, so that a conversion's copies cost a band."""
     factor = 1
     if resize_to is not None:
-        tw, th = resize_to(img.width, img.height)
+        tw, th = resize_to(img.width, img.height) if not turned else resize_to(img.height, img.width)[::-1]
         factor = min(img.width // (2 * tw), img.height // (2 * th))
     if factor < 2:
         return to_rgb(img)

@@ -80,7 +80,16 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     out = open_image(_encode(img, "JPEG", exif=exif))
-    assert out.size == (10, 20)
+    assert out.size == (10, 20) and out.info["source_size"] == (10, 20)
+
+
+def test_a_rotated_image_is_shrunk_by_its_size_as_shown():
+    """A fixed, non-square resize (``full``'s 224 x 336) bounds the image as shown, not as stored: no less than
+    twice that size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = open_image(_encode(Image.new("RGB", (2000, 3000)), "PNG", exif=exif), resize_to=lambda w, h: (224, 336))
+    assert out.size == (1500, 1000) and out.info["source_size"] == (3000, 2000)
 
 
 def test_source_size_of_a_rotated_image_shrunk_to_a_square():
