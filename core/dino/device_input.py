@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL import ExifTags, Image
 
 from core.images import ImageRejected, check_geometry, check_jpeg_scans, check_progressive_jpeg, open_image
 
@@ -66,7 +65,7 @@ def plain_jpeg(data: bytes, max_pixels: int, resize_to: Callable[[int, int], tup
             continue
         length = int.from_bytes(data[i + 2 : i + 4], "big")
         segment = data[i + 4 : i + 2 + length]
-        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and _exif_orientation(segment) not in (None, 1):
+        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and _exif_orientation(segment[6:]) not in (None, 1):
             return False
         if marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
             adobe_rgb = segment[11] == 0
@@ -105,12 +104,22 @@ def _within_limits(data: bytes, width: int, height: int, resize_to, progressive,
     return True
 
 
-def _exif_orientation(exif: bytes) -> int | None:
-    """The Orientation tag of an EXIF block as Pillow reads it for ``open_image``; None if absent or unreadable."""
-    tags = Image.Exif()
-    with contextlib.suppress(Exception):
-        tags.load(exif)
-    return tags.get(ExifTags.Base.Orientation)
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag of IFD0 of an EXIF block, or None (absent or unreadable: left to Pillow). Read here,
+    as Pillow's ``Image.Exif`` parses every tag: ten times slower, in the GIL-bound preparing thread."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    for e in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
+        entry = tiff[ifd + 2 + 12 * e : ifd + 14 + 12 * e]
+        if len(entry) < 12:
+            return None
+        if int.from_bytes(entry[:2], order) == 0x0112:
+            return int.from_bytes(entry[8:10], order)
+    return None
 
 
 class Prepared(NamedTuple):
