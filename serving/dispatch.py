@@ -115,11 +115,15 @@ class AppCall:
             finally:
                 if hasattr(result, "close"):
                     result.close()
+            worker.log.access(resp, req, environ, datetime.now() - started)
         except Exception:
             worker.log.exception("Error handling request %s %s", req.method, req.uri)
             return [error_response(500, "internal_error", "an unexpected error occurred; it has been logged")], False
-        worker.log.access(resp, req, environ, datetime.now() - started)
-        worker.cfg.post_request(worker, req, environ, resp)
+        finally:
+            try:  # as gunicorn's own workers: after every request, and a failing hook fails nothing else
+                worker.cfg.post_request(worker, req, environ, resp)
+            except Exception:
+                worker.log.exception("Exception in post_request hook")
         return self.parts, not resp.should_close()
 
 

@@ -144,6 +144,47 @@ def test_model_passes_are_classified_on_the_route_the_app_matches(make_app, head
     )
 
 
+@pytest.mark.parametrize("app_fails", [False, True])
+def test_request_hooks_run_around_every_call_and_a_failing_post_request_costs_nothing(app_fails, caplog):
+    """gunicorn's pre_request/post_request, as its own workers run them: post_request after every request, even
+    a failed one, and an exception in it is logged without touching the answer (or the worker's loop)."""
+    seen = []
+    cfg = Config()
+    cfg.set("pre_request", lambda worker, req: seen.append(("pre", req.path)))
+
+    def post_request(worker, req, environ, resp):
+        seen.append(("post", req.path))
+        raise RuntimeError("a broken hook")
+
+    def wsgi(environ, start_response):
+        if app_fails:
+            raise RuntimeError("a broken app")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    class Log(logging.LoggerAdapter):  # gunicorn's logger: the standard one, and an access log
+        def access(self, *args) -> None:
+            seen.append(("access", args[1].path))
+
+    cfg.set("post_request", post_request)
+    worker = types.SimpleNamespace(
+        cfg=cfg,
+        log=Log(logging.getLogger("test"), {}),
+        wsgi=wsgi,
+        nr=0,
+        max_requests=10,
+        alive=True,
+        workers_ready=None,
+    )
+    call = AppCall(worker, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n", ("127.0.0.1", 1), ("127.0.0.1", 2))
+    parts, keep = call.run()
+    answer = b"".join(parts)
+    assert seen == [("pre", "/x"), ("post", "/x")] if app_fails else [("pre", "/x"), ("access", "/x"), ("post", "/x")]
+    assert answer.startswith(b"HTTP/1.1 500" if app_fails else b"HTTP/1.1 200") and keep is not app_fails
+    assert answer.endswith(b'has been logged"}}' if app_fails else b"\r\n\r\nok")
+    assert "Exception in post_request hook" in caplog.text
+
+
 # -- the real service (gunicorn.conf.py, serving.worker.BufferedWorker) ----------------------------
 
 
