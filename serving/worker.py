@@ -341,7 +341,9 @@ class BufferedWorker(base.Worker):
         if isinstance(call, bytes):
             self._respond(conn, [call], False)
         elif not self.limits.is_heavy(call.environ):
-            if self._surplus():  # this connection goes; its client reconnects, to a less busy worker
+            # this connection goes, unless its client has sent its next requests already (they would be dropped
+            # unanswered); its client reconnects, to a less busy worker
+            if not conn.buf and self._surplus():
                 conn.shed = True
                 self.shedding += 1
                 call.resp.force_close()
