@@ -58,7 +58,7 @@ _PARSE_ERRORS = {
 def refusal(e: Exception) -> bytes:
     """The answer to a request the parser refused: its status and code, in the API's JSON."""
     if isinstance(e, RequestError):
-        return error_response(e.status, e.code, e.message)
+        return error_response(e.status, e.code, e.message, e.retry_after)
     if isinstance(e, (StopIteration, http_errors.NoMoreData)):
         return error_response(400, "bad_request", "incomplete request")
     status, code = _PARSE_ERRORS.get(type(e).__name__, (400, "bad_request"))

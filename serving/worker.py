@@ -20,7 +20,7 @@ from collections import deque
 from gunicorn.workers import base
 
 from .board import FREE, READY, STOPPING, Board
-from .dispatch import AppCall, HeavyPool, Limits, busy_answer, client_ip
+from .dispatch import AppCall, HeavyPool, Limits, busy_answer, client_ip, refusal
 from .http1 import MAX_HEAD_BYTES, ChunkScanner, RequestError, error_response, head_framing
 
 TICK = 0.25  # seconds between deadline sweeps and heartbeats
@@ -283,7 +283,7 @@ class BufferedWorker(base.Worker):
             end = self._frame(conn)
         except RequestError as e:
             self.log.info("refused a request from %s: %d %s", client_ip(conn.addr), e.status, e.message)
-            self._respond(conn, [error_response(e.status, e.code, e.message, e.retry_after)], False)
+            self._respond(conn, [refusal(e)], False)
             return
         if end is None:
             self._watch(conn, selectors.EVENT_READ)
