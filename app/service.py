@@ -67,7 +67,10 @@ class Service:
         self.matcher = Matcher(index, settings)
         self.build_id = build_id(index)
         self.http_cache = HttpCache(self.build_id, settings.cache_max_age)
-        self.preload = self._named("PRELOAD_MODELS", settings.preload_models)
+        if settings.preload_models == ["all"]:
+            self.preload = list(self.strategy_names)
+        else:
+            self.preload = self._named("PRELOAD_MODELS", settings.preload_models, "; or 'all'")
         self.url_fetcher, self.fetcher = None, None  # POST /match {"url": ...}, and the CDN fallback: opt-in
         if settings.url_fetch:
             networks = public_only(settings.url_fetch_allow_networks)
@@ -76,16 +79,15 @@ class Service:
             self.fetcher = CdnFallback(settings, lambda s, image: self.embed_or_503(s, image)[0])
         self.patch_maps = functools.lru_cache(maxsize=PAIRS_REMEMBERED)(self._patch_maps)
 
-    def _named(self, setting: str, wanted: list[str]) -> list[str]:
-        """A setting's strategies resolved to the index's (``all``: every one); a name it lacks stops start-up."""
-        if wanted == ["all"] and setting == "PRELOAD_MODELS":
-            return list(self.strategy_names)
+    def _named(self, setting: str, wanted: list[str], also: str = "") -> list[str]:
+        """A setting's strategies resolved to the index's; a name it lacks stops start-up (``also``: what else the
+        setting takes, for the message)."""
         resolved = [self.resolve_strategy(w) for w in wanted]
         unknown = [w for w, r in zip(wanted, resolved, strict=True) if r is None]
         if unknown:
             raise ValueError(
                 f"{setting}={','.join(wanted)!r}: {', '.join(unknown)} not in the index {self.index.path} "
-                f"(it has {', '.join(self.strategy_names)})"
+                f"(it has {', '.join(self.strategy_names)}{also})"
             )
         return list(dict.fromkeys(resolved))
 

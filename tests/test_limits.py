@@ -309,9 +309,12 @@ def index_copy(built_index, tmp_path):
     return dst
 
 
-def test_zero_byte_array_and_unknown_preload_stop_startup_with_one_line(index_copy, make_app):
-    with pytest.raises(StartupError, match="PRELOAD_MODELS='Nope': Nope not in the index"):
+def test_zero_byte_array_and_unknown_preload_stop_startup_with_one_line(index_copy, make_app, built_index):
+    with pytest.raises(StartupError, match=r"PRELOAD_MODELS='Nope': Nope not in the index .*; or 'all'\)"):
         make_app(preload_models=["Nope"])
+    assert make_app(preload_models=["all"]).extensions[EXTENSION_KEY].preload == list(built_index.strategies)
+    with pytest.raises(StartupError, match=r"DEFAULT_STRATEGY='all': all not in the index [^;]*\)"):
+        make_app(default_strategy="all")
     (index_copy / "SimpleS16" / "neighbours.npy").write_bytes(b"")
     with pytest.raises(IndexInvalid, match=r"neighbours\.npy: not a readable \.npy file"):
         load_index(index_copy, verify="quick")
