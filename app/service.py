@@ -216,7 +216,7 @@ class Service:
         rows, scores, search_ms = self.matcher.search(strategy, vec, offset + k)
         timings = {"decode": upload.decode_ms, **timings, **search_ms}
         payload = self.match_payload(
-            strategy, upload.describe(), rows[offset:], scores[offset:], host_url, offset, variant
+            strategy, upload.query, rows[offset:], scores[offset:], host_url, offset, variant
         )
         if embedding:
             payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()

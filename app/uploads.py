@@ -32,9 +32,6 @@ class Upload:
     decode_ms: float
     query: dict  # what the answer's ``query`` says of the upload
 
-    def describe(self) -> dict:
-        return self.query
-
 
 def read_upload() -> bytes:
     """The raw bytes of the uploaded image; a problem (400/413/415) when the request does not carry one."""
