@@ -16,7 +16,7 @@ def parse_bool(name: str, raw: str | None, default: bool) -> bool:
         return default
     if value in TRUE or value in FALSE:
         return value in TRUE
-    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
+    raise ValueError(f"{name}={value[:40]!r}: expected 1/0, true/false, yes/no or on/off")  # echoed, bounded
 
 
 def parse_whole(name: str, raw: str | None, default: int, lo: int, hi: int | None = None) -> int:

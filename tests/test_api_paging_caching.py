@@ -84,6 +84,8 @@ def test_upload_embedding_and_mirror_flip(client, built_index):
     assert [m["appid"] for m in both["matches"]] == [m["appid"] for m in body["matches"]]
     bad = client.post("/match?mirror=maybe", data=upside, content_type="image/png")
     assert bad.status_code == 400 and bad.get_json()["error"]["parameter"] == "mirror"
+    long = client.get("/match/10?flip=" + "x" * 4000).get_json()["error"]  # echoed, but only its start
+    assert long["parameter"] == "flip" and "'" + "x" * 40 + "'" in long["message"] and len(long["message"]) < 200
 
 
 def test_mirror_lookup_without_tables_names_the_build_option(client):
