@@ -61,8 +61,8 @@ class CdnFallback:
         """The banner's embedding and URL; NotFound when Steam has none, UpstreamFailed when the store fails us."""
         key = (appid, strategy, variant)
         found = self._cached(key)
-        if found is None:
-            found = self._shared(key, lambda: self._fetch_and_embed(key, resize_to))
+        if found is None:  # the flight checks again: a fetch of this key may have finished since
+            found = self._shared(key, lambda: self._cached(key) or self._fetch_and_embed(key, resize_to))
         if isinstance(found, UpstreamFailed):  # a fresh exception: the remembered one is shared between threads
             raise UpstreamFailed(found.code, found.message)
         if found is ABSENT:

@@ -215,9 +215,7 @@ class Service:
         vec, heat, timings = self.embed_or_503(strategy, apply_variant(upload.image, variant))
         rows, scores, search_ms = self.matcher.search(strategy, vec, offset + k)
         timings = {"decode": upload.decode_ms, **timings, **search_ms}
-        payload = self.match_payload(
-            strategy, upload.query, rows[offset:], scores[offset:], host_url, offset, variant
-        )
+        payload = self.match_payload(strategy, upload.query, rows[offset:], scores[offset:], host_url, offset, variant)
         if embedding:
             payload["embedding"] = np.asarray(vec, dtype=np.float32).tolist()
         if attention:

@@ -223,6 +223,26 @@ def test_fallback_failures_are_cached_for_a_ttl(fallback):
     assert cdn.hits[500] == 3  # a TTL of 0: every miss asks again
 
 
+def test_fallback_a_miss_that_raced_a_finished_fetch_uses_its_answer(fallback):
+    """A lookup that missed the memory just before another lookup's fetch was remembered fetches nothing again."""
+    cdn, make = fallback
+    svc = make(fallback_negative_ttl=60)
+    with pytest.raises(UpstreamFailed):
+        svc.fallback_match(500, "SimpleS16", 3, "/")
+    cached, missed = svc.fetcher._cached, []
+
+    def racing(key):  # the first check comes before the other fetch was remembered
+        if not missed:
+            missed.append(key)
+            return None
+        return cached(key)
+
+    svc.fetcher._cached = racing
+    with pytest.raises(UpstreamFailed, match="answered 500"):
+        svc.fallback_match(500, "SimpleS16", 3, "/")
+    assert missed and cdn.hits[500] == 1
+
+
 @pytest.mark.slow  # a model load
 def test_fallback_concurrent_misses_share_one_fetch_and_one_model_pass(fallback):
     cdn, make = fallback
