@@ -32,19 +32,23 @@ def install(app: Flask, settings: Settings) -> None:
         headers_enabled=True,
         swallow_errors=True,
     )
-    charged = limiter.shared_limit(
-        rate, scope="uploads", exempt_when=lambda: not needs_model_pass(current_app, request.environ)
-    )
+    charged = limiter.shared_limit(rate, scope="uploads", exempt_when=_not_charged)
     for endpoint in (*MODEL_ENDPOINTS, "api.match_appid") if settings.fallback_fetch else MODEL_ENDPOINTS:
         app.view_functions[endpoint] = charged(app.view_functions[endpoint])  # the check runs in the wrapper
+
+
+def _not_charged() -> bool:
+    """The limit's exemption, in the view's wrapper: on the route Flask matched, not matched again."""
+    svc = current_app.extensions.get(EXTENSION_KEY)
+    return not _routed_needs_model_pass(svc, request.endpoint, request.view_args or {}, request.args)
 
 
 def needs_model_pass(app: Flask, environ: dict) -> bool:
     """Whether a request runs a model pass: an upload, a pair's /why, or a lookup of a game that is not in the
     index whose banner is fetched from the CDN (FALLBACK_FETCH, not cached yet).
 
-    The rate limit charges these, and the serving worker runs them in its heavy pool. Both decide on the
-    route as Flask matches it, so an absolute-form target or a percent-encoded path is classified as routed.
+    The serving worker runs these in its heavy pool. It decides on the route as Flask matches it, so an
+    absolute-form target or a percent-encoded path is classified as routed.
     """
     svc = app.extensions.get(EXTENSION_KEY)  # None while a fetched index is not ready
     fallback = svc is not None and svc.fetcher is not None
@@ -56,11 +60,15 @@ def needs_model_pass(app: Flask, environ: dict) -> bool:
         endpoint, view_args = app.url_map.bind_to_environ(environ).match()
     except HTTPException:  # 404, 405, a redirect: answered without a model
         return False
+    return _routed_needs_model_pass(svc, endpoint, view_args, app.request_class(environ).args)
+
+
+def _routed_needs_model_pass(svc, endpoint: str | None, view_args: dict, args) -> bool:
+    """``needs_model_pass`` of a routed request; the rate limit, in the view's wrapper, asks it of Flask's match."""
     if endpoint in MODEL_ENDPOINTS:
         return True
-    if endpoint != "api.match_appid" or not fallback:
+    if endpoint != "api.match_appid" or svc is None or svc.fetcher is None:
         return False
-    args = app.request_class(environ).args
     try:
         appid = parse_appid(view_args["appid"])
         if svc.catalog.get(appid) is not None:  # every lookup of an indexed game, whatever its parameters
