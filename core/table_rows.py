@@ -46,7 +46,7 @@ class RowReader:
             raise IndexError(f"row indices out of range for {len(self.table)} rows")
         out = np.empty((rows.size, self.table.shape[1]), dtype=self.table.dtype)
         for i, row in enumerate(rows.tolist()):
-            out[i] = self._read(row, 1)[0]
+            self._read(row, 1, out[i : i + 1])
         return out
 
     def column(self, j: int) -> np.ndarray:
@@ -57,9 +57,10 @@ class RowReader:
         step = max(1, _CHUNK_BYTES // self._row_bytes)
         return np.concatenate([self._read(first, min(step, n - first))[:, j] for first in range(0, n, step)])
 
-    def _read(self, first: int, count: int) -> np.ndarray:
-        """``count`` rows from row ``first`` of the file: one read, into a new array."""
-        out = np.empty((count, self.table.shape[1]), dtype=self.table.dtype)
+    def _read(self, first: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``count`` rows from row ``first`` of the file: one read, into ``out`` (C-ordered) or a new array."""
+        if out is None:
+            out = np.empty((count, self.table.shape[1]), dtype=self.table.dtype)
         at = self._offset + first * self._row_bytes
         if os.preadv(self._fd, [memoryview(out).cast("B")], at) != out.nbytes:
             raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
