@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,11 +38,11 @@ from bench.common import (
     base_parser,
     load_apps,
     machine_line,
-    memory_of,
     percentile,
     pin_many,
     print_table,
     running_server,
+    service_workspace,
 )
 from bench.memory import memory_limit, request
 from bench.upload import post
@@ -77,20 +76,18 @@ def main() -> None:
     args = parse_args()
     res = Results("scale")
     print(machine_line(), flush=True)
-    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as tmp:
-        strategies = parse_strategies(args.serve)
-        serve = [s.name for s in strategies]
-        ws.ensure_checkpoints(sorted({s.backbone.code for s in strategies}))
-        info = ws.ensure_index(args.apps)
+    strategies = parse_strategies(args.serve)
+    serve = [s.name for s in strategies]
+    with service_workspace(args, sorted({s.backbone.code for s in strategies})) as (ws, info, tmp):
         sizes = index_sizes(ws.index, info["strategies"])
         tables = table_times(ws.index, args)
-        served = subset_index(ws.index, Path(tmp) / "served", serve)
-        whole = startup_only(ws, ws.index, Path(tmp))
-        runs = {0: serve_run(ws, served, serve, None, Path(tmp), args)}
+        served = subset_index(ws.index, tmp / "served", serve)
+        whole = startup_only(ws, ws.index, tmp)
+        runs = {0: serve_run(ws, served, serve, None, tmp, args)}
         cgroup = memory_limit(args.limit_mib)  # None: no limit asked, or none can be made here (said why)
         if cgroup is not None:
             try:
-                runs[args.limit_mib] = serve_run(ws, served, serve, cgroup, Path(tmp), args)
+                runs[args.limit_mib] = serve_run(ws, served, serve, cgroup, tmp, args)
             finally:
                 peak, oom = cgroup.peak() / MIB, cgroup.oom_kills()
                 cgroup.remove()
@@ -200,8 +197,9 @@ def serve_run(ws: Workspace, index: Path, serve: list[str], cgroup, logs: Path, 
         out["lookups"] = timed_gets(conn, [f"/match/{rng.choice(appids)}?k=10" for _ in range(args.lookups)])
         names = [f"/apps?q={quote_plus(q)}&limit={rng.randint(5, 20)}" for q in NAME_QUERIES * 4]
         out["names"] = timed_gets(conn, [names[i % len(names)] for i in range(args.lookups)])
-        out["pss"] = sum(memory_of(pid)["pss"] for pid in [srv.pid, *pids])
-        out["anon"] = sum(smaps_rollup(pid)["Pss_Anon"] for pid in [srv.pid, *pids]) / MIB
+        rollups = [smaps_rollup(pid) for pid in [srv.pid, *pids]]
+        out["pss"] = sum(r["Pss"] for r in rollups) / MIB
+        out["anon"] = sum(r["Pss_Anon"] for r in rollups) / MIB
     return out
 
 

@@ -48,6 +48,7 @@ from bench.common import (
     percentile,
     print_table,
     running_server,
+    service_workspace,
     verify_matches,
 )
 from bench.pressure import SlowClients, Uploaders
@@ -262,9 +263,7 @@ def main() -> None:
     args, client = parse_args()
     res = Results("serve")
     print(machine_line(), flush=True)
-    with Workspace(args.workdir) as ws, tempfile.TemporaryDirectory() as logs:
-        ws.ensure_checkpoints(["S16"])  # first: the index records its sha256
-        params = ws.ensure_index(args.apps)
+    with service_workspace(args, ["S16"]) as (ws, params, logs):
         rng = random.Random(args.seed)
         appids = [a["appid"] for a in load_apps(ws.index)]
         paths = [f"/match/{rng.choice(appids)}?k=10" for _ in range(min(20000, 4 * len(appids)))]
