@@ -17,27 +17,6 @@ import time
 from collections import Counter
 
 
-class ClientThreads:
-    """Client threads, each running ``_run(i)`` until ``_stop`` is set: started and stopped with the block."""
-
-    def __init__(self, n: int) -> None:
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, i: int) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=90)
-
-
 class SlowClients:
     def __init__(self, host: str, port: int, n: int, interval: float = 1.0) -> None:
         self.host, self.port, self.n, self.interval = host, port, n, interval
@@ -83,14 +62,15 @@ class SlowClients:
         self._thread.join()
 
 
-class Uploaders(ClientThreads):
+class Uploaders:
     def __init__(self, host: str, port: int, n: int, body: bytes, strategy: str = "SimpleS16") -> None:
-        super().__init__(n)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
         self.host, self.port, self.body, self.strategy = host, port, body, strategy
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def _run(self, _i: int) -> None:
+    def _run(self) -> None:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         headers = {"Content-Type": "image/jpeg"}
         while not self._stop.is_set():
@@ -107,3 +87,13 @@ class Uploaders(ClientThreads):
             if retry:
                 self._stop.wait(float(retry))
         conn.close()
+
+    def __enter__(self) -> Uploaders:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
