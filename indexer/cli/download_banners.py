@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
+from core.http import is_http_url
 from core.steam import ASSETS_URL, setting
 from indexer.cli._common import BAD_INPUT, error, interrupted, number
 
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         apps = load_apps(args.apps if args.apps is not None else DEFAULT_APPS_FILE)
     except AppsInvalid as exc:
         return error(exc, BAD_INPUT)
-    url = urlparse(args.assets_url)
-    if url.scheme not in ("http", "https") or not url.netloc:
+    if not is_http_url(args.assets_url):
         return error(f"--cdn-url must be an http(s) URL, got {args.assets_url!r}", BAD_INPUT)
     if args.out.exists() and not args.out.is_dir():
         return error(f"--out {args.out} exists and is not a folder", BAD_INPUT)

@@ -15,8 +15,8 @@ import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlparse
 
+from core.http import is_http_url
 from core.steam import API_URL, STEAMSPY_URL, is_ascii_digits, setting
 from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted, number
 
@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _bad_input(args: argparse.Namespace) -> str | None:
     """Why the settings or the output folder cannot be used, checked before any request; None when they can."""
     for name, default in (("STEAM_API_URL", API_URL), ("STEAMSPY_URL", STEAMSPY_URL)):
-        url = urlparse(setting(name, default))
-        if url.scheme not in ("http", "https") or not url.netloc:
+        if not is_http_url(setting(name, default)):
             return f"{name}={setting(name, default)!r}: expected an http(s) URL"
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
