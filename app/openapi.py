@@ -352,11 +352,6 @@ def document() -> dict:
     return copy.deepcopy({"openapi": "3.1.0", "info": INFO, "paths": paths, "components": {"schemas": SCHEMAS}})
 
 
-def operations(doc: dict) -> set[tuple[str, str]]:
-    """(METHOD, path) of every operation in a document, paths as Flask writes them (``/match/<appid>``)."""
-    return {(m.upper(), path.replace("{", "<").replace("}", ">")) for path, item in doc["paths"].items() for m in item}
-
-
 def specialise(doc: dict, strategies: list[str], max_k: int, apps: int, max_batch: int, variants: bool) -> dict:
     """``doc`` narrowed, in place, to this service's index: its strategy names and the widths of its tables.
 
