@@ -41,12 +41,10 @@ def public_only(allow_networks: list[str] | tuple[str, ...] = ()) -> Callable[[I
 
 
 class UrlFetcher:
-    def __init__(
-        self, timeout_s: float, max_bytes: int, allow_address: Callable[[IPAddress], bool] | None = None
-    ) -> None:
+    def __init__(self, timeout_s: float, max_bytes: int, allow_address: Callable[[IPAddress], bool]) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self.allow_address = allow_address or public_only()
+        self.allow_address = allow_address
 
     def fetch(self, url: str) -> bytes:
         """The body at ``url`` (after at most MAX_REDIRECTS checked redirects); a problem otherwise."""

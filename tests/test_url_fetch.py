@@ -152,7 +152,7 @@ def test_refused_targets(image_server, path, kind, code):
 )
 def test_refused_urls(url, kind):
     with pytest.raises(kind):
-        UrlFetcher(1.0, 1000).fetch(url)  # the default policy: public addresses only
+        UrlFetcher(1.0, 1000, public_only()).fetch(url)  # the service's policy: public addresses only
 
 
 def test_post_match_by_url(make_client, image_server):
