@@ -44,8 +44,8 @@ from bench.reference_vit import reference_features, reference_model
 from core.dino.backbones import BACKBONES
 from core.dino.extract import Extractor, configure_threads
 from core.dino.strategies import parse_strategies
-from core.dino.vit import count_flops
 from core.dino.weights import ModelCache
+from devtools.flops import count_flops
 
 S16_TARGET = 0.75  # ViT-S/16 at >= 75% of the measured matmul rate
 

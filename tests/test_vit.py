@@ -10,7 +10,8 @@ import torch
 from conftest import FIXTURES
 
 from core.dino.backbones import BACKBONES
-from core.dino.vit import VisionTransformer, ViTConfig, count_flops
+from core.dino.vit import VisionTransformer, ViTConfig
+from devtools.flops import count_flops
 
 DINO = FIXTURES / "dino"
 DINOV2 = FIXTURES / "dinov2"
