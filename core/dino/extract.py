@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.cpu import cpu_cores
 from core.images import DEFAULT_MAX_PIXELS
 
-from .device_input import Decoder, DeviceBatches, decode_on_cpu
+from .device_input import DeviceBatches, decode_on_cpu
 from .preprocess import Preprocessing, largest_resize
 from .strategies import Needs, Strategy
 from .timing import StageTimer
@@ -196,27 +196,25 @@ class Extractor:
         *,
         batch_size: int | None = None,
         num_workers: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         decode: str | None = None,
-        decoder: Decoder | None = None,
         timer: StageTimer | None = None,
         image_op: Callable[[Image.Image], Image.Image] | None = None,
     ) -> Iterator[Batch]:
         """Embed image files in order, batch by batch; unreadable files come back as failures. ``decode``: ``cpu``
-        or ``device`` (with ``decoder``, default nvJPEG's), default ``default_decode()``; ``timer`` collects
-        seconds per stage and counts; ``image_op`` (picklable) transforms each image first, on the ``cpu`` path."""
+        or ``device`` (nvJPEG), default ``default_decode()``; ``timer`` collects seconds per stage and counts;
+        ``image_op`` (picklable) transforms each image first, on the ``cpu`` path."""
         batch_size = batch_size or default_batch_size(self.device.type)
         decode = "cpu" if image_op is not None else decode or self.default_decode()
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}")
         paths = [Path(p) for p in paths]
         if decode == "device":
-            yield from self._iter_on_device(paths, batch_size, num_workers, max_pixels, decoder, timer)
+            yield from self._iter_on_device(paths, batch_size, num_workers, timer)
             return
         workers = default_num_workers() if num_workers is None else num_workers
         batches = iter(
             DataLoader(
-                _ImageFiles(paths, self.transforms, max_pixels, self.preprocessings, image_op),
+                _ImageFiles(paths, self.transforms, DEFAULT_MAX_PIXELS, self.preprocessings, image_op),
                 batch_size=batch_size,
                 num_workers=workers,
                 collate_fn=_collate,
@@ -235,7 +233,7 @@ class Extractor:
             indices, tensors, failures = item
             yield self._batch(indices, failures, self._forward(tensors, timer) if indices else {})
 
-    def _iter_on_device(self, paths, batch_size, num_workers, max_pixels, decoder, timer) -> Iterator[Batch]:
+    def _iter_on_device(self, paths, batch_size, num_workers, timer) -> Iterator[Batch]:
         """Forwards of batch i are queued before batch i-1's features are copied back and handed out."""
         read_workers = num_workers or max(4, cpu_cores())
         batches = DeviceBatches(
@@ -244,9 +242,8 @@ class Extractor:
             self.transforms,
             self.device,
             batch_size=batch_size,
-            decoder=decoder,
             read_workers=read_workers,
-            max_pixels=max_pixels,
+            max_pixels=DEFAULT_MAX_PIXELS,
             timer=timer,
         )
         pending = None
