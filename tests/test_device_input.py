@@ -118,7 +118,6 @@ def batches(files, decoder, batch_size=3, timer=None):
     return DeviceBatches(
         files,
         preps,
-        [p.transform() for p in preps],
         CPU,
         batch_size=batch_size,
         decoder=decoder,

@@ -138,7 +138,6 @@ class DeviceBatches:
         self,
         paths: Sequence[Path],
         preprocessings: Sequence[Preprocessing],
-        cpu_transforms: Sequence[Callable],
         device: torch.device,
         *,
         batch_size: int,
@@ -149,7 +148,7 @@ class DeviceBatches:
     ) -> None:
         self.paths = list(paths)
         self.preprocessings = list(preprocessings)
-        self.cpu_transforms = list(cpu_transforms)
+        self.cpu_transforms = [p.transform() for p in self.preprocessings]
         self.device = device
         self.batch_size = batch_size
         self.decoder = decoder or nvjpeg_decoder(device)

@@ -239,7 +239,6 @@ class Extractor:
         batches = DeviceBatches(
             paths,
             self.preprocessings,
-            self.transforms,
             self.device,
             batch_size=batch_size,
             read_workers=read_workers,
