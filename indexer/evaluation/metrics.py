@@ -147,8 +147,6 @@ def copy_detection(
     if len(index) == 0:
         raise EvaluationError(f"the index {index.path} holds no banners")
     rows = sample_rows(len(index), queries, seed)
-    if not Path(images_dir).is_dir():
-        raise EvaluationError(f"--images {images_dir}: no such folder")
     paths = scan_banners(Path(images_dir))
     extractors = extractors or make_extractors(index, names, device=device)
     batch_size = batch_size or default_batch_size(extractors[0].device.type)
