@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core.apps import load_apps
-from core.files import atomic_write_bytes, fsync_dir
+from core.files import atomic_write_bytes, fsync_dir, json_bytes
 from indexer.store import ListPage, StoreClient
 
 ITEMS_PER_CALL = 100  # GetItems ids per call: what the store's own pages ask for at once
@@ -58,12 +58,11 @@ class Journal:
             for line in path.read_bytes().split(b"\n"):
                 lines.append(json.loads(line))
         self.records = lines[1:] if lines[:1] == [{"run": header}] else []
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [{"run": header}, *self.records])
-        atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, b"".join(map(json_bytes, [{"run": header}, *self.records])))
         self._file = open(path, "ab")  # noqa: SIM115 - appended to until close()
 
     def add(self, record: dict[str, Any]) -> None:
-        self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._file.write(json_bytes(record))
         self._file.flush()
         os.fsync(self._file.fileno())
 
