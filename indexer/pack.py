@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from core.files import atomic_file, atomic_write_bytes, sha256_file
+from core.files import atomic_file, atomic_write_bytes, json_bytes, sha256_file
 from core.index import APPS, ARRAYS, ATTENTION, MANIFEST, SKETCH_DIR, VARIANTS_DIR, LoadedIndex, load_index
 
 
@@ -45,7 +44,7 @@ def pack_index(index_dir: Path, out: Path, strategies: list[str] | None = None) 
             for rel, path in sorted(files):
                 with open(path, "rb") as f:
                     tar.addfile(_info(rel, path.stat().st_size), f)
-            data = (json.dumps(manifest, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+            data = json_bytes(manifest, indent=1)
             tar.addfile(_info(MANIFEST, len(data)), io.BytesIO(data))  # last, as the writer does
         if stream is not raw:
             stream.close()
