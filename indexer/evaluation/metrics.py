@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +152,7 @@ def copy_detection(
     ranker = _Ranker(index, names, extractors, min(k, len(index)))
     skipped: list[tuple[int, str]] = []
     total = len(rows) * len(ALTERATIONS)
-    with tqdm(total=total, unit="img", desc="copy detection", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=total, unit="img", desc="copy detection", disable=not progress) as bar:
         for row in rows:
             appid = int(index.appids[row])
             img, why = _open_query(paths.get(appid), appid, images_dir)
