@@ -150,11 +150,6 @@ class ExactSearch:
             sketch = Int8Sketch.of(table) if sketch_fits(self.dim) else None
         self._sketch = sketch if sketch is not None and sketch.kernel_is_exact() else None
 
-    @property
-    def uses_prefilter(self) -> bool:
-        """Whether searches run the int8 prefilter (False: a full float64 scan, slower, as exact)."""
-        return self._sketch is not None
-
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k rows most similar to ``query``: ``(rows int64, scores float32)``, best first, exact (k capped to N)."""
         q = self._check_query(query)

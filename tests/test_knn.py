@@ -207,7 +207,7 @@ def test_search_on_readonly_memmap_equals_brute_force(tmp_path, dtype):
     np.save(tmp_path / "embeddings.npy", table)
     stored = np.load(tmp_path / "embeddings.npy", mmap_mode="r")
     search = ExactSearch(stored)
-    assert search.uses_prefilter
+    assert search._sketch is not None  # the int8 prefilter runs
     for i, query in enumerate(queries_near(table, 40, seed=dtype().itemsize)):
         assert_search_exact(search, table, query, k=1 + i % 25)
     own = table[3].astype(np.float32)
@@ -247,14 +247,14 @@ def test_search_from_many_threads():
 def test_search_of_scaled_zero_and_large_queries_and_rows(monkeypatch):
     table = unit_rows(500, 64, seed=12, dtype=np.float64)
     search = ExactSearch(table)
-    assert search.uses_prefilter
+    assert search._sketch is not None  # the int8 prefilter runs
     query = queries_near(table, 2, seed=3)[0]
     assert_search_exact(search, table, query, 10)
     assert_search_exact(search, table, query * 1e6, 3)  # scaled queries: the prefilter sees q / |q|
     assert_search_exact(search, table, np.zeros(64, np.float32), 5)  # all scores tie at 0: lowest rows
     big = (unit_rows(300, 16, seed=2, dtype=np.float32) * 1e5).astype(np.float32)  # beyond float16 range
     big_search = ExactSearch(big)
-    assert big_search.uses_prefilter
+    assert big_search._sketch is not None  # the int8 prefilter runs
     assert_search_exact(big_search, big, query[:16] / np.linalg.norm(query[:16]), 7)
 
 
@@ -263,7 +263,7 @@ def test_search_without_prefilter_stays_exact(monkeypatch):
     monkeypatch.setattr(knn, "sketch_fits", lambda dim: False)
     table = clustered_rows(700, 96, centres=5, noise=0.1, seed=5)
     search = ExactSearch(table)
-    assert not search.uses_prefilter
+    assert search._sketch is None  # a full float64 scan
     for query in queries_near(table, 6, seed=4):
         assert_search_exact(search, table, query, 12)
 
@@ -282,7 +282,7 @@ def test_a_kernel_with_wrong_sums_is_not_used(monkeypatch):
     monkeypatch.setattr(sketch, "_kernel", lambda: OffByOne)
     table = unit_rows(800, 384, seed=6)
     search = ExactSearch(table)
-    assert not search.uses_prefilter
+    assert search._sketch is None  # a full float64 scan
     for query in queries_near(table, 4, seed=2):
         assert_search_exact(search, table, query, 10)
 
