@@ -28,11 +28,6 @@ class RowReader:
             self._offset = int(table.offset)
             self._row_bytes = table.shape[1] * table.dtype.itemsize
 
-    @property
-    def reads_files(self) -> bool:
-        """Whether rows come from ``pread`` (else from ordinary indexing)."""
-        return self._fd is not None
-
     def part(self, row: int, start: int, stop: int) -> np.ndarray:
         """``table[row, start:stop]`` (clipped to the row), as a new array."""
         return self.rows(np.array([row]))[0, start:stop]

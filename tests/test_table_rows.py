@@ -29,7 +29,7 @@ def test_reads_equal_indexing_and_map_nothing(stored):
     table, path = stored
     mapped = np.load(path, mmap_mode="r")
     reader = RowReader(mapped)
-    assert reader.reads_files
+    assert reader._fd is not None  # rows come from pread
     rng = np.random.default_rng(1)
     for row in rng.integers(0, 5000, 300).tolist():
         np.testing.assert_array_equal(reader.part(row, 3, 13), table[row, 3:13])
@@ -47,7 +47,7 @@ def test_views_and_arrays_in_memory_are_indexed(stored):
     view = np.load(path, mmap_mode="r")[10:20]
     for source in (view, table):
         reader = RowReader(source)
-        assert not reader.reads_files
+        assert reader._fd is None  # ordinary indexing
         np.testing.assert_array_equal(reader.part(2, 0, 5), source[2, :5])
         np.testing.assert_array_equal(reader.rows(np.array([1, 3])), source[[1, 3]])
         np.testing.assert_array_equal(reader.column(4), source[:, 4])
