@@ -62,10 +62,6 @@ class StrategyIndex:
     attention: np.ndarray | None = None  # (N, h, w) attention maps, when the index has them
 
     @property
-    def name(self) -> str:
-        return self.strategy.name
-
-    @property
     def k(self) -> int:
         return int(self.neighbours.shape[1])
 
