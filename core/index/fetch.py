@@ -38,7 +38,6 @@ class FetchFailed(RuntimeError):
 class FetchPolicy(RetryPolicy):
     """How hard to try (the project's retry policy: attempts per call, pauses), and the limits of each attempt."""
 
-    attempts: int = 4
     backoff_s: float = 2.0
     timeout_s: float = 30.0  # connect and per-read timeout
     max_seconds: float = 900.0  # the whole download of one attempt
@@ -53,10 +52,9 @@ def fetched_sha256(index_dir: Path) -> str | None:
         return None
 
 
-def fetch_index(url: str, sha256: str, index_dir: Path, policy: FetchPolicy | None = None) -> bool:
+def fetch_index(url: str, sha256: str, index_dir: Path, policy: FetchPolicy) -> bool:
     """Make ``index_dir`` the index packed at ``url``; True if it was downloaded, False if already there.
     ``FetchFailed`` after ``policy.attempts`` failed attempts leaves ``index_dir`` unchanged."""
-    policy = policy or FetchPolicy()
     sha256 = sha256.strip().lower()
     with file_lock(index_dir.parent / f".{index_dir.name}.lock"):
         recover(index_dir)
