@@ -60,8 +60,7 @@ class IndexWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.staging.exists():  # not committed: leave no trace, keep the previous index
-            shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)  # not committed: leave no trace, keep the previous index
 
     @contextlib.contextmanager
     def _file(self, rel: str) -> Iterator[BinaryIO]:
