@@ -39,7 +39,7 @@ class Matcher:
         self._searchers: dict[str, ExactSearch] = {}
         self._failures: dict[str, tuple[float, str]] = {}
         self._unique: dict[str, np.ndarray] = {}
-        self._tables: dict[tuple[str, str], tuple[RowReader, RowReader]] = {}
+        self._readers: dict[tuple[str, str, str], RowReader] = {}
         # Forward passes at once in this process: each already uses all of the worker's torch threads, so more
         # would only share the same cores while multiplying activation memory (a 1 GB dyno has no room for it).
         self._forwards = threading.BoundedSemaphore(settings.concurrent_forwards)
@@ -48,24 +48,25 @@ class Matcher:
         self, name: str, row: int, k: int, offset: int = 0, variant: str = ""
     ) -> tuple[np.ndarray, np.ndarray]:
         """Matches ``offset`` to ``offset + k`` of a row's table (a mirror/flip variant's when given)."""
-        neighbours, scores = self._readers(name, variant)
+        neighbours, scores = self.reader(name, "neighbours", variant), self.reader(name, "scores", variant)
         return neighbours.part(row, offset, offset + k), scores.part(row, offset, offset + k)
 
-    def _readers(self, name: str, variant: str = "") -> tuple[RowReader, RowReader]:
-        """The table's rows, read without mapping them (``core.table_rows``)."""
-        readers = self._tables.get((name, variant))
-        if readers is None:
+    def reader(self, name: str, array: str, variant: str = "") -> RowReader:
+        """The rows of one of the strategy's stored arrays (``neighbours``, ``scores``, ``embeddings``,
+        ``attention``; a mirror/flip variant's tables when given), read without mapping them (``core.table_rows``)."""
+        key = (name, array, variant)
+        reader = self._readers.get(key)
+        if reader is None:
             s = self.index.strategies[name]
-            t = s.variants[variant] if variant else s
-            readers = self._tables.setdefault((name, variant), (RowReader(t.neighbours), RowReader(t.scores)))
-        return readers
+            reader = self._readers.setdefault(key, RowReader(getattr(s.variants[variant] if variant else s, array)))
+        return reader
 
     def unique(self, name: str, n: int) -> list[int]:
         """Rows whose best match is least similar, least similar first (ties: lower row first)."""
         order = self._unique.get(name)
         if order is None:
             s = self.index.strategies[name]
-            best = self._readers(name)[1].column(0) if s.k else np.zeros(len(self.index), np.float32)
+            best = self.reader(name, "scores").column(0) if s.k else np.zeros(len(self.index), np.float32)
             order = np.argsort(best, kind="stable")
             self._unique[name] = order
         return order[:n].tolist()

@@ -267,11 +267,10 @@ class Service:
     # -- what the model looks at, and which parts of two banners match -------------------------------
     def attention_map(self, strategy: str, game: Game) -> np.ndarray:
         """The game's (h, w) attention map from the index; NotFound for an index built without them."""
-        maps = self.index.strategies[strategy].attention
-        if maps is None:
+        if self.index.strategies[strategy].attention is None:
             why = f"this index has no attention maps for {strategy}: rebuild it with this version's build_index.py"
             raise NotFound("attention_unavailable", why)
-        return np.asarray(maps[game.row], np.float32)
+        return self.matcher.reader(strategy, "attention").rows(np.array([game.row]))[0].astype(np.float32)
 
     def attention_payload(self, strategy: str, game: Game) -> dict:
         return {"appid": game.appid, "strategy": strategy, **map_json(self.attention_map(strategy, game))}
@@ -306,7 +305,7 @@ class Service:
         hit = np.flatnonzero(rows == b.row)
         if len(hit):
             return round(float(scores[hit[0]]), 6), "table"
-        ea, eb = (np.asarray(s.embeddings[g.row], np.float32) for g in (a, b))
+        ea, eb = self.matcher.reader(strategy, "embeddings").rows(np.array([a.row, b.row])).astype(np.float32)
         return round(float(ea @ eb), 6), "embeddings"
 
     def why_payload(self, strategy: str, a: Game, b: Game, host_url: str) -> dict:

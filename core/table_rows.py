@@ -16,30 +16,31 @@ _CHUNK_BYTES = 1 << 22  # whole-column reads go a few MB at a time
 
 
 class RowReader:
-    """Reads rows (or parts of rows) of one 2-D C-ordered table; safe from many threads and after fork."""
+    """Reads rows (or parts of rows) of one C-ordered table of two or more dimensions (a row: ``table[i]``); safe
+    from many threads and after fork."""
 
     def __init__(self, table: np.ndarray) -> None:
         self.table = table
         self._fd: int | None = None
         whole_file = isinstance(table, np.memmap) and isinstance(table.base, mmap.mmap) and table.filename
-        if whole_file and table.ndim == 2 and table.flags.c_contiguous:
+        if whole_file and table.ndim >= 2 and table.flags.c_contiguous:
             self._fd = os.open(table.filename, os.O_RDONLY | os.O_CLOEXEC)
             weakref.finalize(self, os.close, self._fd)
             self._offset = int(table.offset)
-            self._row_bytes = table.shape[1] * table.dtype.itemsize
+            self._row_bytes = table.strides[0]
 
     def part(self, row: int, start: int, stop: int) -> np.ndarray:
         """``table[row, start:stop]`` (clipped to the row), as a new array."""
         return self.rows(np.array([row]))[0, start:stop]
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        """``table[rows]`` for an int array of row indices, as a new (len(rows), D) array."""
+        """``table[rows]`` for an int array of row indices, as a new array."""
         rows = np.asarray(rows, dtype=np.int64)
         if self._fd is None:
             return np.asarray(self.table[rows])
         if rows.size and (rows.min() < 0 or rows.max() >= len(self.table)):
             raise IndexError(f"row indices out of range for {len(self.table)} rows")
-        out = np.empty((rows.size, self.table.shape[1]), dtype=self.table.dtype)
+        out = np.empty((rows.size, *self.table.shape[1:]), dtype=self.table.dtype)
         for i, row in enumerate(rows.tolist()):
             self._read(row, 1, out[i : i + 1])
         return out
@@ -55,7 +56,7 @@ class RowReader:
     def _read(self, first: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
         """``count`` rows from row ``first`` of the file: one read, into ``out`` (C-ordered) or a new array."""
         if out is None:
-            out = np.empty((count, self.table.shape[1]), dtype=self.table.dtype)
+            out = np.empty((count, *self.table.shape[1:]), dtype=self.table.dtype)
         at = self._offset + first * self._row_bytes
         if os.preadv(self._fd, [memoryview(out).cast("B")], at) != out.nbytes:
             raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")

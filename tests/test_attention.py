@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from core.index import IndexInvalid, load_index
+from devtools.cgroup import memory_of
 from indexer.pack import pack_index
 
 STORED_TOLERANCE = 1e-6  # answers round to 6 decimals
@@ -89,6 +91,18 @@ def test_an_index_without_attention_maps_still_serves(make_client, built_index, 
     assert client.get("/why/10/20?strategy=SimpleS16").status_code == 200  # computed, not stored
     page = client.get("/render/10?attention=1").get_data(as_text=True)
     assert "What the model looks at" not in page and "/attention/" not in page
+
+
+def test_stored_maps_and_embeddings_are_read_without_mapping_their_files(make_client, built_index, tmp_path):
+    """Like the tables: a lookup's pages would otherwise stay mapped in every worker's RSS (core/table_rows.py)."""
+    index = tmp_path / "index"
+    shutil.copytree(built_index.index, index)
+    client = make_client(index_dir=index)
+    for appid in (10, 20, 30):
+        assert client.get(f"/attention/{appid}?strategy=SimpleS16").status_code == 200
+    assert client.get("/pair/10/10?strategy=SimpleS16").status_code == 200  # its score: the stored embeddings
+    for name in ("attention.npy", "embeddings.npy"):
+        assert memory_of(os.getpid(), index / "SimpleS16" / name)["tables_rss"] == 0, name
 
 
 def test_upload_answer_adds_its_attention_map_on_request(client, built_index):

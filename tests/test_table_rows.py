@@ -42,6 +42,18 @@ def test_reads_equal_indexing_and_map_nothing(stored):
         assert mapped_kib(path) == 0, "reading rows must not map the file's pages"
 
 
+def test_rows_of_more_dimensions(tmp_path):
+    maps = np.random.default_rng(3).random((300, 14, 21)).astype(np.float16)  # attention maps: a row is a grid
+    path = tmp_path / "attention.npy"
+    np.save(path, maps)
+    reader = RowReader(np.load(path, mmap_mode="r"))
+    assert reader._fd is not None
+    rows = np.array([299, 0, 17, 18])
+    np.testing.assert_array_equal(reader.rows(rows), maps[rows])
+    if Path("/proc/self/smaps").exists():
+        assert mapped_kib(path) == 0
+
+
 def test_views_and_arrays_in_memory_are_indexed(stored):
     table, path = stored
     view = np.load(path, mmap_mode="r")[10:20]
