@@ -14,6 +14,7 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -256,6 +257,12 @@ def built_index(tmp_path_factory, checkpoint_store) -> BuiltIndex:
     """An index of 24 generated banners (SimpleS16, ComplexS16, ComplexB16; k=10), built once per session."""
     names = ["SimpleS16", "ComplexS16", "ComplexB16"]
     return build_generated_index(tmp_path_factory.mktemp("built"), checkpoint_store, names, n=24, k=10)
+
+
+@pytest.fixture
+def index_copy(built_index, tmp_path):
+    """A copy of the session's index to spoil or rewrite."""
+    return shutil.copytree(built_index.index, tmp_path / "index")
 
 
 @pytest.fixture

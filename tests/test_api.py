@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
 
 import numpy as np
 import pytest
-from conftest import store_banner
+from conftest import sha256_of, store_banner
 from PIL import Image
 
 from core.steam import ASSETS_URL
@@ -305,13 +304,13 @@ def test_banner_urls_are_ours_else_the_stores(make_client, built_index, tmp_path
     )
 
 
-def test_an_index_without_banner_paths_loads_with_plain_ones(make_client, built_index, tmp_path):
+def test_an_index_without_banner_paths_loads_with_plain_ones(make_client, index_copy, tmp_path):
     """apps.json of an index built from a list without the store's paths (or before them): the plain paths."""
-    index = shutil.copytree(built_index.index, tmp_path / "index")
+    index = index_copy
     apps = [{"appid": a["appid"], "name": a["name"]} for a in json.loads((index / "apps.json").read_text())]
     (index / "apps.json").write_text(json.dumps(apps))
     manifest = json.loads((index / "manifest.json").read_text())
-    manifest["apps_sha256"] = hashlib.sha256((index / "apps.json").read_bytes()).hexdigest()
+    manifest["apps_sha256"] = sha256_of(index / "apps.json")
     (index / "manifest.json").write_text(json.dumps(manifest))
     client = make_client(index_dir=index, banners_dir=tmp_path / "none")
     m = client.get("/match/10?k=3").get_json()

@@ -23,10 +23,8 @@ def error_of(r) -> dict:
     return r.get_json()["error"]
 
 
-def _without_attention(built_index, tmp_path):
-    """A copy of the session's index as a build from before attention maps left it."""
-    index = tmp_path / "index"
-    shutil.copytree(built_index.index, index)
+def _without_attention(index):
+    """The copy of the session's index as a build from before attention maps left it."""
     manifest = json.loads((index / "manifest.json").read_text())
     for name, entry in manifest["strategies"].items():
         del entry["attention"]
@@ -81,8 +79,8 @@ def test_attention_errors(make_client, built_index, tmp_path):
     assert page.count('class="why"') == page.count('class="card"') - ('href="/render/20?' in page)
 
 
-def test_an_index_without_attention_maps_still_serves(make_client, built_index, tmp_path):
-    client = make_client(index_dir=_without_attention(built_index, tmp_path))
+def test_an_index_without_attention_maps_still_serves(make_client, index_copy):
+    client = make_client(index_dir=_without_attention(index_copy))
     for url in ("/attention/10", "/attention/10.png"):
         r = client.get(url)
         assert r.status_code == 404 and error_of(r)["code"] == "attention_unavailable", url
@@ -93,16 +91,14 @@ def test_an_index_without_attention_maps_still_serves(make_client, built_index, 
     assert "What the model looks at" not in page and "/attention/" not in page
 
 
-def test_stored_maps_and_embeddings_are_read_without_mapping_their_files(make_client, built_index, tmp_path):
+def test_stored_maps_and_embeddings_are_read_without_mapping_their_files(make_client, index_copy):
     """Like the tables: a lookup's pages would otherwise stay mapped in every worker's RSS (core/table_rows.py)."""
-    index = tmp_path / "index"
-    shutil.copytree(built_index.index, index)
-    client = make_client(index_dir=index)
+    client = make_client(index_dir=index_copy)
     for appid in (10, 20, 30):
         assert client.get(f"/attention/{appid}?strategy=SimpleS16").status_code == 200
     assert client.get("/pair/10/10?strategy=SimpleS16").status_code == 200  # its score: the stored embeddings
     for name in ("attention.npy", "embeddings.npy"):
-        assert memory_of(os.getpid(), index / "SimpleS16" / name)["tables_rss"] == 0, name
+        assert memory_of(os.getpid(), index_copy / "SimpleS16" / name)["tables_rss"] == 0, name
 
 
 def test_upload_answer_adds_its_attention_map_on_request(client, built_index):

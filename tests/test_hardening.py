@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -272,13 +271,6 @@ def test_slow_uploads_do_not_block_lookups(built_index, tmp_path):
 
 
 # -- start-up refusals ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def index_copy(built_index, tmp_path):
-    dst = tmp_path / "index"
-    shutil.copytree(built_index.index, dst)
-    return dst
 
 
 def _refused(index_dir, **settings) -> str:

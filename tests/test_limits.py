@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import shutil
 import struct
 import threading
 import time
@@ -320,13 +319,6 @@ def test_security_headers_on_json_and_pages(client):
 
 
 # -- settings and index files: one clear line ----------------------------------------------------------
-
-
-@pytest.fixture
-def index_copy(built_index, tmp_path):
-    dst = tmp_path / "index"
-    shutil.copytree(built_index.index, dst)
-    return dst
 
 
 def test_zero_byte_array_and_unknown_preload_stop_startup_with_one_line(index_copy, make_app, built_index):
