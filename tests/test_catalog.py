@@ -156,12 +156,13 @@ def test_a_rerun_asks_only_for_what_changed(steam, run_main, tmp_path):
     ],
 )
 def test_bad_input_changes_nothing(steam, run_main, tmp_path, monkeypatch, setup, message):
-    out = tmp_path / "apps.json"
+    out = tmp_path / "catalog" / "apps.json"  # its folder is made only once the input is good
     args = []
     if "apps" in setup:
         (tmp_path / "mine.json").write_text(setup.pop("apps"))
         args = ["--apps", str(tmp_path / "mine.json")]
     if "out" in setup:
+        out.parent.mkdir()
         out.write_text(setup.pop("out"))
     for name, value in setup.items():
         monkeypatch.setenv(name, value)

@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     key = setting("STEAM_API_KEY", "") or None
     source = "apps" if args.apps else "steam" if key else "steamspy"
-    if problem := _bad_input(args):
-        return error(problem, BAD_INPUT)
     try:
         apps = load_apps(args.apps) if args.apps else None
     except AppsInvalid as e:
         return error(e, BAD_INPUT)
+    if problem := _bad_input(args):  # last: it creates the folder of --out
+        return error(problem, BAD_INPUT)
 
     def shown(e: BaseException) -> str:  # request URLs carry the key: never printed
         text = f"{type(e).__name__}: {e}"
