@@ -7,11 +7,13 @@ strategy's tables, which costs nothing.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import random
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -49,6 +51,21 @@ def extractors(built_index, index, models, monkeypatch):
 def cli():
     """The steam-dino-evaluate command as a module, for in-process calls of its main()."""
     return importlib.import_module("indexer.cli.evaluate")
+
+
+def test_one_extractor_per_checkpoint_of_a_backbone(index, monkeypatch):
+    """Backbones with one checkpoint each share an extractor, so each image is preprocessed once for all."""
+    monkeypatch.setattr(ev, "Extractor", lambda ms, expected_sha256, **_: ([s.name for s in ms], expected_sha256))
+    names = ["SimpleS16", "ComplexB16", "ComplexS16"]
+    shas = {name: index.strategies[name].entry["checkpoint"]["sha256"] for name in names}
+    assert ev.make_extractors(index, names) == [(names, {"S16": shas["SimpleS16"], "B16": shas["ComplexB16"]})]
+    other = types.SimpleNamespace(entry=copy.deepcopy(index.strategies["ComplexS16"].entry))
+    other.entry["checkpoint"]["sha256"] = "0" * 64  # ComplexS16 embedded with another ViT-S/16 checkpoint
+    rebuilt = types.SimpleNamespace(strategies={**index.strategies, "ComplexS16": other})
+    assert ev.make_extractors(rebuilt, names) == [
+        (["SimpleS16", "ComplexB16"], {"S16": shas["SimpleS16"], "B16": shas["ComplexB16"]}),
+        (["ComplexS16"], {"S16": "0" * 64}),
+    ]
 
 
 def banner(built_index, index, row: int) -> Image.Image:

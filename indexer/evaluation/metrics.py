@@ -111,14 +111,21 @@ def make_extractors(
     models: ModelCache | None = None,
 ) -> list[Extractor]:
     """Extractors that embed as the index did: its recorded strategies and checkpoints (``WeightsUnavailable``
-    for another sha256), one per backbone and checkpoint, hence one forward pass per image and backbone."""
-    groups: dict[tuple[str, str], list[Strategy]] = {}
+    for another sha256). One extractor while each backbone has one checkpoint, so that an image is preprocessed
+    once for every backbone; a backbone recorded with several checkpoints takes one more extractor per extra one."""
+    groups: list[tuple[dict[str, str], list[Strategy]]] = []  # (backbone -> sha256, strategies) per extractor
     for name in strategies:
         entry = index.strategies[name].entry
         strategy = Strategy.from_manifest(name, entry)
-        groups.setdefault((strategy.backbone.code, entry["checkpoint"]["sha256"]), []).append(strategy)
+        code, sha = strategy.backbone.code, entry["checkpoint"]["sha256"]
+        for shas, members in groups:  # the first extractor without this backbone, or with this checkpoint of it
+            if shas.setdefault(code, sha) == sha:
+                members.append(strategy)
+                break
+        else:
+            groups.append(({code: sha}, [strategy]))
     models = models if models is not None else ModelCache()  # a batch job: its own models by default
-    return [Extractor(ms, device=device, expected_sha256={c: sha}, models=models) for (c, sha), ms in groups.items()]
+    return [Extractor(ms, device=device, expected_sha256=shas, models=models) for shas, ms in groups]
 
 
 def embed(extractors: Sequence[Extractor], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
