@@ -31,7 +31,7 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         self.torch_home = self.root / "torch_home"
         self.checkpoints = self.torch_home / "hub" / "checkpoints"
-        self.index = self.root / "index"
+        self.index = self.root / "index"  # the whole catalog's; ensure_index points it at the index it made
         self.banners = self.root / "banners"  # empty: the service points banner URLs at the CDN
         self.banners.mkdir(exist_ok=True)
         self.uploads = self.root / "uploads"  # the JPEG banners the benchmarks post, by seed
@@ -89,10 +89,13 @@ class Workspace:
     def ensure_index(self, n_apps: int | None = None, strategies: str = "all", k: int = 100) -> dict:
         """The synthetic index (all eight strategies by default) over the catalog's first n_apps games
         (all 29,982 by default), recording the workspace's checkpoints; rebuilt only when one of these
-        changed. Returns {"apps": count, "source", "strategies": names, "k", "shas"}."""
+        changed. One folder per size (``self.index`` is set to it), so that benchmarks of other sizes sharing
+        the workspace neither rebuild nor replace it.
+        Returns {"apps": count, "source", "strategies": names, "k", "shas"}."""
         shas = self.existing_shas()
         wanted = {"n_apps": n_apps, "spec": strategies, "k": k, "shas": shas}
-        stamp = self.root / "index.params.json"
+        self.index = self.root / ("index" if n_apps is None else f"index-{n_apps}")
+        stamp = self.root / f"{self.index.name}.params.json"
         if (self.index / "manifest.json").is_file() and stamp.is_file():
             recorded = json.loads(stamp.read_text())
             if recorded.get("wanted") == wanted:

@@ -63,7 +63,7 @@ def test_combined_table(quick_run):
     assert "## GPU build" in md  # the recorded outputs of bench/recorded/ follow the table
     assert "GET /match answers equal the tables" in md
     # the workspace records what it built, so that the next benchmark reuses it
-    assert json.loads((ws / "index.params.json").read_text())["info"]["apps"] == 2000
+    assert json.loads((ws / "index-2000.params.json").read_text())["info"]["apps"] == 2000
 
 
 @pytest.mark.slow
