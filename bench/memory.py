@@ -36,6 +36,7 @@ from bench.common import (
     running_server,
     service_workspace,
 )
+from bench.upload import post
 from devtools.cgroup import MemoryCgroup
 
 STARTUP_TARGET_S = 10.0
@@ -51,14 +52,14 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, body: byte
         raise RuntimeError(f"{method} {path}: {r.status} {data[:300]!r}")
 
 
-def upload_all(conns: list[http.client.HTTPConnection], strategy: str, bodies: list[bytes]) -> None:
-    """One upload per connection (of ``bodies[i]`` on ``conns[i]``), all at once."""
-
-    def one(i: int) -> None:
-        request(conns[i], "POST", f"/match?strategy={strategy}&k=10", bodies[i])
-
+def upload_round(srv, pids: list[int], strategy: str, bodies: list[bytes]) -> list[tuple]:
+    """Every body uploaded at once, half on each worker's keep-alive connections: ``bench.upload.post``'s answers."""
+    conns = [c for cs in pin_many(srv, pids, max(1, len(bodies) // 2)).values() for c in cs]
     with ThreadPoolExecutor(len(conns)) as pool:
-        list(pool.map(one, range(len(conns))))
+        timed = list(pool.map(lambda i: post(conns[i], strategy, bodies[i]), range(len(conns))))
+    for c in conns:
+        c.close()
+    return timed
 
 
 def main() -> None:
@@ -132,12 +133,8 @@ def measure(
             request(conns[0], "GET", f"/match/{rng.choice(appids)}?strategy={strategy}&k=10")
     snapshot("after GETs", procs, index, rows, snaps)
     for code in codes:
-        pinned = pin_many(srv, pids, max(1, args.uploads // 2))  # fresh: idle ones time out
-        conns = [c for cs in pinned.values() for c in cs]
-        upload_all(conns, f"Complex{code}", bodies[: len(conns)])
+        upload_round(srv, pids, f"Complex{code}", bodies[: 2 * max(1, args.uploads // 2)])  # fresh connections
         snapshot(f"+ {code} upload", procs, index, rows, snaps)
-        for c in conns:
-            c.close()
     return rows, snaps, srv.workers() != pids
 
 

@@ -25,7 +25,6 @@ import random
 import shutil
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -44,8 +43,7 @@ from bench.common import (
     running_server,
     service_workspace,
 )
-from bench.memory import memory_limit, request
-from bench.upload import post
+from bench.memory import memory_limit, request, upload_round
 from core.dino.strategies import parse_strategies
 from devtools.cgroup import smaps_rollup
 from devtools.synthetic import CATALOG_SIZE, STORE_SIZE
@@ -201,16 +199,6 @@ def serve_run(ws: Workspace, index: Path, serve: list[str], cgroup, logs: Path, 
         out["pss"] = sum(r["Pss"] for r in rollups) / MIB
         out["anon"] = sum(r["Pss_Anon"] for r in rollups) / MIB
     return out
-
-
-def upload_round(srv, pids: list[int], strategy: str, bodies: list[bytes]) -> list[tuple]:
-    """Every body uploaded at once, half on each worker's keep-alive connections: ``bench.upload.post``'s answers."""
-    conns = [c for cs in pin_many(srv, pids, max(1, len(bodies) // 2)).values() for c in cs]
-    with ThreadPoolExecutor(len(conns)) as pool:
-        timed = list(pool.map(lambda i: post(conns[i], strategy, bodies[i]), range(len(conns))))
-    for c in conns:
-        c.close()
-    return timed
 
 
 def timed_gets(conn, paths: list[str]) -> tuple[float, float]:
