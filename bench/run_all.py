@@ -40,7 +40,7 @@ from bench.common import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# (name, arguments at full size, arguments with --quick or None to leave it out): ~20 minutes on 2 cores
+# (name, arguments at full size, arguments with --quick or None to leave it out): ~7 minutes on 2 cores
 BENCHES = {
     "extract": (["--seconds", "1"], ["--quick", "--end-to-end"]),
     "serve": (["--duration", "6"], ["--quick"]),

@@ -7,7 +7,7 @@ the whole catalog, with random full-size checkpoints in a temporary TORCH_HOME w
 manifest records. Per backbone, the Complex strategy: one warm-up upload (it loads the model in the
 worker), then a few uploads of different 300x450 JPEG banners on the same keep-alive connection (so
 the same worker), each split into decode, preprocess, forward and search from the Server-Timing
-header, plus the round trip seen by the client. Target: the exact search over 30k rows < 5 ms.
+header, plus the round trip seen by the client.
 """
 
 from __future__ import annotations
