@@ -9,11 +9,12 @@
    the page cache (its int8 sketch and its backbone's checkpoint).
 2. The build's exact top-100 tables on the CPU for ComplexB16 (1536 dims): whole over the baseline catalog; over
    the full one, extrapolated from its first rows (every row costs one product against all rows).
-3. The service (gunicorn, 2 workers, default settings but UPLOAD_QUEUE_TIMEOUT=300) over the strategies a 1 GB dyno is given (``--serve``,
-   as ``steam-dino-pack-index --strategies`` packs them), in a ``--limit-mib`` memory cgroup and without a limit,
-   each after the index and checkpoint are evicted from the page cache: launch to the first /health; rounds of
-   concurrent uploads (half on each worker; the first round loads the models and is not timed); then lookups
-   and name searches; the cgroup's peak and OOM kills. The ratios are the limited run's over the unlimited one's.
+3. The service (gunicorn, 2 workers, default settings but UPLOAD_QUEUE_TIMEOUT=300) over the strategies a 1 GB
+   dyno is given (``--serve``, as ``steam-dino-pack-index --strategies`` packs them), in a ``--limit-mib`` memory
+   cgroup and without a limit, each after the index and checkpoint are evicted from the page cache: launch to
+   the first /health; rounds of concurrent uploads (half on each worker; the first round loads the models and is
+   not timed); then lookups and name searches; the cgroup's peak and OOM kills. The ratios are the limited run's
+   over the unlimited one's.
    The first /health over every strategy (the whole index verified) is measured too, without a limit.
 """
 
