@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.env import parse_bool, parse_float, parse_whole
+from core.env import is_http_url, parse_bool, parse_float, parse_whole
 from core.steam import API_URL, ASSETS_URL
 
 
@@ -60,8 +60,8 @@ def _choice(*allowed: str) -> Callable:
 
 
 def _http_url(name: str, raw: str, default: str | None) -> str | None:
-    if raw and not raw.startswith(("https://", "http://")):
-        raise ConfigError(f"{name}={raw!r}: expected an http(s) URL")
+    if raw and not is_http_url(raw):
+        raise ConfigError(f"{name}={raw!r}: expected an http(s) URL with a host")
     return raw or default
 
 

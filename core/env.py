@@ -1,9 +1,10 @@
-"""Parsing one setting's value (switch, whole number, number) with one-line errors naming the setting: one copy, so
+"""Parsing one setting's value (switch, whole number, number, URL) with one-line errors naming the setting: one copy, so
 that ``1/0, true/false, yes/no, on/off`` mean the same in the service's, gunicorn's and the API's switches."""
 
 from __future__ import annotations
 
 import math
+import urllib.parse
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -41,3 +42,9 @@ def parse_float(name: str, raw: str | None, default: float, lo: float, hi: float
     if not lo <= number <= hi:
         raise ValueError(f"{name}={value!r}: expected a number from {lo:g} to {hi:g}")
     return number
+
+
+def is_http_url(text: str) -> bool:
+    """Whether ``text`` is an absolute http(s) URL (a scheme and a host)."""
+    url = urllib.parse.urlparse(text)
+    return url.scheme in ("http", "https") and bool(url.netloc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +83,6 @@ def with_retries(
                 on_retry(e, failed, pause)
             if (stop or threading.Event()).wait(pause):  # set: cut short
                 raise
-
-
-def is_http_url(text: str) -> bool:
-    """Whether ``text`` is an absolute http(s) URL (a scheme and a host)."""
-    url = urllib.parse.urlparse(text)
-    return url.scheme in ("http", "https") and bool(url.netloc)
 
 
 def check_status(resp: requests.Response) -> None:

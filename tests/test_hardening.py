@@ -331,6 +331,9 @@ def test_refuses_unknown_default_strategy_and_bad_env(index_copy):
         Settings.from_env({"UPLOAD_RATE_LIMIT": "ten per minute"})
     with pytest.raises(ConfigError, match="INDEX_VERIFY"):
         Settings.from_env({"INDEX_VERIFY": "maybe"})
+    with pytest.raises(ConfigError, match=r"INDEX_URL=.https:///index.tar.: expected an http\(s\) URL with a host"):
+        Settings.from_env({"INDEX_URL": "https:///index.tar", "INDEX_SHA256": "0" * 64})
+    assert Settings.from_env({"STEAM_ASSETS_URL": "HTTPS://cdn.example/"}).assets_url == "HTTPS://cdn.example/"
     with pytest.raises(ConfigError, match="one upload would not fit"):
         Settings.from_env({"MAX_UPLOAD_MB": "16", "UPLOAD_BUFFER_MB": "10"})
     assert Settings.from_env({"MAX_UPLOAD_MB": "100"}).upload_buffer_mb == 100  # the default grows with it

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.http import is_http_url
+from core.env import is_http_url
 from core.steam import ASSETS_URL, setting
 from indexer.cli._common import BAD_INPUT, error, interrupted, number
 

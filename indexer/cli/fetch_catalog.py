@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.http import is_http_url
+from core.env import is_http_url
 from core.steam import API_URL, STEAMSPY_URL, is_ascii_digits, setting
 from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted, number
 
