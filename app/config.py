@@ -152,14 +152,6 @@ class Settings:
     url_fetch_allow_networks: list[str] = _var("URL_FETCH_ALLOW_NETWORKS", [], parse=_networks)
 
     @property
-    def upload_rate_limit_text(self) -> str | None:
-        """UPLOAD_RATE_LIMIT in Flask-Limiter's notation ("10 per 60 second")."""
-        if self.upload_rate_limit is None:
-            return None
-        count, seconds = self.upload_rate_limit
-        return f"{count} per {int(seconds)} second"
-
-    @property
     def max_upload_bytes(self) -> int:
         """MAX_UPLOAD_MB in bytes: Flask's MAX_CONTENT_LENGTH and the upload reader's cap."""
         return int(self.max_upload_mb * 2**20)

@@ -21,9 +21,9 @@ MODEL_ENDPOINTS = ("api.match_upload", "pages.upload", "api.why", "api.why_png")
 
 def install(app: Flask, settings: Settings) -> None:
     """Charge the model endpoints (and, with FALLBACK_FETCH, lookups that fetch a banner) to one shared limit."""
-    rate = settings.upload_rate_limit_text
-    if rate is None:
+    if settings.upload_rate_limit is None:
         return
+    count, seconds = settings.upload_rate_limit
     limiter = Limiter(
         get_remote_address,
         app=app,
@@ -32,7 +32,7 @@ def install(app: Flask, settings: Settings) -> None:
         headers_enabled=True,
         swallow_errors=True,
     )
-    charged = limiter.shared_limit(rate, scope="uploads", exempt_when=_not_charged)
+    charged = limiter.shared_limit(f"{count} per {int(seconds)} second", scope="uploads", exempt_when=_not_charged)
     for endpoint in (*MODEL_ENDPOINTS, "api.match_appid") if settings.fallback_fetch else MODEL_ENDPOINTS:
         app.view_functions[endpoint] = charged(app.view_functions[endpoint])  # the check runs in the wrapper
 
