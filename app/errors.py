@@ -23,7 +23,6 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
 }
