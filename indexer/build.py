@@ -286,10 +286,7 @@ class _Build:
         if not todo:
             return 0
         if self.cfg.ray is not None:
-            paths = [src.path for src in self.plan.sources]
-            return _ray_embed().embed(
-                self.cfg, self.precision, lacking, paths, shas, keys, self.ckpt_sha, cache, self.timer
-            )
+            return _ray_embed().embed(self, lacking, keys)
         t0 = time.perf_counter()
         extractor = Extractor(
             lacking,

@@ -22,11 +22,9 @@ from tqdm import tqdm
 from core.dino.extract import Extractor, decode_files, default_batch_size
 from core.dino.preprocess import Preprocessing
 from core.dino.strategies import Strategy, parse_strategies
-from core.dino.timing import StageTimer
 from core.dino.weights import WeightsUnavailable
 
-from .build import missing
-from .cache import EmbeddingCache
+from .build import _Build, missing
 from .sources import SourceError
 
 
@@ -106,19 +104,10 @@ def _actors(device: str, workers: int | None, threads: int) -> int:
     return actors
 
 
-def embed(
-    cfg,
-    precision: str,
-    strategies: list[Strategy],
-    paths: list[Path],
-    shas: list[str],
-    keys: dict[str, str],
-    ckpt_sha: dict[str, str],
-    cache: EmbeddingCache,
-    timer: StageTimer,
-) -> int:
-    """Embed what the cache lacks, backbone by backbone, on ``cfg.num_workers`` actors (``start``'s count); returns
-    how many banners were embedded (not failed)."""
+def embed(run: _Build, strategies: list[Strategy], keys: dict[str, str]) -> int:
+    """Embed what the build's cache lacks, backbone by backbone, on ``cfg.num_workers`` actors (``start``'s count);
+    returns how many banners were embedded (not failed)."""
+    cfg, shas, cache, ckpt_sha, precision = run.cfg, run.shas, run.cache, run.ckpt_sha, run.precision
     device = cfg.device
     batch_size = cfg.batch_size or default_batch_size(device)
     threads = cfg.threads or 1
@@ -129,7 +118,7 @@ def embed(
         group = [s for s in strategies if s.backbone.code == code]
         _, todo = missing(group, shas, keys, cache)
         rows = [
-            {"first": j, "paths": [str(paths[i]) for i in todo[j : j + batch_size]]}
+            {"first": j, "paths": [str(run.plan.sources[i].path) for i in todo[j : j + batch_size]]}
             for j in range(0, len(todo), batch_size)
         ]
         if not rows:
@@ -156,11 +145,11 @@ def embed(
                 failed = {shas[batch[j]]: why for j, why in json.loads(row["failures"])}
                 features = {keys[n]: np.asarray(row[f"f_{n}"]) for n in names}
                 cache.add_batch([shas[i] for i in ok], features, failed)
-                timer.add("decoding (all workers)", row["decoding"])
-                timer.add(f"forwards {code} (all actors)", row["forwards"])
+                run.timer.add("decoding (all workers)", row["decoding"])
+                run.timer.add(f"forwards {code} (all actors)", row["forwards"])
                 embedded.update(ok)
                 bar.update(len(batch))
-        timer.add("embedding", time.perf_counter() - t0)
+        run.timer.add("embedding", time.perf_counter() - t0)
     return len(embedded)
 
 
