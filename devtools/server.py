@@ -178,6 +178,8 @@ def pin_many(
         conn = http.client.HTTPConnection(srv.host, srv.port, timeout=300)
         conn.request("GET", "/health")
         conn.getresponse().read()
+        if conn.sock is None:  # the worker closed it (a worker over its share sheds connections): try again
+            continue
         owner = connection_owner(srv.port, conn.sock.getsockname()[1], pids)
         if owner is not None and len(pinned[owner]) < per_worker:
             pinned[owner].append(conn)
