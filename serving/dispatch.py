@@ -172,6 +172,9 @@ class HeavyPool:
             del self.jobs[key]
         return out
 
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 def client_ip(addr) -> str:
     return addr[0] if isinstance(addr, tuple) else str(addr)

@@ -139,7 +139,7 @@ class BufferedWorker(base.Worker):
             self._loop_once()
         for conn in list(self.conns.values()):
             self._close(conn)
-        self.heavy.pool.shutdown(wait=False, cancel_futures=True)
+        self.heavy.shutdown()
         self.board.set(self.row, FREE, 0)
         atexit.register(_exit_now)  # runs first at exit: gunicorn's own exit steps are done by then
 
