@@ -69,8 +69,7 @@ def _public_url(name: str, raw: str, _: None) -> str | None:
     """'https://example.com/app' -> 'https://example.com/app/' (the base of absolute URLs); empty -> None."""
     if not raw:
         return None
-    parsed = urlparse(raw)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+    if not is_http_url(raw) or (parsed := urlparse(raw)).query or parsed.fragment:
         raise ConfigError(f"{name}={raw!r}: expected an http(s) URL such as https://banners.example.com/")
     return raw.rstrip("/") + "/"
 

@@ -45,6 +45,9 @@ def parse_float(name: str, raw: str | None, default: float, lo: float, hi: float
 
 
 def is_http_url(text: str) -> bool:
-    """Whether ``text`` is an absolute http(s) URL (a scheme and a host)."""
-    url = urllib.parse.urlparse(text)
-    return url.scheme in ("http", "https") and bool(url.netloc)
+    """Whether ``text`` is an absolute http(s) URL with a host (``https://:443/`` has none; a malformed one is not)."""
+    try:
+        url = urllib.parse.urlparse(text)
+    except ValueError:  # an unclosed IPv6 bracket
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)

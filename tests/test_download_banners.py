@@ -446,7 +446,7 @@ def test_cli_bad_apps_file_exit_2_and_creates_nothing(cdn, tmp_path):
     assert sum(cdn.counts.values()) == 0
 
 
-@pytest.mark.parametrize("url", ["ftp://cdn.example/", "cdn.example", "https://"])
+@pytest.mark.parametrize("url", ["ftp://cdn.example/", "cdn.example", "https://", "https://:443/", "http://[::1/"])
 def test_cli_bad_cdn_url_exit_2_and_creates_nothing(tmp_path, url):
     r = _run_cli("--out", str(tmp_path / "never"), "--cdn-url", url)
     assert r.returncode == 2 and f"--cdn-url must be an http(s) URL, got {url!r}" in r.stderr

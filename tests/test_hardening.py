@@ -333,6 +333,11 @@ def test_refuses_unknown_default_strategy_and_bad_env(index_copy):
         Settings.from_env({"INDEX_VERIFY": "maybe"})
     with pytest.raises(ConfigError, match=r"INDEX_URL=.https:///index.tar.: expected an http\(s\) URL with a host"):
         Settings.from_env({"INDEX_URL": "https:///index.tar", "INDEX_SHA256": "0" * 64})
+    for bad in ("https://:443/index.tar", "http://[::1/index.tar"):
+        with pytest.raises(ConfigError, match="INDEX_URL"):
+            Settings.from_env({"INDEX_URL": bad, "INDEX_SHA256": "0" * 64})
+    with pytest.raises(ConfigError, match="PUBLIC_URL"):
+        Settings.from_env({"PUBLIC_URL": "https://:443/app"})
     assert Settings.from_env({"STEAM_ASSETS_URL": "HTTPS://cdn.example/"}).assets_url == "HTTPS://cdn.example/"
     with pytest.raises(ConfigError, match="one upload would not fit"):
         Settings.from_env({"MAX_UPLOAD_MB": "16", "UPLOAD_BUFFER_MB": "10"})
