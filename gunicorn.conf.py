@@ -29,10 +29,16 @@ limit_request_line = 8190
 
 def when_ready(server):
     """In the master, before the first fork: import torch, so that the workers share its memory
-    (copy-on-write) instead of each importing its own copy on its first model pass."""
+    (copy-on-write) instead of each importing its own copy on its first model pass. Then the thread that
+    forks the workers' image decoders starts here (core/isolated.py): a fork stalls the forking process."""
     import torch  # noqa: F401 - the service never imports torchvision (core/dino/preprocess.py)
 
+    from core.isolated import LAUNCHER
+    from serving.dispatch import HEAVY_NICE
+
     _freeze_heap()
+    LAUNCHER.nice = HEAVY_NICE  # decoding is an upload's work: it yields the CPU to lookups too
+    LAUNCHER.start()
 
 
 def post_fork(server, worker):

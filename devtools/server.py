@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from core.isolated import DECODER_NAME
 from devtools.cgroup import MemoryCgroup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,13 @@ def _no_control_socket() -> list[str]:
         return ["--no-control-socket"] if "control_socket_disable" in Config().settings else []
     except ImportError:
         return []
+
+
+def _name(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/comm").read_bytes().strip()
+    except OSError:  # ended
+        return b""
 
 
 class GunicornServer:
@@ -90,10 +98,12 @@ class GunicornServer:
         raise RuntimeError(f"gunicorn did not answer /health within {timeout} s:\n{self.output()[-3000:]}")
 
     def workers(self, expect: int | None = None, timeout: float = 30.0) -> list[int]:
+        """The master's children but its image decoders (``core.isolated``)."""
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         deadline = time.monotonic() + timeout
         while True:
             pids = sorted(int(p) for p in children.read_text().split()) if children.exists() else []
+            pids = [pid for pid in pids if _name(pid) != DECODER_NAME]
             if expect is None or len(pids) == expect or time.monotonic() > deadline:
                 return pids
             time.sleep(0.05)

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import background
 import pytest
@@ -21,6 +22,7 @@ import requests
 from hostile_images import (
     animated_webp,
     apng_header,
+    bmp_rle8,
     encode,
     gif_canvas,
     junk_before_scans,
@@ -30,6 +32,7 @@ from hostile_images import (
 )
 from PIL import Image
 
+from core.isolated import DECODER_NAME
 from devtools.cgroup import MemoryCgroup
 from devtools.clients import parse_server_timing
 from devtools.server import GunicornServer as Server
@@ -139,6 +142,30 @@ def test_each_class_gets_its_answer_within_2_s_while_lookups_flow(dyno, hostile)
     log = srv.output()
     assert "Traceback" not in log and "PIL." not in log and "Warning" not in log, log[-3000:]
     assert cgroup.oom_kills() == 0
+
+
+def _decoders() -> dict[int, int]:
+    """Every image decoder running on this machine (``core.isolated``), and its parent."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_bytes().strip() == DECODER_NAME:
+                out[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):  # ended meanwhile
+            pass
+    return out
+
+
+def test_the_master_forks_the_decoders_not_the_workers(dyno):
+    """A fork stalls every thread of the forking process: a worker's lookups would wait for it."""
+    srv, _, _ = dyno
+    conn = _each_worker(srv)[0]
+    parents: set[int] = set()
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(_post, conn, bmp_rle8(2000, 2000, run=1))  # seconds of decoding
+        while not upload.done():
+            parents |= set(_decoders().values())
+    assert upload.result()[0] == 200 and parents == {srv.pid}, (parents, srv.workers())
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 
 from core.dino.preprocess import PREPROCESSINGS
 from core.images import ImageRejected, open_image
-from core.isolated import open_image_isolated
+from core.isolated import DECODER_NAME, open_image_isolated
 
 DINO = PREPROCESSINGS["dino"].pil_resized_size
 
@@ -55,14 +56,36 @@ def test_a_rejection_comes_back_with_its_code_and_message():
     assert (there.value.code, there.value.message) == (here.value.code, here.value.message)
 
 
-def _children() -> set[int]:
-    """This process's forked children (decoders run our own command line; background commands do not)."""
-    own = Path("/proc/self/cmdline").read_bytes()
+FORKED_WORKER = """
+import os, sys
+from core.isolated import LAUNCHER, open_image_isolated
+LAUNCHER.start()  # as gunicorn's master does, before it forks its workers
+data = sys.stdin.buffer.read()
+pid = os.fork()
+if pid == 0:
+    def no_fork():
+        raise AssertionError("the worker forked")
+    os.fork = no_fork
+    print(open_image_isolated(data, max_pixels=40_000_000, timeout=30).size, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_worker_has_its_decoders_forked_by_the_master():
+    """A fork stalls every thread of the forking process: a worker's lookups would wait for each decoder's."""
+    banner = encode(Image.effect_noise((300, 450), 60).convert("RGB"), "JPEG")
+    out = subprocess.run([sys.executable, "-c", FORKED_WORKER], input=banner, capture_output=True, timeout=60)
+    assert out.stdout == b"(300, 450)\n", out
+
+
+def _decoders() -> set[int]:
+    """This process's image decoders, by their name."""
     pids = {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
     out = set()
     for pid in pids:
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() == own:
+            if Path(f"/proc/{pid}/comm").read_bytes().strip() == DECODER_NAME:
                 out.add(pid)
         except OSError:  # ended meanwhile
             pass
@@ -72,16 +95,22 @@ def _children() -> set[int]:
 @pytest.mark.slow
 def test_a_decode_past_its_deadline_is_stopped_there():
     slow = bmp_rle8(4000, 2000, run=1)  # 8 M runs of one pixel, which Pillow decodes in Python: seconds
-    before = _children()
+    before = _decoders()
     start = time.monotonic()
-    with pytest.raises(ImageRejected) as e:
-        open_image_isolated(slow, max_pixels=40_000_000, timeout=0.2)
+    with ThreadPoolExecutor(1) as pool:
+        decoding = pool.submit(open_image_isolated, slow, max_pixels=40_000_000, timeout=0.2)
+        seen: set[int] = set()
+        while not seen and not decoding.done():
+            seen = _decoders() - before
+        assert len(seen) == 1  # decoding, under its name
+        with pytest.raises(ImageRejected) as e:
+            decoding.result()
     assert e.value.code == "too_much_decoding_work" and "longer than 0.2 s" in e.value.message
     assert time.monotonic() - start < 1.0
     deadline = time.monotonic() + 1.0
-    while _children() != before and time.monotonic() < deadline:
+    while _decoders() != before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _children() == before  # the child was killed (and reaped), not left decoding
+    assert _decoders() == before  # the decoder ended at its deadline (and was reaped), not left decoding
 
 
 @pytest.mark.slow
