@@ -88,17 +88,19 @@ LAUNCHER = Launcher()
 
 
 def _serve(sock: socket.socket, nice: int) -> None:
-    """The launcher's loop: one decoder forked per job, each reaped by a thread of its own."""
+    """The launcher's loop: one decoder forked per job; the ones that ended are reaped at the next job."""
     with contextlib.suppress(OSError):  # Linux: a thread's nice value is its own, and its children's
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    children: set[int] = set()
     while True:
         job, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+        children = {pid for pid in children if not _reaped(pid)}
         try:
             pid = os.fork()
             if pid == 0:
                 _decode_in_child(job, *fds)  # never returns
-            threading.Thread(target=_reap, args=(pid,), daemon=True).start()
+            children.add(pid)
         except OSError as e:  # no memory or no process slot to fork: the server's failure, not the image's
             _send_head(fds[1], {"error": f"cannot fork a decoder: {e}"})
         finally:
@@ -106,9 +108,11 @@ def _serve(sock: socket.socket, nice: int) -> None:
                 os.close(fd)
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):  # gunicorn's master reaps its every child too
-        os.waitpid(pid, 0)
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:  # gunicorn's master reaps its every child too
+        return True
 
 
 def _decode_in_child(job: bytes, data_fd: int, fd: int) -> None:
