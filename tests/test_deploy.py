@@ -22,6 +22,7 @@ from core.dino.strategies import parse_strategies
 from core.index import load_index
 from core.index.fetch import FETCHED, FetchFailed, FetchPolicy, fetch_index, fetched_sha256
 from devtools.synthetic import write_synthetic_index
+from devtools.workspace import banner_jpeg
 from indexer.cli.pack_index import main as pack_main
 from indexer.pack import pack_index
 
@@ -281,6 +282,10 @@ def test_gunicorn_binds_at_once_and_fetches_in_the_background(packed, archive_se
             assert codes[-1] in (200, 503), codes
         assert codes[-20:] == [200] * 20, codes[-40:]
         assert handler.hits == 1, "the workers share one download"
+        # an upload is decoded (by the master's decoder launcher, in a master without the app), then needs the
+        # checkpoint, which this test has not
+        r = requests.post(srv.url + "/match", data=banner_jpeg(1), headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "weights_unavailable", r.text
     finally:
         srv.stop()
 
