@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -77,6 +78,18 @@ def test_a_worker_has_its_decoders_forked_by_the_master():
     banner = encode(Image.effect_noise((300, 450), 60).convert("RGB"), "JPEG")
     out = subprocess.run([sys.executable, "-c", FORKED_WORKER], input=banner, capture_output=True, timeout=60)
     assert out.stdout == b"(300, 450)\n", out
+
+
+def test_a_decoder_that_cannot_be_forked_is_the_servers_error_not_the_images(monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)  # the launcher's thread runs in this process here
+    banner = encode(Image.effect_noise((30, 45), 60).convert("RGB"), "PNG")
+    with pytest.raises(OSError, match="cannot fork a decoder"):
+        open_image_isolated(banner, max_pixels=40_000_000, timeout=5)
+    monkeypatch.undo()
+    assert open_image_isolated(banner, max_pixels=40_000_000, timeout=5).size == (30, 45)  # the launcher lives on
 
 
 def _decoders() -> set[int]:
