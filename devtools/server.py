@@ -44,11 +44,23 @@ def _no_control_socket() -> list[str]:
         return []
 
 
-def _name(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/comm").read_bytes().strip()
-    except OSError:  # ended
-        return b""
+def decoders(pid: int) -> set[int]:
+    """The image decoders (``core.isolated``) that a process forked, from any of its threads, and that still run."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for child in children:
+            try:
+                stat = Path(f"/proc/{child}/stat").read_bytes()
+            except OSError:  # ended and reaped meanwhile
+                continue
+            name, state = stat[stat.index(b"(") + 1 : stat.rindex(b")")], stat[stat.rindex(b")") + 2 :][:1]
+            if name == DECODER_NAME and state != b"Z":
+                out.add(int(child))
+    return out
 
 
 class GunicornServer:
@@ -98,12 +110,11 @@ class GunicornServer:
         raise RuntimeError(f"gunicorn did not answer /health within {timeout} s:\n{self.output()[-3000:]}")
 
     def workers(self, expect: int | None = None, timeout: float = 30.0) -> list[int]:
-        """The master's children but its image decoders (``core.isolated``)."""
+        """The children of the master's main thread (its decoder launcher's thread forks the image decoders)."""
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         deadline = time.monotonic() + timeout
         while True:
             pids = sorted(int(p) for p in children.read_text().split()) if children.exists() else []
-            pids = [pid for pid in pids if _name(pid) != DECODER_NAME]
             if expect is None or len(pids) == expect or time.monotonic() > deadline:
                 return pids
             time.sleep(0.05)

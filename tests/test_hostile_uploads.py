@@ -14,7 +14,6 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import background
 import pytest
@@ -32,11 +31,10 @@ from hostile_images import (
 )
 from PIL import Image
 
-from core.isolated import DECODER_NAME
 from devtools.cgroup import MemoryCgroup
 from devtools.clients import parse_server_timing
 from devtools.server import GunicornServer as Server
-from devtools.server import pin_many
+from devtools.server import decoders, pin_many
 from devtools.workspace import Workspace, banner_jpeg, load_apps, make_banner
 
 pytestmark = pytest.mark.slow
@@ -144,18 +142,6 @@ def test_each_class_gets_its_answer_within_2_s_while_lookups_flow(dyno, hostile)
     assert cgroup.oom_kills() == 0
 
 
-def _decoders() -> dict[int, int]:
-    """Every image decoder on this machine (``core.isolated``), and its parent."""
-    out = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "comm").read_bytes().strip() == DECODER_NAME:
-                out[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):  # ended meanwhile
-            pass
-    return out
-
-
 def test_the_master_forks_the_decoders_not_the_workers(dyno):
     """A fork stalls every thread of the forking process: a worker's lookups would wait for it."""
     srv, _, _ = dyno
@@ -164,7 +150,7 @@ def test_the_master_forks_the_decoders_not_the_workers(dyno):
     with ThreadPoolExecutor(1) as pool:
         upload = pool.submit(_post, conn, bmp_rle8(2000, 2000, run=1))  # seconds of decoding
         while not upload.done():
-            parents |= set(_decoders().values()) & service
+            parents |= {pid for pid in service if decoders(pid)}
     assert upload.result()[0] == 200 and parents == {srv.pid}, (parents, srv.workers())
 
 

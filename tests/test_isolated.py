@@ -10,7 +10,6 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,8 @@ from PIL import Image
 
 from core.dino.preprocess import PREPROCESSINGS
 from core.images import ImageRejected, open_image
-from core.isolated import DECODER_NAME, open_image_isolated
+from core.isolated import open_image_isolated
+from devtools.server import decoders
 
 DINO = PREPROCESSINGS["dino"].pil_resized_size
 
@@ -92,39 +92,25 @@ def test_a_decoder_that_cannot_be_forked_is_the_servers_error_not_the_images(mon
     assert open_image_isolated(banner, max_pixels=40_000_000, timeout=5).size == (30, 45)  # the launcher lives on
 
 
-def _decoders() -> set[int]:
-    """This process's image decoders still running, by their name (an ended one waits to be reaped)."""
-    pids = {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
-    out = set()
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_bytes()
-            if stat[stat.index(b"(") + 1 : stat.rindex(b")")] == DECODER_NAME and stat.split()[2] != b"Z":
-                out.add(pid)
-        except OSError:  # ended meanwhile
-            pass
-    return out
-
-
 @pytest.mark.slow
 def test_a_decode_past_its_deadline_is_stopped_there():
     slow = bmp_rle8(4000, 2000, run=1)  # 8 M runs of one pixel, which Pillow decodes in Python: seconds
-    before = _decoders()
+    before = decoders(os.getpid())
     start = time.monotonic()
     with ThreadPoolExecutor(1) as pool:
         decoding = pool.submit(open_image_isolated, slow, max_pixels=40_000_000, timeout=0.2)
         seen: set[int] = set()
         while not seen and not decoding.done():
-            seen = _decoders() - before
+            seen = decoders(os.getpid()) - before
         assert len(seen) == 1  # decoding, under its name
         with pytest.raises(ImageRejected) as e:
             decoding.result()
     assert e.value.code == "too_much_decoding_work" and "longer than 0.2 s" in e.value.message
     assert time.monotonic() - start < 1.0
     deadline = time.monotonic() + 1.0
-    while _decoders() != before and time.monotonic() < deadline:
+    while decoders(os.getpid()) != before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _decoders() == before  # the decoder ended at its deadline, not left decoding
+    assert decoders(os.getpid()) == before  # the decoder ended at its deadline, not left decoding
 
 
 @pytest.mark.slow
