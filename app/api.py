@@ -173,14 +173,15 @@ def compare(appid: str):
     svc = get_service()
     html = request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
     g.html = html  # errors on this request render as HTML for browsers
-    app_id = parse_appid(appid)
+    game = svc.game(parse_appid(appid))  # a 404 before any 304: an unknown game has no answer to hold
     names = strategies_param(svc)
-    k = int_param("k", 8 if html else 10, max(1, min(svc.max_k(n) for n in names)))
+    hi = max(1, min(svc.max_k(n) for n in names))
+    k = int_param("k", min(8 if html else 10, hi), hi)  # the default capped to the tables, as for /match
     host = host_url()
-    etag = svc.http_cache.etag("compare", app_id, ",".join(names), k, html, host)
+    etag = svc.http_cache.etag("compare", game.appid, ",".join(names), k, html, host)
 
     def build() -> Response:
-        payload = svc.compare_payload(names, svc.game(app_id), k, host)
+        payload = svc.compare_payload(names, game, k, host)
         return make_response(render_template("compare.html", payload=payload)) if html else jsonify(payload)
 
     resp = _cached(etag, build)

@@ -1,8 +1,9 @@
 """HTTP caching of precomputed answers: an ``ETag``, ``Cache-Control``, and 304s.
 
-Every answer read from the tables is a function of the index build and of the request's resolved parameters (and
-the base URL, which appears in banner links), so the tag is ``"<build>-<crc32 of those>"``. A client sending it
-back in ``If-None-Match`` gets a bodyless 304.
+Every answer read from the tables is a function of the index build, of the settings that shape answers (the
+default strategy, where banner links point), and of the request's resolved parameters (and the base URL, which
+appears in banner links), so the tag is ``"<build>-<crc32 of those>"``. A client sending it back in
+``If-None-Match`` gets a bodyless 304.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ def build_id(index: LoadedIndex) -> str:
 
 
 class HttpCache:
-    def __init__(self, build: str, max_age: int) -> None:
+    def __init__(self, build: str, max_age: int, served: str) -> None:
+        """``served``: the settings that shape answers, as one string (a restart that changes them changes the tags)."""
         self.build = build
+        self.served = served
         self.cache_control = f"public, max-age={max_age}" if max_age else "no-cache"
 
     def etag(self, *parts: object) -> str:
-        key = "|".join(map(str, parts)).encode()
+        key = "|".join(map(str, (self.served, *parts))).encode()
         return f'"{self.build}-{zlib.crc32(key):08x}"'
 
     def not_modified(self, etag: str) -> Response | None:

@@ -8,6 +8,7 @@ blueprints read requests and ``app/errors.py`` maps problems to status codes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -66,7 +67,11 @@ class Service:
             self.default_strategy = DEFAULT_STRATEGY if DEFAULT_STRATEGY in index.strategies else self.strategy_names[0]
         self.matcher = Matcher(index, settings)
         self.build_id = build_id(index)
-        self.http_cache = HttpCache(self.build_id, settings.cache_max_age)
+        # answers also depend on the default strategy (/strategies) and on where banner_url points (the banner
+        # folder's files, the store's base URL)
+        served = hashlib.sha256(f"{self.default_strategy}|{settings.assets_url}|".encode())
+        served.update(self.catalog.local.tobytes())
+        self.http_cache = HttpCache(self.build_id, settings.cache_max_age, served.hexdigest())
         if settings.preload_models == ["all"]:
             self.preload = list(self.strategy_names)
         else:

@@ -113,7 +113,8 @@ class UrlFetcher:
             )
         else:
             pool = urllib3.HTTPConnectionPool(ip, port, timeout=timeout, retries=False, maxsize=1)
-        host_header = host if port in (80, 443) else f"{host}:{port}"
+        literal = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed in Host (RFC 3986)
+        host_header = literal if port in (80, 443) else f"{literal}:{port}"
         try:
             return pool, pool.urlopen(
                 "GET",

@@ -237,6 +237,21 @@ def test_compare_json(client, built_index):
     assert full["strategies"] == built_index.strategies
 
 
+def test_compare_default_k_is_capped_to_the_tables(make_client):
+    """/match's default k is min(10, table width); /compare's default must be capped the same way, or its answer
+    claims k=10 while every strategy returns at most the table width (and k=10 asked explicitly is a 400)."""
+    client = make_client(max_k=5)
+    body = client.get("/compare/10").get_json()
+    assert all(len(m) == 5 for m in body["matches"].values())
+    assert body["k"] == 5
+    assert client.get("/match/10").get_json()["k"] == 5  # the same rule as lookups
+
+
+def test_compare_of_an_unknown_appid_is_a_404_even_if_none_match_is_star(client):
+    r = client.get("/compare/999999", headers={"If-None-Match": "*"})
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "unknown_appid"
+
+
 def test_pages(client, built_index):
     home = client.get("/?q=portal")
     assert home.status_code == 200 and home.mimetype == "text/html"

@@ -141,6 +141,25 @@ def test_etag_follows_the_parameters_and_the_index(make_client, client, built_in
     assert "ETag" not in client.get("/match/999999").headers  # errors are not cached
 
 
+@pytest.mark.parametrize("url", ["/match/10?k=3", "/apps/10", "/match?appids=10"])
+def test_etag_follows_the_banner_folder(make_client, tmp_path, url):
+    """Same index, banners folder gone: banner_url switches from /banners/... to the store's URL, so a client
+    revalidating with the old ETag must get the new answer, not a 304 that keeps the dead /banners/ links."""
+    with_banners = make_client()
+    first = with_banners.get(url)
+    assert "/banners/10.jpg" in first.get_data(as_text=True)
+    without = make_client(banners_dir=tmp_path / "empty")
+    again = without.get(url, headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 200 and "/banners/10.jpg" not in again.get_data(as_text=True)
+
+
+def test_etag_of_strategies_follows_the_default_strategy(make_client):
+    a = make_client(default_strategy="ComplexB16").get("/strategies")
+    b = make_client(default_strategy="SimpleS16")
+    r = b.get("/strategies", headers={"If-None-Match": a.headers["ETag"]})
+    assert r.status_code == 200 and r.get_json()["default"] == "SimpleS16"
+
+
 def test_compare_varies_on_accept(client):
     as_json = client.get("/compare/10?k=2")
     as_html = client.get("/compare/10?k=2", headers={"Accept": "text/html"})

@@ -10,7 +10,9 @@ from __future__ import annotations
 import http.server
 import io
 import ipaddress
+import socket
 import struct
+import threading
 import time
 import zlib
 
@@ -181,3 +183,37 @@ def test_url_settings_are_checked():
     assert s.url_fetch and s.url_fetch_allow_networks == ["10.0.0.0/8", "127.0.0.1/32"]
     with pytest.raises(ConfigError, match="URL_FETCH_ALLOW_NETWORKS"):
         Settings.from_env({"URL_FETCH_ALLOW_NETWORKS": "intranet"})
+
+
+class _V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_url_fetch_of_an_ipv6_literal_sends_a_bracketed_host_header():
+    """RFC 9112/3986: an IPv6 literal in Host is bracketed ("[::1]:8080"); "::1:8080" is not a host and port."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"abc")
+
+    try:
+        server = _V6Server(("::1", 0), Handler)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        fetcher = UrlFetcher(5, 1 << 20, public_only(["::1/128"]))
+        assert fetcher.fetch(f"http://[::1]:{port}/x.png") == b"abc"
+        assert seen == [f"[::1]:{port}"]
+    finally:
+        server.shutdown()
+        server.server_close()
