@@ -102,7 +102,8 @@ def _serve(sock: socket.socket, nice: int) -> None:
                 _decode_in_child(job, *fds)  # never returns
             children.add(pid)
         except OSError as e:  # no memory or no process slot to fork: the server's failure, not the image's
-            _send_head(fds[1], {"error": f"cannot fork a decoder: {e}"})
+            with contextlib.suppress(OSError):  # a caller that is gone (its worker died or timed out) reads nothing
+                _send_head(fds[1], {"error": f"cannot fork a decoder: {e}"})
         finally:
             for fd in fds:
                 os.close(fd)

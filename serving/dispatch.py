@@ -103,11 +103,13 @@ class AppCall:
         if worker.nr >= worker.max_requests and worker.alive:  # gunicorn's max_requests: the worker is replaced
             worker.log.info("Autorestarting worker after current request.")
             worker.alive = False
-        if not worker.alive:  # a stopping worker: the client reconnects elsewhere for its next request
-            resp.force_close()
         try:
             worker.cfg.pre_request(worker, req)
             result = worker.wsgi(environ, resp.start_response)
+            # a stopping worker, also one told to stop while the app ran (a model pass takes seconds): the client
+            # reconnects elsewhere for its next request
+            if not worker.alive:
+                resp.force_close()
             try:
                 for item in result:
                     resp.write(item)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from collections import deque
 
 from gunicorn.workers import base
 
-from .board import FREE, READY, STOPPING, Board
+from .board import BOOTING, FREE, READY, STOPPING, Board
 from .dispatch import AppCall, HeavyPool, Limits, busy_answer, client_ip, refusal
 from .http1 import MAX_HEAD_BYTES, ChunkScanner, RequestError, error_response, head_framing
 
@@ -28,6 +29,7 @@ SWITCH_INTERVAL = 0.001  # sys.setswitchinterval in the workers
 RECV_BYTES = 262144
 ACCEPT_RECHECK = 0.002  # a worker over its share looks again at a pending connection after this long
 ACCEPT_GRACE = 0.02  # and takes it anyway once it has waited this long (the others are busy or stuck)
+ACCEPT_PAUSE = 0.1  # a worker out of descriptors (EMFILE) tries accept() again after this long
 LAME_DUCK_SECONDS = 1.0  # a stopping worker's idle keep-alive connections may still send one request
 LINGER_SECONDS = 5.0  # after a final answer, how long to read and drop what the client still sends
 LINGER_BYTES = 256 * 2**20
@@ -65,6 +67,8 @@ class BufferedWorker(base.Worker):
 
     # -- start and main loop -------------------------------------------------------------------------
     def init_process(self) -> None:
+        # its pid in its row at once: a worker killed while it boots (OOM, gunicorn's timeout) frees its row
+        self.board.set(self.row, BOOTING, 0)
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.shedding = 0  # connections to close after their answer, for the balance
@@ -190,6 +194,13 @@ class BufferedWorker(base.Worker):
         try:
             sock, addr = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:  # out of descriptors or memory: the connection waits in the backlog a moment
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self.log.warning("cannot accept a connection for now: %s", e)
+            self._set_accepting(False)
+            self.resume_accept_at = now + ACCEPT_PAUSE
             return
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):

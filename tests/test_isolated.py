@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ from PIL import Image
 
 from core.dino.preprocess import PREPROCESSINGS
 from core.images import ImageRejected, open_image
-from core.isolated import open_image_isolated
+from core.isolated import LAUNCHER, open_image_isolated
 from devtools.server import decoders
 
 DINO = PREPROCESSINGS["dino"].pil_resized_size
@@ -92,6 +94,32 @@ def test_a_decoder_that_cannot_be_forked_is_the_servers_error_not_the_images(mon
     assert open_image_isolated(banner, max_pixels=40_000_000, timeout=5).size == (30, 45)  # the launcher lives on
 
 
+def test_the_launcher_lives_on_after_a_failed_fork_for_a_caller_that_is_gone(monkeypatch):
+    """No decoder could be forked, and its caller stopped waiting (its worker died or timed out): the launcher
+    cannot tell it so, and goes on with the next image."""
+    tried = threading.Event()
+
+    def no_fork():
+        tried.set()
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    LAUNCHER.start()
+    monkeypatch.setattr(os, "fork", no_fork)
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # the caller is gone
+    data_fd = os.memfd_create("image", os.MFD_CLOEXEC)
+    try:
+        LAUNCHER.launch(pickle.dumps((40_000_000, 5.0, None)), data_fd, write_fd)
+    finally:
+        os.close(data_fd)
+        os.close(write_fd)
+    assert tried.wait(5)
+    time.sleep(0.2)  # the launcher has answered (or died) by now
+    monkeypatch.undo()
+    banner = encode(Image.effect_noise((30, 45), 60).convert("RGB"), "PNG")
+    assert open_image_isolated(banner, max_pixels=40_000_000, timeout=5).size == (30, 45)
+
+
 @pytest.mark.slow
 def test_a_decode_past_its_deadline_is_stopped_there():
     slow = bmp_rle8(4000, 2000, run=1)  # 8 M runs of one pixel, which Pillow decodes in Python: seconds
@@ -134,7 +162,7 @@ def _png_with_text(megabytes: int) -> bytes:
 MEMORY_CHECK = """
 import sys
 from core.images import ImageRejected
-from core.isolated import open_image_isolated
+from core.isolated import LAUNCHER, open_image_isolated
 data = sys.stdin.buffer.read()
 try:
     open_image_isolated(data, max_pixels=2_000_000, timeout=30)  # a budget of 10 MB
