@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -315,3 +319,25 @@ def test_requirements_files_pin_the_same_versions():
     assert re.fullmatch(r"3\.\d+", python)
     docker = (ROOT / "Dockerfile").read_text()
     assert f"FROM python:{python}-slim" in docker and "requirements.txt" in docker
+
+
+def test_a_fetch_killed_midway_leaves_no_partial_archive_behind(packed, archive_server, tmp_path):
+    folder, archive, sha = packed
+    slow, _ = archive_server(folder, "trickle")
+    dest = tmp_path / "data" / "index"
+    code = (
+        "from pathlib import Path; from core.index.fetch import FetchPolicy, fetch_index; "
+        f"fetch_index({slow + '/' + archive.name!r}, {sha!r}, Path({str(dest)!r}), FetchPolicy(attempts=1))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        dest.parent.exists() and any(".archive-" in n for n in _leftovers(dest.parent))
+    ):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # a worker OOM-killed, a dyno cycled mid-download
+    proc.wait()
+    assert any(".archive-" in n for n in _leftovers(dest.parent))
+    url, _ = archive_server(folder)
+    assert fetch_index(f"{url}/{archive.name}", sha, dest, FAST) is True
+    assert _leftovers(dest.parent) == [], "a killed fetch's partial archive stays on the disk for good"

@@ -58,6 +58,8 @@ def fetch_index(url: str, sha256: str, index_dir: Path, policy: FetchPolicy) -> 
     sha256 = sha256.strip().lower()
     with file_lock(index_dir.parent / f".{index_dir.name}.lock"):
         recover(index_dir)
+        for leftover in index_dir.parent.glob(f"*.{index_dir.name}.archive-*"):  # a killed fetch's: none runs now
+            leftover.unlink(missing_ok=True)
         if fetched_sha256(index_dir) == sha256:
             return False
         try:
