@@ -15,7 +15,7 @@ def scan_banners(folder: Path) -> dict[int, Path]:
     rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = _BANNER_RE.match(path.name)
-        if m and path.is_file():
+        if m and int(m.group(1)) > 0 and path.is_file():  # appid 0 is no game: an index with it would not load
             appid = int(m.group(1))
             if appid not in found or rank[path.suffix.lower()] < rank[found[appid].suffix.lower()]:
                 found[appid] = path

@@ -167,6 +167,16 @@ def test_apps_list_names_and_missing(tmp_path, install_checkpoints, run_cli):
     assert index.manifest["missing_images"] == [12345]
 
 
+def test_a_banner_named_0_is_no_game(tmp_path, install_checkpoints, run_cli):
+    """Appid 0 is no game, and an index listing it would not load: a file 0.jpg is not taken for one."""
+    install_checkpoints("S16")
+    apps = make_catalog(tmp_path / "banners", 3)
+    make_banner(tmp_path / "banners" / "0.jpg", seed=1)
+    r = run_cli("--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"), "--strategies", "SimpleS16")
+    assert r.returncode == 0, r.stderr
+    assert [a["appid"] for a in load_index(tmp_path / "index").apps] == [a["appid"] for a in apps]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
