@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -69,6 +69,32 @@ def json_bytes(obj: object, indent: int | None = None) -> bytes:
 
 def atomic_write_json(path: Path, obj: object, *, indent: int | None = None) -> None:
     atomic_write_bytes(path, json_bytes(obj, indent))
+
+
+class Journal:
+    """A run's finished steps, one fsynced JSON line each after a header naming the run; a torn last line is
+    dropped, and the journal of another run (other source or options) is started anew."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        lines = []
+        with contextlib.suppress(FileNotFoundError, ValueError):  # stops at a torn line
+            for line in path.read_bytes().split(b"\n"):
+                lines.append(json.loads(line))
+        self.records = lines[1:] if lines[:1] == [{"run": header}] else []
+        atomic_write_bytes(path, b"".join(map(json_bytes, [{"run": header}, *self.records])))
+        self._file = open(path, "ab")  # noqa: SIM115 - appended to until close()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._file.write(json_bytes(record))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self, *, remove: bool = False) -> None:
+        self._file.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+            fsync_dir(self.path.parent)
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:

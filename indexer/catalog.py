@@ -11,10 +11,8 @@ order; games the store does not describe (unknown, delisted) are left out.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core.apps import load_apps
-from core.files import atomic_write_bytes, fsync_dir, json_bytes
+from core.files import Journal, atomic_write_bytes
 from indexer.store import ListPage, StoreClient
 
 ITEMS_PER_CALL = 100  # GetItems ids per call: what the store's own pages ask for at once
@@ -45,32 +43,6 @@ class CatalogSummary:
             f"catalog: {self.games} games ({self.banners} with the store's banner path); {self.listed} listed, "
             f"{self.gone} not on the store; {self.calls} calls{resumed} in {self.elapsed_s:.1f} s"
         )
-
-
-class Journal:
-    """A run's finished steps, one fsynced JSON line each after a header naming the run; a torn last line is
-    dropped, and the journal of another run (other source or options) is started anew."""
-
-    def __init__(self, path: Path, header: dict[str, Any]) -> None:
-        self.path = path
-        lines = []
-        with contextlib.suppress(FileNotFoundError, ValueError):  # stops at a torn line
-            for line in path.read_bytes().split(b"\n"):
-                lines.append(json.loads(line))
-        self.records = lines[1:] if lines[:1] == [{"run": header}] else []
-        atomic_write_bytes(path, b"".join(map(json_bytes, [{"run": header}, *self.records])))
-        self._file = open(path, "ab")  # noqa: SIM115 - appended to until close()
-
-    def add(self, record: dict[str, Any]) -> None:
-        self._file.write(json_bytes(record))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self, *, remove: bool = False) -> None:
-        self._file.close()
-        if remove:
-            self.path.unlink(missing_ok=True)
-            fsync_dir(self.path.parent)
 
 
 def write_catalog(path: Path, catalog: dict[int, dict[str, Any]]) -> None:

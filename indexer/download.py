@@ -4,7 +4,8 @@ A game's banner is its APPS.json ``banner`` path (``?t=`` token included, as ``s
 it) under the store assets' base URL, else the plain ``steam/apps/<appid>/library_600x900.jpg``. The builder
 trusts whatever lies under `<appid>.jpg`, so only complete, decodable images land there (size-capped, checked with
 Pillow, written atomically). ``banners.json`` records each banner's path and the paths that answered 404: a rerun
-skips both without a request, and fetches again a banner whose path or token changed (art re-uploaded).
+skips both without a request, and fetches again a banner whose path or token changed (art re-uploaded). Each result
+also goes to a journal as it arrives, so that a killed run's are kept too.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from tqdm import tqdm
 
 from core.apps import validate_apps
 from core.cpu import pid_alive
-from core.files import atomic_write_bytes, atomic_write_json
+from core.files import Journal, atomic_write_bytes, atomic_write_json
 from core.http import TRANSIENT, BodyTooLarge, RetryPolicy, TransientError, check_status, read_body, with_retries
 from core.steam import ASSETS_URL, banner_asset_url, plain_banner_path
 
 RECORD_FILE = "banners.json"  # {"fetched": {appid: path}, "missing": {appid: path}}
+JOURNAL_FILE = "banners.json.journal"  # the results since RECORD_FILE was written: {"fetched"|"missing": [appid, path]}
 MAX_BODY_BYTES = 10 * 1024 * 1024
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 USER_AGENT = "steam-dino-banners/0.1 (banner downloader)"
@@ -100,14 +102,28 @@ def file_is_valid(path: Path) -> bool:
         return False
 
 
-def read_record(out_dir: Path) -> dict[str, dict[int, str]]:
-    """What earlier runs fetched and found missing, per appid (its path); unreadable: empty (it is a cache, and
-    its paths are only compared with the catalog's)."""
+def read_record(out_dir: Path, journaled: list[dict[str, Any]]) -> dict[str, dict[int, str]]:
+    """What earlier runs fetched and found missing, per appid (its path): the record, then the ``journaled``
+    results since; unreadable: empty (it is a cache, and its paths are only compared with the catalog's)."""
     try:
         data = json.loads((out_dir / RECORD_FILE).read_text(encoding="utf-8"))
-        return {kind: {int(appid): path for appid, path in data[kind].items()} for kind in ("fetched", "missing")}
+        record = {kind: {int(appid): path for appid, path in data[kind].items()} for kind in ("fetched", "missing")}
     except (OSError, ValueError, LookupError, TypeError, AttributeError):
-        return {"fetched": {}, "missing": {}}
+        record = {"fetched": {}, "missing": {}}
+    for result in journaled:
+        for kind, (appid, path) in result.items():
+            record[kind][appid] = path
+            if kind == "fetched":
+                record["missing"].pop(appid, None)
+    return record
+
+
+def _open_journal(out_dir: Path) -> Journal | None:
+    """The journal of this run's results, or None where it cannot be written (a full disk fails the banners too)."""
+    try:
+        return Journal(out_dir / JOURNAL_FILE, {"record": RECORD_FILE})
+    except OSError:
+        return None
 
 
 def clean_stale_temp_files(out_dir: Path) -> None:
@@ -143,7 +159,8 @@ def download_banners(
 
     start = time.monotonic()
     summary = DownloadSummary(requested=len(paths))
-    record = read_record(out)
+    journal = _open_journal(out)
+    record = read_record(out, journal.records if journal else [])
     policy = RetryPolicy(retries + 1, backoff, max_retry_after_s=max_retry_after)
     fetcher = _Fetcher(out, assets_url, timeout, policy, workers, progress)
     todo = {}
@@ -153,12 +170,16 @@ def download_banners(
         else:
             todo[appid] = path
     try:
-        fetcher.fetch_all(todo, record, summary)
+        fetcher.fetch_all(todo, record, summary, journal)
     finally:
         for session in fetcher.sessions:
             session.close()
+        written = False
         with contextlib.suppress(OSError):  # only a cache: at worst the next run asks again
             atomic_write_json(out / RECORD_FILE, {kind: dict(sorted(p.items())) for kind, p in record.items()})
+            written = True
+        if journal is not None:
+            journal.close(remove=written)  # else it keeps this run's results for the next one
 
     for appids in (summary.downloaded, summary.changed, summary.skipped, summary.missing):
         appids.sort()
@@ -188,9 +209,24 @@ class _Fetcher:
             self.sessions.append(self.local.session)
         return self.local.session
 
-    def fetch_all(self, todo: dict[int, str], record: dict[str, dict[int, str]], summary: DownloadSummary) -> None:
-        """Fetch ``todo`` in a thread pool, recording each result as it arrives (an interrupt keeps them)."""
+    def fetch_all(
+        self,
+        todo: dict[int, str],
+        record: dict[str, dict[int, str]],
+        summary: DownloadSummary,
+        journal: Journal | None,
+    ) -> None:
+        """Fetch ``todo`` in a thread pool, recording each result as it arrives, in ``record`` and ``journal``."""
         fetched, missing, n = record["fetched"], record["missing"], summary.requested
+
+        def note(kind: str, appid: int) -> None:
+            if record[kind].get(appid) == todo[appid]:  # known already (a skipped banner): nothing to journal
+                return
+            record[kind][appid] = todo[appid]
+            if journal is not None:
+                with contextlib.suppress(OSError):  # only a cache, as the record is
+                    journal.add({kind: [appid, todo[appid]]})
+
         bar = tqdm(total=n, initial=n - len(todo), unit="banner", disable=not self.progress)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="banner")
         try:
@@ -208,11 +244,11 @@ class _Fetcher:
                     getattr(summary, status).append(appid)
                     if status == "downloaded" and appid in known and appid not in same:
                         summary.changed.append(appid)
-                    fetched[appid] = todo[appid]
                     missing.pop(appid, None)
+                    note("fetched", appid)
                 elif status == "missing":
                     summary.missing.append(appid)
-                    missing[appid] = todo[appid]
+                    note("missing", appid)
                 elif status != "interrupted":
                     summary.failed[appid] = reason
                 bar.update(1)
