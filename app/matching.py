@@ -140,6 +140,8 @@ class Matcher:
     def search(self, name: str, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """The k rows nearest to a vector, their cosines and the search's time (ms)."""
         t0 = time.perf_counter()
+        if k < 1:  # a table without neighbours (k = 0) answers no matches, as its lookups do
+            return np.empty(0, np.int64), np.empty(0, np.float32), {"search": 0.0}
         rows, scores = self.searcher(name).search(vector.astype(np.float32), k)
         return rows, scores, {"search": (time.perf_counter() - t0) * 1000}
 

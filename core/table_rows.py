@@ -58,6 +58,8 @@ class RowReader:
         if out is None:
             out = np.empty((count, *self.table.shape[1:]), dtype=self.table.dtype)
         at = self._offset + first * self._row_bytes
+        if out.nbytes == 0:  # rows of no elements (a table with k = 0): nothing to read, and no view to cast
+            return out
         if os.preadv(self._fd, [memoryview(out).cast("B")], at) != out.nbytes:
             raise OSError(f"{self.table.filename}: short read at byte {at} (the file changed on disk?)")
         return out

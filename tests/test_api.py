@@ -9,9 +9,16 @@ import shutil
 import numpy as np
 import pytest
 from conftest import sha256_of, store_banner
+from hostile_images import encode
 from PIL import Image
 
+from app import create_app
+from app.config import Settings
+from app.matching import Matcher
+from core.dino.strategies import parse_strategies
+from core.index import APPS, IndexWriter, make_manifest, write_strategy
 from core.steam import ASSETS_URL
+from devtools.synthetic import random_unit_vectors
 
 
 def tables(built_index, strategy):
@@ -356,3 +363,21 @@ def test_upload_rate_limit(make_client, built_index):
     r = client.post("/match?strategy=SimpleS16", data=data, content_type="image/jpeg")
     assert error_of(r)["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
     assert client.get("/match/10").status_code == 200  # lookups are not limited
+
+
+def test_an_index_without_neighbours_answers_no_matches(tmp_path, monkeypatch):
+    """Tables of k = 0, which the index format allows: lookups and uploads answer no matches, /unique every game."""
+    s, n = parse_strategies("SimpleS16")[0], 3
+    emb = random_unit_vectors(n, s.dim, 0, "float16")
+    with IndexWriter(tmp_path / "index") as writer:
+        sha = writer.write_json(APPS, [{"appid": 10 * (i + 1), "name": f"Game {i}"} for i in range(n)])
+        empty = np.empty((n, 0), np.int32), np.empty((n, 0), np.float32)
+        entry = write_strategy(writer, s, emb, *empty, {"file": s.backbone.filename, "sha256": "0" * 64})
+        writer.commit(make_manifest(n, sha, "float16", {s.name: entry}))
+    heat = np.zeros(s.grid, np.float32)
+    monkeypatch.setattr(Matcher, "embed", lambda self, name, image: (emb[1].astype(np.float32), heat, {}))
+    client = create_app(Settings(index_dir=tmp_path / "index", banners_dir=tmp_path / "none")).test_client()
+    assert client.get("/match/10").get_json()["matches"] == []
+    assert [g["appid"] for g in client.get("/unique").get_json()["games"]] == [10, 20, 30]
+    upload = client.post("/match", data=encode(Image.new("RGB", (300, 450), "red"), "JPEG"), content_type="image/jpeg")
+    assert upload.status_code == 200 and upload.get_json()["matches"] == []

@@ -94,3 +94,11 @@ def test_an_upload_search_with_a_stored_sketch_maps_no_embeddings(tmp_path):
     assert rows.tolist() == np.lexsort((np.arange(3000), -exact))[:5].tolist()
     if Path("/proc/self/smaps").exists():
         assert mapped_kib(path) == 0
+
+
+def test_rows_of_no_elements(tmp_path):
+    """A table without neighbours (k = 0) has rows of no elements: they read as empty, not as an error."""
+    np.save(tmp_path / "neighbours.npy", np.empty((5, 0), np.int32))
+    reader = RowReader(np.load(tmp_path / "neighbours.npy", mmap_mode="r"))
+    assert reader.part(3, 0, 10).shape == (0,)
+    assert reader.rows(np.array([0, 4])).shape == (2, 0)
