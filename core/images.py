@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
+from PIL import ExifTags, Image, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError, WebPImagePlugin  # noqa: F401
 
 Image.preinit()  # with the two plugins above, those of ALLOWED_FORMATS: registered here, not in each decoding child
 
@@ -32,6 +32,16 @@ MAX_JPEG_SCANS = 64  # progressive JPEGs use about 10; libjpeg has no limit of i
 MAX_JPEG_SCAN_WORK = 1_000_000_000  # scans x pixels: each scan is a pass over every block of its components
 DECODE_BYTES_PER_PIXEL = 5  # a decode's memory per pixel of the cap: an RGBA PNG at the cap holds 4
 WEBP_BYTES_PER_PIXEL = 16  # libwebp's two RGBA canvases (even for a still image) and Pillow's two copies
+ORIENTATIONS = {  # EXIF orientation -> the transpose that shows the image as a viewer does (ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+QUARTER_TURNS = tuple(ORIENTATIONS[o] for o in (5, 6, 7, 8))  # shown as height x width
 BAND_ROWS = 64  # rows shrunk at a time: a mode conversion's copies cost a band, not the image
 SIGNATURES = {  # leading bytes -> format, to name a file without handing it to every Pillow plugin
     b"\xff\xd8\xff": "JPEG",
@@ -71,17 +81,16 @@ def open_image(
     if img.format in JPEG_FORMATS:
         _bound_jpeg(img, data, target, max_pixels)
     img = _load(img, data)
-    exif, turned = None, False
+    method = None
     with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation, do not reject
-        exif = img.getexif()
-        turned = exif.get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # a quarter turn: shown as height x width
+        method = ORIENTATIONS.get(img.getexif().get(ExifTags.Base.Orientation))
+    turned = method in QUARTER_TURNS
     out = _reduce_to_rgb(img, resize_to, turned)
-    out.info["source_size"] = (width, height)
-    with contextlib.suppress(Exception):
-        out.info["exif"] = exif.tobytes()  # the conversion dropped it
-        ImageOps.exif_transpose(out, in_place=True)  # which removes the orientation from ``exif``
-        if turned:
-            out.info["source_size"] = (height, width)
+    if method is not None:  # applied here, not by exif_transpose: it fails on EXIF that Pillow cannot rewrite
+        out = out.transpose(method)
+        for key in ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp"):  # their orientation is applied
+            out.info.pop(key, None)
+    out.info["source_size"] = (height, width) if turned else (width, height)
     return out
 
 
@@ -249,14 +258,15 @@ def _load(img: Image.Image, data: bytes) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB: alpha composited on white, 16/32-bit greyscale rescaled to 8 bits."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:  # an RGB PNG's tRNS: a colour shown transparent
         return img
     if mode.startswith("I") or mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0
-        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-        return grey.convert("RGB")
+        raw = np.asarray(img, dtype=np.float64)
+        arr = raw / 257.0 if mode.startswith("I;16") or (mode == "I" and raw.max(initial=0) > 255) else raw
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if isinstance(key := img.info.get("transparency"), int):  # a 16-bit grey PNG's tRNS
+            grey[raw == key] = 255  # transparent, on white
+        return Image.fromarray(grey, mode="L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")

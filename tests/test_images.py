@@ -264,3 +264,39 @@ def test_a_refused_format_is_named_from_its_bytes_without_a_log_line(caplog):
             open_image(data)
         assert e.value.code == "not_an_image" and e.value.message.startswith(f"{name} images are not accepted")
     assert caplog.records == []
+
+
+def test_a_colour_keyed_rgb_png_is_composited_on_white():
+    """An RGB (or 16-bit grey) PNG whose tRNS chunk makes one colour transparent (what PNG optimisers such as
+    oxipng write for a cut-out with a single transparent colour) shows that colour as transparent, on white."""
+    arr = np.zeros((1030, 1100, 3), np.uint8)
+    arr[:, 550:] = (200, 30, 30)
+    data = _encode(Image.fromarray(arr), "PNG", transparency=(0, 0, 0), compress_level=1)
+    for out in (open_image(data), open_image(data, resize_to=DINO)):  # whole, and shrunk in bands
+        assert tuple(np.asarray(out)[5, 5]) == (255, 255, 255)
+        assert tuple(np.asarray(out)[5, -5]) == (200, 30, 30)
+    grey = np.full((8, 8), 32768, np.uint16)
+    grey[:4] = 0
+    out = np.asarray(open_image(_encode(Image.fromarray(grey), "PNG", transparency=0)))
+    assert tuple(out[0, 0]) == (255, 255, 255) and abs(int(out[-1, -1, 0]) - 128) <= 1
+
+
+def _exif_with_an_unwritable_tag(orientation: int) -> bytes:
+    """EXIF that Pillow reads (Orientation included) but cannot write back: XResolution typed UNDEFINED."""
+    entries = [(0x0112, 3, 1, struct.pack("<HH", orientation, 0)), (0x011A, 7, 4, b"H\x00\x00\x00")]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries)
+    return b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_when_other_exif_tags_cannot_be_rewritten(fmt):
+    exif = _exif_with_an_unwritable_tag(6)
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # top left as stored: top right as shown
+    data = _encode(img, fmt, exif=exif)
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == 6
+    out = open_image(data)
+    assert out.size == (20, 40) and out.info["source_size"] == (20, 40)
+    assert out.getpixel((17, 2)) == (255, 0, 0) if fmt == "PNG" else out.getpixel((17, 2))[0] > 200
+    big = open_image(_encode(img.resize((2400, 1200)), fmt, exif=exif), resize_to=DINO)  # shrunk, then turned
+    assert big.size == (600, 1200) and big.info["source_size"] == (1200, 2400)
