@@ -351,6 +351,7 @@ def test_a_killed_run_keeps_what_it_finished(tmp_path):
     finally:
         steam.close()
 
+
 def test_stale_temp_files_are_cleaned_at_start(cdn, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
