@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlsplit
 
 from flask import Flask, request
 from flask_compress import Compress
@@ -81,6 +82,9 @@ def _flask_app(settings: Settings) -> Flask:
     if settings.proxy_hops:
         n = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)
+    prefix = urlsplit(settings.public_url).path.rstrip("/") if settings.public_url else ""
+    if prefix:
+        app.wsgi_app = _mounted_at(app.wsgi_app, prefix)
 
     from . import api, docs, limits, metrics, pages
     from .errors import register_error_handlers
@@ -95,6 +99,8 @@ def _flask_app(settings: Settings) -> Flask:
     _register_compression(app)
 
     cdn_origin = "/".join(settings.assets_url.split("/", 3)[:3])
+    if settings.public_url:  # the banners' URLs start with PUBLIC_URL, which may name another host than the page's
+        cdn_origin += " " + "/".join(settings.public_url.split("/", 3)[:3])
     html_policy = (  # pages, /compare for browsers, error pages: no scripts, images from here or the CDN
         f"default-src 'self'; img-src 'self' data: {cdn_origin}; style-src 'self'; script-src 'none'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
@@ -110,6 +116,17 @@ def _flask_app(settings: Settings) -> Flask:
         return resp
 
     return app
+
+
+def _mounted_at(wsgi_app, prefix: str):
+    """PUBLIC_URL's path (``/app`` of https://example.com/app/) as the script root: behind a proxy that serves the
+    app there, the pages' links, stylesheet, forms and redirects (``url_for``) keep it, as banner URLs do."""
+
+    def call(environ, start_response):
+        environ["SCRIPT_NAME"] = prefix
+        return wsgi_app(environ, start_response)
+
+    return call
 
 
 def _register_compression(app: Flask) -> None:

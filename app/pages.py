@@ -129,7 +129,10 @@ def upload():
 def _gallery(svc, payload: dict, strategy: str, k: int, upload: str | None, more: list, looks: bool = False) -> str:
     """The gallery page of a game's matches (``upload`` None) or of an uploaded image's (its thumbnail);
     ``looks``: each banner shows what the model looks at, when the index has the maps."""
-    has_attention = svc.index.strategies[strategy].attention is not None
+    # the maps are drawn over the banner folder's files: no view to offer when none of this page's banners is there
+    shown = [payload["query"], *payload["matches"]] if upload is None else []
+    local = any(svc.catalog.has_local_banner(game["appid"]) for game in shown)
+    has_attention = svc.index.strategies[strategy].attention is not None and local
     return render_template(
         "gallery.html",
         payload=payload,

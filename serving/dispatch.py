@@ -55,10 +55,10 @@ _PARSE_ERRORS = {
 }
 
 
-def refusal(e: Exception) -> bytes:
-    """The answer to a request the parser refused: its status and code, in the API's JSON."""
+def refusal(e: Exception, page: bool = False) -> bytes:
+    """The answer to a request the parser refused: its status and code, in the API's JSON (``page``: as HTML)."""
     if isinstance(e, RequestError):
-        return error_response(e.status, e.code, e.message, e.retry_after)
+        return error_response(e.status, e.code, e.message, e.retry_after, page)
     if isinstance(e, (StopIteration, http_errors.NoMoreData)):
         return error_response(400, "bad_request", "incomplete request")
     status, code = _PARSE_ERRORS.get(type(e).__name__, (400, "bad_request"))

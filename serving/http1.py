@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from dataclasses import dataclass
@@ -26,15 +27,35 @@ class RequestError(Exception):
     retry_after: int | None = None
 
 
-def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> bytes:
-    """A complete HTTP/1.1 response in the API's error shape, that closes the connection."""
-    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
-    extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+def error_response(status: int, code: str, message: str, retry_after: int | None = None, page: bool = False) -> bytes:
+    """A complete HTTP/1.1 response in the API's error shape (``page``: a small HTML page, for the upload form),
+    that closes the connection."""
+    if page:
+        title = f"{status}: {code.replace('_', ' ')}"
+        body = (
+            f'<!doctype html><html lang="en"><meta charset="utf-8"><title>{title}</title><h1>{title}</h1>'
+            f'<p>{html.escape(message)}</p><p><a href="./">Back to the search</a></p></html>'
+        ).encode()
+        headers = "Content-Type: text/html; charset=utf-8\r\n"
+        headers += "Content-Security-Policy: default-src 'none'; frame-ancestors 'none'\r\n"
+    else:
+        body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+        headers = "Content-Type: application/json\r\n"
+    if retry_after is not None:
+        headers += f"Retry-After: {retry_after}\r\n"
     head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n{extra}X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{headers}"
+        f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
+
+
+_UPLOAD_FORM = re.compile(rb"POST (?:https?://[^/ ]*)?/upload(?:\?[^ ]*)? ")
+
+
+def is_upload_form(head: bytes) -> bool:
+    """Whether a request's head is the home page's upload form (POST /upload), whose errors are pages."""
+    return _UPLOAD_FORM.match(head) is not None
 
 
 @dataclass

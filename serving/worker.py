@@ -22,7 +22,7 @@ from gunicorn.workers import base
 
 from .board import BOOTING, FREE, READY, STOPPING, Board
 from .dispatch import AppCall, HeavyPool, Limits, busy_answer, client_ip, refusal
-from .http1 import MAX_HEAD_BYTES, ChunkScanner, RequestError, error_response, head_framing
+from .http1 import MAX_HEAD_BYTES, ChunkScanner, RequestError, error_response, head_framing, is_upload_form
 
 TICK = 0.25  # seconds between deadline sweeps and heartbeats
 SWITCH_INTERVAL = 0.001  # sys.setswitchinterval in the workers
@@ -247,7 +247,8 @@ class BufferedWorker(base.Worker):
             self._respond(conn, [error_response(408, "request_timeout", message)], False)
         elif conn.phase == BODY:
             message = f"the upload took longer than {self.limits.body_timeout:g} s; try again"
-            self._respond(conn, [error_response(408, "upload_timeout", message)], False)
+            page = self._is_upload_form(conn)
+            self._respond(conn, [error_response(408, "upload_timeout", message, page=page)], False)
         else:  # idle keep-alive, a reader that stopped reading, the end of a linger
             self._close(conn)
 
@@ -294,7 +295,7 @@ class BufferedWorker(base.Worker):
             end = self._frame(conn)
         except RequestError as e:
             self.log.info("refused a request from %s: %d %s", client_ip(conn.addr), e.status, e.message)
-            self._respond(conn, [refusal(e)], False)
+            self._respond(conn, [refusal(e, self._is_upload_form(conn))], False)
             return
         if end is None:
             self._watch(conn, selectors.EVENT_READ)
@@ -303,6 +304,11 @@ class BufferedWorker(base.Worker):
         del conn.buf[:end]
         conn.head_end, conn.framing, conn.scanner = -1, None, None
         self._dispatch(conn, raw)
+
+    @staticmethod
+    def _is_upload_form(conn: Conn) -> bool:
+        """A refusal of the upload form's POST (its head received) is a page for the person who sent it."""
+        return conn.head_end > 0 and is_upload_form(bytes(conn.buf[: conn.head_end]))
 
     def _frame(self, conn: Conn) -> int | None:
         """Where the request at the front of the buffer ends, once it is all there (None: not yet)."""

@@ -154,3 +154,43 @@ def test_unknown_urls_answer_html_to_browsers_and_json_to_clients(client):
     assert client.get("/match/999999", headers={"Accept": BROWSER_ACCEPT}).is_json
     assert client.get("/banners/11.jpg", headers={"Accept": BROWSER_ACCEPT}).is_json
     assert client.get("/render/abc", headers={"Accept": "application/json"}).mimetype == "text/html"
+
+
+def test_pages_under_a_public_url_with_a_path_keep_its_prefix(make_client):
+    """Behind a proxy that serves the app at PUBLIC_URL's path (https://example.com/app/ -> /), every link,
+    stylesheet, form and redirect of the pages must carry /app, as the banners' URLs do."""
+    c = make_client(public_url="https://example.com/app/")
+    for path in ["/", "/?q=portal", "/render/10?k=3", "/render/10?k=3&attention=1", "/pair/10/20", "/render/999"]:
+        body = c.get(path, headers={"Accept": BROWSER_ACCEPT}).get_data(as_text=True)
+        urls = re.findall(r'(?:href|src|action)="([^"]*)"', body)
+        local = [u for u in urls if u.startswith("/")]
+        assert local, path
+        assert all(u.startswith("/app/") for u in local), (path, [u for u in local if not u.startswith("/app/")])
+    cmp = c.get("/compare/10", headers={"Accept": BROWSER_ACCEPT}).get_data(as_text=True)
+    assert 'href="/app/static/style.css"' in cmp and 'href="/app/render/10"' in cmp
+    assert re.fullmatch(r"/app/render/\d+", c.get("/random").headers["Location"])
+    assert c.get("/match/10?k=1").get_json()["query"]["banner_url"] == "https://example.com/app/banners/10.jpg"
+
+
+def test_banners_from_public_url_are_allowed_by_the_pages_policy(make_client):
+    """The pages' banners come from PUBLIC_URL: its origin must be in img-src, or a browser that opened the page
+    at another name of the service (the platform's own hostname, an IP) shows no banner at all."""
+    c = make_client(public_url="https://banners.example.com/")
+    page = c.get("/render/10?k=3")
+    assert 'src="https://banners.example.com/banners/10.jpg"' in page.get_data(as_text=True)
+    img_src = next(d for d in page.headers["Content-Security-Policy"].split(";") if d.strip().startswith("img-src"))
+    assert "https://banners.example.com" in img_src.split()
+
+
+def test_no_attention_view_without_local_banners(make_client, tmp_path):
+    """Attention overlays are drawn over the banner folder's files: without them the gallery must not offer a
+    "What the model looks at" view that shows plain store banners under a legend about red parts."""
+    (tmp_path / "empty").mkdir()
+    c = make_client(banners_dir=tmp_path / "empty")
+    page = text_of(c.get("/render/10?k=3"))
+    assert "steamstatic.com" in page  # banners from the store
+    assert "What the model looks at" not in page
+    looks = text_of(c.get("/render/10?k=3&attention=1"))
+    assert "Red: where the model's attention goes" not in looks and "What the model looks at" not in looks
+    # with the banner folder the view is there
+    assert "What the model looks at" in text_of(make_client().get("/render/10?k=3"))

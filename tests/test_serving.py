@@ -359,6 +359,11 @@ def test_slow_clients_get_408_and_lookups_keep_flowing(served):
 def test_oversized_declared_body_is_refused_before_it_is_sent(served):
     reply = raw_exchange(served, b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413") and json_body(reply)["error"]["code"] == "too_large"
+    # the home page's upload form: its refusal is a page for the person who chose the file
+    reply = raw_exchange(served, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    head, _, page = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"Content-Type: text/html" in head
+    assert b"<h1>413: too large</h1>" in page and b"MB limit" in page
 
 
 @pytest.mark.slow
