@@ -7,6 +7,8 @@ worker, ``redis://host:port`` once for every worker and dyno; an unreachable sto
 
 from __future__ import annotations
 
+import ipaddress
+
 from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -25,7 +27,7 @@ def install(app: Flask, settings: Settings) -> None:
         return
     count, seconds = settings.upload_rate_limit
     limiter = Limiter(
-        get_remote_address,
+        client_key,
         app=app,
         storage_uri=settings.rate_limit_storage_uri,
         strategy="moving-window",
@@ -35,6 +37,20 @@ def install(app: Flask, settings: Settings) -> None:
     charged = limiter.shared_limit(f"{count} per {int(seconds)} second", scope="uploads", exempt_when=_not_charged)
     for endpoint in (*MODEL_ENDPOINTS, "api.match_appid") if settings.fallback_fetch else MODEL_ENDPOINTS:
         app.view_functions[endpoint] = charged(app.view_functions[endpoint])  # the check runs in the wrapper
+
+
+def client_key() -> str:
+    """Whom the limit counts: the client's IPv4 address, or its IPv6 /64 (one host's, which it may rotate through)."""
+    addr = get_remote_address()
+    try:
+        ip = ipaddress.ip_address(addr.split("%")[0])
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _not_charged() -> bool:

@@ -26,15 +26,29 @@ from .problems import BadRequest, Forbidden, UpstreamFailed
 MAX_REDIRECTS = 3
 MAX_URL_CHARS = 2048
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv6 addresses that reach the IPv4 address in their last 32 bits: NAT64's well-known prefix (RFC 6052: a
+# DNS64/NAT64 network translates 64:ff9b::a9fe:a9fe to 169.254.169.254), and IPv4-compatible ones
+EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a network's own translators, any prefix length
 
 
 def public_only(allow_networks: list[str] | tuple[str, ...] = ()) -> Callable[[IPAddress], bool]:
-    """The address policy: global unicast addresses, plus any in ``allow_networks``."""
+    """The address policy: global unicast addresses, plus any in ``allow_networks``; an IPv6 address that embeds an
+    IPv4 one (mapped, NAT64, 6to4, IPv4-compatible) is judged by that IPv4 address."""
     allowed = [ipaddress.ip_network(n, strict=False) for n in allow_networks]
 
     def allow(ip: IPAddress) -> bool:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if any(ip in net for net in allowed):
+            return True
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip in LOCAL_NAT64:
+                return False
+            if ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            elif ip.sixtofour is not None:
+                ip = ip.sixtofour
+            elif any(ip in net for net in EMBEDS_IPV4):
+                ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         return any(ip in net for net in allowed) or (ip.is_global and not ip.is_multicast)
 
     return allow
@@ -80,7 +94,13 @@ class UrlFetcher:
             raise BadRequest("bad_url", "url: credentials in URLs are not accepted")
         port = port or (443 if parts.scheme == "https" else 80)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return parts.scheme, parts.hostname, port, path
+        host = parts.hostname
+        if not host.isascii():  # an internationalised name: its ASCII form, which DNS, Host and TLS use
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise BadRequest("bad_url", f"url: not a valid host name: {host[:80]!r}") from None
+        return parts.scheme, host, port, path
 
     def _resolve(self, host: str, port: int) -> str:
         """The first address of ``host`` the policy allows; refused if any address is not allowed."""

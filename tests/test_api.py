@@ -365,6 +365,17 @@ def test_upload_rate_limit(make_client, built_index):
     assert client.get("/match/10").status_code == 200  # lookups are not limited
 
 
+def test_upload_rate_limit_counts_an_ipv6_client_by_its_64(make_client):
+    """An IPv6 client holds a whole /64 and may send each request from another address of it."""
+    client = make_client(upload_rate_limit=(2, 60.0))
+
+    def post(peer: str) -> int:
+        return client.post("/match?strategy=nope", data=b"x", environ_base={"REMOTE_ADDR": peer}).status_code
+
+    assert [post(f"2001:db8:1:2::{i:x}") for i in range(1, 5)] == [400, 400, 429, 429]
+    assert post("2001:db8:1:3::1") == 400 and post("192.0.2.1") == 400  # other clients
+
+
 def test_an_index_without_neighbours_answers_no_matches(tmp_path, monkeypatch):
     """Tables of k = 0, which the index format allows: lookups and uploads answer no matches, /unique every game."""
     s, n = parse_strategies("SimpleS16")[0], 3

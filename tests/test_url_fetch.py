@@ -113,6 +113,42 @@ def test_address_policy():
     for ok in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"):
         assert allow(ipaddress.ip_address(ok))
     assert public_only(["10.0.0.0/8"])(ipaddress.ip_address("10.9.9.9"))
+    # IPv6 addresses that reach an IPv4 one, judged by it: NAT64 (of 127.0.0.1, 169.254.169.254, 10.0.0.1), the
+    # local-use NAT64 prefix, 6to4, IPv4-compatible
+    for refused in ("64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::a00:1", "64:ff9b:1::a00:1",
+                    "2002:a9fe:a9fe::1", "::7f00:1"):  # fmt: skip
+        assert not allow(ipaddress.ip_address(refused)), refused
+    assert allow(ipaddress.ip_address("64:ff9b::5db8:d822"))  # NAT64 of a public address
+
+
+def test_an_internationalised_host_is_fetched_by_its_ascii_name(monkeypatch):
+    """A host name in Unicode goes out in its IDNA form, in DNS and in Host alike (Host cannot carry Unicode)."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"abc")
+
+    server = start_http_server(Handler)
+    port = server.server_address[1]
+    resolved = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, *a, **kw: resolved.append(host) or real("127.0.0.1", *a, **kw)
+    )
+    try:
+        assert UrlFetcher(5, 1000, public_only(["127.0.0.1/32"])).fetch(f"http://例え.jp:{port}/x.png") == b"abc"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [f"xn--r8jz45g.jp:{port}"] and resolved[0] == "xn--r8jz45g.jp"
 
 
 def test_fetches_and_follows_checked_redirects(image_server, built_index):
