@@ -21,7 +21,7 @@ preload_app = not os.environ.get("INDEX_URL", "").strip()
 timeout = ENV["GUNICORN_TIMEOUT"]  # the first upload per backbone loads its model
 graceful_timeout = 30
 keepalive = 5
-accesslog = os.environ.get("ACCESS_LOG") or None  # "-" for stdout
+accesslog = ENV["ACCESS_LOG"]  # "-": stdout; None: off
 errorlog = "-"
 loglevel = ENV["LOG_LEVEL"]
 limit_request_line = 8190
@@ -91,11 +91,17 @@ def _freeze_heap() -> None:
 # An unset PROMETHEUS_MULTIPROC_DIR gets a fresh temporary folder, removed on exit; a given one is wiped.
 import glob  # noqa: E402 - with the code it serves
 
-_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()  # empty: as unset
 if _own_metrics_dir:
     import tempfile
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="steam-dino-metrics-")
+try:  # a given one may not exist yet (a fresh, ephemeral disk)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+except OSError as e:
+    import sys
+
+    sys.exit(f"error: cannot start: PROMETHEUS_MULTIPROC_DIR={os.environ['PROMETHEUS_MULTIPROC_DIR']!r}: {e.strerror}")
 for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
     os.remove(_stale)
 

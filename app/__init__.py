@@ -77,6 +77,7 @@ def _flask_app(settings: Settings) -> Flask:
     app.config["MAX_UPLOAD_MB"] = settings.max_upload_mb
     app.config["STARTED_AT"] = time.time()
     app.config["SERVING"] = _serving_limits(app, settings)
+    app.config["SERVES"] = lambda: _serves(app)  # serving.worker: /health counts this worker ready only then
     app.json.sort_keys = False
     app.json.compact = True
     if settings.proxy_hops:
@@ -116,6 +117,13 @@ def _flask_app(settings: Settings) -> Flask:
         return resp
 
     return app
+
+
+def _serves(app: Flask) -> bool:
+    """Whether the app has its service (with INDEX_URL, not until the fetched index is installed: app/boot.py)."""
+    from .params import EXTENSION_KEY
+
+    return EXTENSION_KEY in app.extensions
 
 
 def _mounted_at(wsgi_app, prefix: str):

@@ -91,6 +91,19 @@ def _storage_uri(name: str, raw: str, default: str) -> str:
     return raw or default
 
 
+def _origins(name: str, raw: str, _: list) -> list[str]:
+    """'*' or origins, as a browser's Origin header has them: 'https://a.example/' -> 'https://a.example'."""
+    out = []
+    for origin in filter(None, (v.strip() for v in raw.split(","))):
+        if origin != "*":
+            origin = origin.removesuffix("/")
+            parsed = urlparse(origin) if is_http_url(origin) else None
+            if parsed is None or parsed.path or parsed.query or parsed.fragment or parsed.params:
+                raise ConfigError(f"{name}: {origin!r} is not an origin (e.g. https://front.example) or *")
+        out.append(origin)
+    return out
+
+
 def _networks(name: str, raw: str, _: list) -> list[str]:
     """CIDR networks, checked now (a typo must not open or close the door silently)."""
     out = []
@@ -117,7 +130,7 @@ class Settings:
     upload_queue: int = _var("UPLOAD_QUEUE", 8, 0, 10_000)
     upload_queue_timeout: float = _var("UPLOAD_QUEUE_TIMEOUT", 10.0, 0.1, 3600)
     upload_buffer_mb: float = _var("UPLOAD_BUFFER_MB", 64.0, 0.01, 65536)  # unset: at least MAX_UPLOAD_MB
-    cors_origins: list[str] = _var("CORS_ORIGINS", [])
+    cors_origins: list[str] = _var("CORS_ORIGINS", [], parse=_origins)
     torch_threads: int | None = _var("TORCH_THREADS", None, parse=_zero_is_none(256))
     index_verify: str = _var("INDEX_VERIFY", "full", parse=_choice("full", "quick"))
     preload_models: list[str] = _var("PRELOAD_MODELS", [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from core.env import parse_whole
+from core.env import FALSE, TRUE, parse_whole
 
 WHOLE = {  # name -> (default, least value)
     "PORT": (8000, 1),
@@ -22,17 +22,29 @@ WHOLE = {  # name -> (default, least value)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def read_or_exit() -> dict[str, int | str]:
+def read_or_exit() -> dict[str, int | str | None]:
     """Every setting by name, with its default; a bad one stops start-up with one line naming it."""
     try:
-        out: dict[str, int | str] = {name: parse_whole(name, os.environ.get(name), *lim) for name, lim in WHOLE.items()}
+        out: dict[str, int | str | None] = {
+            name: parse_whole(name, os.environ.get(name), *lim) for name, lim in WHOLE.items()
+        }
         level = (os.environ.get("LOG_LEVEL") or "info").strip().lower()
         if level not in LOG_LEVELS:
             raise ValueError(f"LOG_LEVEL={level!r}: expected one of {', '.join(LOG_LEVELS)}")
     except ValueError as e:
         sys.exit(f"error: cannot start: {e}")
     out["LOG_LEVEL"] = level
+    out["ACCESS_LOG"] = access_log(os.environ.get("ACCESS_LOG"))
     return out
+
+
+def access_log(raw: str | None) -> str | None:
+    """gunicorn's accesslog: ``-`` (or a switch's on: 1, true, yes, on) for stdout, a path for that file; unset or
+    a switch's off (0, false, no, off): none. Not a file named "1" or "off" in the working directory."""
+    value = (raw or "").strip()
+    if not value or value.lower() in FALSE:
+        return None
+    return "-" if value.lower() in TRUE else value
 
 
 def main() -> None:

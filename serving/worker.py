@@ -87,15 +87,24 @@ class BufferedWorker(base.Worker):
         # most this long behind a heavy thread's Python): model passes progress beside a busy loop.
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.heavy = HeavyPool(self.limits, lambda: _write_quietly(self.PIPE[1], b"."), self.log)
+        # whether the app serves yet (False while it fetches its index, app/boot.py): READY on the board only then
+        self.app_serves = self.wsgi.config.get("SERVES") or (lambda: True)
+        self.marked_ready = False
 
     def run(self) -> None:
         self.sel.register(self.PIPE[0], selectors.EVENT_READ, self._on_wakeup)
         for listener in self.sockets:
             listener.setblocking(False)
-        self.board.set(self.row, READY, 0)
+        self._mark_ready()
         while self.alive:
             self._loop_once()
         self._drain_and_stop()
+
+    def _mark_ready(self) -> None:
+        """READY on the board (what /health counts) once the app serves, checked again every tick until then."""
+        if not self.marked_ready and self.app_serves():
+            self.board.set(self.row, READY, len(self.conns))
+            self.marked_ready = True
 
     def _loop_once(self) -> None:
         timeout = self._balance()
@@ -119,6 +128,7 @@ class BufferedWorker(base.Worker):
             return
         self.next_tick = now + TICK
         self.notify()
+        self._mark_ready()
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)
             self.alive = False

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -341,3 +342,79 @@ def test_a_fetch_killed_midway_leaves_no_partial_archive_behind(packed, archive_
     url, _ = archive_server(folder)
     assert fetch_index(f"{url}/{archive.name}", sha, dest, FAST) is True
     assert _leftovers(dest.parent) == [], "a killed fetch's partial archive stays on the disk for good"
+
+
+@pytest.mark.slow
+def test_a_given_metrics_folder_that_does_not_exist_yet_is_made(small_index, tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR=/tmp/metrics on a fresh (ephemeral) disk: the service starts, it does not die with
+    prometheus_client's FileNotFoundError traceback."""
+    metrics_dir = tmp_path / "not" / "there" / "yet"
+    env = {"INDEX_DIR": str(small_index), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    srv = GunicornServer(env, tmp_path / "gunicorn.log")
+    try:
+        srv.wait_ready(timeout=60)
+        assert requests.get(srv.url + "/metrics", timeout=5).status_code == 200
+    finally:
+        srv.stop()
+    assert "Traceback" not in (tmp_path / "gunicorn.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), ("-", "-"), ("1", "-"), ("true", "-"), ("on", "-"), ("0", None), ("off", None), ("no", None)],
+)
+def test_access_log_switch_words_are_not_file_names(monkeypatch, tmp_path, value, expected):
+    """ACCESS_LOG takes the switch words (1/0, on/off...) for stdout or none, not as file names; or a path."""
+    monkeypatch.setenv("ACCESS_LOG", value)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert conf["accesslog"] == expected
+
+
+class _FailFirst(http.server.BaseHTTPRequestHandler):
+    """Serves ``folder``'s files, but answers 404 to the first ``failures`` requests (a mirror not ready yet)."""
+
+    folder: Path
+    failures = 3
+    hits = 0
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        path = self.folder / self.path.lstrip("/")
+        if type(self).hits <= self.failures or not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_health_is_not_ok_while_a_worker_still_fetches(packed, tmp_path):
+    """/health answers 503 `starting` until every worker serves: two workers whose first fetch rounds fail, one
+    then installing the index while the other pauses before its next round, are not both ready."""
+    folder, archive, sha = packed
+    handler = type("H", (_FailFirst,), {"folder": folder, "hits": 0})
+    server = start_http_server(handler)
+    env = {
+        "INDEX_DIR": str(tmp_path / "index"),
+        "INDEX_URL": f"http://127.0.0.1:{server.server_address[1]}/{archive.name}",
+        "INDEX_SHA256": sha,
+        "INDEX_FETCH_ATTEMPTS": "1",
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "ALLOW_WEIGHTS_DOWNLOAD": "0",
+    }
+    srv = GunicornServer(env, tmp_path / "gunicorn.log")
+    try:
+        srv.wait_ready(timeout=60)
+        codes = [requests.get(srv.url + "/match/10", timeout=5).status_code for _ in range(40)]
+        assert codes == [200] * 40, (codes, srv.output()[-3000:])
+    finally:
+        srv.stop()
+        server.shutdown()
+        server.server_close()

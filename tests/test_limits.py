@@ -310,6 +310,21 @@ def test_vary_origin_whenever_cors_is_configured(make_client):
             assert "Origin" in client.get("/match/10", headers=headers).headers.get("Vary", ""), (origins, headers)
 
 
+def test_cors_origins_as_copied_from_the_address_bar(make_client):
+    """CORS_ORIGINS=https://front.example/, as the address bar shows it, allows the origin a browser sends (no
+    slash); a value that cannot be an origin (a path, no scheme) stops start-up with one line."""
+    settings = Settings.from_env({"CORS_ORIGINS": "https://front.example/, *"})
+    client = make_client(cors_origins=settings.cors_origins)
+    r = client.get("/match/10", headers={"Origin": "https://front.example"})
+    assert r.headers.get("Access-Control-Allow-Origin") == "*"
+    one = make_client(cors_origins=Settings.from_env({"CORS_ORIGINS": "https://front.example/"}).cors_origins)
+    r = one.get("/match/10", headers={"Origin": "https://front.example"})
+    assert r.headers.get("Access-Control-Allow-Origin") == "https://front.example"
+    for bad in ("https://front.example/app", "front.example", "https://front.example/?a=1"):
+        with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+            Settings.from_env({"CORS_ORIGINS": bad})
+
+
 def test_security_headers_on_json_and_pages(client):
     for path in ("/match/10", "/health", "/match/nope", "/"):
         r = client.get(path)
