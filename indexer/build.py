@@ -29,7 +29,7 @@ from core.dino.strategies import Strategy
 from core.dino.timing import StageTimer, UtilisationSampler
 from core.dino.weights import MODELS, checkpoint_url, resolve_checkpoint
 from core.files import os_error_words, sha256_file, sha256_files
-from core.index import APPS, IndexWriter, make_manifest, recover, write_strategy, write_variant
+from core.index import APPS, MANIFEST, IndexWriter, make_manifest, recover, write_strategy, write_variant
 from core.index.layout import EMBEDDING_DTYPES
 from core.knn import topk_table
 from core.knn_device import topk_table_device
@@ -107,6 +107,17 @@ def _check_config(cfg: BuildConfig) -> None:
         raise SourceError(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise SourceError("--batch-size must be at least 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise SourceError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise SourceError(f"--workers must be at least 0, got {cfg.num_workers}")
+    if cfg.device is not None:
+        try:
+            kind = torch.device(cfg.device).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise SourceError(f"--device {cfg.device}: expected cpu or cuda (or cuda:N)")
     codes = {s.backbone.code for s in cfg.strategies}
     unused = set(cfg.weights) - codes
     if unused:
@@ -117,6 +128,18 @@ def _check_config(cfg: BuildConfig) -> None:
         raise SourceError("--ray embeds plain banners decoded on CPUs: --variants and --decode device run without it")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise SourceError(f"--out {cfg.out} exists and is not a folder")
+    above = next((p for p in cfg.out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise SourceError(f"--out {cfg.out}: {above} is not a folder")
+    # The build replaces its --out wholesale: never a folder holding the banners, nor one that is not an index.
+    out, images = cfg.out.resolve(), cfg.images.resolve()
+    if out == images or out in images.parents:
+        raise SourceError(f"--out {cfg.out} would replace the banners of --images {cfg.images}: give another folder")
+    if cfg.out.is_dir() and not (cfg.out / MANIFEST).is_file() and any(cfg.out.iterdir()):
+        raise SourceError(
+            f"--out {cfg.out} is a folder that holds no index (no {MANIFEST}), which the build would replace: "
+            "give a new folder, an empty one, or an index"
+        )
 
 
 class BuildFailed(RuntimeError):

@@ -37,7 +37,7 @@ def start(address: str, device: str | None, workers: int | None, threads: int) -
         try:
             local = {} if address else {"include_dashboard": False}  # a client accepts no such arguments
             ray.init(address=address or "local", logging_level=logging.WARNING, **local)
-        except ConnectionError as e:
+        except (ConnectionError, ValueError) as e:  # nothing listening; a malformed address
             raise SourceError(f"--ray {address}: {e}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the build shows its own, per backbone

@@ -177,6 +177,27 @@ def test_a_banner_named_0_is_no_game(tmp_path, install_checkpoints, run_cli):
     assert [a["appid"] for a in load_index(tmp_path / "index").apps] == [a["appid"] for a in apps]
 
 
+def test_out_never_replaces_the_banners_or_another_folder(tmp_path, install_checkpoints, run_cli, monkeypatch):
+    """The build swaps its --out in whole: not the banners' folder, a folder holding it, or any other folder."""
+    install_checkpoints("S16")
+    monkeypatch.chdir(tmp_path)
+    make_catalog(tmp_path / "data" / "banners", 3)
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in (tmp_path / "data" / "banners").iterdir())
+    for out in (tmp_path / "data" / "banners", tmp_path / "data", "data/banners", "data", "."):
+        r = run_cli("--images", str(tmp_path / "data" / "banners"), "--out", str(out), "--strategies", "SimpleS16")
+        assert r.returncode == 2 and r.stderr.startswith("error: --out") and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in (tmp_path / "data" / "banners").iterdir()) == before
+    assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")  # bad input, not a failure to resume from
+    r = run_cli("--images", "data/banners", "--out", "afile/index", "--strategies", "SimpleS16")
+    assert r.returncode == 2 and "afile is not a folder" in r.stderr, r.stderr
+    (tmp_path / "empty").mkdir()  # an empty folder, then the index built in it, are fine
+    for _ in range(2):
+        r = run_cli("--images", "data/banners", "--out", "empty", "--strategies", "SimpleS16")
+        assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -186,6 +207,9 @@ def test_a_banner_named_0_is_no_game(tmp_path, install_checkpoints, run_cli):
         (["--apps", "nope.json"], "no such file"),
         (["--weights", "a.pth", "--strategies", "SimpleS16,SimpleB16"], "say which one"),
         (["--weights", "S8=a.pth", "--strategies", "SimpleS16"], "which no requested strategy uses"),
+        (["--device", "tpu"], "--device tpu: expected cpu or cuda"),
+        (["--workers", "-2"], "--workers must be at least 0"),
+        (["--threads", "-1"], "--threads must be at least 1"),
     ],
 )
 def test_bad_input_changes_nothing(tmp_path, args, message, run_cli):

@@ -284,3 +284,11 @@ def test_from_nothing_to_an_index_then_only_the_changes(steam, run_main, tmp_pat
         90: f"{assets}{steam.banner_path(90)}?t=5",  # re-uploaded
     }
     assert all(requests.get(url, timeout=5).status_code == 200 for url in urls.values())
+
+
+@pytest.mark.parametrize("extra", [("--full",), ()])
+def test_out_a_folder_is_bad_input_before_any_request(steam, run_main, tmp_path, extra):
+    (tmp_path / "apps.json").mkdir()
+    r = catalog(run_main, tmp_path / "apps.json", *extra)
+    assert r.returncode == 2 and "is a folder" in r.stderr, r.stderr
+    assert steam.counts["GetAppList"] == 0 and steam.counts["GetItems"] == 0

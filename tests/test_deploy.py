@@ -28,6 +28,7 @@ from core.index import load_index
 from core.index.fetch import FETCHED, FetchFailed, FetchPolicy, fetch_index, fetched_sha256
 from devtools.synthetic import write_synthetic_index
 from devtools.workspace import banner_jpeg
+from indexer import pack
 from indexer.cli.pack_index import main as pack_main
 from indexer.pack import pack_index
 
@@ -418,3 +419,13 @@ def test_health_is_not_ok_while_a_worker_still_fetches(packed, tmp_path):
         srv.stop()
         server.shutdown()
         server.server_close()
+
+
+def test_pack_ctrl_c_is_a_short_message(built_index, run_main, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack, "load_index", interrupt)  # the full verification: the long part
+    r = run_main(pack_main, "--index", str(built_index.index), "--out", str(tmp_path / "index.tar"))
+    assert r.returncode == 130 and r.stderr.startswith("interrupted:"), r.stderr
+    assert not (tmp_path / "index.tar").exists()

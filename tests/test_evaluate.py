@@ -296,6 +296,8 @@ def test_cli_end_to_end(built_index, tmp_path, cli, run_main, monkeypatch):
         (["--images", "/nonexistent/banners"], "no such folder"),
         (["--index", "/nonexistent/index"], "no index folder"),
         (["--strategies", "SimpleS16,Nope"], "'Nope' is not in the index"),
+        (["--device", "tpu"], "--device tpu: expected cpu or cuda"),
+        (["--markdown", "/"], "is a folder"),  # refused before minutes of work
     ],
 )
 def test_cli_bad_input_exits_2(built_index, cli, args, message, capsys, monkeypatch):
@@ -306,6 +308,17 @@ def test_cli_bad_input_exits_2(built_index, cli, args, message, capsys, monkeypa
     assert cli.main(argv) == 2
     out = capsys.readouterr()
     assert message in out.err and not out.out
+
+
+def test_cli_ctrl_c_is_a_short_message(built_index, cli, run_main, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("TORCH_HOME", str(built_index.torch_home))
+    monkeypatch.setattr(ev, "copy_detection", interrupt)
+    argv = ["--index", str(built_index.index), "--images", str(built_index.banners), "--strategies", "SimpleS16"]
+    r = run_main(cli.main, *argv, "--queries", "1", "--quiet")
+    assert r.returncode == 130 and r.stderr.startswith("interrupted:"), r.stderr
 
 
 def test_cli_bad_input_in_a_subprocess(built_index):

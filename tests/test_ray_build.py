@@ -167,3 +167,11 @@ def test_more_workers_than_the_cluster_holds_is_refused_before_anything_is_writt
     assert r.returncode == 2
     assert "--workers 5: the Ray cluster has 0 GPUs and 2 CPUs" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_malformed_address_is_one_line(tmp_path, install_checkpoints, run_main):
+    install_checkpoints("S16")
+    make_catalog(tmp_path / "banners", 3)
+    argv = ["--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"), "--strategies", "SimpleS16"]
+    r = run_main(build_index_cli.main, *argv, "--quiet", "--ray", "nonsense-address")
+    assert r.returncode == 2 and r.stderr.startswith("error: --ray nonsense-address"), r.stderr

@@ -6,11 +6,12 @@ Exit codes: 0 done, 1 failed (weights unavailable, I/O), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-from indexer.cli._common import BAD_INPUT, FAILED, error
+from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,12 +37,16 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--k must be at least 1, got {args.k}"
     if args.batch_size is not None and args.batch_size < 1:
         return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        return f"--device {args.device}: expected cpu or cuda (or cuda:N)"
     if not args.index.is_dir():
         return f"--index {args.index}: no index folder here (build one with scripts/build_index.py)"
     if not args.images.is_dir():
         return f"--images {args.images}: no such folder"
     if args.markdown is not None and not args.markdown.parent.is_dir():
         return f"--markdown {args.markdown}: folder {args.markdown.parent} does not exist"
+    if args.markdown is not None and args.markdown.is_dir():
+        return f"--markdown {args.markdown} is a folder: give the file to write"
     return None
 
 
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return error(e, BAD_INPUT)
     except (WeightsUnavailable, OSError) as e:
         return error(e, FAILED)
+    except KeyboardInterrupt:
+        return interrupted("nothing was measured or written")
     print(format_table(detection, overlap))
     if args.markdown is not None:
         try:

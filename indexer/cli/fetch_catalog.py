@@ -59,6 +59,8 @@ def _bad_input(args: argparse.Namespace) -> str | None:
     for name, default in (("STEAM_API_URL", API_URL), ("STEAMSPY_URL", STEAMSPY_URL)):
         if not is_http_url(setting(name, default)):
             return f"{name}={setting(name, default)!r}: expected an http(s) URL"
+    if args.out.is_dir():
+        return f"--out {args.out} is a folder: give the APPS.json file to write"
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

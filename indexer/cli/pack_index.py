@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from indexer.cli._common import BAD_INPUT, FAILED, error
+from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return error(e, BAD_INPUT)
     except OSError as e:
         return error(f"cannot write {args.out}: {e}", FAILED)
+    except KeyboardInterrupt:
+        return interrupted(f"no archive with its .sha256 was completed at {args.out}; run the same command again")
     print(f"{packed.path}: {packed.size / 2**20:.1f} MiB, strategies {', '.join(packed.strategies)}")
     for name, cache in packed.upload_cache.items():  # the README's "What fits a 1 GB dyno" adds these up
         print(f"  uploads on {name} keep {cache} in the page cache")
