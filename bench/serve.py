@@ -129,64 +129,76 @@ class _Connection:
         return int(head[9:12]), "\r\nconnection: close" not in head
 
 
-def run_python_client(host: str, port: int, paths: list[str], total: int, connections: int, seed: int) -> dict:
-    """A bounded client: ``connections`` keep-alive connections, ``total`` requests. One thread and raw sockets,
-    so that the client's own time (no GIL hand-offs between threads, no header parser) stays small next to the
-    service's, and its latencies agree with wrk's."""
-    rng = random.Random(seed)
-    todo = deque(f"GET {rng.choice(paths)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for _ in range(total))
-    latencies: list[float] = []
-    counts = {"non200": 0, "errors": 0}
-    sel = selectors.DefaultSelector()
+class _Load:
+    """``run_python_client``'s state: the requests still to send, and what the answers so far measured."""
 
-    def start(conn: _Connection | None) -> None:
+    def __init__(self, host: str, port: int, requests: list[bytes]) -> None:
+        self.host, self.port = host, port
+        self.todo = deque(requests)
+        self.latencies: list[float] = []
+        self.counts = {"non200": 0, "errors": 0}
+        self.sel = selectors.DefaultSelector()
+
+    def start(self, conn: _Connection | None) -> None:
         """The next request, on ``conn`` or on a new connection (whose connect counts in the request's time)."""
-        while todo:
-            request, t0 = todo.popleft(), time.perf_counter()
+        while self.todo:
+            request, t0 = self.todo.popleft(), time.perf_counter()
             try:
-                conn = conn or _Connection(host, port, sel)
+                conn = conn or _Connection(self.host, self.port, self.sel)
                 conn.sock.sendall(request)
                 conn.t0 = t0
                 return
             except OSError:
-                counts["errors"] += 1
-                latencies.append(time.perf_counter() - t0)
+                self.counts["errors"] += 1
+                self.latencies.append(time.perf_counter() - t0)
                 if conn is not None:
                     conn.close()
                 conn = None
         if conn is not None:
             conn.close()
 
+    def on_readable(self, conn: _Connection) -> None:
+        """Read what came; once an answer is whole, note it and send the next request."""
+        try:
+            data = conn.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the service")
+            conn.buf += data
+            answer = conn.answer()
+        except BlockingIOError:
+            return
+        except OSError:
+            answer = (0, False)
+        if answer is None:
+            return
+        self.latencies.append(time.perf_counter() - conn.t0)
+        status, keep = answer
+        self.counts["errors"] += status == 0
+        self.counts["non200"] += status not in (0, 200)
+        if not keep:
+            conn.close()
+        self.start(conn if keep else None)
+
+
+def run_python_client(host: str, port: int, paths: list[str], total: int, connections: int, seed: int) -> dict:
+    """A bounded client: ``connections`` keep-alive connections, ``total`` requests. One thread and raw sockets,
+    so that the client's own time (no GIL hand-offs between threads, no header parser) stays small next to the
+    service's, and its latencies agree with wrk's."""
+    rng = random.Random(seed)
+    load = _Load(
+        host, port, [f"GET {rng.choice(paths)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for _ in range(total)]
+    )
     t_start = time.perf_counter()
     for _ in range(connections):
-        start(None)
-    while sel.get_map():
-        events = sel.select(30)
+        load.start(None)
+    while load.sel.get_map():
+        events = load.sel.select(30)
         if not events:
             raise RuntimeError("no answer from the service in 30 s")
         for key, _ in events:
-            conn = key.data
-            try:
-                data = conn.sock.recv(65536)
-                if not data:
-                    raise ConnectionError("closed by the service")
-                conn.buf += data
-                answer = conn.answer()
-            except BlockingIOError:
-                continue
-            except OSError:
-                answer = (0, False)
-            if answer is None:
-                continue
-            latencies.append(time.perf_counter() - conn.t0)
-            status, keep = answer
-            counts["errors"] += status == 0
-            counts["non200"] += status not in (0, 200)
-            if not keep:
-                conn.close()
-            start(conn if keep else None)
+            load.on_readable(key.data)
     seconds = time.perf_counter() - t_start
-    ms = [x * 1e3 for x in latencies]
+    ms = [x * 1e3 for x in load.latencies]
     return {
         "requests": len(ms),
         "seconds": seconds,
@@ -194,7 +206,7 @@ def run_python_client(host: str, port: int, paths: list[str], total: int, connec
         "p50_ms": percentile(ms, 50),
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms),
-        **counts,
+        **load.counts,
     }
 
 

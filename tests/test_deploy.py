@@ -53,19 +53,21 @@ def packed(small_index, tmp_path_factory):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves the files of ``folder``; ``mode``: "ok", "hold" (answers once ``release`` is set), "trickle"."""
+    """Serves the files of ``folder``; ``mode``: "ok", "hold" (answers once ``release`` is set), "trickle"; the
+    first ``failures`` requests get a 404 (a mirror not ready yet)."""
 
     folder: Path
     mode = "ok"
     release: threading.Event
     hits = 0
+    failures = 0
 
     def do_GET(self) -> None:
         type(self).hits += 1
         path = self.folder / self.path.lstrip("/")
         if self.mode == "hold":
             self.release.wait(30)
-        if not path.is_file():
+        if type(self).hits <= self.failures or not path.is_file():
             self.send_error(404)
             return
         data = path.read_bytes()
@@ -372,35 +374,12 @@ def test_access_log_switch_words_are_not_file_names(monkeypatch, tmp_path, value
     assert conf["accesslog"] == expected
 
 
-class _FailFirst(http.server.BaseHTTPRequestHandler):
-    """Serves ``folder``'s files, but answers 404 to the first ``failures`` requests (a mirror not ready yet)."""
-
-    folder: Path
-    failures = 3
-    hits = 0
-
-    def do_GET(self) -> None:
-        type(self).hits += 1
-        path = self.folder / self.path.lstrip("/")
-        if type(self).hits <= self.failures or not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.mark.slow
 def test_health_is_not_ok_while_a_worker_still_fetches(packed, tmp_path):
     """/health answers 503 `starting` until every worker serves: two workers whose first fetch rounds fail, one
     then installing the index while the other pauses before its next round, are not both ready."""
     folder, archive, sha = packed
-    handler = type("H", (_FailFirst,), {"folder": folder, "hits": 0})
+    handler = type("H", (_Handler,), {"folder": folder, "hits": 0, "failures": 3})
     server = start_http_server(handler)
     env = {
         "INDEX_DIR": str(tmp_path / "index"),

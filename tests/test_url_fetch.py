@@ -121,9 +121,8 @@ def test_address_policy():
     assert allow(ipaddress.ip_address("64:ff9b::5db8:d822"))  # NAT64 of a public address
 
 
-def test_an_internationalised_host_is_fetched_by_its_ascii_name(monkeypatch):
-    """A host name in Unicode goes out in its IDNA form, in DNS and in Host alike (Host cannot carry Unicode)."""
-    seen = []
+def _host_recorder(seen: list[str]) -> type[http.server.BaseHTTPRequestHandler]:
+    """A handler that notes each request's Host header in ``seen`` and answers b"abc"."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -136,7 +135,13 @@ def test_an_internationalised_host_is_fetched_by_its_ascii_name(monkeypatch):
             self.end_headers()
             self.wfile.write(b"abc")
 
-    server = start_http_server(Handler)
+    return Handler
+
+
+def test_an_internationalised_host_is_fetched_by_its_ascii_name(monkeypatch):
+    """A host name in Unicode goes out in its IDNA form, in DNS and in Host alike (Host cannot carry Unicode)."""
+    seen: list[str] = []
+    server = start_http_server(_host_recorder(seen))
     port = server.server_address[1]
     resolved = []
     real = socket.getaddrinfo
@@ -227,21 +232,9 @@ class _V6Server(http.server.ThreadingHTTPServer):
 
 def test_url_fetch_of_an_ipv6_literal_sends_a_bracketed_host_header():
     """RFC 9112/3986: an IPv6 literal in Host is bracketed ("[::1]:8080"); "::1:8080" is not a host and port."""
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            seen.append(self.headers["Host"])
-            self.send_response(200)
-            self.send_header("Content-Length", "3")
-            self.end_headers()
-            self.wfile.write(b"abc")
-
+    seen: list[str] = []
     try:
-        server = _V6Server(("::1", 0), Handler)
+        server = _V6Server(("::1", 0), _host_recorder(seen))
     except OSError:
         pytest.skip("no IPv6 loopback")
     threading.Thread(target=server.serve_forever, daemon=True).start()
