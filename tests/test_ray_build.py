@@ -169,9 +169,16 @@ def test_more_workers_than_the_cluster_holds_is_refused_before_anything_is_writt
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_malformed_address_is_one_line(tmp_path, install_checkpoints, run_main):
+def test_a_malformed_address_is_one_line(tmp_path, install_checkpoints):
+    """In a process of its own: this one's Ray session, which other tests start, is joined whatever the address."""
     install_checkpoints("S16")
     make_catalog(tmp_path / "banners", 3)
-    argv = ["--images", str(tmp_path / "banners"), "--out", str(tmp_path / "index"), "--strategies", "SimpleS16"]
-    r = run_main(build_index_cli.main, *argv, "--quiet", "--ray", "nonsense-address")
+    argv = ["--images", tmp_path / "banners", "--out", tmp_path / "index", "--strategies", "SimpleS16", "--quiet"]
+    r = subprocess.run(
+        [sys.executable, "-m", "indexer.cli.build_index", *map(str, argv), "--ray", "nonsense-address"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: --ray nonsense-address"), r.stderr
