@@ -40,8 +40,9 @@ class Limits:
     is_heavy: Callable[[dict], bool]  # whether a request (its environ) runs a model pass
 
 
-def busy_answer() -> bytes:
-    return error_response(503, "busy", "too many image searches at once; try again in a moment", retry_after=1)
+def busy_answer(page: bool = False) -> bytes:
+    message = "too many image searches at once; try again in a moment"
+    return error_response(503, "busy", message, retry_after=1, page=page)
 
 
 # gunicorn's parse errors, as the API answers them (the rest: 400 bad_request)

@@ -50,6 +50,7 @@ class Conn:
         self.keep = self.shed = False
         self.drained = 0
         self.held = 0  # body bytes this connection counts against the worker's budget
+        self.page = False  # its request in flight is the upload form's: a refusal is a page
 
     def enter(self, phase: int, seconds: float) -> None:
         """Move to ``phase``, which may last ``seconds``."""
@@ -135,7 +136,7 @@ class BufferedWorker(base.Worker):
         for conn in [c for c in self.conns.values() if c.phase != BUSY and c.deadline < now]:
             self._expired(conn)
         for conn in self.heavy.expired(now):
-            self._respond(conn, [busy_answer()], False)
+            self._respond(conn, [busy_answer(conn.page)], False)
 
     def _drain_and_stop(self) -> None:
         """Graceful stop: no new connections; requests under way finish (graceful_timeout at most); idle
@@ -363,6 +364,7 @@ class BufferedWorker(base.Worker):
     def _dispatch(self, conn: Conn, raw: bytes) -> None:
         """Run a complete request: inline when light, else in the heavy pool (or 503 when it is full)."""
         conn.phase = BUSY
+        conn.page = is_upload_form(raw)
         self._watch(conn, 0)
         call = AppCall.open(self, raw, conn.addr, conn.server)
         if isinstance(call, bytes):
@@ -376,7 +378,7 @@ class BufferedWorker(base.Worker):
                 call.resp.force_close()
             self._respond(conn, *call.run())
         elif not self.heavy.submit(conn, call.run):
-            self._respond(conn, [busy_answer()], False)
+            self._respond(conn, [busy_answer(conn.page)], False)
 
     # -- writing ---------------------------------------------------------------------------------------
     def _respond(self, conn: Conn, parts: list[bytes], keep: bool) -> None:

@@ -455,14 +455,23 @@ def test_http_1_0_client_expecting_continue_gets_only_the_final_answer(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["upload", "why"])
+@pytest.mark.parametrize("kind", ["upload", "why", "form"])
 def test_model_passes_beyond_the_slots_get_503_with_retry_after(served, built_index, kind):
-    """Uploads, and /why (two forward passes, each pair a new one), share the model slots."""
+    """Uploads, the upload form (whose 503 is a page) and /why (two forward passes, each pair a new one) share
+    the model slots."""
     image = (built_index.banners / "30.jpg").read_bytes()
-    head = "POST /match?strategy=SimpleS16&k=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-    head += f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n"
+    if kind == "form":
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + image + b"\r\n--b--\r\n"
+        )
+        head = "POST /upload?strategy=SimpleS16&k=3 HTTP/1.1\r\nHost: x\r\n"
+        head += "Content-Type: multipart/form-data; boundary=b\r\n"
+    else:
+        body = image
+        head = "POST /match?strategy=SimpleS16&k=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     why = "GET /why/30/{}?strategy=SimpleS16 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    sends = [head.encode() + image] * 6 if kind == "upload" else [why.format(10 * i).encode() for i in range(1, 7)]
+    sends = [why.format(10 * i).encode() for i in range(1, 7)] if kind == "why" else [head.encode() + body] * 6
     socks = [socket.create_connection(("127.0.0.1", served.port), timeout=60) for _ in range(6)]
     try:
         for s, data in zip(socks, sends, strict=True):  # all at once: 2 workers x 1 slot, no queue
@@ -479,9 +488,14 @@ def test_model_passes_beyond_the_slots_get_503_with_retry_after(served, built_in
     statuses = sorted(int(r.split(b" ", 2)[1]) for r in replies)
     assert set(statuses) == {200, 503} and statuses.count(200) <= 2, statuses
     busy = next(r for r in replies if r.startswith(b"HTTP/1.1 503"))
-    assert b"Retry-After: 1" in busy and json_body(busy)["error"]["code"] == "busy"
-    ok = json_body(next(r for r in replies if r.startswith(b"HTTP/1.1 200")))
-    assert (ok["matches"][0]["appid"] if kind == "upload" else ok["a"]["appid"]) == 30
+    assert b"Retry-After: 1" in busy
+    ok = next(r for r in replies if r.startswith(b"HTTP/1.1 200"))
+    if kind == "form":
+        assert b"Content-Type: text/html" in busy and b"<h1>503: busy</h1>" in busy
+        assert b'href="/render/30' in ok  # the gallery of the upload's matches, itself first
+        return
+    assert json_body(busy)["error"]["code"] == "busy"
+    assert (json_body(ok)["matches"][0]["appid"] if kind == "upload" else json_body(ok)["a"]["appid"]) == 30
 
 
 @pytest.mark.slow
