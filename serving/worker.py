@@ -50,7 +50,7 @@ class Conn:
         self.keep = self.shed = False
         self.drained = 0
         self.held = 0  # body bytes this connection counts against the worker's budget
-        self.page = False  # its request in flight is the upload form's: a refusal is a page
+        self.page = False  # the request at the front is the upload form's: a refusal is a page
 
     def enter(self, phase: int, seconds: float) -> None:
         """Move to ``phase``, which may last ``seconds``."""
@@ -258,8 +258,7 @@ class BufferedWorker(base.Worker):
             self._respond(conn, [error_response(408, "request_timeout", message)], False)
         elif conn.phase == BODY:
             message = f"the upload took longer than {self.limits.body_timeout:g} s; try again"
-            page = self._is_upload_form(conn)
-            self._respond(conn, [error_response(408, "upload_timeout", message, page=page)], False)
+            self._respond(conn, [error_response(408, "upload_timeout", message, page=conn.page)], False)
         else:  # idle keep-alive, a reader that stopped reading, the end of a linger
             self._close(conn)
 
@@ -306,7 +305,7 @@ class BufferedWorker(base.Worker):
             end = self._frame(conn)
         except RequestError as e:
             self.log.info("refused a request from %s: %d %s", client_ip(conn.addr), e.status, e.message)
-            self._respond(conn, [refusal(e, self._is_upload_form(conn))], False)
+            self._respond(conn, [refusal(e, conn.page)], False)
             return
         if end is None:
             self._watch(conn, selectors.EVENT_READ)
@@ -316,14 +315,10 @@ class BufferedWorker(base.Worker):
         conn.head_end, conn.framing, conn.scanner = -1, None, None
         self._dispatch(conn, raw)
 
-    @staticmethod
-    def _is_upload_form(conn: Conn) -> bool:
-        """A refusal of the upload form's POST (its head received) is a page for the person who sent it."""
-        return conn.head_end > 0 and is_upload_form(bytes(conn.buf[: conn.head_end]))
-
     def _frame(self, conn: Conn) -> int | None:
         """Where the request at the front of the buffer ends, once it is all there (None: not yet)."""
         if conn.head_end < 0:
+            conn.page = False  # a new request: the upload form's, once its head is in
             while conn.buf.startswith(b"\r\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
                 del conn.buf[:2]
             end = conn.buf.find(b"\r\n\r\n")
@@ -332,7 +327,9 @@ class BufferedWorker(base.Worker):
             if end < 0:
                 return None
             conn.head_end = end + 4
-            conn.framing = framing = head_framing(bytes(conn.buf[:end]))
+            head = bytes(conn.buf[:end])
+            conn.page = is_upload_form(head)
+            conn.framing = framing = head_framing(head)
             if framing.length > self.limits.max_body_bytes:
                 mb = self.limits.max_body_bytes / 2**20
                 raise RequestError(413, "too_large", f"the upload is larger than the {mb:g} MB limit")
@@ -364,7 +361,6 @@ class BufferedWorker(base.Worker):
     def _dispatch(self, conn: Conn, raw: bytes) -> None:
         """Run a complete request: inline when light, else in the heavy pool (or 503 when it is full)."""
         conn.phase = BUSY
-        conn.page = is_upload_form(raw)
         self._watch(conn, 0)
         call = AppCall.open(self, raw, conn.addr, conn.server)
         if isinstance(call, bytes):
