@@ -111,13 +111,6 @@ def _check_config(cfg: BuildConfig) -> None:
         raise SourceError(f"--threads must be at least 1, got {cfg.threads}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise SourceError(f"--workers must be at least 0, got {cfg.num_workers}")
-    if cfg.device is not None:
-        try:
-            kind = torch.device(cfg.device).type
-        except (RuntimeError, ValueError):
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise SourceError(f"--device {cfg.device}: expected cpu or cuda (or cuda:N)")
     codes = {s.backbone.code for s in cfg.strategies}
     unused = set(cfg.weights) - codes
     if unused:

@@ -4,6 +4,7 @@ the arguments or inputs are wrong and nothing changed, FAILED (1) when the work 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
@@ -22,6 +23,13 @@ def interrupted(kept: str) -> int:
     """Print what an interrupt left behind (``kept``) on stderr; returns INTERRUPTED."""
     print(f"interrupted: {kept}", file=sys.stderr)
     return INTERRUPTED
+
+
+def device_problem(device: str | None) -> str | None:
+    """Why a ``--device`` cannot be used (cpu, cuda or cuda:N), or None; checked before torch is imported."""
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return f"--device {device}: expected cpu or cuda (or cuda:N)"
+    return None
 
 
 def number(kind: type[int] | type[float], lo: float, *, above: bool = False) -> Callable[[str], float]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from core.index.layout import EMBEDDING_DTYPES
-from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
+from indexer.cli._common import BAD_INPUT, FAILED, device_problem, error, interrupted
 from indexer.sources import SourceError
 
 
@@ -95,6 +95,8 @@ def parse_weights(values: list[str], backbone_codes: list[str]) -> dict[str, Pat
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if problem := device_problem(args.device):  # answered before the seconds that importing torch takes
+        return error(problem, BAD_INPUT)
     from core.apps import AppsInvalid
     from core.dino.strategies import UnknownStrategy, parse_strategies
     from core.dino.weights import WeightsUnavailable

@@ -6,12 +6,11 @@ Exit codes: 0 done, 1 failed (weights unavailable, I/O), 2 bad input.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 
-from indexer.cli._common import BAD_INPUT, FAILED, error, interrupted
+from indexer.cli._common import BAD_INPUT, FAILED, device_problem, error, interrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +36,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--k must be at least 1, got {args.k}"
     if args.batch_size is not None and args.batch_size < 1:
         return f"--batch-size must be at least 1, got {args.batch_size}"
-    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        return f"--device {args.device}: expected cpu or cuda (or cuda:N)"
+    if problem := device_problem(args.device):
+        return problem
     if not args.index.is_dir():
         return f"--index {args.index}: no index folder here (build one with scripts/build_index.py)"
     if not args.images.is_dir():
