@@ -99,11 +99,11 @@ def _flask_app(settings: Settings) -> Flask:
     _register_cors(app, settings.cors_origins)
     _register_compression(app)
 
-    cdn_origin = "/".join(settings.assets_url.split("/", 3)[:3])
-    if settings.public_url:  # the banners' URLs start with PUBLIC_URL, which may name another host than the page's
-        cdn_origin += " " + "/".join(settings.public_url.split("/", 3)[:3])
+    # banners come from the store's CDN, or from PUBLIC_URL, which may name another host than the page's
+    urls = [url for url in (settings.assets_url, settings.public_url) if url]
+    banner_origins = " ".join("/".join(url.split("/", 3)[:3]) for url in urls)
     html_policy = (  # pages, /compare for browsers, error pages: no scripts, images from here or the CDN
-        f"default-src 'self'; img-src 'self' data: {cdn_origin}; style-src 'self'; script-src 'none'; "
+        f"default-src 'self'; img-src 'self' data: {banner_origins}; style-src 'self'; script-src 'none'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
     )
 
